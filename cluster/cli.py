@@ -1,0 +1,248 @@
+"""`driftloop`: the command line.
+
+Every command reports bad input as one line on stderr and a non-zero exit status (2 for a
+usage or config error, 1 for a runtime failure), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from streams.config import PipelineConfig, load_config
+from streams.errors import ConfigError, DriftloopError
+from streams.generator import SCENARIOS, StreamGenerator
+from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
+from streams.publish import interval_for, publish_stream
+from streams.serde import RecordCodec
+from streams.topics import Topics
+
+log = logging.getLogger("driftloop")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("kafka").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"driftloop: config error: {err}", file=sys.stderr)
+        return 2
+    except DriftloopError as err:
+        print(f"driftloop: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("driftloop: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="driftloop", description="An event-driven, closed-loop ML lifecycle on Kafka and Ray."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the libraries do, too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu) until Ctrl-C")
+    broker.add_argument("--port", type=_port, default=None, help="loopback port (default: a free one)")
+    broker.add_argument(
+        "--log-file", type=Path, default=Path("runs/broker.log"), help="broker log (default: %(default)s)"
+    )
+    broker.add_argument("--storage", default="memory://tansu/", help="Tansu storage engine URL (default: %(default)s)")
+    broker.set_defaults(func=cmd_broker)
+
+    produce = sub.add_parser("produce", help="stream generated labeled records (with drift) into Kafka")
+    _config_arg(produce)
+    produce.add_argument("--records", type=_positive_int, required=True, help="how many records to send")
+    produce.add_argument("--drift-at", type=_non_negative_int, default=None, help="index of the first drifted record")
+    produce.add_argument(
+        "--scenario", choices=SCENARIOS, default="covariate", help="kind of drift (default: %(default)s)"
+    )
+    produce.add_argument(
+        "--rate", type=_positive_float, default=None, help="records per second (default: as fast as possible)"
+    )
+    produce.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same stream")
+    produce.add_argument(
+        "--label-delay",
+        type=_non_negative_int,
+        default=None,
+        help="also publish labels on the labels topic, this many records later",
+    )
+    produce.add_argument("--unlabeled", action="store_true", help="leave the label out of the records")
+    produce.add_argument(
+        "--bad-fraction", type=_fraction, default=0.0, help="fraction of records to corrupt on purpose (DLQ demo)"
+    )
+    produce.set_defaults(func=cmd_produce)
+
+    consume = sub.add_parser("consume", help="consume a pipeline's records (bad ones go to the DLQ) and report")
+    _config_arg(consume)
+    consume.add_argument("--group", default=None, help="consumer group (default: <pipeline>.cli)")
+    consume.add_argument("--max-records", type=_positive_int, default=None, help="stop after this many records")
+    consume.add_argument(
+        "--idle-timeout", type=_positive_float, default=None, help="stop after this many seconds without records"
+    )
+    consume.add_argument(
+        "--print", dest="print_records", action="store_true", help="print each good record as a JSON line"
+    )
+    consume.set_defaults(func=cmd_consume)
+
+    run = sub.add_parser("run", help="run the pipeline end to end on the embedded default")
+    run.add_argument(
+        "config", type=Path, nargs="?", default=Path("configs/demo.yaml"), help="pipeline config (default: %(default)s)"
+    )
+    run.add_argument("--records", type=_positive_int, default=20_000, help="records to stream (default: %(default)s)")
+    run.add_argument("--scenario", choices=SCENARIOS, default="covariate", help="kind of drift (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--run-dir", type=Path, default=None, help="where logs and state go (default: runs/<time>)")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="pipeline config, e.g. configs/demo.yaml")
+
+
+def _number(kind: Callable[[str], Any], check: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, lambda v: v > 0, "an integer > 0")
+_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "a number > 0")
+_fraction = _number(float, lambda v: 0 <= v <= 1, "a number between 0 and 1")
+_port = _number(int, lambda v: 1 <= v <= 65535, "a port number (1-65535)")
+
+
+def _on_signals(callback: Callable[[], None]) -> None:
+    """Run `callback` on SIGTERM and SIGINT (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: callback())
+
+
+def _connected(config: PipelineConfig) -> PipelineConfig:
+    if config.kafka.embedded:
+        raise DriftloopError(
+            "no broker: the config says kafka.bootstrap_servers: embedded. Start one with "
+            "`driftloop broker` and export the KAFKA_BOOTSTRAP_SERVERS it prints, or use `driftloop run`"
+        )
+    return config
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from cluster.broker import EmbeddedBroker
+
+    stop = threading.Event()
+    _on_signals(stop.set)
+    with EmbeddedBroker(port=args.port, log_file=args.log_file, storage=args.storage) as broker:
+        print(f"KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}", flush=True)
+        print(f"Tansu broker running (log: {args.log_file}); Ctrl-C stops it.", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            if broker.process is None or broker.process.poll() is not None:
+                raise DriftloopError(f"the broker exited unexpectedly; see {args.log_file}")
+    print("broker stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    config = _connected(load_config(args.config))
+    topics = Topics(config.name)
+    ensure_topics(config.kafka, topics.all())
+    generator = StreamGenerator(
+        config,
+        seed=args.seed,
+        scenario=args.scenario,
+        drift_at=args.drift_at,
+        start_time=datetime.now().astimezone(),
+        interval=interval_for(args.rate),
+        unlabeled=args.unlabeled,
+    )
+    with Producer(config.kafka, client_id=f"{config.name}.producer") as producer:
+        stats = publish_stream(
+            generator,
+            producer,
+            topics,
+            config.name,
+            args.records,
+            rate=args.rate,
+            label_delay=args.label_delay,
+            bad_fraction=args.bad_fraction,
+        )
+    print(
+        f"sent {stats.records} records to {topics.records} in {stats.seconds:.1f}s "
+        f"({stats.records / max(stats.seconds, 1e-9):,.0f}/s); labels: {stats.labels}; "
+        f"malformed on purpose: {stats.malformed}"
+        + (f"; drift ({args.scenario}) from record {args.drift_at}" if args.drift_at is not None else "")
+    )
+    return 0
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    config = _connected(load_config(args.config))
+    topics = Topics(config.name)
+    ensure_topics(config.kafka, [topics.records, topics.dlq])
+    codec = RecordCodec(config.schema, config.kafka.max_record_bytes)
+
+    def handle(batch: Batch) -> None:
+        if args.print_records:
+            for value in batch.values:
+                sys.stdout.write(codec.encode(value).decode() + "\n")
+            sys.stdout.flush()
+
+    consumer = StreamConsumer(
+        config.kafka,
+        [topics.records],
+        codec.decode_batch,
+        handle,
+        group_id=args.group or f"{config.name}.cli",
+        dlq_topic=topics.dlq,
+    )
+    _on_signals(consumer.stop)
+    stats = consumer.run(max_records=args.max_records, idle_timeout_s=args.idle_timeout)
+    summary = {
+        "polled": stats.polled,
+        "processed": stats.processed,
+        "dead_lettered": stats.dead_lettered,
+        "batches": stats.batches,
+        "committed": {f"{t}/{p}": o for (t, p), o in sorted(stats.committed.items())},
+    }
+    print(json.dumps(summary), file=sys.stderr if args.print_records else sys.stdout)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cluster.pipeline import run_pipeline
+
+    config = load_config(args.config)
+    run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    return run_pipeline(config, run_dir, records=args.records, scenario=args.scenario, seed=args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Jobs: models, training, tuning, evaluation, tracking, the promotion gate (may import `streams`)."""

@@ -1,0 +1,439 @@
+"""Pipeline configuration: one YAML file per pipeline, loaded into frozen dataclasses.
+
+Every error names the file, the key, what was expected and what was found. Connection
+settings can be overridden from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `RAY_ADDRESS`,
+`MLFLOW_TRACKING_URI`); secrets (SASL credentials) come *only* from the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from streams.errors import ConfigError
+
+__all__ = [
+    "ConsumerSettings",
+    "Feature",
+    "GeneratorSettings",
+    "KafkaSettings",
+    "LabelSpec",
+    "MlflowSettings",
+    "PipelineConfig",
+    "ProducerSettings",
+    "RaySettings",
+    "RecordSchema",
+    "load_config",
+    "parse_config",
+]
+
+EMBEDDED = "embedded"
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_NOT_FROM_YAML = {"yaml": False}
+Problem = tuple[str, str, object]  # (key relative to the section, expected, found)
+
+
+@dataclass(frozen=True)
+class ProducerSettings:
+    """Producer knobs; `buffer_bytes` bounds the payload waiting for acknowledgement."""
+
+    linger_ms: int = 5
+    batch_size: int = 65536
+    buffer_bytes: int = 32 * 1024 * 1024
+    max_block_ms: int = 10_000
+    delivery_timeout_ms: int = 120_000
+
+    def problems(self) -> Iterator[Problem]:
+        for name in ("linger_ms", "max_block_ms"):
+            if getattr(self, name) < 0:
+                yield name, "an integer >= 0", getattr(self, name)
+        for name in ("batch_size", "buffer_bytes", "delivery_timeout_ms"):
+            if getattr(self, name) < 1:
+                yield name, "an integer >= 1", getattr(self, name)
+        if self.delivery_timeout_ms <= self.linger_ms + 30_000:
+            yield (
+                "delivery_timeout_ms",
+                f"more than linger_ms + 30000 ({self.linger_ms + 30_000})",
+                self.delivery_timeout_ms,
+            )
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    """Consumer loop knobs: batch size, group timing and the handler's retry budget."""
+
+    max_poll_records: int = 2000
+    poll_timeout_ms: int = 500
+    session_timeout_ms: int = 6000
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    handler_retries: int = 3
+    retry_backoff_ms: int = 200
+
+    def problems(self) -> Iterator[Problem]:
+        for name in ("max_poll_records", "poll_timeout_ms", "session_timeout_ms"):
+            if getattr(self, name) < 1:
+                yield name, "an integer >= 1", getattr(self, name)
+        for name in ("handler_retries", "retry_backoff_ms"):
+            if getattr(self, name) < 0:
+                yield name, "an integer >= 0", getattr(self, name)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Where the broker is and how topics are laid out.
+
+    `bootstrap_servers: embedded` means driftloop starts its own Tansu broker.
+    """
+
+    bootstrap_servers: str = EMBEDDED
+    partitions: int = 4
+    replication_factor: int = 1
+    max_record_bytes: int = 1024 * 1024
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    ssl_cafile: str | None = None
+    producer: ProducerSettings = ProducerSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
+    sasl_username: str | None = field(default=None, metadata=_NOT_FROM_YAML, repr=False)
+    sasl_password: str | None = field(default=None, metadata=_NOT_FROM_YAML, repr=False)
+
+    @property
+    def embedded(self) -> bool:
+        return self.bootstrap_servers == EMBEDDED
+
+    def problems(self) -> Iterator[Problem]:
+        if not self.bootstrap_servers.strip():
+            yield "bootstrap_servers", "host:port[,host:port...] or 'embedded'", self.bootstrap_servers
+        for name in ("partitions", "replication_factor"):
+            if getattr(self, name) < 1:
+                yield name, "an integer >= 1", getattr(self, name)
+        if not 1024 <= self.max_record_bytes <= 64 * 1024 * 1024:
+            yield "max_record_bytes", "an integer between 1024 and 67108864", self.max_record_bytes
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            yield "sasl_mechanism", f"a mechanism when security_protocol is {self.security_protocol}", None
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input column: its type, and its range (numbers) or categories."""
+
+    name: str
+    type: Literal["float", "int", "bool", "category"]
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] = ()
+    nullable: bool = False
+
+    @property
+    def numeric(self) -> bool:
+        return self.type in ("float", "int")
+
+    def problems(self) -> Iterator[Problem]:
+        if not _FIELD.match(self.name):
+            yield "name", "an identifier (letters, digits, _)", self.name
+        if self.type == "category":
+            if len(self.categories) < 2:
+                yield "categories", "at least two categories", list(self.categories)
+            if len(set(self.categories)) != len(self.categories):
+                yield "categories", "distinct categories", list(self.categories)
+            for bound in ("min", "max"):
+                if getattr(self, bound) is not None:
+                    yield bound, "no range on a category feature", getattr(self, bound)
+        else:
+            if self.categories:
+                yield "categories", f"no categories on a {self.type} feature", list(self.categories)
+            if self.type == "bool":
+                for bound in ("min", "max"):
+                    if getattr(self, bound) is not None:
+                        yield bound, "no range on a bool feature", getattr(self, bound)
+            if self.min is not None and self.max is not None and self.min >= self.max:
+                yield "max", f"a number greater than min ({self.min})", self.max
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """The target column and its classes (strings or integers)."""
+
+    name: str
+    classes: tuple[str | int, ...]
+
+    def problems(self) -> Iterator[Problem]:
+        if not _FIELD.match(self.name):
+            yield "name", "an identifier (letters, digits, _)", self.name
+        if len(self.classes) < 2:
+            yield "classes", "at least two classes", list(self.classes)
+        if len(set(self.classes)) != len(self.classes):
+            yield "classes", "distinct classes", list(self.classes)
+        if len({type(c) for c in self.classes}) > 1:
+            yield "classes", "classes all strings or all integers", list(self.classes)
+
+
+@dataclass(frozen=True)
+class RecordSchema:
+    """The shape of a record on the `records` topic; the record codec is generated from it."""
+
+    entity_id: str
+    timestamp: str
+    label: LabelSpec
+    features: tuple[Feature, ...] = field(metadata={"keyed_by": "name"})
+    record_id: str = "record_id"
+    unknown_fields: Literal["reject", "ignore"] = "reject"
+
+    def feature(self, name: str) -> Feature:
+        for feature in self.features:
+            if feature.name == name:
+                return feature
+        raise KeyError(name)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every field of a record, in a stable order."""
+        return (self.record_id, self.entity_id, self.timestamp, *self.feature_names, self.label.name)
+
+    def problems(self) -> Iterator[Problem]:
+        if not self.features:
+            yield "features", "at least one feature", {}
+        for key in ("record_id", "entity_id", "timestamp"):
+            if not _FIELD.match(getattr(self, key)):
+                yield key, "an identifier (letters, digits, _)", getattr(self, key)
+        seen: set[str] = set()
+        for name in self.columns:
+            if name in seen:
+                yield "features", f"distinct names for every column ({name!r} is used twice)", name
+            seen.add(name)
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """The synthetic stream: which features drift, and how far."""
+
+    drift_features: tuple[str, ...] = ()
+    magnitude: float = 1.5
+    label_noise: float = 0.05
+    prior_positive_rate: float = 0.8
+    entities: int = 1000
+
+    def problems(self) -> Iterator[Problem]:
+        if not 0 < self.magnitude <= 10:
+            yield "magnitude", "a number in (0, 10]", self.magnitude
+        if not 0 <= self.label_noise < 0.5:
+            yield "label_noise", "a number in [0, 0.5)", self.label_noise
+        if not 0 < self.prior_positive_rate < 1:
+            yield "prior_positive_rate", "a number in (0, 1)", self.prior_positive_rate
+        if self.entities < 1:
+            yield "entities", "an integer >= 1", self.entities
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where Ray is: None starts or joins a local instance."""
+
+    address: str | None = None
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    """Where MLflow is: None means a SQLite store under the run directory."""
+
+    tracking_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """One pipeline, as read from `configs/<name>.yaml`."""
+
+    name: str
+    schema: RecordSchema
+    kafka: KafkaSettings = KafkaSettings()
+    generator: GeneratorSettings = GeneratorSettings()
+    ray: RaySettings = RaySettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    source: str = field(default="<memory>", metadata=_NOT_FROM_YAML, compare=False)
+
+    def problems(self) -> Iterator[Problem]:
+        if not _NAME.match(self.name):
+            yield "name", "1-100 letters, digits, '_' or '-' (it prefixes topic names)", self.name
+        for name in self.generator.drift_features:
+            if name not in self.schema.feature_names:
+                yield "generator.drift_features", f"names of features ({', '.join(self.schema.feature_names)})", name
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> PipelineConfig:
+    """Read and validate a pipeline config file, then apply environment overrides."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, "<file>", "an existing YAML file", "<no such file>") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(source, "<file>", "a readable UTF-8 YAML file", f"<{err}>") from None
+    return parse_config(text, source=source, env=env)
+
+
+def parse_config(text: str, source: str = "<memory>", env: Mapping[str, str] | None = None) -> PipelineConfig:
+    """Validate a pipeline config given as YAML text (see `load_config`)."""
+    import os
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"<line {mark.line + 1}, column {mark.column + 1}>" if mark else "<YAML>"
+        raise ConfigError(source, where, "valid YAML", f"<{getattr(err, 'problem', err)}>") from None
+    config = _build(PipelineConfig, data, "", source)
+    config = dataclasses.replace(config, source=source)
+    return apply_env(config, os.environ if env is None else env)
+
+
+def apply_env(config: PipelineConfig, env: Mapping[str, str]) -> PipelineConfig:
+    """Connection settings and secrets from the environment win over the file."""
+    kafka = config.kafka
+    if env.get("KAFKA_BOOTSTRAP_SERVERS"):
+        kafka = dataclasses.replace(kafka, bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
+    if env.get("KAFKA_SECURITY_PROTOCOL"):
+        protocol = env["KAFKA_SECURITY_PROTOCOL"]
+        allowed = typing.get_args(typing.get_type_hints(KafkaSettings)["security_protocol"])
+        if protocol not in allowed:
+            raise ConfigError(
+                "$KAFKA_SECURITY_PROTOCOL", "kafka.security_protocol", f"one of {list(allowed)}", protocol
+            )
+        kafka = dataclasses.replace(kafka, security_protocol=protocol)  # type: ignore[arg-type]
+    kafka = dataclasses.replace(
+        kafka,
+        sasl_username=env.get("KAFKA_SASL_USERNAME") or None,
+        sasl_password=env.get("KAFKA_SASL_PASSWORD") or None,
+    )
+    ray = config.ray
+    if env.get("RAY_ADDRESS"):
+        ray = dataclasses.replace(ray, address=env["RAY_ADDRESS"])
+    mlflow = config.mlflow
+    if env.get("MLFLOW_TRACKING_URI"):
+        mlflow = dataclasses.replace(mlflow, tracking_uri=env["MLFLOW_TRACKING_URI"])
+    return dataclasses.replace(config, kafka=kafka, ray=ray, mlflow=mlflow)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _build(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Turn parsed YAML into an instance of `tp`, or raise a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, key, source)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        last: ConfigError | None = None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _build(option, value, key, source)
+            except ConfigError as err:
+                last = err
+        if len(options) == 2 and type(None) in options and last is not None:
+            raise last
+        raise ConfigError(source, key, " or ".join(_describe(o) for o in options), value)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+            raise ConfigError(source, key, f"one of {list(allowed)}", value)
+        return value
+    if origin is tuple:
+        (item_type, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(source, key, "a list", value)
+        return tuple(_build(item_type, item, f"{key}[{i}]", source) for i, item in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, "true or false", value)
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(source, key, "an integer", value)
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(source, key, "a finite number", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, "a string", value)
+        return value
+    raise TypeError(f"config type {tp!r} is not supported")  # a bug in the dataclasses above
+
+
+def _build_dataclass(tp: Any, value: Any, key: str, source: str) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(source, key or "<top level>", f"a mapping for {tp.__name__}", value)
+    hints = typing.get_type_hints(tp)
+    fields = [f for f in dataclasses.fields(tp) if f.metadata.get("yaml", True)]
+    known = {f.name for f in fields}
+    for name in value:
+        if name not in known:
+            hint = " (secrets come from the environment)" if name in ("sasl_username", "sasl_password") else ""
+            raise ConfigError(source, _join(key, str(name)), f"one of {sorted(known)}{hint}", "<unknown key>")
+    kwargs: dict[str, Any] = {}
+    for f in fields:
+        sub = _join(key, f.name)
+        if f.name not in value:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(source, sub, _describe(hints[f.name]), "<missing>")
+            continue
+        keyed_by = f.metadata.get("keyed_by")
+        if keyed_by:
+            kwargs[f.name] = _build_keyed(hints[f.name], value[f.name], keyed_by, sub, source)
+        else:
+            kwargs[f.name] = _build(hints[f.name], value[f.name], sub, source)
+    instance = tp(**kwargs)
+    for problem_key, expected, found in instance.problems() if hasattr(instance, "problems") else ():
+        raise ConfigError(source, _join(key, problem_key), expected, found)
+    return instance
+
+
+def _build_keyed(tp: Any, value: Any, keyed_by: str, key: str, source: str) -> tuple[Any, ...]:
+    """A YAML mapping `name: {spec}` read as a tuple of dataclasses whose `keyed_by` is the name."""
+    (item_type, _) = typing.get_args(tp)
+    if not isinstance(value, dict):
+        raise ConfigError(source, key, "a mapping of name to spec", value)
+    items = []
+    for name, spec in value.items():
+        sub = _join(key, str(name))
+        if spec is not None and not isinstance(spec, dict):
+            raise ConfigError(source, sub, f"a mapping for {item_type.__name__}", spec)
+        items.append(_build(item_type, {keyed_by: name, **(spec or {})}, sub, source))
+    return tuple(items)
+
+
+def _describe(tp: Any) -> str:
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return f"a mapping for {tp.__name__}"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(o) for o in typing.get_args(tp) if o is not type(None))
+    if origin is tuple:
+        return "a list"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))

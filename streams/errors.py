@@ -1,0 +1,81 @@
+"""The exceptions driftloop raises, in one place.
+
+```
+DriftloopError
+├── ConfigError          a pipeline config is missing, unreadable or invalid
+├── DecodeError          a record or event could not be decoded (carries an ErrorKind)
+├── BrokerError          the Kafka broker could not be started or reached
+└── HandlerFailed        a consumer's handler kept failing after its retries
+```
+
+`RetryableError` is raised *by handlers* to mark a transient failure that the consumer
+retries; any other exception from a handler is retried the same way, but the name
+documents intent.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class DriftloopError(Exception):
+    """Base class of every error driftloop raises on purpose."""
+
+
+class ConfigError(DriftloopError):
+    """A config problem, naming the file, the key, what was expected and what was found."""
+
+    def __init__(self, file: str, key: str, expected: str, found: object) -> None:
+        self.file = file
+        self.key = key
+        self.expected = expected
+        self.found = found
+        super().__init__(f"{file}: {key}: expected {expected}, found {_show(found)}")
+
+
+def _show(found: object) -> str:
+    if isinstance(found, str) and found.startswith("<") and found.endswith(">"):
+        return found  # already a description, e.g. "<missing>"
+    text = repr(found)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(found).__name__})"
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a payload was rejected; the value travels in the DLQ reason header."""
+
+    OVERSIZED = "oversized"
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    WRONG_TYPE = "wrong_type"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_FIELD = "unknown_field"
+    OUT_OF_RANGE = "out_of_range"
+    NON_FINITE = "non_finite"
+    UNKNOWN_CATEGORY = "unknown_category"
+    UNKNOWN_EVENT_TYPE = "unknown_event_type"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    INVALID = "invalid"
+
+
+class DecodeError(DriftloopError):
+    """A payload that cannot be decoded; `kind` says why and `field` where (if known)."""
+
+    def __init__(self, kind: ErrorKind, message: str, field: str | None = None) -> None:
+        self.kind = kind
+        self.field = field
+        self.message = message
+        super().__init__(f"{kind.value}: {message}")
+
+
+class BrokerError(DriftloopError):
+    """The Kafka broker could not be started, reached or configured."""
+
+
+class RetryableError(DriftloopError):
+    """Raised by a consumer handler for a transient failure worth retrying."""
+
+
+class HandlerFailed(DriftloopError):
+    """A handler failed on every retry; the batch's offsets were not committed."""

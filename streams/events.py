@@ -1,0 +1,233 @@
+"""The events that travel on driftloop's topics: frozen, typed, versioned, with ids.
+
+Every event carries `type` (its class name, the tag on the wire), `schema_version`,
+`event_id` and `occurred_at`. Ids are random by default; where a retry could duplicate work
+the caller derives them with `deterministic_id` (a retrain's id comes from the pipeline and
+the drift window, and is reused as the Ray Jobs submission id).
+
+Encoding and decoding live in `streams.serde`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
+
+__all__ = [
+    "EVENT_TYPES",
+    "DriftDetected",
+    "Event",
+    "FeatureDrift",
+    "LabelObserved",
+    "ModelPromoted",
+    "ModelRejected",
+    "ModelRolledBack",
+    "OffsetRange",
+    "PredictionLogged",
+    "RetrainRequested",
+    "TrainingCompleted",
+    "TrainingFailed",
+    "deterministic_id",
+    "new_event_id",
+    "utcnow",
+]
+
+_NAMESPACE = uuid.UUID("5c6f2a0e-9d0b-4c77-8d8a-2f1f5b9e1d40")
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+Scalar = str | int | float | bool | None
+
+
+def new_event_id() -> str:
+    """A random event id, for events whose duplicates are harmless."""
+    return uuid.uuid4().hex
+
+
+def deterministic_id(*parts: object) -> str:
+    """The same parts always give the same id (uuid5), so a replayed event is recognisable."""
+    return uuid.uuid5(_NAMESPACE, "\x1f".join(str(p) for p in parts)).hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class OffsetRange(msgspec.Struct, frozen=True, kw_only=True):
+    """Records `[start, end)` of one topic partition."""
+
+    topic: str
+    partition: Annotated[int, msgspec.Meta(ge=0)]
+    start: Annotated[int, msgspec.Meta(ge=0)]
+    end: Annotated[int, msgspec.Meta(ge=0)]
+
+    def __post_init__(self) -> None:
+        if self.end < self.start:
+            raise ValueError(f"offset range end {self.end} is before its start {self.start}")
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    """Base of all events. Subclasses set `SCHEMA_VERSION` and `key()` (the Kafka key)."""
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    event_id: str = msgspec.field(default_factory=new_event_id)
+    occurred_at: AwareDatetime = msgspec.field(default_factory=utcnow)
+    schema_version: int = 1
+
+    def key(self) -> str:
+        raise NotImplementedError
+
+
+class PredictionLogged(Event, frozen=True, kw_only=True):
+    """One served prediction, as logged to the `predictions` topic."""
+
+    request_id: str
+    pipeline: str
+    model_name: str
+    model_version: str
+    features: dict[str, Scalar]
+    prediction: str | int
+    probabilities: dict[str, float] = {}
+    variant: Literal["champion", "challenger", "shadow"] = "champion"
+
+    def key(self) -> str:
+        return self.request_id
+
+
+class LabelObserved(Event, frozen=True, kw_only=True):
+    """Delayed ground truth for an earlier request (the `labels` topic)."""
+
+    request_id: str
+    pipeline: str
+    label: str | int
+
+    def key(self) -> str:
+        return self.request_id
+
+
+class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
+    """One statistic on one feature (or on the model output) for one window."""
+
+    feature: str
+    statistic: str
+    value: float
+    threshold: float
+    drifted: bool
+    p_value: float | None = None
+
+
+class DriftDetected(Event, frozen=True, kw_only=True):
+    """A monitoring window whose distribution moved past the policy's thresholds."""
+
+    pipeline: str
+    window_start: AwareDatetime
+    window_end: AwareDatetime
+    window_size: int
+    offsets: tuple[OffsetRange, ...]
+    statistics: tuple[FeatureDrift, ...]
+    kind: Literal["data", "prediction", "performance"] = "data"
+
+    def key(self) -> str:
+        return self.pipeline
+
+    @property
+    def drifted_features(self) -> tuple[str, ...]:
+        return tuple(sorted({s.feature for s in self.statistics if s.drifted}))
+
+
+class RetrainRequested(Event, frozen=True, kw_only=True):
+    """A decision to retrain; its id is deterministic and doubles as the Ray Jobs submission id."""
+
+    pipeline: str
+    cause: str
+    data_start: AwareDatetime | None = None
+    data_end: AwareDatetime | None = None
+    drift_event_id: str | None = None
+
+    def key(self) -> str:
+        return self.pipeline
+
+
+class TrainingCompleted(Event, frozen=True, kw_only=True):
+    """A training job finished and registered a model version."""
+
+    pipeline: str
+    model_name: str
+    model_version: str
+    run_id: str
+    metrics: dict[str, float] = {}
+    trigger_event_id: str | None = None
+    submission_id: str | None = None
+
+    def key(self) -> str:
+        return self.model_name
+
+
+class TrainingFailed(Event, frozen=True, kw_only=True):
+    """A training job ended without a model."""
+
+    pipeline: str
+    model_name: str
+    reason: str
+    trigger_event_id: str | None = None
+    submission_id: str | None = None
+
+    def key(self) -> str:
+        return self.model_name
+
+
+class ModelPromoted(Event, frozen=True, kw_only=True):
+    """The gate passed: `champion` now points at `model_version`."""
+
+    model_name: str
+    model_version: str
+    previous_version: str | None = None
+    metrics: dict[str, float] = {}
+
+    def key(self) -> str:
+        return self.model_name
+
+
+class ModelRejected(Event, frozen=True, kw_only=True):
+    """The gate failed; the reasons say which rule."""
+
+    model_name: str
+    model_version: str
+    reasons: tuple[str, ...]
+
+    def key(self) -> str:
+        return self.model_name
+
+
+class ModelRolledBack(Event, frozen=True, kw_only=True):
+    """`champion` went back to an earlier version."""
+
+    model_name: str
+    from_version: str
+    to_version: str
+    reason: str = ""
+
+    def key(self) -> str:
+        return self.model_name
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in (
+        PredictionLogged,
+        LabelObserved,
+        DriftDetected,
+        RetrainRequested,
+        TrainingCompleted,
+        TrainingFailed,
+        ModelPromoted,
+        ModelRejected,
+        ModelRolledBack,
+    )
+}

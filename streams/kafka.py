@@ -1,0 +1,394 @@
+"""Kafka I/O on kafka-python: topic creation, an idempotent producer, and the consumer loop.
+
+The consumer loop is the reliability contract in code (DESIGN.md): it decodes raw bytes in our
+code, sends each bad record to the DLQ with its original bytes and a reason header, hands the
+good ones to a handler in batches, and commits offsets only after the handler has returned and
+the DLQ writes are acknowledged. A crash at any point re-delivers, never skips.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from streams.config import KafkaSettings
+from streams.errors import BrokerError, DecodeError, HandlerFailed, RetryableError
+from streams.events import Event
+from streams.serde import encode_event
+
+__all__ = [
+    "Batch",
+    "Chunk",
+    "ConsumerStats",
+    "Producer",
+    "StreamConsumer",
+    "client_options",
+    "ensure_topics",
+]
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "driftloop.reason"
+KIND_HEADER = "driftloop.error"
+SOURCE_HEADER = "driftloop.source"
+BatchDecoder = Callable[[Sequence[bytes | None]], list[Any]]
+
+
+def client_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """Connection options shared by every kafka-python client."""
+    if kafka.embedded:
+        raise BrokerError(
+            "kafka.bootstrap_servers is 'embedded' but no broker was started: "
+            "run `driftloop broker` and set KAFKA_BOOTSTRAP_SERVERS, or use `driftloop run`"
+        )
+    options: dict[str, Any] = {
+        "bootstrap_servers": [s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()],
+        "security_protocol": kafka.security_protocol,
+    }
+    if kafka.sasl_mechanism:
+        options["sasl_mechanism"] = kafka.sasl_mechanism
+        options["sasl_plain_username"] = kafka.sasl_username
+        options["sasl_plain_password"] = kafka.sasl_password
+    if kafka.ssl_cafile:
+        options["ssl_cafile"] = kafka.ssl_cafile
+    return options
+
+
+def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], partitions: int | None = None) -> list[str]:
+    """Create the topics that do not exist yet (idempotent); returns the ones it created."""
+    wanted = list(dict.fromkeys(topics))
+    count = partitions or kafka.partitions
+    try:
+        admin = KafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
+    except KafkaError as err:
+        raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}") from err
+    created = []
+    try:
+        existing = set(admin.list_topics())
+        for name in wanted:
+            if name in existing:
+                continue
+            try:
+                admin.create_topics([NewTopic(name, count, kafka.replication_factor)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass  # created concurrently by someone else: that is what we wanted
+        for described in admin.describe_topics([n for n in wanted if n not in created]):
+            have = len(described.get("partitions") or [])
+            if have and have != count:
+                log.warning("topic %s has %d partitions, the config asks for %d", described["topic"], have, count)
+    finally:
+        admin.close()
+    return created
+
+
+class Producer:
+    """An idempotent producer (`acks="all"`) with a bounded buffer and a clean flush.
+
+    At most `producer.buffer_bytes` of payload wait for acknowledgement: `send` blocks when
+    the buffer is full and raises `BrokerError` after `max_block_ms`, so a dead broker
+    never grows memory without bound. Delivery failures are counted; `flush` raises if any
+    send since the last flush failed, so a caller never believes a record was written when
+    it was not.
+    """
+
+    def __init__(self, kafka: KafkaSettings, client_id: str = "driftloop") -> None:
+        settings = kafka.producer
+        try:
+            self._producer = KafkaProducer(
+                **client_options(kafka),
+                client_id=client_id,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=settings.linger_ms,
+                batch_size=settings.batch_size,
+                max_block_ms=settings.max_block_ms,
+                delivery_timeout_ms=settings.delivery_timeout_ms,
+                max_request_size=max(kafka.max_record_bytes * 2, 1024 * 1024),
+            )
+        except KafkaError as err:
+            raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}") from err
+        self.buffer_bytes = settings.buffer_bytes
+        self.max_block_s = settings.max_block_ms / 1000
+        self.sent = 0
+        self.failed = 0
+        self._pending_bytes = 0
+        self._failures: list[BaseException] = []
+        self._room = threading.Condition()
+
+    def send(
+        self,
+        topic: str,
+        value: bytes,
+        key: str | bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> Any:
+        size = len(value) + (len(key) if key else 0)
+        with self._room:
+            full = self._pending_bytes > 0 and self._pending_bytes + size > self.buffer_bytes
+            if full and not self._room.wait_for(
+                lambda: self._pending_bytes + size <= self.buffer_bytes, self.max_block_s
+            ):
+                raise BrokerError(
+                    f"producer buffer full ({self._pending_bytes} bytes unacknowledged for "
+                    f"{self.max_block_s:.0f}s): is the broker reachable?"
+                )
+            self._pending_bytes += size
+        raw_key = key.encode() if isinstance(key, str) else key
+        try:
+            future = self._producer.send(topic, value=value, key=raw_key, headers=list(headers) or None)
+        except KafkaError as err:
+            self._done(size, err)
+            raise BrokerError(f"cannot send to {topic}: {err}") from err
+        future.add_both(self._done, size)
+        self.sent += 1
+        return future
+
+    def send_event(self, topic: str, event: Event) -> Any:
+        return self.send(topic, encode_event(event), key=event.key())
+
+    def _done(self, size: int, result: Any) -> None:
+        with self._room:
+            self._pending_bytes -= size
+            if isinstance(result, BaseException):
+                self.failed += 1
+                if len(self._failures) < 10:
+                    self._failures.append(result)
+            self._room.notify_all()
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until everything sent so far is acknowledged; raise if anything failed."""
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except KafkaError as err:
+            raise BrokerError(f"flush did not complete: {err}") from err
+        with self._room:
+            failures, self._failures = self._failures, []
+        if failures:
+            raise BrokerError(f"{len(failures)}+ records were not delivered; first error: {failures[0]!r}")
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        try:
+            self.flush(timeout_s)
+        finally:
+            self._producer.close(timeout=timeout_s)
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The good records of one topic partition in a batch, raw and decoded, in offset order."""
+
+    topic: str
+    partition: int
+    records: list[Any]  # kafka-python ConsumerRecords: offset, key, timestamp, headers, value bytes
+    values: list[Any]  # the decoded values, aligned with `records`
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a handler receives: the good records of one poll, grouped by partition."""
+
+    chunks: list[Chunk]
+
+    def __len__(self) -> int:
+        return sum(len(c.values) for c in self.chunks)
+
+    @property
+    def values(self) -> list[Any]:
+        return [v for c in self.chunks for v in c.values]
+
+
+@dataclass
+class ConsumerStats:
+    """Counts of one consumer run (`committed` maps topic-partition to the next offset)."""
+
+    polled: int = 0
+    processed: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    retries: int = 0
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+class StreamConsumer:
+    """The consumer loop: decode in our code, DLQ the bad, handle the good, then commit.
+
+    With a `group_id`, partitions are shared with the group's other members and offsets are
+    committed after each batch. Without one, every partition of `topics` is assigned to this
+    consumer from the beginning and nothing is committed (benchmarks, one-off reads).
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topics: Sequence[str],
+        decode: BatchDecoder,
+        handler: Callable[[Batch], None],
+        *,
+        group_id: str | None,
+        dlq_topic: str | None,
+        producer: Producer | None = None,
+        retry_on: tuple[type[BaseException], ...] = (RetryableError, ConnectionError, TimeoutError),
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.kafka = kafka
+        self.topics = list(topics)
+        self.decode = decode
+        self.handler = handler
+        self.group_id = group_id
+        self.dlq_topic = dlq_topic
+        self.retry_on = retry_on
+        self.stats = ConsumerStats()
+        self._stop = threading.Event()
+        self._sleep = sleep or self._stop.wait
+        self._own_producer = producer is None and dlq_topic is not None
+        self._producer = Producer(kafka, client_id=f"{group_id or 'driftloop'}-dlq") if self._own_producer else producer
+        settings = kafka.consumer
+        try:
+            self._consumer = KafkaConsumer(
+                **client_options(kafka),
+                group_id=group_id,
+                enable_auto_commit=False,
+                auto_offset_reset=settings.auto_offset_reset,
+                session_timeout_ms=settings.session_timeout_ms,
+                heartbeat_interval_ms=max(settings.session_timeout_ms // 3, 100),
+                max_poll_records=settings.max_poll_records,
+                fetch_max_bytes=64 * 1024 * 1024,
+                max_partition_fetch_bytes=max(kafka.max_record_bytes * 2, 4 * 1024 * 1024),
+            )
+        except KafkaError as err:
+            raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}") from err
+        if group_id is None:
+            parts = [TopicPartition(t, p) for t in self.topics for p in sorted(self._partitions(t))]
+            self._consumer.assign(parts)
+            self._consumer.seek_to_beginning(*parts)
+        else:
+            self._consumer.subscribe(self.topics)
+
+    def _partitions(self, topic: str) -> set[int]:
+        deadline = time.monotonic() + 10
+        while True:
+            parts = self._consumer.partitions_for_topic(topic)
+            if parts:
+                return set(parts)
+            if time.monotonic() > deadline:
+                raise BrokerError(f"topic {topic!r} does not exist on {self.kafka.bootstrap_servers}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current batch, commit, and return (safe in a signal handler)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, max_records: int | None = None, idle_timeout_s: float | None = None) -> ConsumerStats:
+        """Consume until stopped, until `max_records` were polled, or until idle for `idle_timeout_s`."""
+        settings = self.kafka.consumer
+        last_data = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if max_records is not None and self.stats.polled >= max_records:
+                    break
+                budget = settings.max_poll_records
+                if max_records is not None:
+                    budget = min(budget, max_records - self.stats.polled)
+                polled = self._consumer.poll(timeout_ms=settings.poll_timeout_ms, max_records=budget)
+                if not polled:
+                    if idle_timeout_s is not None and time.monotonic() - last_data >= idle_timeout_s:
+                        break
+                    continue
+                last_data = time.monotonic()
+                self._process(polled)
+        finally:
+            self.close()
+        return self.stats
+
+    def _process(self, polled: dict[TopicPartition, list[Any]]) -> None:
+        chunks: list[Chunk] = []
+        dead: list[tuple[Any, DecodeError]] = []
+        next_offsets: dict[TopicPartition, int] = {}
+        for tp, records in polled.items():
+            results = self.decode([r.value for r in records])
+            good_records, good_values = [], []
+            for record, result in zip(records, results, strict=True):
+                if isinstance(result, DecodeError):
+                    dead.append((record, result))
+                else:
+                    good_records.append(record)
+                    good_values.append(result)
+            if good_values:
+                chunks.append(Chunk(tp.topic, tp.partition, good_records, good_values))
+            next_offsets[tp] = records[-1].offset + 1
+            self.stats.polled += len(records)
+        if dead:
+            self._dead_letter(dead)
+        if chunks:
+            self._handle(Batch(chunks))
+        self._commit(next_offsets)
+        self.stats.batches += 1
+
+    def _dead_letter(self, dead: list[tuple[Any, DecodeError]]) -> None:
+        if self._producer is None or self.dlq_topic is None:
+            raise BrokerError(f"{len(dead)} records failed to decode and this consumer has no DLQ topic")
+        for record, error in dead:
+            log.warning("%s/%d@%d to DLQ: %s", record.topic, record.partition, record.offset, error)
+            headers = [(k, v) for k, v in (record.headers or []) if not k.startswith("driftloop.")]
+            headers += [
+                (KIND_HEADER, error.kind.value.encode()),
+                (REASON_HEADER, str(error.message).encode("utf-8", "replace")),
+                (SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode()),
+            ]
+            self._producer.send(self.dlq_topic, record.value if record.value is not None else b"", record.key, headers)
+        self._producer.flush()  # the DLQ copy is durable before the offsets move past it
+        self.stats.dead_lettered += len(dead)
+
+    def _handle(self, batch: Batch) -> None:
+        attempts = self.kafka.consumer.handler_retries + 1
+        for attempt in range(attempts):
+            try:
+                self.handler(batch)
+                self.stats.processed += len(batch)
+                return
+            except self.retry_on as err:
+                if attempt + 1 == attempts or self._stop.is_set():
+                    raise HandlerFailed(f"handler failed {attempt + 1} times; last error: {err!r}") from err
+                self.stats.retries += 1
+                delay = self.kafka.consumer.retry_backoff_ms * (2**attempt) / 1000
+                log.warning("handler failed (%r); retry %d of %d in %.2fs", err, attempt + 1, attempts - 1, delay)
+                self._sleep(delay)
+
+    def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.group_id is not None:
+            try:
+                self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            except CommitFailedError as err:
+                # The group rebalanced under us; the new owner re-reads from the last commit
+                # (at-least-once: duplicates are possible, losses are not).
+                log.warning("commit failed after a rebalance, the batch will be re-delivered: %s", err)
+                return
+        for tp, offset in offsets.items():
+            self.stats.committed[(tp.topic, tp.partition)] = offset
+
+    def close(self) -> None:
+        try:
+            self._consumer.close(autocommit=False)
+        finally:
+            if self._own_producer and self._producer is not None:
+                self._producer.close()

@@ -1,0 +1,259 @@
+"""Serde for everything on the wire: events, and records through a codec built from the schema.
+
+Decoding is done in our code (never in a kafka-python deserializer) so that a bad payload is
+a `DecodeError` with a specific `ErrorKind`, routed to the DLQ, and never wedges a consumer.
+The fast path is msgspec (decode and validate in one pass); only a payload that fails
+takes the slow path that works out exactly why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from streams.config import Feature, RecordSchema
+from streams.errors import DecodeError, ErrorKind
+from streams.events import EVENT_TYPES, AwareDatetime, Event
+
+__all__ = ["DEFAULT_MAX_BYTES", "RecordCodec", "decode_event", "decode_events", "encode_event"]
+
+DEFAULT_MAX_BYTES = 1024 * 1024
+_INT64 = msgspec.Meta(ge=-(2**63), le=2**63 - 1)
+_FINITE = msgspec.Meta(ge=-1.7976931348623157e308, le=1.7976931348623157e308)
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+_NAMED = re.compile(r"field `([^`]*)`")
+
+
+class _Envelope(msgspec.Struct):
+    type: str
+    schema_version: int = 1
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+_event_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
+_encoder = msgspec.json.Encoder()
+
+
+def encode_event(event: Event) -> bytes:
+    """JSON bytes of an event, with its `type` tag."""
+    if event.schema_version != type(event).SCHEMA_VERSION:
+        raise ValueError(
+            f"{type(event).__name__} is at schema version {type(event).SCHEMA_VERSION}, not {event.schema_version}"
+        )
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Event:
+    """Decode an event, dispatching on its `type`; unknown types and versions are errors."""
+    _check_size(data, max_bytes)
+    try:
+        envelope = _envelope.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError) as err:
+        raise _explain(err, data) from None
+    cls = EVENT_TYPES.get(envelope.type)
+    if cls is None:
+        raise DecodeError(
+            ErrorKind.UNKNOWN_EVENT_TYPE,
+            f"unknown event type {envelope.type!r}; known: {', '.join(sorted(EVENT_TYPES))}",
+            field="type",
+        )
+    if envelope.schema_version != cls.SCHEMA_VERSION:
+        raise DecodeError(
+            ErrorKind.UNSUPPORTED_VERSION,
+            f"{envelope.type} schema_version {envelope.schema_version} is not supported "
+            f"(this build reads version {cls.SCHEMA_VERSION})",
+            field="schema_version",
+        )
+    try:
+        return _event_decoders[envelope.type].decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError) as err:
+        raise _explain(err, data) from None
+
+
+def decode_events(payloads: Iterable[bytes | None], max_bytes: int = DEFAULT_MAX_BYTES) -> list[Any]:
+    """Decode many events; each result is an event or the `DecodeError` that rejected it."""
+    out: list[Any] = []
+    for data in payloads:
+        try:
+            out.append(decode_event(data, max_bytes))  # type: ignore[arg-type]
+        except DecodeError as err:
+            out.append(err)
+    return out
+
+
+class RecordCodec:
+    """Encodes and decodes records of one pipeline's `records` topic.
+
+    The record type is generated from the schema: numbers carry their ranges, categories
+    their allowed values, the label its classes (and may be absent: unlabeled records),
+    the timestamp must be RFC 3339 with a timezone.
+    """
+
+    def __init__(self, schema: RecordSchema, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.schema = schema
+        self.max_bytes = max_bytes
+        self.type = _record_type(schema)
+        self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(self.type)
+
+    def decode(self, data: bytes) -> Any:
+        """One record as an instance of the generated (frozen) record type."""
+        _check_size(data, self.max_bytes)
+        try:
+            return self._decoder.decode(data)
+        except (msgspec.DecodeError, UnicodeDecodeError) as err:
+            raise _explain(err, data) from None
+
+    def decode_batch(self, payloads: Iterable[bytes | None]) -> list[Any]:
+        """Decode many payloads; each result is a record or the `DecodeError` that rejected it."""
+        out: list[Any] = []
+        decode = self._decoder.decode
+        limit = self.max_bytes
+        for data in payloads:
+            if data is None or len(data) > limit:
+                out.append(_size_error(data, limit))
+                continue
+            try:
+                out.append(decode(data))
+            except (msgspec.DecodeError, UnicodeDecodeError) as err:
+                out.append(_explain(err, data))
+        return out
+
+    def validate(self, record: Mapping[str, Any]) -> Any:
+        """Check a record given as a mapping (what a producer sends) and return it typed."""
+        try:
+            return msgspec.convert(dict(record), self.type)
+        except msgspec.ValidationError as err:
+            raise _explain(err, b"") from None
+
+    def encode(self, record: Mapping[str, Any] | Any) -> bytes:
+        """JSON bytes of a record; a mapping is validated first."""
+        if isinstance(record, Mapping):
+            record = self.validate(record)
+        return _encoder.encode(record)
+
+    def to_dict(self, record: Any) -> dict[str, Any]:
+        return msgspec.structs.asdict(record)
+
+
+def _record_type(schema: RecordSchema) -> type:
+    label: Any = Literal.__getitem__(schema.label.classes)  # the classes become a Literal type
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [
+        (schema.record_id, str),
+        (schema.entity_id, str | Annotated[int, _INT64]),
+        (schema.timestamp, AwareDatetime),
+    ]
+    optional: list[tuple[str, Any, Any]] = []
+    for feature in schema.features:
+        tp = _feature_type(feature)
+        if feature.nullable:
+            optional.append((feature.name, tp | None, None))
+        else:
+            fields.append((feature.name, tp))
+    optional.append((schema.label.name, label | None, None))
+    return msgspec.defstruct(
+        "Record",
+        [*fields, *optional],
+        frozen=True,
+        forbid_unknown_fields=schema.unknown_fields == "reject",
+    )
+
+
+def _feature_type(feature: Feature) -> Any:
+    if feature.type == "category":
+        return Literal.__getitem__(feature.categories)
+    if feature.type == "bool":
+        return bool
+    if feature.type == "int":
+        low = math.ceil(feature.min) if feature.min is not None else _INT64.ge
+        high = math.floor(feature.max) if feature.max is not None else _INT64.le
+        return Annotated[int, msgspec.Meta(ge=low, le=high)]
+    low = feature.min if feature.min is not None else _FINITE.ge
+    high = feature.max if feature.max is not None else _FINITE.le
+    return Annotated[float, msgspec.Meta(ge=low, le=high)]
+
+
+def _check_size(data: bytes, limit: int) -> None:
+    if data is None or len(data) > limit:
+        raise _size_error(data, limit)
+
+
+def _size_error(data: bytes | None, limit: int) -> DecodeError:
+    if data is None:
+        return DecodeError(ErrorKind.INVALID_JSON, "empty record (null value, a tombstone)")
+    return DecodeError(ErrorKind.OVERSIZED, f"payload of {len(data)} bytes exceeds the limit of {limit} bytes")
+
+
+def _explain(err: Exception, data: bytes) -> DecodeError:
+    """Work out the specific reason a payload failed (the slow path: failures only)."""
+    if isinstance(err, UnicodeDecodeError):
+        return DecodeError(ErrorKind.INVALID_UTF8, f"invalid UTF-8 at byte {err.start}")
+    message = str(err)
+    if isinstance(err, msgspec.ValidationError):
+        return _explain_validation(message)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return DecodeError(ErrorKind.INVALID_UTF8, f"invalid UTF-8 at byte {bad.start}")
+    found = _non_finite_constant(text)
+    if found is not None:
+        token, field = found
+        where = f"field {field!r}: " if field else ""
+        return DecodeError(
+            ErrorKind.NON_FINITE, f"{where}non-finite number {token} (JSON allows finite numbers only)", field
+        )
+    return DecodeError(ErrorKind.INVALID_JSON, message)
+
+
+def _explain_validation(message: str) -> DecodeError:
+    at = _AT.search(message)
+    field = at.group(1) if at else None
+    if field is None:
+        named = _NAMED.search(message)
+        field = named.group(1) if named else None
+    text = message[: at.start()] if at else message
+    where = f"field {field!r}: " if field else ""
+    if text.startswith("Object missing required field"):
+        return DecodeError(ErrorKind.MISSING_FIELD, f"missing required field {field!r}", field)
+    if text.startswith("Object contains unknown field"):
+        return DecodeError(ErrorKind.UNKNOWN_FIELD, f"unknown field {field!r}", field)
+    if text.startswith("Invalid enum value"):
+        return DecodeError(
+            ErrorKind.UNKNOWN_CATEGORY, f"{where}unknown category {text[len('Invalid enum value ') :]}", field
+        )
+    if text.startswith("Number out of range"):
+        return DecodeError(ErrorKind.NON_FINITE, f"{where}number too large to be finite", field)
+    if re.match(r"Expected `(int|float)` [<>]=", text):
+        if "1.7976931348623157e+308" in text:
+            return DecodeError(ErrorKind.NON_FINITE, f"{where}number too large to be finite", field)
+        return DecodeError(ErrorKind.OUT_OF_RANGE, f"{where}{_lower(text)}", field)
+    if text.startswith("Expected") or text.startswith("Invalid RFC3339"):
+        return DecodeError(ErrorKind.WRONG_TYPE, f"{where}{_lower(text)}", field)
+    return DecodeError(ErrorKind.INVALID, f"{where}{text}", field)
+
+
+def _lower(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _non_finite_constant(text: str) -> tuple[str, str | None] | None:
+    """The first NaN/Infinity token (Python's json writes them; strict JSON has none) and its field."""
+    found: list[str] = []
+    marker = object()
+
+    def constant(token: str) -> object:
+        found.append(token)
+        return marker
+
+    try:
+        parsed = json.loads(text, parse_constant=constant)
+    except ValueError:
+        return None
+    if not found:
+        return None
+    fields = [k for k, v in parsed.items() if v is marker] if isinstance(parsed, dict) else []
+    return found[0], (fields[0] if fields else None)

@@ -1,0 +1,52 @@
+"""Topic names: one namespace per pipeline, `<pipeline>.<topic>` (DESIGN.md, "Topics and events")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TOPICS", "Topics"]
+
+TOPICS = ("records", "predictions", "labels", "drift", "retrain", "models", "dlq")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics of one pipeline namespace; tests give each test its own namespace."""
+
+    namespace: str
+
+    def name(self, topic: str) -> str:
+        if topic not in TOPICS:
+            raise ValueError(f"unknown topic {topic!r}; known: {', '.join(TOPICS)}")
+        return f"{self.namespace}.{topic}"
+
+    def all(self) -> tuple[str, ...]:
+        return tuple(self.name(t) for t in TOPICS)
+
+    @property
+    def records(self) -> str:
+        return self.name("records")
+
+    @property
+    def predictions(self) -> str:
+        return self.name("predictions")
+
+    @property
+    def labels(self) -> str:
+        return self.name("labels")
+
+    @property
+    def drift(self) -> str:
+        return self.name("drift")
+
+    @property
+    def retrain(self) -> str:
+        return self.name("retrain")
+
+    @property
+    def models(self) -> str:
+        return self.name("models")
+
+    @property
+    def dlq(self) -> str:
+        return self.name("dlq")

@@ -1,0 +1,147 @@
+"""Pipeline configs: the demo loads, the environment overrides, and every error says where and what."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from streams.config import PipelineConfig, load_config, parse_config
+from streams.errors import ConfigError
+from tests.conftest import DEMO
+
+
+def demo_with(**changes: object) -> str:
+    """The demo YAML with some keys replaced (dotted paths; None deletes the key)."""
+    data = yaml.safe_load(DEMO.read_text())
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = data
+        for parent in parents:
+            node = node[parent]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
+    return yaml.safe_dump(data)
+
+
+def error_for(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="pipeline.yaml", env={})
+    return caught.value
+
+
+def test_demo_config_loads_into_frozen_dataclasses(demo_config: PipelineConfig) -> None:
+    assert demo_config.name == "demo"
+    assert demo_config.kafka.embedded and demo_config.kafka.partitions == 4
+    assert demo_config.schema.label.classes == ("no", "yes")
+    assert demo_config.schema.feature("plan").categories[0] == "basic"
+    assert demo_config.schema.feature("tenure_months").type == "int"
+    with pytest.raises(AttributeError):
+        demo_config.name = "other"  # type: ignore[misc]
+
+
+def test_environment_overrides_connection_settings() -> None:
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka-1:9092,kafka-2:9092",
+        "RAY_ADDRESS": "ray://head:10001",
+        "MLFLOW_TRACKING_URI": "postgresql://mlflow@db/mlflow",
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_SASL_USERNAME": "svc",
+        "KAFKA_SASL_PASSWORD": "s3cret",
+    }
+    config = parse_config(demo_with(kafka__sasl_mechanism="SCRAM-SHA-512"), env=env)
+    assert config.kafka.bootstrap_servers == "kafka-1:9092,kafka-2:9092"
+    assert config.ray.address == "ray://head:10001"
+    assert config.mlflow.tracking_uri == "postgresql://mlflow@db/mlflow"
+    assert config.kafka.security_protocol == "SASL_SSL"
+    assert (config.kafka.sasl_username, config.kafka.sasl_password) == ("svc", "s3cret")
+    assert "s3cret" not in repr(config)
+
+
+def test_secrets_are_refused_in_the_file() -> None:
+    err = error_for(demo_with(kafka__sasl_password="hunter2"))
+    assert err.key == "kafka.sasl_password"
+    assert "secrets come from the environment" in str(err)
+
+
+def test_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: <file>: expected an existing YAML file"):
+        load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_invalid_yaml_names_line_and_column() -> None:
+    err = error_for("name: demo\nschema: [unclosed\n")
+    assert err.file == "pipeline.yaml"
+    assert err.key.startswith("<line ")
+    assert "valid YAML" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "expected", "found"),
+    [
+        ({"kafka__partitions": "four"}, "kafka.partitions", "an integer", "'four' (str)"),
+        ({"kafka__partitions": 0}, "kafka.partitions", "an integer >= 1", "0 (int)"),
+        ({"kafka__partitions": True}, "kafka.partitions", "an integer", "True (bool)"),
+        (
+            {"kafka__consumer__auto_offset_reset": "middle"},
+            "kafka.consumer.auto_offset_reset",
+            "one of ['earliest', 'latest']",
+            "'middle'",
+        ),
+        ({"kafka__colour": "blue"}, "kafka.colour", "one of [", "<unknown key>"),
+        ({"schema__label": None}, "schema.label", "a mapping for LabelSpec", "<missing>"),
+        ({"schema__label__classes": ["only"]}, "schema.label.classes", "at least two classes", "['only']"),
+        (
+            {"schema__features__monthly_charges__min": 500},
+            "schema.features.monthly_charges.max",
+            "greater than min",
+            "400.0",
+        ),
+        (
+            {"schema__features__plan__categories": ["a"]},
+            "schema.features.plan.categories",
+            "at least two categories",
+            "['a']",
+        ),
+        (
+            {"schema__features__plan__type": "text"},
+            "schema.features.plan.type",
+            "one of ['float', 'int', 'bool', 'category']",
+            "'text'",
+        ),
+        (
+            {"schema__features__monthly_charges__max": "lots"},
+            "schema.features.monthly_charges.max",
+            "a finite number",
+            "'lots'",
+        ),
+        ({"schema__features__autopay": [1, 2]}, "schema.features.autopay", "a mapping for Feature", "[1, 2]"),
+        ({"schema__entity_id": "region"}, "schema.features", "distinct names", "'region'"),
+        ({"generator__drift_features": ["nope"]}, "generator.drift_features", "names of features", "'nope'"),
+        ({"name": "has spaces"}, "name", "letters, digits", "'has spaces'"),
+        ({"kafka__security_protocol": "SASL_SSL"}, "kafka.sasl_mechanism", "a mechanism", "None"),
+    ],
+)
+def test_every_error_names_file_key_expected_and_found(
+    changes: dict[str, object], key: str, expected: str, found: str
+) -> None:
+    err = error_for(demo_with(**changes))
+    assert err.file == "pipeline.yaml"
+    assert err.key == key
+    assert expected in err.expected
+    assert str(err).startswith(f"pipeline.yaml: {key}: expected ")
+    assert found in str(err)
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    err = error_for("- just\n- a list\n")
+    assert err.key == "<top level>"
+    assert "a mapping for PipelineConfig" in str(err)
+
+
+def test_bad_security_protocol_from_the_environment() -> None:
+    with pytest.raises(ConfigError, match=r"\$KAFKA_SECURITY_PROTOCOL: kafka.security_protocol"):
+        parse_config(DEMO.read_text(), env={"KAFKA_SECURITY_PROTOCOL": "CARRIER_PIGEON"})

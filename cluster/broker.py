@@ -43,7 +43,7 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 15.0, process: subprocess.
         if process is not None and process.poll() is not None:
             raise BrokerError(f"the broker exited with status {process.returncode} before it was ready")
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000, bootstrap_timeout_ms=1000)
         except (KafkaError, OSError) as err:
             last = err
             time.sleep(0.05)

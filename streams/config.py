@@ -99,6 +99,7 @@ class KafkaSettings:
     partitions: int = 4
     replication_factor: int = 1
     max_record_bytes: int = 1024 * 1024
+    connect_timeout_ms: int = 10_000
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     ssl_cafile: str | None = None
@@ -114,7 +115,7 @@ class KafkaSettings:
     def problems(self) -> Iterator[Problem]:
         if not self.bootstrap_servers.strip():
             yield "bootstrap_servers", "host:port[,host:port...] or 'embedded'", self.bootstrap_servers
-        for name in ("partitions", "replication_factor"):
+        for name in ("partitions", "replication_factor", "connect_timeout_ms"):
             if getattr(self, name) < 1:
                 yield name, "an integer >= 1", getattr(self, name)
         if not 1024 <= self.max_record_bytes <= 64 * 1024 * 1024:

@@ -53,6 +53,7 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bootstrap_servers": [s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()],
         "security_protocol": kafka.security_protocol,
+        "bootstrap_timeout_ms": kafka.connect_timeout_ms,
     }
     if kafka.sasl_mechanism:
         options["sasl_mechanism"] = kafka.sasl_mechanism
@@ -180,7 +181,10 @@ class Producer:
         try:
             self.flush(timeout_s)
         finally:
-            self._producer.close(timeout=timeout_s)
+            try:
+                self._producer.close(timeout=timeout_s)
+            except KafkaError as err:  # the flush error (if any) is the one that matters
+                log.warning("producer did not close cleanly: %s", err)
 
     def __enter__(self) -> Producer:
         return self
@@ -299,7 +303,10 @@ class StreamConsumer:
         return self._stop.is_set()
 
     def run(self, max_records: int | None = None, idle_timeout_s: float | None = None) -> ConsumerStats:
-        """Consume until stopped, until `max_records` were polled, or until idle for `idle_timeout_s`."""
+        """Consume until stopped, until `max_records` were polled, or until idle for `idle_timeout_s`.
+
+        Idle time counts only while partitions are assigned, so a slow group join is not idleness.
+        """
         settings = self.kafka.consumer
         last_data = time.monotonic()
         try:
@@ -311,7 +318,9 @@ class StreamConsumer:
                     budget = min(budget, max_records - self.stats.polled)
                 polled = self._consumer.poll(timeout_ms=settings.poll_timeout_ms, max_records=budget)
                 if not polled:
-                    if idle_timeout_s is not None and time.monotonic() - last_data >= idle_timeout_s:
+                    if not self._consumer.assignment():
+                        last_data = time.monotonic()  # still joining the group: not idle yet
+                    elif idle_timeout_s is not None and time.monotonic() - last_data >= idle_timeout_s:
                         break
                     continue
                 last_data = time.monotonic()

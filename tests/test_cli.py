@@ -1,0 +1,152 @@
+"""The `driftloop` command: real processes, the real broker, bad input answered without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.broker import wait_for_kafka
+from streams.config import PipelineConfig
+from tests.conftest import DEMO, ROOT
+
+DRIFTLOOP = [sys.executable, "-m", "cluster"]
+
+
+def driftloop(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    return subprocess.run(
+        [*DRIFTLOOP, *args], cwd=ROOT, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def config_file(tmp_path: Path, config: PipelineConfig) -> Path:
+    """The demo config renamed to this test's namespace."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(DEMO.read_text().replace("name: demo", f"name: {config.name}"))
+    return path
+
+
+@pytest.mark.parametrize("command", ["", "broker", "produce", "consume", "run"])
+def test_help(command: str) -> None:
+    result = driftloop(*([command] if command else []), "--help")
+    assert result.returncode == 0
+    assert "usage: driftloop" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["produce", "--config", "configs/demo.yaml", "--records", "-5"], "expected an integer > 0, found '-5'"),
+        (["produce", "--config", "configs/demo.yaml", "--records", "10", "--scenario", "sideways"], "invalid choice"),
+        (["produce", "--config", "configs/demo.yaml", "--records", "10", "--bad-fraction", "2"], "between 0 and 1"),
+        (["produce", "--records", "10"], "--config"),
+        (["broker", "--port", "70000"], "a port number"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2_without_traceback(args: list[str], message: str) -> None:
+    result = driftloop(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_errors_exit_2_and_name_the_problem(tmp_path: Path) -> None:
+    missing = driftloop("produce", "--config", str(tmp_path / "none.yaml"), "--records", "1")
+    assert missing.returncode == 2
+    assert "none.yaml: <file>: expected an existing YAML file" in missing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEMO.read_text().replace("partitions: 4", "partitions: many"))
+    result = driftloop("consume", "--config", str(bad))
+    assert result.returncode == 2
+    assert "bad.yaml: kafka.partitions: expected an integer, found 'many' (str)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_without_a_broker_the_message_says_how_to_get_one() -> None:
+    result = driftloop("produce", "--config", "configs/demo.yaml", "--records", "1")
+    assert result.returncode == 1
+    assert "driftloop broker" in result.stderr and "KAFKA_BOOTSTRAP_SERVERS" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_broker_is_a_clear_error() -> None:
+    from cluster.broker import free_port
+
+    env = {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    result = driftloop("produce", "--config", "configs/demo.yaml", "--records", "1", env=env, timeout=180)
+    assert result.returncode == 1
+    assert "cannot reach Kafka at 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.integration
+def test_broker_command_serves_kafka_and_stops_on_sigterm(tmp_path: Path) -> None:
+    log_file = tmp_path / "tansu.log"
+    process = subprocess.Popen(
+        [*DRIFTLOOP, "broker", "--log-file", str(log_file)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        assert line.startswith("KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:")
+        bootstrap = line.split("=", 1)[1]
+        wait_for_kafka(bootstrap, timeout_s=5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+    assert log_file.exists()
+    with pytest.raises(Exception, match="no Kafka broker answered"):
+        wait_for_kafka(bootstrap, timeout_s=1)  # the Tansu child went with it
+
+
+@pytest.mark.integration
+def test_produce_then_consume_with_drift_labels_and_bad_records(
+    config: PipelineConfig, broker: str, tmp_path: Path
+) -> None:
+    path = config_file(tmp_path, config)
+    env = {"KAFKA_BOOTSTRAP_SERVERS": broker}
+    produced = driftloop(
+        "produce", "--config", str(path), "--records", "500", "--drift-at", "250", "--scenario", "concept",
+        "--seed", "3", "--label-delay", "50", "--bad-fraction", "0.05", env=env,
+    )  # fmt: skip
+    assert produced.returncode == 0, produced.stderr
+    assert "sent 500 records" in produced.stdout and "labels: 500" in produced.stdout
+    bad = int(produced.stdout.rsplit("malformed on purpose: ", 1)[1].split(";")[0])
+    assert bad > 0
+
+    consumed = driftloop("consume", "--config", str(path), "--idle-timeout", "3", "--print", env=env)
+    assert consumed.returncode == 0, consumed.stderr
+    lines = consumed.stdout.splitlines()
+    assert len(lines) == 500 - bad
+    assert all(json.loads(line)["churned"] in ("no", "yes") for line in lines)
+    summary = json.loads(consumed.stderr.strip().splitlines()[-1])
+    assert summary["polled"] == 500 and summary["dead_lettered"] == bad
+    assert sum(summary["committed"].values()) == 500
+
+    again = driftloop("consume", "--config", str(path), "--idle-timeout", "2", env=env)
+    assert json.loads(again.stdout)["polled"] == 0, "the group resumes after its committed offsets"
+
+
+@pytest.mark.integration
+def test_run_streams_validates_and_reports_what_is_not_built_yet(tmp_path: Path) -> None:
+    result = driftloop("run", "configs/demo.yaml", "--records", "2000", "--run-dir", str(tmp_path / "run"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "[broker] embedded Tansu at 127.0.0.1:" in out
+    assert "[produce] 2000 records (covariate drift from record 1000)" in out
+    assert "Not built yet" in out
+    assert (tmp_path / "run" / "broker.log").exists()

@@ -240,6 +240,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cluster.pipeline import run_pipeline
 
     config = load_config(args.config)
+    if not args.verbose:  # the run prints its own DLQ summary
+        logging.getLogger("streams.kafka").setLevel(logging.ERROR)
     run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     return run_pipeline(config, run_dir, records=args.records, scenario=args.scenario, seed=args.seed)
 

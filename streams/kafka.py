@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from streams.config import KafkaSettings
@@ -96,10 +97,11 @@ class Producer:
     """An idempotent producer (`acks="all"`) with a bounded buffer and a clean flush.
 
     At most `producer.buffer_bytes` of payload wait for acknowledgement: `send` blocks when
-    the buffer is full and raises `BrokerError` after `max_block_ms`, so a dead broker
-    never grows memory without bound. Delivery failures are counted; `flush` raises if any
-    send since the last flush failed, so a caller never believes a record was written when
-    it was not.
+    the buffer is full and raises `BrokerError` after `max_block_ms`, so a dead broker never
+    grows memory without bound. Delivery failures are counted; `flush` raises if any send
+    since the last flush failed, so a caller never believes a record was written when it
+    was not. The accounting runs in the sending thread (no per-record callbacks), under a
+    lock, so one producer may be shared by threads.
     """
 
     def __init__(self, kafka: KafkaSettings, client_id: str = "driftloop") -> None:
@@ -123,8 +125,9 @@ class Producer:
         self.sent = 0
         self.failed = 0
         self._pending_bytes = 0
+        self._inflight: deque[tuple[Any, int]] = deque()  # (future, bytes), oldest first
         self._failures: list[BaseException] = []
-        self._room = threading.Condition()
+        self._lock = threading.Lock()
 
     def send(
         self,
@@ -133,38 +136,50 @@ class Producer:
         key: str | bytes | None = None,
         headers: Sequence[tuple[str, bytes]] = (),
     ) -> Any:
-        size = len(value) + (len(key) if key else 0)
-        with self._room:
-            full = self._pending_bytes > 0 and self._pending_bytes + size > self.buffer_bytes
-            if full and not self._room.wait_for(
-                lambda: self._pending_bytes + size <= self.buffer_bytes, self.max_block_s
-            ):
-                raise BrokerError(
-                    f"producer buffer full ({self._pending_bytes} bytes unacknowledged for "
-                    f"{self.max_block_s:.0f}s): is the broker reachable?"
-                )
-            self._pending_bytes += size
         raw_key = key.encode() if isinstance(key, str) else key
-        try:
-            future = self._producer.send(topic, value=value, key=raw_key, headers=list(headers) or None)
-        except KafkaError as err:
-            self._done(size, err)
-            raise BrokerError(f"cannot send to {topic}: {err}") from err
-        future.add_both(self._done, size)
-        self.sent += 1
+        size = len(value) + (len(raw_key) if raw_key else 0)
+        with self._lock:
+            if self._pending_bytes + size > self.buffer_bytes:
+                self._make_room(size)
+            try:
+                future = self._producer.send(topic, value=value, key=raw_key, headers=list(headers) or None)
+            except KafkaError as err:
+                raise BrokerError(f"cannot send to {topic}: {err}") from err
+            self._inflight.append((future, size))
+            self._pending_bytes += size
+            self.sent += 1
         return future
 
     def send_event(self, topic: str, event: Event) -> Any:
         return self.send(topic, encode_event(event), key=event.key())
 
-    def _done(self, size: int, result: Any) -> None:
-        with self._room:
-            self._pending_bytes -= size
-            if isinstance(result, BaseException):
-                self.failed += 1
-                if len(self._failures) < 10:
-                    self._failures.append(result)
-            self._room.notify_all()
+    def _make_room(self, size: int) -> None:
+        """Retire acknowledged sends, oldest first, waiting for them up to `max_block_ms`."""
+        deadline = time.monotonic() + self.max_block_s
+        while self._inflight and self._pending_bytes + size > self.buffer_bytes:
+            future, _ = self._inflight[0]
+            if not future.is_done:
+                remaining = deadline - time.monotonic()
+                try:
+                    if remaining <= 0:
+                        raise KafkaTimeoutError()
+                    future.get(timeout=remaining)
+                except KafkaTimeoutError:
+                    raise BrokerError(
+                        f"producer buffer full ({self._pending_bytes} bytes unacknowledged for "
+                        f"{self.max_block_s:.0f}s): is the broker reachable?"
+                    ) from None
+                except KafkaError:
+                    pass  # a failed send: counted by _retire
+            self._retire()
+
+    def _retire(self) -> None:
+        future, size = self._inflight.popleft()
+        self._pending_bytes -= size
+        if future.failed():
+            self.failed += 1
+            if len(self._failures) < 10:
+                self._failures.append(future.exception)
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until everything sent so far is acknowledged; raise if anything failed."""
@@ -172,7 +187,9 @@ class Producer:
             self._producer.flush(timeout=timeout_s)
         except KafkaError as err:
             raise BrokerError(f"flush did not complete: {err}") from err
-        with self._room:
+        with self._lock:
+            while self._inflight and self._inflight[0][0].is_done:
+                self._retire()
             failures, self._failures = self._failures, []
         if failures:
             raise BrokerError(f"{len(failures)}+ records were not delivered; first error: {failures[0]!r}")
@@ -184,7 +201,13 @@ class Producer:
             try:
                 self._producer.close(timeout=timeout_s)
             except KafkaError as err:  # the flush error (if any) is the one that matters
-                log.warning("producer did not close cleanly: %s", err)
+                log.warning("producer did not close cleanly, closing it by force: %s", err)
+                # kafka-python's close() raises from its own flush before it force-closes the
+                # sender, which would leave the sender thread running; finish the job here.
+                sender = getattr(self._producer, "_sender", None)
+                if sender is not None:
+                    sender.force_close()
+                self._producer._closed = True
 
     def __enter__(self) -> Producer:
         return self
@@ -356,8 +379,10 @@ class StreamConsumer:
     def _dead_letter(self, dead: list[tuple[Any, DecodeError]]) -> None:
         if self._producer is None or self.dlq_topic is None:
             raise BrokerError(f"{len(dead)} records failed to decode and this consumer has no DLQ topic")
+        kinds = Counter(error.kind.value for _, error in dead)
+        log.warning("%d records to %s: %s", len(dead), self.dlq_topic, dict(kinds))
         for record, error in dead:
-            log.warning("%s/%d@%d to DLQ: %s", record.topic, record.partition, record.offset, error)
+            log.info("%s/%d@%d to DLQ: %s", record.topic, record.partition, record.offset, error)
             headers = [(k, v) for k, v in (record.headers or []) if not k.startswith("driftloop.")]
             headers += [
                 (KIND_HEADER, error.kind.value.encode()),

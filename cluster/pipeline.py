@@ -9,6 +9,7 @@ monitor/controller that close the loop are the next issues; the summary says so.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 from collections import Counter
@@ -52,8 +53,6 @@ def kafka_for(config: PipelineConfig, run_dir: Path) -> Iterator[PipelineConfig]
     if not config.kafka.embedded:
         yield config
         return
-    import dataclasses
-
     with EmbeddedBroker(log_file=run_dir / "broker.log") as broker:
         print(f"[broker] embedded Tansu at {broker.bootstrap} (log: {run_dir / 'broker.log'})")
         yield dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=broker.bootstrap))

@@ -87,7 +87,7 @@ def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], partitions: int |
         for described in admin.describe_topics([n for n in wanted if n not in created]):
             have = len(described.get("partitions") or [])
             if have and have != count:
-                log.warning("topic %s has %d partitions, the config asks for %d", described["topic"], have, count)
+                log.warning("topic %s has %d partitions, the config asks for %d", described["name"], have, count)
     finally:
         admin.close()
     return created
@@ -300,12 +300,16 @@ class StreamConsumer:
             )
         except KafkaError as err:
             raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}") from err
-        if group_id is None:
-            parts = [TopicPartition(t, p) for t in self.topics for p in sorted(self._partitions(t))]
-            self._consumer.assign(parts)
-            self._consumer.seek_to_beginning(*parts)
-        else:
-            self._consumer.subscribe(self.topics)
+        try:
+            if group_id is None:
+                parts = [TopicPartition(t, p) for t in self.topics for p in sorted(self._partitions(t))]
+                self._consumer.assign(parts)
+                self._consumer.seek_to_beginning(*parts)
+            else:
+                self._consumer.subscribe(self.topics)
+        except BaseException:
+            self.close()
+            raise
 
     def _partitions(self, topic: str) -> set[int]:
         deadline = time.monotonic() + 10

@@ -61,6 +61,16 @@ def test_ensure_topics_is_idempotent(config: PipelineConfig) -> None:
         consumer.close()
 
 
+def test_an_existing_topic_with_other_partitions_is_reported(
+    config: PipelineConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"{config.name}.odd"
+    assert ensure_topics(config.kafka, [name], partitions=2) == [name]
+    with caplog.at_level("WARNING", logger="streams.kafka"):
+        assert ensure_topics(config.kafka, [name]) == []
+    assert f"topic {name} has 2 partitions, the config asks for 4" in caplog.text
+
+
 def test_every_event_type_round_trips_through_the_broker(config: PipelineConfig, topics: Topics) -> None:
     events = sample_events()
     with Producer(config.kafka) as producer:

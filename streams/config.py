@@ -23,7 +23,11 @@ from streams.errors import ConfigError
 
 __all__ = [
     "ConsumerSettings",
+    "DatasetSettings",
+    "Derived",
     "Feature",
+    "FeatureSettings",
+    "FeatureTransform",
     "GeneratorSettings",
     "KafkaSettings",
     "LabelSpec",
@@ -32,11 +36,13 @@ __all__ = [
     "ProducerSettings",
     "RaySettings",
     "RecordSchema",
+    "Step",
     "load_config",
     "parse_config",
 ]
 
 EMBEDDED = "embedded"
+RESERVED_COLUMNS = ("topic", "partition", "offset", "timestamp")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _NOT_FROM_YAML = {"yaml": False}
@@ -211,6 +217,9 @@ class RecordSchema:
         for key in ("record_id", "entity_id", "timestamp"):
             if not _FIELD.match(getattr(self, key)):
                 yield key, "an identifier (letters, digits, _)", getattr(self, key)
+        for name in self.columns:
+            if name in RESERVED_COLUMNS:
+                yield "features", f"no column named {name!r} (reserved for Kafka metadata)", name
         seen: set[str] = set()
         for name in self.columns:
             if name in seen:
@@ -240,6 +249,123 @@ class GeneratorSettings:
 
 
 @dataclass(frozen=True)
+class DatasetSettings:
+    """Where versioned datasets live and how ingestion reads Kafka."""
+
+    root: str = "runs/datasets"
+    max_records_per_task: int = 250_000
+    read_timeout_s: float = 30.0
+
+    def problems(self) -> Iterator[Problem]:
+        if not self.root.strip():
+            yield "root", "a local path or a filesystem URI", self.root
+        if self.max_records_per_task < 1:
+            yield "max_records_per_task", "an integer >= 1", self.max_records_per_task
+        if self.read_timeout_s <= 0:
+            yield "read_timeout_s", "a number > 0", self.read_timeout_s
+
+
+STATELESS_STEPS = ("clip", "log1p")
+STATEFUL_STEPS = ("standardize", "minmax", "bucketize", "one_hot", "hash")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One transform step: `standardize`, or `{clip: {min: 0, max: 72}}` in YAML."""
+
+    op: Literal["clip", "log1p", "standardize", "minmax", "bucketize", "one_hot", "hash", "drop"]
+    min: float | None = None
+    max: float | None = None
+    boundaries: tuple[float, ...] = ()
+    quantiles: int | None = None
+    buckets: int | None = None
+    max_categories: int | None = None
+
+    @staticmethod
+    def normalize(value: Any) -> Any:
+        if isinstance(value, str):
+            return {"op": value}
+        if isinstance(value, dict) and len(value) == 1 and "op" not in value:
+            ((op, params),) = value.items()
+            return {"op": op, **(params or {})} if isinstance(params, dict) or params is None else value
+        return value
+
+    def problems(self) -> Iterator[Problem]:
+        allowed = {
+            "clip": {"min", "max"},
+            "bucketize": {"boundaries", "quantiles"},
+            "hash": {"buckets"},
+            "one_hot": {"max_categories"},
+        }.get(self.op, set())
+        for name in ("min", "max", "quantiles", "buckets", "max_categories"):
+            if getattr(self, name) is not None and name not in allowed:
+                yield name, f"no {name} on a {self.op} step", getattr(self, name)
+        if self.boundaries and "boundaries" not in allowed:
+            yield "boundaries", f"no boundaries on a {self.op} step", list(self.boundaries)
+        if self.op == "clip" and self.min is None and self.max is None:
+            yield "clip", "min, max or both", None
+        if self.op == "bucketize":
+            if bool(self.boundaries) == (self.quantiles is not None):
+                yield "bucketize", "either boundaries or quantiles", None
+            if list(self.boundaries) != sorted(set(self.boundaries)):
+                yield "boundaries", "increasing numbers", list(self.boundaries)
+            if self.quantiles is not None and not 2 <= self.quantiles <= 100:
+                yield "quantiles", "an integer between 2 and 100", self.quantiles
+        if self.op == "hash" and (self.buckets is None or not 2 <= self.buckets <= 4096):
+            yield "buckets", "an integer between 2 and 4096", self.buckets
+        if self.max_categories is not None and self.max_categories < 1:
+            yield "max_categories", "an integer >= 1", self.max_categories
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A feature computed from two numeric ones before any transform."""
+
+    name: str
+    op: Literal["ratio", "product", "difference", "sum"]
+    inputs: tuple[str, ...]
+
+    def problems(self) -> Iterator[Problem]:
+        if not _FIELD.match(self.name):
+            yield "name", "an identifier (letters, digits, _)", self.name
+        if len(self.inputs) != 2:
+            yield "inputs", "two feature names", list(self.inputs)
+
+
+@dataclass(frozen=True)
+class FeatureTransform:
+    """The steps applied to one input (a schema feature or a derived one)."""
+
+    name: str
+    steps: tuple[Step, ...] = ()
+
+    @staticmethod
+    def normalize(value: Any) -> Any:
+        return {"steps": value} if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """Feature engineering, declared once and used identically in training and serving.
+
+    Inputs not named in `transforms` get a default: numbers are standardized, categories
+    one-hot encoded, booleans become 0/1.
+    """
+
+    transforms: tuple[FeatureTransform, ...] = field(default=(), metadata={"keyed_by": "name"})
+    derived: tuple[Derived, ...] = field(default=(), metadata={"keyed_by": "name"})
+
+    def problems(self) -> Iterator[Problem]:
+        for transform in self.transforms:
+            ops = [s.op for s in transform.steps]
+            stateful = [i for i, op in enumerate(ops) if op in STATEFUL_STEPS]
+            if stateful and stateful != [len(ops) - 1]:
+                yield f"transforms.{transform.name}", "at most one fitted step, and it last", ops
+            if "drop" in ops and ops != ["drop"]:
+                yield f"transforms.{transform.name}", "drop alone", ops
+
+
+@dataclass(frozen=True)
 class RaySettings:
     """Where Ray is: None starts or joins a local instance."""
 
@@ -261,6 +387,8 @@ class PipelineConfig:
     schema: RecordSchema
     kafka: KafkaSettings = KafkaSettings()
     generator: GeneratorSettings = GeneratorSettings()
+    features: FeatureSettings = FeatureSettings()
+    datasets: DatasetSettings = DatasetSettings()
     ray: RaySettings = RaySettings()
     mlflow: MlflowSettings = MlflowSettings()
     source: str = field(default="<memory>", metadata=_NOT_FROM_YAML, compare=False)
@@ -271,6 +399,28 @@ class PipelineConfig:
         for name in self.generator.drift_features:
             if name not in self.schema.feature_names:
                 yield "generator.drift_features", f"names of features ({', '.join(self.schema.feature_names)})", name
+        kinds = {f.name: f.type for f in self.schema.features}
+        for derived in self.features.derived:
+            if derived.name in kinds:
+                yield f"features.derived.{derived.name}", "a name that is not a schema column", derived.name
+            for name in derived.inputs:
+                if kinds.get(name) not in ("int", "float"):
+                    yield f"features.derived.{derived.name}.inputs", "names of numeric features", name
+            kinds[derived.name] = "float"
+        for transform in self.features.transforms:
+            kind = kinds.get(transform.name)
+            if kind is None:
+                yield (
+                    f"features.transforms.{transform.name}",
+                    f"a feature or derived name ({', '.join(kinds)})",
+                    transform.name,
+                )
+            for step in transform.steps:
+                numeric_only = step.op in ("clip", "log1p", "standardize", "minmax", "bucketize")
+                if numeric_only and kind not in ("int", "float"):
+                    yield f"features.transforms.{transform.name}", f"no {step.op} on a {kind} feature", step.op
+                if step.op in ("one_hot", "hash") and kind != "category":
+                    yield f"features.transforms.{transform.name}", f"no {step.op} on a {kind} feature", step.op
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -386,6 +536,9 @@ def _build(tp: Any, value: Any, key: str, source: str) -> Any:
 def _build_dataclass(tp: Any, value: Any, key: str, source: str) -> Any:
     if value is None:
         value = {}
+    normalize = getattr(tp, "normalize", None)
+    if normalize is not None:
+        value = normalize(value)
     if not isinstance(value, dict):
         raise ConfigError(source, key or "<top level>", f"a mapping for {tp.__name__}", value)
     hints = typing.get_type_hints(tp)
@@ -421,6 +574,9 @@ def _build_keyed(tp: Any, value: Any, keyed_by: str, key: str, source: str) -> t
     items = []
     for name, spec in value.items():
         sub = _join(key, str(name))
+        normalize = getattr(item_type, "normalize", None)
+        if normalize is not None:
+            spec = normalize(spec)
         if spec is not None and not isinstance(spec, dict):
             raise ConfigError(source, sub, f"a mapping for {item_type.__name__}", spec)
         items.append(_build(item_type, {keyed_by: name, **(spec or {})}, sub, source))

@@ -5,7 +5,8 @@ DriftloopError
 ├── ConfigError          a pipeline config is missing, unreadable or invalid
 ├── DecodeError          a record or event could not be decoded (carries an ErrorKind)
 ├── BrokerError          the Kafka broker could not be started or reached
-└── HandlerFailed        a consumer's handler kept failing after its retries
+├── HandlerFailed        a consumer's handler kept failing after its retries
+└── IncompleteRead       an offset range could not be read in full (never a silent short read)
 ```
 
 `RetryableError` is raised *by handlers* to mark a transient failure that the consumer
@@ -75,6 +76,10 @@ class BrokerError(DriftloopError):
 
 class RetryableError(DriftloopError):
     """Raised by a consumer handler for a transient failure worth retrying."""
+
+
+class IncompleteRead(DriftloopError):
+    """An offset range could not be read in full; the message names the partition and offsets."""
 
 
 class HandlerFailed(DriftloopError):

@@ -33,6 +33,7 @@ __all__ = [
     "Producer",
     "StreamConsumer",
     "client_options",
+    "dead_letter",
     "ensure_topics",
 ]
 
@@ -135,6 +136,7 @@ class Producer:
         value: bytes,
         key: str | bytes | None = None,
         headers: Sequence[tuple[str, bytes]] = (),
+        partition: int | None = None,
     ) -> Any:
         raw_key = key.encode() if isinstance(key, str) else key
         size = len(value) + (len(raw_key) if raw_key else 0)
@@ -142,7 +144,9 @@ class Producer:
             if self._pending_bytes + size > self.buffer_bytes:
                 self._make_room(size)
             try:
-                future = self._producer.send(topic, value=value, key=raw_key, headers=list(headers) or None)
+                future = self._producer.send(
+                    topic, value=value, key=raw_key, headers=list(headers) or None, partition=partition
+                )
             except KafkaError as err:
                 raise BrokerError(f"cannot send to {topic}: {err}") from err
             self._inflight.append((future, size))
@@ -214,6 +218,25 @@ class Producer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def dead_letter(producer: Producer, dlq_topic: str, dead: Sequence[tuple[Any, DecodeError]]) -> None:
+    """Send rejected records to the DLQ with their original bytes and reason headers; flush.
+
+    Returns only when the DLQ copies are acknowledged, so the caller may then move past them.
+    """
+    kinds = Counter(error.kind.value for _, error in dead)
+    log.warning("%d records to %s: %s", len(dead), dlq_topic, dict(kinds))
+    for record, error in dead:
+        log.info("%s/%d@%d to DLQ: %s", record.topic, record.partition, record.offset, error)
+        headers = [(k, v) for k, v in (record.headers or []) if not k.startswith("driftloop.")]
+        headers += [
+            (KIND_HEADER, error.kind.value.encode()),
+            (REASON_HEADER, str(error.message).encode("utf-8", "replace")),
+            (SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        ]
+        producer.send(dlq_topic, record.value if record.value is not None else b"", record.key, headers)
+    producer.flush()
 
 
 @dataclass(frozen=True)
@@ -383,18 +406,7 @@ class StreamConsumer:
     def _dead_letter(self, dead: list[tuple[Any, DecodeError]]) -> None:
         if self._producer is None or self.dlq_topic is None:
             raise BrokerError(f"{len(dead)} records failed to decode and this consumer has no DLQ topic")
-        kinds = Counter(error.kind.value for _, error in dead)
-        log.warning("%d records to %s: %s", len(dead), self.dlq_topic, dict(kinds))
-        for record, error in dead:
-            log.info("%s/%d@%d to DLQ: %s", record.topic, record.partition, record.offset, error)
-            headers = [(k, v) for k, v in (record.headers or []) if not k.startswith("driftloop.")]
-            headers += [
-                (KIND_HEADER, error.kind.value.encode()),
-                (REASON_HEADER, str(error.message).encode("utf-8", "replace")),
-                (SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode()),
-            ]
-            self._producer.send(self.dlq_topic, record.value if record.value is not None else b"", record.key, headers)
-        self._producer.flush()  # the DLQ copy is durable before the offsets move past it
+        dead_letter(self._producer, self.dlq_topic, dead)
         self.stats.dead_lettered += len(dead)
 
     def _handle(self, batch: Batch) -> None:

@@ -39,12 +39,28 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield running.bootstrap
 
 
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance (token auth on, as Ray 2.60 sets it) for the whole session."""
+    import ray
+
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS"),
+        num_cpus=None if os.environ.get("RAY_ADDRESS") else 2,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
-def config(demo_config: PipelineConfig, broker: str, request: pytest.FixtureRequest) -> PipelineConfig:
+def config(demo_config: PipelineConfig, broker: str, request: pytest.FixtureRequest, tmp_path: Path) -> PipelineConfig:
     """The demo config pointed at the session broker, in a namespace of this test's own."""
     name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60]
     kafka = dataclasses.replace(demo_config.kafka, bootstrap_servers=broker)
-    return dataclasses.replace(demo_config, name=f"t-{name}-{uuid.uuid4().hex[:8]}", kafka=kafka)
+    datasets = dataclasses.replace(demo_config.datasets, root=str(tmp_path / "datasets"), read_timeout_s=10.0)
+    return dataclasses.replace(demo_config, name=f"t-{name}-{uuid.uuid4().hex[:8]}", kafka=kafka, datasets=datasets)
 
 
 @pytest.fixture

@@ -1,0 +1,287 @@
+"""Feature engineering: declared once in the config, fitted with Ray Data, applied everywhere.
+
+`FeaturePipeline` is the compiled transform. It holds the plan (which step applies to which
+input, from the config) and the fitted statistics (means, quantiles, vocabularies), and maps
+a batch of columns to one float32 matrix. Training calls it on Ray Data batches
+(`map_batches`), serving on single records or lists of records (`transform_records`); both go
+through the same `transform` function, so they cannot disagree.
+
+The statistics are plain JSON (`to_json` / `from_json`) and are saved with each model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from streams.config import Derived, FeatureSettings, RecordSchema, Step
+
+__all__ = ["FeaturePipeline", "InputPlan", "fit_pipeline", "plan_inputs"]
+
+FORMAT_VERSION = 1
+OTHER = "__other__"
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """How one model input is made: its source, its stateless steps, and its fitted step."""
+
+    name: str
+    kind: str  # float, int, bool, category
+    derived: Derived | None
+    pre: tuple[Step, ...]
+    fitted: Step | None
+
+
+def plan_inputs(schema: RecordSchema, settings: FeatureSettings) -> list[InputPlan]:
+    """The config's transforms, with defaults for inputs it does not name."""
+    declared = {t.name: t.steps for t in settings.transforms}
+    inputs: list[tuple[str, str, Derived | None]] = [(f.name, f.type, None) for f in schema.features]
+    inputs += [(d.name, "float", d) for d in settings.derived]
+    plans = []
+    for name, kind, derived in inputs:
+        steps = declared.get(name)
+        if steps is None:
+            steps = {"category": (Step(op="one_hot"),), "bool": ()}.get(kind, (Step(op="standardize"),))
+        if any(s.op == "drop" for s in steps):
+            continue
+        fitted = (
+            steps[-1] if steps and steps[-1].op in ("standardize", "minmax", "bucketize", "one_hot", "hash") else None
+        )
+        pre = steps[:-1] if fitted is not None else steps
+        plans.append(InputPlan(name, kind, derived, tuple(pre), fitted))
+    return plans
+
+
+def _numeric(values: Any) -> np.ndarray:
+    """A float64 array; None becomes NaN."""
+    array = np.asarray(values)
+    if array.dtype == object:
+        array = np.array([np.nan if v is None else v for v in array], dtype=np.float64)
+    return array.astype(np.float64, copy=False)
+
+
+def _strings(values: Any) -> np.ndarray:
+    array = np.asarray(values, dtype=object)
+    return (
+        np.array(["" if v is None else str(v) for v in array], dtype=object)
+        if array.dtype == object
+        else array.astype(str).astype(object)
+    )
+
+
+def _apply_pre(plan: InputPlan, columns: Mapping[str, Any]) -> np.ndarray:
+    """The input's values after derivation and the stateless steps."""
+    if plan.derived is not None:
+        a, b = (_numeric(columns[n]) for n in plan.derived.inputs)
+        op = plan.derived.op
+        if op == "ratio":
+            x = np.divide(a, b, out=np.zeros_like(a), where=b != 0)
+        elif op == "product":
+            x = a * b
+        elif op == "difference":
+            x = a - b
+        else:
+            x = a + b
+    elif plan.kind in ("float", "int", "bool"):
+        x = _numeric(columns[plan.name])
+    else:
+        return _strings(columns[plan.name])
+    for step in plan.pre:
+        if step.op == "clip":
+            x = np.clip(x, -np.inf if step.min is None else step.min, np.inf if step.max is None else step.max)
+        elif step.op == "log1p":
+            x = np.log1p(np.maximum(x, 0.0))
+    return x
+
+
+def _one_hot(index: np.ndarray, width: int) -> np.ndarray:
+    out = np.zeros((len(index), width), dtype=np.float32)
+    out[np.arange(len(index)), index] = 1.0
+    return out
+
+
+def _hash_bucket(values: np.ndarray, buckets: int) -> np.ndarray:
+    uniques, inverse = np.unique(values, return_inverse=True)
+    codes = np.array([zlib.crc32(str(u).encode()) % buckets for u in uniques], dtype=np.int64)
+    return codes[inverse]
+
+
+class FeaturePipeline:
+    """The compiled transform: the plan plus fitted statistics (see the module docstring)."""
+
+    def __init__(self, schema: RecordSchema, settings: FeatureSettings, stats: Mapping[str, Mapping[str, Any]]) -> None:
+        self.schema = schema
+        self.settings = settings
+        self.plans = plan_inputs(schema, settings)
+        self.stats = {k: dict(v) for k, v in stats.items()}
+        missing = [p.name for p in _needs_stats(self.plans) if p.name not in self.stats]
+        if missing:
+            raise ValueError(f"no fitted statistics for {', '.join(missing)}")
+        self.output_names = [name for plan in self.plans for name in self._names(plan)]
+        self.classes = list(schema.label.classes)
+        self._class_index = {c: i for i, c in enumerate(self.classes)}
+
+    def _names(self, plan: InputPlan) -> list[str]:
+        step = plan.fitted
+        if step is None or step.op in ("standardize", "minmax"):
+            return [plan.name]
+        if step.op == "bucketize":
+            edges = self._boundaries(plan)
+            return [f"{plan.name}[bucket {i}]" for i in range(len(edges) + 1)]
+        if step.op == "hash":
+            return [f"{plan.name}[hash {i}]" for i in range(step.buckets or 0)]
+        return [f"{plan.name}={v}" for v in self.stats[plan.name]["vocabulary"]] + [f"{plan.name}={OTHER}"]
+
+    def _boundaries(self, plan: InputPlan) -> list[float]:
+        assert plan.fitted is not None
+        if plan.fitted.boundaries:
+            return list(plan.fitted.boundaries)
+        return list(self.stats[plan.name]["boundaries"])
+
+    @property
+    def width(self) -> int:
+        return len(self.output_names)
+
+    def transform(self, columns: Mapping[str, Any]) -> np.ndarray:
+        """A batch of columns (numpy arrays, lists, an Arrow table or a DataFrame) -> float32 (n, width)."""
+        parts = []
+        for plan in self.plans:
+            x = _apply_pre(plan, columns)
+            step = plan.fitted
+            if step is None:
+                parts.append(x.astype(np.float32)[:, None])
+            elif step.op == "standardize":
+                s = self.stats[plan.name]
+                parts.append(((x - s["mean"]) / (s["std"] or 1.0)).astype(np.float32)[:, None])
+            elif step.op == "minmax":
+                s = self.stats[plan.name]
+                parts.append(((x - s["min"]) / ((s["max"] - s["min"]) or 1.0)).astype(np.float32)[:, None])
+            elif step.op == "bucketize":
+                edges = self._boundaries(plan)
+                parts.append(_one_hot(np.searchsorted(edges, x, side="right"), len(edges) + 1))
+            elif step.op == "hash":
+                parts.append(_one_hot(_hash_bucket(x, step.buckets or 1), step.buckets or 1))
+            else:  # one_hot
+                vocabulary = self.stats[plan.name]["vocabulary"]
+                lookup = {v: i for i, v in enumerate(vocabulary)}
+                uniques, inverse = np.unique(x, return_inverse=True)
+                codes = np.array([lookup.get(u, len(vocabulary)) for u in uniques], dtype=np.int64)
+                parts.append(_one_hot(codes[inverse], len(vocabulary) + 1))
+        matrix = np.concatenate(parts, axis=1) if parts else np.zeros((0, 0), dtype=np.float32)
+        return np.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def transform_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Single records or a list of them (serving) through the very same `transform`."""
+        needed = {n for p in self.plans for n in ((p.derived.inputs if p.derived else ()) or (p.name,))}
+        columns = {name: np.array([r.get(name) for r in records], dtype=object) for name in needed}
+        return self.transform(columns)
+
+    def encode_labels(self, values: Any) -> np.ndarray:
+        """Class labels -> indices in the config's class order; an unknown label is an error."""
+        try:
+            return np.array([self._class_index[v] for v in np.asarray(values).tolist()], dtype=np.int64)
+        except KeyError as err:
+            raise ValueError(f"unknown label {err.args[0]!r}; classes are {self.classes}") from None
+
+    def batch_fn(self) -> Any:
+        """A function for `Dataset.map_batches(batch_format="numpy")`: columns -> {x, y}."""
+        label = self.schema.label.name
+
+        def to_model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            out = {"x": self.transform(batch)}
+            if label in batch:
+                out["y"] = self.encode_labels(batch[label])
+            return out
+
+        return to_model_inputs
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"format_version": FORMAT_VERSION, "outputs": self.output_names, "stats": self.stats}, sort_keys=True
+        )
+
+    @classmethod
+    def from_json(cls, text: str, schema: RecordSchema, settings: FeatureSettings) -> FeaturePipeline:
+        data = json.loads(text)
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"feature statistics format {data.get('format_version')!r} is not {FORMAT_VERSION}")
+        pipeline = cls(schema, settings, data["stats"])
+        if pipeline.output_names != data["outputs"]:
+            raise ValueError("the feature statistics were fitted for another feature config")
+        return pipeline
+
+
+def fit_pipeline(dataset: Any, schema: RecordSchema, settings: FeatureSettings) -> FeaturePipeline:
+    """Fit the statistics on a Ray Dataset with Ray Data aggregations, in one pass."""
+    from ray.data.aggregate import Max, Mean, Min, Quantile, Std, ValueCounter
+
+    plans = _needs_stats(plan_inputs(schema, settings))
+    if not plans:
+        return FeaturePipeline(schema, settings, {})
+
+    def prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {p.name: _apply_pre(p, batch) for p in plans}
+
+    aggregations: list[Any] = []
+    for plan in plans:
+        op = plan.fitted.op  # type: ignore[union-attr]
+        if op == "standardize":
+            aggregations += [
+                Mean(plan.name, alias_name=f"{plan.name}.mean"),
+                Std(plan.name, ddof=0, alias_name=f"{plan.name}.std"),
+            ]
+        elif op == "minmax":
+            aggregations += [
+                Min(plan.name, alias_name=f"{plan.name}.min"),
+                Max(plan.name, alias_name=f"{plan.name}.max"),
+            ]
+        elif op == "bucketize":
+            k = plan.fitted.quantiles or 4  # type: ignore[union-attr]
+            aggregations += [Quantile(plan.name, q=i / k, alias_name=f"{plan.name}.q{i}") for i in range(1, k)]
+        elif op == "one_hot":
+            aggregations.append(ValueCounter(plan.name, alias_name=f"{plan.name}.counts"))
+    result = dataset.map_batches(prepare, batch_format="numpy").aggregate(*aggregations)
+
+    stats: dict[str, dict[str, Any]] = {}
+    for plan in plans:
+        op = plan.fitted.op  # type: ignore[union-attr]
+        if op == "standardize":
+            stats[plan.name] = {
+                "mean": _finite(result[f"{plan.name}.mean"]),
+                "std": _finite(result[f"{plan.name}.std"], 1.0),
+            }
+        elif op == "minmax":
+            stats[plan.name] = {
+                "min": _finite(result[f"{plan.name}.min"]),
+                "max": _finite(result[f"{plan.name}.max"], 1.0),
+            }
+        elif op == "bucketize":
+            k = plan.fitted.quantiles or 4  # type: ignore[union-attr]
+            edges = sorted({_finite(result[f"{plan.name}.q{i}"]) for i in range(1, k)})
+            stats[plan.name] = {"boundaries": edges}
+        else:
+            counted = result[f"{plan.name}.counts"]
+            pairs = sorted(zip(counted["values"], counted["counts"], strict=True), key=lambda vc: (-vc[1], str(vc[0])))
+            limit = plan.fitted.max_categories or len(pairs)  # type: ignore[union-attr]
+            stats[plan.name] = {"vocabulary": [str(v) for v, _ in pairs[:limit]]}
+    return FeaturePipeline(schema, settings, stats)
+
+
+def _needs_stats(plans: Sequence[InputPlan]) -> list[InputPlan]:
+    """The inputs whose last step learns something from data (fixed buckets and hashing do not)."""
+    return [
+        p
+        for p in plans
+        if p.fitted is not None and p.fitted.op != "hash" and not (p.fitted.op == "bucketize" and p.fitted.boundaries)
+    ]
+
+
+def _finite(value: Any, default: float = 0.0) -> float:
+    return float(value) if value is not None and math.isfinite(float(value)) else default

@@ -1,0 +1,306 @@
+"""The dataset store: versioned Parquet datasets, each traceable to exact Kafka offsets.
+
+Layout under the root (a local path or any filesystem URI pyarrow or fsspec understands):
+
+```
+<root>/<pipeline>/versions/<version_id>/manifest.json        written last: the version exists
+<root>/<pipeline>/versions/<version_id>/<attempt>/p<partition>-<start>-<end>.parquet
+```
+
+A version is named by its offset ranges (`version_id` is a hash of them), so ingesting the same
+ranges twice finds the first copy instead of writing a second. Data files go into a fresh
+attempt folder; the manifest, which lists them, is written last and atomically. Readers trust
+manifests only, so a crash before the manifest leaves nothing visible, and a rerun writes a
+new attempt and commits it (the abandoned attempt is removed then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import posixpath
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import msgspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from streams.events import OffsetRange, utcnow
+
+__all__ = ["DataFile", "DatasetStore", "Manifest", "Window", "ranges_id"]
+
+MANIFEST = "manifest.json"
+
+
+class DataFile(msgspec.Struct, frozen=True, kw_only=True):
+    """One Parquet file of a version: the offsets it holds and what it contains."""
+
+    path: str  # relative to the version folder
+    range: OffsetRange
+    rows: int
+    invalid: dict[str, int] = {}
+    sha256: str
+    bytes: int
+    min_event_time: datetime | None = None
+    max_event_time: datetime | None = None
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    """What a dataset version is: its offset ranges, files, counts, schema and digest."""
+
+    format_version: int = 1
+    version_id: str
+    pipeline: str
+    ranges: tuple[OffsetRange, ...]
+    files: tuple[DataFile, ...]
+    rows: int
+    invalid_rows: int
+    invalid_by_kind: dict[str, int]
+    schema: str  # the Arrow schema, as pyarrow prints it
+    columns: tuple[tuple[str, str], ...]
+    digest: str
+    created_at: datetime
+    parent: str | None
+    min_event_time: datetime | None
+    max_event_time: datetime | None
+
+    def rows_by_partition(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for f in self.files:
+            out[f.range.partition] = out.get(f.range.partition, 0) + f.rows
+        return out
+
+    def source_uri(self) -> str:
+        """The Kafka ranges as one URI-like string: `kafka://topic?p0=0-100&p1=0-98`."""
+        by_topic: dict[str, list[str]] = {}
+        for r in sorted(self.ranges, key=lambda r: (r.topic, r.partition)):
+            by_topic.setdefault(r.topic, []).append(f"p{r.partition}={r.start}-{r.end}")
+        return ";".join(f"kafka://{t}?{'&'.join(parts)}" for t, parts in by_topic.items())
+
+
+def ranges_id(ranges: Sequence[OffsetRange]) -> str:
+    """The version id of a set of ranges: the same ranges always give the same id."""
+    canonical = sorted((r.topic, r.partition, r.start, r.end) for r in ranges)
+    return "v-" + hashlib.sha256(json.dumps(canonical).encode()).hexdigest()[:20]
+
+
+def content_digest(files: Sequence[DataFile]) -> str:
+    """A digest of a version's content: the files' digests in offset order.
+
+    128 bits of SHA-256 (32 hex characters), which fits MLflow's dataset digest field.
+    """
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: (f.range.topic, f.range.partition, f.range.start)):
+        h.update(f"{f.range.topic}/{f.range.partition}/{f.range.start}-{f.range.end}:{f.sha256}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a root: a local path, a pyarrow URI, or an fsspec URI."""
+    if "://" not in root:
+        return pafs.LocalFileSystem(), str(Path(root).resolve())
+    try:
+        return pafs.FileSystem.from_uri(root)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(root)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+@dataclass(frozen=True)
+class Window:
+    """The versions a training window selects, and the event-time bounds to keep within them."""
+
+    manifests: tuple[Manifest, ...]
+    since: datetime | None = None
+    until: datetime | None = None
+    last_rows: int | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(m.rows for m in self.manifests)
+
+
+class DatasetStore:
+    """Versions of one pipeline's dataset (see the module docstring)."""
+
+    def __init__(self, root: str, pipeline: str) -> None:
+        self.root = root
+        self.pipeline = pipeline
+        self.fs, base = filesystem(root)
+        self.base = posixpath.join(base, pipeline, "versions")
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def versions(self) -> list[Manifest]:
+        """Every committed version, oldest first."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
+        except FileNotFoundError:
+            return []
+        manifests = []
+        for info in infos:
+            if info.type == pafs.FileType.Directory:
+                manifest = self._read_manifest(info.path)
+                if manifest is not None:
+                    manifests.append(manifest)
+        return sorted(manifests, key=lambda m: (m.created_at, m.version_id))
+
+    def get(self, version_id: str) -> Manifest:
+        manifest = self._read_manifest(posixpath.join(self.base, version_id))
+        if manifest is None:
+            raise KeyError(f"no dataset version {version_id!r} in {self.root}/{self.pipeline}")
+        return manifest
+
+    def find(self, ranges: Sequence[OffsetRange]) -> Manifest | None:
+        """The committed version of exactly these ranges, if there is one."""
+        return self._read_manifest(posixpath.join(self.base, ranges_id(ranges)))
+
+    def next_ranges(self, topic: str, high_watermarks: dict[int, int]) -> list[OffsetRange]:
+        """From the end of what the versions hold, per partition, up to the high watermarks."""
+        ends: dict[int, int] = {}
+        for manifest in self.versions():
+            for r in manifest.ranges:
+                if r.topic == topic:
+                    ends[r.partition] = max(ends.get(r.partition, 0), r.end)
+        return [
+            OffsetRange(topic=topic, partition=p, start=ends.get(p, 0), end=hw)
+            for p, hw in sorted(high_watermarks.items())
+            if hw > ends.get(p, 0)
+        ]
+
+    def files(self, manifest: Manifest) -> list[str]:
+        folder = posixpath.join(self.base, manifest.version_id)
+        return [posixpath.join(folder, f.path) for f in manifest.files]
+
+    def window(
+        self,
+        *,
+        version_ids: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        last_rows: int | None = None,
+    ) -> Window:
+        """Select versions by id, by event time (`since` <= t < `until`), or by the newest rows."""
+        if version_ids is not None:
+            return Window(tuple(self.get(v) for v in version_ids), since, until)
+        chosen = self.versions()
+        if since is not None or until is not None:
+            chosen = [
+                m
+                for m in chosen
+                if m.max_event_time is not None
+                and (since is None or m.max_event_time >= since)
+                and (until is None or m.min_event_time is None or m.min_event_time < until)
+            ]
+        if last_rows is not None:
+            picked: list[Manifest] = []
+            for manifest in reversed(chosen):
+                if sum(m.rows for m in picked) >= last_rows:
+                    break
+                picked.append(manifest)
+            chosen = list(reversed(picked))
+        return Window(tuple(chosen), since, until, last_rows)
+
+    def read(self, window: Window, event_time: str) -> object:
+        """The window as one Ray Dataset (`event_time` is the schema's timestamp column)."""
+        import pyarrow.compute as pc
+        import ray.data
+
+        paths = [p for m in window.manifests for p in self.files(m)]
+        if not paths:
+            raise ValueError(f"the window selects no data in {self.root}/{self.pipeline}")
+        ds = ray.data.read_parquet(paths, filesystem=self.fs)
+        since, until = window.since, window.until
+        if since is not None or until is not None:
+
+            def keep(batch: pa.Table) -> pa.Table:
+                times = batch[event_time]
+                masks = []
+                if since is not None:
+                    masks.append(pc.greater_equal(times, pa.scalar(since, times.type)))
+                if until is not None:
+                    masks.append(pc.less(times, pa.scalar(until, times.type)))
+                mask = masks[0] if len(masks) == 1 else pc.and_(masks[0], masks[1])
+                return batch.filter(mask)
+
+            ds = ds.map_batches(keep, batch_format="pyarrow")
+        if window.last_rows is not None:
+            ds = ds.sort(event_time, descending=True).limit(window.last_rows)
+        return ds
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def new_attempt(self, ranges: Sequence[OffsetRange]) -> str:
+        """A fresh folder for the data files of one ingestion attempt of these ranges."""
+        folder = posixpath.join(self.base, ranges_id(ranges), f"attempt-{uuid.uuid4().hex[:12]}")
+        self.fs.create_dir(folder, recursive=True)
+        return folder
+
+    def commit(
+        self,
+        ranges: Sequence[OffsetRange],
+        attempt: str,
+        files: Sequence[DataFile],
+        schema: pa.Schema,
+        now: datetime | None = None,
+    ) -> Manifest:
+        """Write the manifest (last, atomically), making the version visible; returns it.
+
+        If the same ranges were committed meanwhile, that version wins and is returned.
+        """
+        version_id = ranges_id(ranges)
+        existing = self.find(ranges)
+        if existing is not None:
+            self._delete(attempt)
+            return existing
+        versions = self.versions()
+        times = [t for f in files for t in (f.min_event_time, f.max_event_time) if t is not None]
+        folder = posixpath.join(self.base, version_id)
+        relative = posixpath.relpath(attempt, folder)
+        files = [msgspec.structs.replace(f, path=posixpath.join(relative, f.path)) for f in files]
+        invalid: dict[str, int] = {}
+        for f in files:
+            for kind, n in f.invalid.items():
+                invalid[kind] = invalid.get(kind, 0) + n
+        manifest = Manifest(
+            version_id=version_id,
+            pipeline=self.pipeline,
+            ranges=tuple(sorted(ranges, key=lambda r: (r.topic, r.partition))),
+            files=tuple(sorted(files, key=lambda f: (f.range.topic, f.range.partition, f.range.start))),
+            rows=sum(f.rows for f in files),
+            invalid_rows=sum(invalid.values()),
+            invalid_by_kind=invalid,
+            schema=schema.to_string(show_schema_metadata=False),
+            columns=tuple((f.name, str(f.type)) for f in schema),
+            digest=content_digest(files),
+            created_at=now or utcnow(),
+            parent=versions[-1].version_id if versions else None,
+            min_event_time=min(times) if times else None,
+            max_event_time=max(times) if times else None,
+        )
+        temporary = posixpath.join(folder, f".{MANIFEST}.{uuid.uuid4().hex[:8]}")
+        with self.fs.open_output_stream(temporary) as out:
+            out.write(msgspec.json.format(msgspec.json.encode(manifest)))
+        self.fs.move(temporary, posixpath.join(folder, MANIFEST))
+        for info in self.fs.get_file_info(pafs.FileSelector(folder)):
+            if info.type == pafs.FileType.Directory and info.path.rstrip("/") != attempt.rstrip("/"):
+                self._delete(info.path)  # an abandoned attempt of these ranges
+        return manifest
+
+    def _delete(self, folder: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_dir(folder)
+
+    def _read_manifest(self, folder: str) -> Manifest | None:
+        try:
+            with self.fs.open_input_stream(posixpath.join(folder, MANIFEST)) as f:
+                return msgspec.json.decode(f.read(), type=Manifest)
+        except FileNotFoundError:
+            return None

@@ -1,0 +1,268 @@
+"""Reading exact Kafka offset ranges into Arrow tables, and a Ray Data datasource built on it.
+
+`read_range` reads `[start, end)` of one partition, decodes and validates every record with
+the pipeline's codec, sends the bad ones to the DLQ, and returns the good ones as an Arrow
+table with the schema's columns plus `topic`, `partition`, `offset` and `timestamp` (the
+Kafka record time). It never returns short: a range it cannot read in full (records deleted,
+or not there before the timeout) raises `IncompleteRead` naming the partition and offsets.
+
+`KafkaRangeDatasource` splits ranges into read tasks of at most `max_records_per_task`
+records and serves them to `ray.data.read_datasource`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError, OffsetOutOfRangeError
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+
+from streams.config import KafkaSettings, RecordSchema
+from streams.errors import BrokerError, DecodeError, IncompleteRead
+from streams.events import OffsetRange
+from streams.kafka import Producer, client_options, dead_letter
+from streams.serde import RecordCodec
+
+__all__ = [
+    "METADATA_COLUMNS",
+    "KafkaRangeDatasource",
+    "RangeRead",
+    "arrow_schema",
+    "high_watermarks",
+    "read_range",
+    "split_ranges",
+    "to_table",
+]
+
+METADATA_COLUMNS = (
+    ("topic", pa.string()),
+    ("partition", pa.int32()),
+    ("offset", pa.int64()),
+    ("timestamp", pa.timestamp("ms", tz="UTC")),
+)
+
+
+def arrow_schema(schema: RecordSchema) -> pa.Schema:
+    """The Arrow schema of a decoded record batch: the record's columns, then Kafka metadata."""
+    label_type = pa.int64() if isinstance(schema.label.classes[0], int) else pa.string()
+    fields = [
+        pa.field(schema.record_id, pa.string(), nullable=False),
+        pa.field(schema.entity_id, pa.string(), nullable=False),
+        pa.field(schema.timestamp, pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+    types = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(), "category": pa.string()}
+    fields += [pa.field(f.name, types[f.type], nullable=f.nullable) for f in schema.features]
+    fields.append(pa.field(schema.label.name, label_type, nullable=True))
+    fields += [pa.field(name, tp, nullable=False) for name, tp in METADATA_COLUMNS]
+    return pa.schema(fields)
+
+
+def to_table(
+    schema: RecordSchema, arrow: pa.Schema, topic: str, partition: int, records: list[Any], values: list[Any]
+) -> pa.Table:
+    """Decoded records (and their Kafka records) as one Arrow table of `arrow` schema."""
+    columns: list[Any] = []
+    for name in schema.columns:
+        column = [getattr(v, name) for v in values]
+        if name == schema.entity_id:
+            column = [str(c) for c in column]
+        columns.append(column)
+    columns += [
+        [topic] * len(records),
+        [partition] * len(records),
+        [r.offset for r in records],
+        [r.timestamp for r in records],
+    ]
+    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, arrow, strict=True)], schema=arrow)
+
+
+@dataclass
+class RangeRead:
+    """What reading one range gave: the valid rows, and how many records were rejected and why."""
+
+    range: OffsetRange
+    table: pa.Table
+    invalid: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def invalid_rows(self) -> int:
+        return sum(self.invalid.values())
+
+
+def _consumer(kafka: KafkaSettings) -> KafkaConsumer:
+    try:
+        return KafkaConsumer(
+            **client_options(kafka),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="none",  # a deleted offset is an error, never a silent jump
+            max_poll_records=kafka.consumer.max_poll_records,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=max(kafka.max_record_bytes * 2, 4 * 1024 * 1024),
+        )
+    except KafkaError as err:
+        raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}") from err
+
+
+def read_range(
+    kafka: KafkaSettings,
+    span: OffsetRange,
+    schema: RecordSchema,
+    *,
+    dlq_topic: str | None,
+    timeout_s: float,
+    producer: Producer | None = None,
+) -> RangeRead:
+    """Read exactly `[span.start, span.end)` of one partition (see the module docstring)."""
+    codec = RecordCodec(schema, kafka.max_record_bytes)
+    arrow = arrow_schema(schema)
+    tp = TopicPartition(span.topic, span.partition)
+    records: list[Any] = []
+    consumer = _consumer(kafka)
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, span.start)
+        deadline = time.monotonic() + timeout_s
+        position = span.start
+        while position < span.end:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                high = consumer.highwater(tp)
+                raise IncompleteRead(
+                    f"{span.topic} partition {span.partition}: read offsets [{span.start}, {position}) of "
+                    f"[{span.start}, {span.end}) within {timeout_s:g}s; offsets {position}..{span.end - 1} "
+                    f"are not available (high watermark {high})"
+                )
+            try:
+                polled = consumer.poll(timeout_ms=min(500, max(int(remaining * 1000), 1)))
+            except OffsetOutOfRangeError:
+                raise IncompleteRead(
+                    f"{span.topic} partition {span.partition}: offsets from {position} in "
+                    f"[{span.start}, {span.end}) are gone (deleted by retention or never written)"
+                ) from None
+            for batch in polled.values():
+                records.extend(r for r in batch if r.offset < span.end)
+            position = consumer.position(tp)
+    finally:
+        consumer.close()
+
+    results = codec.decode_batch([r.value for r in records])
+    good_records, good_values, bad = [], [], []
+    for record, result in zip(records, results, strict=True):
+        if isinstance(result, DecodeError):
+            bad.append((record, result))
+        else:
+            good_records.append(record)
+            good_values.append(result)
+    if bad:
+        if dlq_topic is None:
+            raise BrokerError(f"{len(bad)} records in {span} failed to decode and no DLQ topic was given")
+        own = producer is None
+        sink = producer or Producer(kafka, client_id="driftloop-ingest-dlq")
+        try:
+            dead_letter(sink, dlq_topic, bad)
+        finally:
+            if own:
+                sink.close()
+    table = to_table(schema, arrow, span.topic, span.partition, good_records, good_values)
+    return RangeRead(span, table, dict(Counter(err.kind.value for _, err in bad)))
+
+
+def high_watermarks(kafka: KafkaSettings, topic: str, timeout_s: float = 10.0) -> dict[int, int]:
+    """The next offset to be written, per partition, from fetch responses.
+
+    `end_offsets` (ListOffsets) is not trusted: Tansu 0.6 answers the base offset of the last
+    batch plus one there (DESIGN.md). A fetch response's high watermark is right.
+    """
+    consumer = _consumer(kafka)
+    try:
+        deadline = time.monotonic() + timeout_s
+        partitions = consumer.partitions_for_topic(topic)
+        while not partitions:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"topic {topic!r} does not exist on {kafka.bootstrap_servers}")
+            time.sleep(0.1)
+            partitions = consumer.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        starts, ends = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+        for tp in tps:
+            # Fetching from the (under-reported) ListOffsets end returns the true high watermark.
+            consumer.seek(tp, max(ends[tp] - 1, starts[tp]))
+        while any(consumer.highwater(tp) is None for tp in tps):
+            if time.monotonic() > deadline:
+                missing = [tp.partition for tp in tps if consumer.highwater(tp) is None]
+                raise BrokerError(f"no high watermark for {topic} partitions {missing} within {timeout_s:g}s")
+            consumer.poll(timeout_ms=200, max_records=1)
+        return {tp.partition: int(consumer.highwater(tp)) for tp in tps}
+    finally:
+        consumer.close()
+
+
+def split_ranges(ranges: Iterable[OffsetRange], max_records: int) -> list[OffsetRange]:
+    """Split each range into consecutive pieces of at most `max_records` offsets."""
+    pieces = []
+    for span in ranges:
+        for start in range(span.start, span.end, max_records):
+            pieces.append(
+                OffsetRange(
+                    topic=span.topic, partition=span.partition, start=start, end=min(start + max_records, span.end)
+                )
+            )
+    return pieces
+
+
+class KafkaRangeDatasource(Datasource):
+    """A Ray Data datasource for exact Kafka offset ranges (use with `ray.data.read_datasource`).
+
+    Each read task reads one piece of at most `max_records_per_task` offsets with
+    `read_range`, so it either yields every valid record of its piece or fails naming the
+    partition and the offsets. Invalid records go to `dlq_topic`.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        ranges: Sequence[OffsetRange],
+        schema: RecordSchema,
+        *,
+        dlq_topic: str | None,
+        max_records_per_task: int = 250_000,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.kafka = kafka
+        self.ranges = [r for r in ranges if r.count > 0]
+        self.schema = schema
+        self.dlq_topic = dlq_topic
+        self.max_records_per_task = max_records_per_task
+        self.timeout_s = timeout_s
+
+    def get_name(self) -> str:
+        return "KafkaRanges"
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(r.count for r in self.ranges) * 256
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[Any]:
+        total = sum(r.count for r in self.ranges)
+        size = max(1, min(self.max_records_per_task, -(-total // max(parallelism, 1))))
+        arrow = arrow_schema(self.schema)
+        kafka, schema, dlq, timeout = self.kafka, self.schema, self.dlq_topic, self.timeout_s
+        tasks = []
+        for piece in split_ranges(self.ranges, size):
+
+            def read(piece: OffsetRange = piece) -> list[pa.Table]:
+                return [read_range(kafka, piece, schema, dlq_topic=dlq, timeout_s=timeout).table]
+
+            metadata = BlockMetadata(num_rows=None, size_bytes=piece.count * 256, exec_stats=None, input_files=None)
+            tasks.append(ReadTask(read, metadata, schema=arrow, per_task_row_limit=per_task_row_limit))
+        return tasks

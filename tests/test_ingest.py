@@ -1,0 +1,288 @@
+"""Kafka -> versioned Parquet datasets, against the real broker and a real local Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from jobs.features import fit_pipeline
+from streams.config import PipelineConfig
+from streams.datasets import DatasetStore
+from streams.errors import IncompleteRead
+from streams.events import OffsetRange
+from streams.generator import StreamGenerator, corrupt
+from streams.ingest import ingest, ingest_ranges
+from streams.kafka import Producer
+from streams.kafka_source import KafkaRangeDatasource, high_watermarks
+from streams.serde import RecordCodec
+from streams.topics import Topics
+from tests.test_kafka import read_all
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
+PER_PARTITION = 400
+BAD_EVERY = 37  # offsets 0, 37, 74, ... of every partition hold a malformed record
+
+
+def fill(config: PipelineConfig, topics: Topics, per_partition: int = PER_PARTITION) -> dict[int, set[int]]:
+    """Put `per_partition` records on each partition, some malformed; returns the valid offsets."""
+    codec = RecordCodec(config.schema)
+    rng = np.random.default_rng(0)
+    rows = StreamGenerator(config, seed=6).records(per_partition * config.kafka.partitions)
+    valid: dict[int, set[int]] = {p: set() for p in range(config.kafka.partitions)}
+    with Producer(config.kafka) as producer:
+        for p in range(config.kafka.partitions):
+            for offset in range(per_partition):
+                record = next(rows).record
+                if offset % BAD_EVERY == 0:
+                    payload, _ = corrupt(record, config.schema, rng)
+                else:
+                    payload = codec.encode(record)
+                    valid[p].add(offset)
+                producer.send(topics.records, payload, key=record["customer_id"], partition=p)
+    return valid
+
+
+def rows_of(store: DatasetStore, manifest_id: str) -> list[tuple[int, int]]:
+    manifest = store.get(manifest_id)
+    out: list[tuple[int, int]] = []
+    for path in store.files(manifest):
+        table = pq.read_table(path, columns=["partition", "offset"])
+        out += list(zip(table["partition"].to_pylist(), table["offset"].to_pylist(), strict=True))
+    return out
+
+
+def test_exact_ranges_across_partitions_and_read_tasks(config: PipelineConfig, topics: Topics) -> None:
+    valid = fill(config, topics)
+    config = dataclasses.replace(config, datasets=dataclasses.replace(config.datasets, max_records_per_task=60))
+    store = DatasetStore(config.datasets.root, config.name)
+    ranges = [
+        OffsetRange(topic=topics.records, partition=0, start=10, end=300),
+        OffsetRange(topic=topics.records, partition=1, start=0, end=PER_PARTITION),
+        OffsetRange(topic=topics.records, partition=2, start=50, end=61),
+    ]
+    result = ingest_ranges(config, store, ranges)
+    manifest = result.manifest
+    assert result.created and manifest is not None
+    expected = {(r.partition, o) for r in ranges for o in range(r.start, r.end) if o in valid[r.partition]}
+    got = rows_of(store, manifest.version_id)
+    assert len(got) == len(set(got)) and set(got) == expected
+    assert len(manifest.files) == 5 + 7 + 1  # pieces of at most 60 offsets
+    assert manifest.rows == len(expected)
+    bad = sum(r.count for r in ranges) - len(expected)
+    assert manifest.invalid_rows == bad and sum(manifest.invalid_by_kind.values()) == bad
+    assert manifest.rows_by_partition() == {p: len([k for k in expected if k[0] == p]) for p in (0, 1, 2)}
+    assert "kafka://" in manifest.source_uri() and "p0=10-300" in manifest.source_uri()
+    columns = [name for name, _ in manifest.columns]
+    assert columns[-4:] == ["topic", "partition", "offset", "timestamp"]
+    assert set(config.schema.columns) <= set(columns)
+
+
+def test_the_datasource_reads_the_same_exact_ranges_with_several_read_tasks(
+    config: PipelineConfig, topics: Topics
+) -> None:
+    valid = fill(config, topics)
+    ranges = [OffsetRange(topic=topics.records, partition=p, start=5, end=PER_PARTITION - 5) for p in range(4)]
+    source = KafkaRangeDatasource(config.kafka, ranges, config.schema, dlq_topic=topics.dlq, max_records_per_task=100)
+    assert len(source.get_read_tasks(8)) == 16
+    ds = ray.data.read_datasource(source, override_num_blocks=8)
+    rows = ds.select_columns(["partition", "offset", "record_id"]).take_all()
+    got = {(r["partition"], r["offset"]) for r in rows}
+    assert len(rows) == len(got)
+    assert got == {(p, o) for p in range(4) for o in range(5, PER_PARTITION - 5) if o in valid[p]}
+
+
+def test_a_range_that_cannot_be_read_in_full_is_an_error_naming_it(config: PipelineConfig, topics: Topics) -> None:
+    fill(config, topics, per_partition=50)
+    config = dataclasses.replace(config, datasets=dataclasses.replace(config.datasets, read_timeout_s=2.0))
+    store = DatasetStore(config.datasets.root, config.name)
+    short = [OffsetRange(topic=topics.records, partition=3, start=0, end=80)]
+    with pytest.raises(IncompleteRead, match=r"partition 3: read offsets \[0, 50\) of \[0, 80\).*50\.\.79"):
+        ingest_ranges(config, store, short)
+    assert store.versions() == []
+    source = KafkaRangeDatasource(config.kafka, short, config.schema, dlq_topic=topics.dlq, timeout_s=2.0)
+    with pytest.raises(Exception, match=r"IncompleteRead: .* partition 3: read offsets \[\d+, 50\) of \[\d+, \d+\)"):
+        ray.data.read_datasource(source).count()
+
+
+def test_reingesting_the_same_ranges_makes_no_second_copy(config: PipelineConfig, topics: Topics) -> None:
+    fill(config, topics, per_partition=100)
+    store = DatasetStore(config.datasets.root, config.name)
+    first = ingest(config, store)
+    assert first.created and first.manifest is not None
+    assert first.manifest.ranges == tuple(
+        OffsetRange(topic=topics.records, partition=p, start=0, end=100) for p in range(4)
+    )
+    assert ingest(config, store).manifest is None  # nothing new since
+    again = ingest_ranges(config, store, list(first.manifest.ranges))
+    assert not again.created and again.manifest == first.manifest
+    folder = Path(store.base) / first.manifest.version_id
+    assert len([p for p in folder.iterdir() if p.is_dir()]) == 1
+
+    fill(config, topics, per_partition=20)  # more records: the next version starts where this one ended
+    second = ingest(config, store)
+    assert second.manifest is not None and second.manifest.parent == first.manifest.version_id
+    assert [(r.start, r.end) for r in second.manifest.ranges] == [(100, 120)] * 4
+    assert [m.version_id for m in store.versions()] == [first.manifest.version_id, second.manifest.version_id]
+
+
+def test_a_crash_before_the_manifest_leaves_nothing_visible_and_a_rerun_completes(
+    config: PipelineConfig, topics: Topics
+) -> None:
+    valid = fill(config, topics, per_partition=150)
+    store = DatasetStore(config.datasets.root, config.name)
+    ranges = store.next_ranges(topics.records, high_watermarks(config.kafka, topics.records))
+
+    def crash(attempt: str) -> None:
+        assert list(Path(attempt).glob("*.parquet")), "the data files are written before the manifest"
+        raise KeyboardInterrupt("killed between data files and manifest")
+
+    with pytest.raises(KeyboardInterrupt):
+        ingest_ranges(config, store, ranges, before_commit=crash)
+    assert store.versions() == [] and store.find(ranges) is None
+    assert ingest(config, store).created
+    (manifest,) = store.versions()
+    got = rows_of(store, manifest.version_id)
+    assert sorted(got) == sorted((p, o) for p, offsets in valid.items() for o in offsets)  # each exactly once
+    folder = Path(store.base) / manifest.version_id
+    assert len([p for p in folder.iterdir() if p.is_dir()]) == 1, "the abandoned attempt was removed"
+
+
+def test_malformed_records_are_counted_and_sent_to_the_dlq(config: PipelineConfig, topics: Topics) -> None:
+    fill(config, topics, per_partition=100)
+    result = ingest(config)
+    assert result.manifest is not None
+    bad = 4 * len(range(0, 100, BAD_EVERY))
+    assert result.manifest.invalid_rows == bad
+    dead = read_all(config, topics.dlq, bad)
+    assert len(dead) == bad
+    kinds: dict[str, int] = {}
+    for record in dead:
+        kind = dict(record.headers)["driftloop.error"].decode()  # type: ignore[attr-defined]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert kinds == result.manifest.invalid_by_kind
+
+
+def test_windows_by_id_time_and_recent_rows(config: PipelineConfig, topics: Topics) -> None:
+    fill(config, topics, per_partition=60)
+    store = DatasetStore(config.datasets.root, config.name)
+    first = ingest(config, store).manifest
+    fill(config, topics, per_partition=40)
+    second = ingest(config, store).manifest
+    assert first is not None and second is not None
+    ts = config.schema.timestamp
+
+    by_id = store.window(version_ids=[first.version_id])
+    assert store.read(by_id, ts).count() == first.rows  # type: ignore[attr-defined]
+    assert store.window().rows == first.rows + second.rows
+    recent = store.window(last_rows=50)
+    assert [m.version_id for m in recent.manifests] == [second.version_id]
+    assert store.read(recent, ts).count() == 50  # type: ignore[attr-defined]
+    assert first.max_event_time is not None and second.min_event_time is not None
+    since = first.max_event_time - timedelta(milliseconds=1)
+    timed = store.window(since=since)
+    rows = store.read(timed, ts).take_all()  # type: ignore[attr-defined]
+    assert rows and all(r[ts] >= since for r in rows)
+    assert len(timed.manifests) >= 1
+
+
+def test_training_and_serving_transforms_give_identical_outputs(config: PipelineConfig, topics: Topics) -> None:
+    fill(config, topics, per_partition=300)
+    store = DatasetStore(config.datasets.root, config.name)
+    manifest = ingest(config, store).manifest
+    assert manifest is not None
+    ds = store.read(store.window(version_ids=[manifest.version_id]), config.schema.timestamp)
+    pipeline = fit_pipeline(ds, config.schema, config.features)
+    assert {"plan=__other__", "support_calls[bucket 0]", "charges_per_tenure"} <= set(pipeline.output_names)
+
+    batch_fn = pipeline.batch_fn()
+
+    def training_side(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"record_id": batch["record_id"], **batch_fn(batch)}
+
+    trained = {
+        rid: row
+        for out in ds.map_batches(training_side, batch_format="numpy").iter_batches(batch_format="numpy")  # type: ignore[attr-defined]
+        for rid, row in zip(out["record_id"], out["x"], strict=True)
+    }
+    records = [
+        {k: v for k, v in row.items() if k not in ("topic", "partition", "offset", "timestamp")}
+        for row in ds.take_all()  # type: ignore[attr-defined]
+    ]
+    served_batch = pipeline.transform_records(records)
+    served_single = np.concatenate([pipeline.transform_records([r]) for r in records[:50]])
+    assert len(trained) == len(records) == manifest.rows
+    expected = np.stack([trained[r["record_id"]] for r in records])
+    assert np.array_equal(expected, served_batch)
+    assert np.array_equal(expected[:50], served_single)
+    assert np.isfinite(expected).all() and expected.dtype == np.float32
+
+    restored = type(pipeline).from_json(pipeline.to_json(), config.schema, config.features)
+    assert np.array_equal(restored.transform_records(records), served_batch)
+
+
+def test_ray_read_kafka_reads_the_same_records_as_ours(config: PipelineConfig, topics: Topics) -> None:
+    valid = fill(config, topics, per_partition=120)
+    codec = RecordCodec(config.schema)
+    with Producer(config.kafka) as producer:  # a final one-record batch per partition: ListOffsets is exact on Tansu
+        for p in range(4):
+            record = next(StreamGenerator(config, seed=99, id_prefix=f"tail{p}").records(1)).record
+            producer.send(topics.records, codec.encode(record), partition=p)
+            producer.flush()
+    ours = ingest(config).manifest
+    assert ours is not None
+    store = DatasetStore(config.datasets.root, config.name)
+    mine = {
+        (p, o, r)
+        for path in store.files(ours)
+        for p, o, r in zip(
+            *(
+                pq.read_table(path, columns=["partition", "offset", "record_id"]).column(i).to_pylist()
+                for i in range(3)
+            ),
+            strict=True,
+        )
+    }
+    theirs_raw = ray.data.read_kafka(
+        topics.records, bootstrap_servers=config.kafka.bootstrap_servers, start_offset="earliest", end_offset="latest"
+    ).take_all()
+    theirs = set()
+    for row in theirs_raw:
+        value = codec.decode_batch([row["value"]])[0]
+        if not isinstance(value, Exception):
+            theirs.add((row["partition"], row["offset"], value.record_id))
+    assert len(theirs_raw) == 4 * 121
+    assert mine == theirs
+    assert len(mine) == sum(len(v) for v in valid.values()) + 4
+
+
+def test_a_dataset_version_is_logged_to_mlflow_with_its_kafka_lineage(
+    config: PipelineConfig, topics: Topics, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from jobs.lineage import log_dataset_version
+
+    fill(config, topics, per_partition=30)
+    manifest = ingest(config).manifest
+    assert manifest is not None
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(config.name)
+    with mlflow.start_run() as run:
+        log_dataset_version(manifest, context="training")
+    (logged,) = MlflowClient(uri).get_run(run.info.run_id).inputs.dataset_inputs
+    assert logged.dataset.digest == manifest.digest
+    assert logged.dataset.name == f"{config.name}@{manifest.version_id}"
+    source = json.loads(logged.dataset.source)
+    assert source["uri"] == manifest.source_uri()
+    assert source["ranges"][0]["topic"] == topics.records
+    assert logged.tags[0].value == "training"

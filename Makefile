@@ -34,6 +34,7 @@ format: install
 bench: install
 	mkdir -p runs/bench
 	$(PY) benchmarks/stream_throughput.py --quick --json runs/bench/stream_throughput.json
+	$(PY) benchmarks/ingest.py --quick --json runs/bench/ingest.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

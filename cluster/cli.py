@@ -99,6 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     consume.set_defaults(func=cmd_consume)
 
+    ingest = sub.add_parser("ingest", help="ingest new records into a versioned Parquet dataset (Ray)")
+    _config_arg(ingest)
+    ingest.add_argument("--follow", action="store_true", help="keep ingesting every --interval seconds until Ctrl-C")
+    ingest.add_argument(
+        "--interval", type=_positive_float, default=30.0, help="seconds between ingestions (default: %(default)s)"
+    )
+    ingest.add_argument(
+        "--root", default=None, help="dataset store root, a path or URI (default: the config's datasets.root)"
+    )
+    ingest.set_defaults(func=cmd_ingest)
+
     run = sub.add_parser("run", help="run the pipeline end to end on the embedded default")
     run.add_argument(
         "config", type=Path, nargs="?", default=Path("configs/demo.yaml"), help="pipeline config (default: %(default)s)"
@@ -234,6 +245,43 @@ def cmd_consume(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary), file=sys.stderr if args.print_records else sys.stdout)
     return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from cluster.ray_runtime import connect
+    from streams.datasets import DatasetStore
+    from streams.ingest import ingest
+
+    config = _connected(load_config(args.config))
+    if args.root:
+        config = dataclasses.replace(config, datasets=dataclasses.replace(config.datasets, root=args.root))
+    topics = Topics(config.name)
+    ensure_topics(config.kafka, [topics.records, topics.dlq])
+    store = DatasetStore(config.datasets.root, config.name)
+    stop = threading.Event()
+    _on_signals(stop.set)
+    connect(config, quiet=not args.verbose)
+    while True:
+        result = ingest(config, store)
+        if result.manifest is None:
+            print(f"nothing new on {topics.records}", flush=True)
+        else:
+            m = result.manifest
+            rows = m.rows_by_partition()
+            for r in m.ranges:
+                invalid = sum(sum(f.invalid.values()) for f in m.files if f.range.partition == r.partition)
+                read = f"{rows.get(r.partition, 0)} rows, {invalid} invalid"
+                print(f"  {r.topic} partition {r.partition}: offsets [{r.start}, {r.end}): {read}")
+            state = "new version" if result.created else "already ingested as"
+            print(
+                f"{state} {m.version_id}: {m.rows} rows, {m.invalid_rows} to {topics.dlq}, digest {m.digest}, "
+                f"parent {m.parent or '-'}, in {store.root}",
+                flush=True,
+            )
+        if not args.follow or stop.wait(args.interval):
+            return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

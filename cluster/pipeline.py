@@ -1,9 +1,10 @@
 """The whole loop, wired top to bottom: what `driftloop run` (and `make run`) does.
 
-Today the loop covers its first stage: the embedded broker, the stream generator with drift
-and delayed labels, and a consumer that validates records, dead-letters the bad ones and
-watches the stream's distribution window by window. Ingestion, training, serving and the
-monitor/controller that close the loop are the next issues; the summary says so.
+Today the loop covers its first stages: the embedded broker, the stream generator with drift
+and delayed labels, a consumer that validates records, dead-letters the bad ones and watches
+the stream's distribution window by window, ingestion into a versioned Parquet dataset with
+Ray, and the feature transform fitted on it. Training, serving and the monitor/controller
+that close the loop are the next issues; the summary says so.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from cluster.broker import EmbeddedBroker
 from streams.config import PipelineConfig
+from streams.datasets import Manifest
 from streams.events import LabelObserved
 from streams.generator import Scenario, StreamGenerator
 from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
@@ -30,7 +32,6 @@ from streams.serde import RecordCodec, decode_events
 from streams.topics import Topics
 
 NOT_YET = (
-    "ingestion into versioned datasets (issue: Kafka -> Ray Data ingestion)",
     "training, tuning and the promotion gate (issue: distributed training and tuning)",
     "serving the champion over HTTP (issue: Ray Serve endpoints)",
     "drift monitoring, retraining jobs and promotion (issue: monitoring and the closed loop)",
@@ -63,6 +64,7 @@ def run_pipeline(config: PipelineConfig, run_dir: Path, records: int, scenario: 
     drift_at = records // 2
     window = max(records // 10, 1)
     started = time.monotonic()
+    embedded = config.kafka.embedded
     with kafka_for(config, run_dir) as config:
         topics = Topics(config.name)
         created = ensure_topics(config.kafka, topics.all())
@@ -91,14 +93,63 @@ def run_pipeline(config: PipelineConfig, run_dir: Path, records: int, scenario: 
         print(f"[dlq] {sum(dlq.values())} records dead-lettered with their reasons: {dict(dlq)}")
         print(f"[labels] {labels} delayed labels on {topics.labels}")
 
-    print(f"\nThe stream stage works end to end ({time.monotonic() - started:.1f}s). Not built yet, so not run:")
+        manifest = _ingest_and_fit(config, run_dir, embedded)
+
+    print(
+        f"\nStream, ingestion and feature stages done in {time.monotonic() - started:.1f}s. Not built yet, so not run:"
+    )
     for item in NOT_YET:
         print(f"  - {item}")
     lost = records - sent.malformed - sum(w.size for w in windows)
+    if manifest.rows + manifest.invalid_rows != records:
+        print(
+            f"[error] the dataset holds {manifest.rows} + {manifest.invalid_rows} of {records} records", file=sys.stderr
+        )
+        return 1
     if lost or sum(dlq.values()) != sent.malformed:
         print(f"[error] {lost} records unaccounted for", file=sys.stderr)
         return 1
     return 0
+
+
+def _ingest_and_fit(config: PipelineConfig, run_dir: Path, embedded: bool) -> Manifest:
+    """Kafka -> a versioned Parquet dataset (Ray), then the feature transform fitted on it."""
+    from cluster.ray_runtime import connect
+    from jobs.features import fit_pipeline
+    from streams.datasets import DatasetStore
+    from streams.ingest import ingest
+
+    # The embedded broker starts empty each run, so its offsets need a store of their own.
+    root = str(run_dir / "datasets") if embedded else config.datasets.root
+    config = dataclasses.replace(config, datasets=dataclasses.replace(config.datasets, root=root))
+    started = time.monotonic()
+    connect(config)
+    where = config.ray.address or "local Ray (token auth on)"
+    print(f"[ray] {where} in {time.monotonic() - started:.1f}s")
+    store = DatasetStore(root, config.name)
+    started = time.monotonic()
+    result = ingest(config, store)
+    manifest = result.manifest
+    assert manifest is not None, "ingestion found no records"
+    rows = manifest.rows_by_partition()
+    print(
+        f"[ingest] version {manifest.version_id} in {time.monotonic() - started:.1f}s: {manifest.rows} rows, "
+        f"{manifest.invalid_rows} invalid, digest {manifest.digest}"
+    )
+    for r in manifest.ranges:
+        print(f"           {r.topic}/{r.partition} offsets [{r.start}, {r.end}) -> {rows.get(r.partition, 0)} rows")
+    started = time.monotonic()
+    dataset = store.read(store.window(version_ids=[manifest.version_id]), config.schema.timestamp)
+    features = fit_pipeline(dataset, config.schema, config.features)
+    stats_file = Path(root) / f"{manifest.version_id}.features.json"
+    stats_file.parent.mkdir(parents=True, exist_ok=True)
+    stats_file.write_text(features.to_json())
+    shown = ", ".join(features.output_names[:6])
+    print(
+        f"[features] fitted on {manifest.rows} rows in {time.monotonic() - started:.1f}s: "
+        f"{features.width} model inputs ({shown}, ...); statistics in {stats_file}"
+    )
+    return manifest
 
 
 def _consume_windows(

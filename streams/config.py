@@ -43,6 +43,7 @@ __all__ = [
 
 EMBEDDED = "embedded"
 RESERVED_COLUMNS = ("topic", "partition", "offset", "timestamp")
+INLINE = "\x00inline"  # marks the field a shorthand value stands for (see FeatureTransform.normalize)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _NOT_FROM_YAML = {"yaml": False}
@@ -341,7 +342,8 @@ class FeatureTransform:
 
     @staticmethod
     def normalize(value: Any) -> Any:
-        return {"steps": value} if isinstance(value, list) else value
+        # `name: [steps]` in the file: errors name `...name[i]`, as the file reads
+        return {"steps": value, INLINE: "steps"} if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -541,6 +543,7 @@ def _build_dataclass(tp: Any, value: Any, key: str, source: str) -> Any:
         value = normalize(value)
     if not isinstance(value, dict):
         raise ConfigError(source, key or "<top level>", f"a mapping for {tp.__name__}", value)
+    inline = value.pop(INLINE, None)
     hints = typing.get_type_hints(tp)
     fields = [f for f in dataclasses.fields(tp) if f.metadata.get("yaml", True)]
     known = {f.name for f in fields}
@@ -550,7 +553,7 @@ def _build_dataclass(tp: Any, value: Any, key: str, source: str) -> Any:
             raise ConfigError(source, _join(key, str(name)), f"one of {sorted(known)}{hint}", "<unknown key>")
     kwargs: dict[str, Any] = {}
     for f in fields:
-        sub = _join(key, f.name)
+        sub = key if f.name == inline else _join(key, f.name)
         if f.name not in value:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(source, sub, _describe(hints[f.name]), "<missing>")

@@ -124,7 +124,21 @@ def read_range(
     codec = RecordCodec(schema, kafka.max_record_bytes)
     arrow = arrow_schema(schema)
     tp = TopicPartition(span.topic, span.partition)
-    records: list[Any] = []
+    tables: list[pa.Table] = []
+    bad: list[tuple[Any, DecodeError]] = []
+
+    def convert(records: list[Any]) -> None:
+        # Decode each poll's records into Arrow at once: the Python objects are dropped early.
+        results = codec.decode_batch([r.value for r in records])
+        good_records, good_values = [], []
+        for record, result in zip(records, results, strict=True):
+            if isinstance(result, DecodeError):
+                bad.append((record, result))
+            else:
+                good_records.append(record)
+                good_values.append(result)
+        tables.append(to_table(schema, arrow, span.topic, span.partition, good_records, good_values))
+
     consumer = _consumer(kafka)
     try:
         consumer.assign([tp])
@@ -148,19 +162,13 @@ def read_range(
                     f"[{span.start}, {span.end}) are gone (deleted by retention or never written)"
                 ) from None
             for batch in polled.values():
-                records.extend(r for r in batch if r.offset < span.end)
+                wanted = [r for r in batch if r.offset < span.end]
+                if wanted:
+                    convert(wanted)
             position = consumer.position(tp)
     finally:
         consumer.close()
 
-    results = codec.decode_batch([r.value for r in records])
-    good_records, good_values, bad = [], [], []
-    for record, result in zip(records, results, strict=True):
-        if isinstance(result, DecodeError):
-            bad.append((record, result))
-        else:
-            good_records.append(record)
-            good_values.append(result)
     if bad:
         if dlq_topic is None:
             raise BrokerError(f"{len(bad)} records in {span} failed to decode and no DLQ topic was given")
@@ -171,7 +179,7 @@ def read_range(
         finally:
             if own:
                 sink.close()
-    table = to_table(schema, arrow, span.topic, span.partition, good_records, good_values)
+    table = pa.concat_tables(tables).combine_chunks() if tables else arrow.empty_table()
     return RangeRead(span, table, dict(Counter(err.kind.value for _, err in bad)))
 
 

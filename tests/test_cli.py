@@ -32,7 +32,7 @@ def config_file(tmp_path: Path, config: PipelineConfig) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", ["", "broker", "produce", "consume", "run"])
+@pytest.mark.parametrize("command", ["", "broker", "produce", "consume", "ingest", "run"])
 def test_help(command: str) -> None:
     result = driftloop(*([command] if command else []), "--help")
     assert result.returncode == 0
@@ -150,3 +150,35 @@ def test_run_streams_validates_and_reports_what_is_not_built_yet(tmp_path: Path)
     assert "[produce] 2000 records (covariate drift from record 1000)" in out
     assert "Not built yet" in out
     assert (tmp_path / "run" / "broker.log").exists()
+
+
+@pytest.mark.integration
+def test_ingest_prints_what_it_read_per_partition_and_is_idempotent(
+    config: PipelineConfig, broker: str, tmp_path: Path, ray_session: None
+) -> None:
+    import ray
+
+    path = config_file(tmp_path, config)
+    env = {"KAFKA_BOOTSTRAP_SERVERS": broker, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    produced = driftloop("produce", "--config", str(path), "--records", "400", "--bad-fraction", "0.05", env=env)
+    assert produced.returncode == 0, produced.stderr
+    bad = int(produced.stdout.rsplit("malformed on purpose: ", 1)[1].split(";")[0])
+    root = str(tmp_path / "store")
+
+    first = driftloop("ingest", "--config", str(path), "--root", root, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert sum(f"{config.name}.records partition {p}: offsets [0, " in first.stdout for p in range(4)) == 4
+    assert "new version v-" in lines[-1] and f"{400 - bad} rows, {bad} to {config.name}.dlq" in lines[-1]
+
+    again = driftloop("ingest", "--config", str(path), "--root", root, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"nothing new on {config.name}.records"
+
+
+def test_ingest_bad_input() -> None:
+    usage = driftloop("ingest", "--config", "configs/demo.yaml", "--interval", "0")
+    assert usage.returncode == 2 and "expected a number > 0, found '0'" in usage.stderr
+    no_broker = driftloop("ingest", "--config", "configs/demo.yaml")
+    assert no_broker.returncode == 1 and "driftloop broker" in no_broker.stderr
+    assert "Traceback" not in usage.stderr + no_broker.stderr

@@ -30,6 +30,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from streams.errors import DriftloopError
 from streams.events import OffsetRange, utcnow
 
 __all__ = ["DataFile", "DatasetStore", "Manifest", "Window", "ranges_id"]
@@ -68,6 +69,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     parent: str | None
     min_event_time: datetime | None
     max_event_time: datetime | None
+    topic_ids: dict[str, str] = {}  # topic -> the broker's topic id when it was ingested
 
     def rows_by_partition(self) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -162,10 +164,24 @@ class DatasetStore:
         """The committed version of exactly these ranges, if there is one."""
         return self._read_manifest(posixpath.join(self.base, ranges_id(ranges)))
 
-    def next_ranges(self, topic: str, high_watermarks: dict[int, int]) -> list[OffsetRange]:
-        """From the end of what the versions hold, per partition, up to the high watermarks."""
+    def next_ranges(
+        self, topic: str, high_watermarks: dict[int, int], topic_id: str | None = None
+    ) -> list[OffsetRange]:
+        """From the end of what the versions hold, per partition, up to the high watermarks.
+
+        With `topic_id`, versions ingested from another incarnation of the topic (deleted and
+        recreated, so its offsets restarted) are refused: continuing from their offsets would
+        silently skip records.
+        """
         ends: dict[int, int] = {}
         for manifest in self.versions():
+            known = manifest.topic_ids.get(topic)
+            if topic_id and known and known != topic_id:
+                raise DriftloopError(
+                    f"the dataset store {self.root}/{self.pipeline} holds {manifest.version_id}, ingested from "
+                    f"another incarnation of {topic} (topic id {known}, now {topic_id}): its offsets do not "
+                    "continue there; use a new datasets.root for the new topic"
+                )
             for r in manifest.ranges:
                 if r.topic == topic:
                     ends[r.partition] = max(ends.get(r.partition, 0), r.end)
@@ -250,6 +266,7 @@ class DatasetStore:
         files: Sequence[DataFile],
         schema: pa.Schema,
         now: datetime | None = None,
+        topic_ids: dict[str, str] | None = None,
     ) -> Manifest:
         """Write the manifest (last, atomically), making the version visible; returns it.
 
@@ -284,6 +301,7 @@ class DatasetStore:
             parent=versions[-1].version_id if versions else None,
             min_event_time=min(times) if times else None,
             max_event_time=max(times) if times else None,
+            topic_ids=dict(topic_ids or {}),
         )
         temporary = posixpath.join(folder, f".{MANIFEST}.{uuid.uuid4().hex[:8]}")
         with self.fs.open_output_stream(temporary) as out:

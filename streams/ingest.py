@@ -22,6 +22,7 @@ import ray
 from streams.config import PipelineConfig
 from streams.datasets import DataFile, DatasetStore, Manifest
 from streams.events import OffsetRange
+from streams.kafka import topic_id
 from streams.kafka_source import arrow_schema, high_watermarks, read_range, split_ranges
 from streams.topics import Topics
 
@@ -71,6 +72,7 @@ def ingest_ranges(
     store: DatasetStore,
     ranges: list[OffsetRange],
     before_commit: Callable[[str], None] | None = None,
+    topic_ids: dict[str, str] | None = None,
 ) -> IngestResult:
     """Ingest exactly these ranges as one version (or return the version that has them)."""
     ranges = [r for r in ranges if r.count > 0]
@@ -84,7 +86,7 @@ def ingest_ranges(
     files = ray.get([_write_piece_task.remote(config, piece, store.root, attempt) for piece in pieces])
     if before_commit is not None:
         before_commit(attempt)
-    manifest = store.commit(ranges, attempt, files, arrow_schema(config.schema))
+    manifest = store.commit(ranges, attempt, files, arrow_schema(config.schema), topic_ids=topic_ids)
     ours = posixpath.basename(attempt.rstrip("/"))
     created = all(f.path.startswith(ours + "/") for f in manifest.files)
     return IngestResult(manifest, created, tuple(ranges))
@@ -94,5 +96,6 @@ def ingest(config: PipelineConfig, store: DatasetStore | None = None) -> IngestR
     """Ingest from the end of the last version up to the current high watermarks."""
     store = store or DatasetStore(config.datasets.root, config.name)
     topic = Topics(config.name).records
-    ranges = store.next_ranges(topic, high_watermarks(config.kafka, topic))
-    return ingest_ranges(config, store, ranges)
+    incarnation = topic_id(config.kafka, topic)
+    ranges = store.next_ranges(topic, high_watermarks(config.kafka, topic), incarnation)
+    return ingest_ranges(config, store, ranges, topic_ids={topic: incarnation} if incarnation else None)

@@ -35,6 +35,7 @@ __all__ = [
     "client_options",
     "dead_letter",
     "ensure_topics",
+    "topic_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,20 @@ def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], partitions: int |
     finally:
         admin.close()
     return created
+
+
+def topic_id(kafka: KafkaSettings, topic: str) -> str | None:
+    """The broker's id for this incarnation of a topic (it changes when a topic is recreated)."""
+    try:
+        admin = KafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
+    except KafkaError as err:
+        raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}") from err
+    try:
+        (described,) = admin.describe_topics([topic])
+    finally:
+        admin.close()
+    found = described.get("topic_id")
+    return str(found) if found and str(found).strip("0-") else None
 
 
 class Producer:

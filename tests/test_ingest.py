@@ -15,7 +15,7 @@ import ray
 from jobs.features import fit_pipeline
 from streams.config import PipelineConfig
 from streams.datasets import DatasetStore
-from streams.errors import IncompleteRead
+from streams.errors import DriftloopError, IncompleteRead
 from streams.events import OffsetRange
 from streams.generator import StreamGenerator, corrupt
 from streams.ingest import ingest, ingest_ranges
@@ -130,6 +130,26 @@ def test_reingesting_the_same_ranges_makes_no_second_copy(config: PipelineConfig
     assert second.manifest is not None and second.manifest.parent == first.manifest.version_id
     assert [(r.start, r.end) for r in second.manifest.ranges] == [(100, 120)] * 4
     assert [m.version_id for m in store.versions()] == [first.manifest.version_id, second.manifest.version_id]
+
+
+def test_a_recreated_topic_is_refused_instead_of_skipping_its_records(config: PipelineConfig, topics: Topics) -> None:
+    from kafka import KafkaAdminClient
+
+    from streams.kafka import client_options, ensure_topics, topic_id
+
+    fill(config, topics, per_partition=30)
+    store = DatasetStore(config.datasets.root, config.name)
+    first = ingest(config, store).manifest
+    assert first is not None and first.topic_ids == {topics.records: topic_id(config.kafka, topics.records)}
+    admin = KafkaAdminClient(**client_options(config.kafka))
+    try:
+        admin.delete_topics([topics.records])
+    finally:
+        admin.close()
+    ensure_topics(config.kafka, [topics.records])
+    fill(config, topics, per_partition=40)
+    with pytest.raises(DriftloopError, match="another incarnation of .*use a new datasets.root"):
+        ingest(config, store)
 
 
 def test_a_crash_before_the_manifest_leaves_nothing_visible_and_a_rerun_completes(

@@ -148,7 +148,7 @@ def test_a_recreated_topic_is_refused_instead_of_skipping_its_records(config: Pi
         admin.close()
     ensure_topics(config.kafka, [topics.records])
     fill(config, topics, per_partition=40)
-    with pytest.raises(DriftloopError, match="another incarnation of .*use a new datasets.root"):
+    with pytest.raises(DriftloopError, match=r"another incarnation of .*use a new datasets\.root"):
         ingest(config, store)
 
 

@@ -28,15 +28,18 @@ __all__ = [
     "Feature",
     "FeatureSettings",
     "FeatureTransform",
+    "GateSettings",
     "GeneratorSettings",
     "KafkaSettings",
     "LabelSpec",
     "MlflowSettings",
+    "ModelSettings",
     "PipelineConfig",
     "ProducerSettings",
     "RaySettings",
     "RecordSchema",
     "Step",
+    "TrainingSettings",
     "load_config",
     "parse_config",
 ]
@@ -368,6 +371,79 @@ class FeatureSettings:
 
 
 @dataclass(frozen=True)
+class ModelSettings:
+    """The model and how one training run trains it."""
+
+    kind: Literal["mlp", "logreg"] = "mlp"
+    hidden: tuple[int, ...] = (64, 32)
+    dropout: float = 0.1
+    epochs: int = 8
+    batch_size: int = 256
+    learning_rate: float = 0.003
+    weight_decay: float = 0.0
+    holdout_fraction: float = 0.2
+    bf16: bool = False
+    seed: int = 0
+
+    def problems(self) -> Iterator[Problem]:
+        if any(h < 1 for h in self.hidden):
+            yield "hidden", "layer widths >= 1", list(self.hidden)
+        if not 0 <= self.dropout < 1:
+            yield "dropout", "a number in [0, 1)", self.dropout
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                yield name, "an integer >= 1", getattr(self, name)
+        if not 0 < self.learning_rate < 10:
+            yield "learning_rate", "a number in (0, 10)", self.learning_rate
+        if self.weight_decay < 0:
+            yield "weight_decay", "a number >= 0", self.weight_decay
+        if not 0 < self.holdout_fraction < 0.9:
+            yield "holdout_fraction", "a number in (0, 0.9)", self.holdout_fraction
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Ray Train's scaling and fault tolerance for one training run."""
+
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+
+    def problems(self) -> Iterator[Problem]:
+        if self.workers < 1:
+            yield "workers", "an integer >= 1", self.workers
+        if self.cpus_per_worker <= 0:
+            yield "cpus_per_worker", "a number > 0", self.cpus_per_worker
+        if self.max_failures < 0:
+            yield "max_failures", "an integer >= 0", self.max_failures
+
+
+GATE_METRICS = ("accuracy", "f1", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "log_loss")
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """When a challenger may replace the champion (see jobs.gate)."""
+
+    primary_metric: Literal["accuracy", "f1", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "log_loss"] = (
+        "f1_macro"
+    )
+    min_improvement: float = 0.005
+    no_regression: tuple[str, ...] = ("accuracy", "log_loss")
+    tolerance: float = 0.01
+    baseline_margin: float = 0.02
+
+    def problems(self) -> Iterator[Problem]:
+        for metric in self.no_regression:
+            if metric not in GATE_METRICS:
+                yield "no_regression", f"metric names ({', '.join(GATE_METRICS)})", metric
+        for name in ("min_improvement", "tolerance", "baseline_margin"):
+            if getattr(self, name) < 0:
+                yield name, "a number >= 0", getattr(self, name)
+
+
+@dataclass(frozen=True)
 class RaySettings:
     """Where Ray is: None starts or joins a local instance."""
 
@@ -391,6 +467,9 @@ class PipelineConfig:
     generator: GeneratorSettings = GeneratorSettings()
     features: FeatureSettings = FeatureSettings()
     datasets: DatasetSettings = DatasetSettings()
+    model: ModelSettings = ModelSettings()
+    training: TrainingSettings = TrainingSettings()
+    gate: GateSettings = GateSettings()
     ray: RaySettings = RaySettings()
     mlflow: MlflowSettings = MlflowSettings()
     source: str = field(default="<memory>", metadata=_NOT_FROM_YAML, compare=False)

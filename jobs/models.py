@@ -1,0 +1,159 @@
+"""Tabular models, described by a JSON spec, stored as safetensors: never pickled.
+
+A model artifact is a folder:
+
+```
+spec.json            the architecture (kind, widths, classes, input names)
+features.json        the fitted feature statistics (jobs.features.FeaturePipeline)
+weights.safetensors  the weights
+digests.json         SHA-256 of each of the files above
+```
+
+`load_artifact` verifies every digest before reading anything, then reads the weights with
+safetensors (a header plus raw tensors: there is no code in it to run). Nothing here calls
+`torch.load` or `pickle`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from streams.config import ModelSettings
+from streams.errors import DriftloopError
+
+__all__ = ["ArtifactError", "ModelSpec", "build_model", "load_artifact", "save_artifact"]
+
+SPEC, FEATURES, WEIGHTS, DIGESTS = "spec.json", "features.json", "weights.safetensors", "digests.json"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(DriftloopError):
+    """A model artifact is missing a file, fails its digest, or is not what it claims to be."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model's architecture."""
+
+    kind: str
+    input_names: tuple[str, ...]
+    classes: tuple[str | int, ...]
+    hidden: tuple[int, ...] = ()
+    dropout: float = 0.0
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def input_dim(self) -> int:
+        return len(self.input_names)
+
+    @classmethod
+    def from_settings(cls, settings: ModelSettings, input_names: list[str], classes: list[str | int]) -> ModelSpec:
+        hidden = settings.hidden if settings.kind == "mlp" else ()
+        dropout = settings.dropout if settings.kind == "mlp" else 0.0
+        return cls(settings.kind, tuple(input_names), tuple(classes), tuple(hidden), dropout)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        try:
+            data = json.loads(text)
+            spec = cls(
+                kind=str(data["kind"]),
+                input_names=tuple(data["input_names"]),
+                classes=tuple(data["classes"]),
+                hidden=tuple(int(h) for h in data.get("hidden", ())),
+                dropout=float(data.get("dropout", 0.0)),
+                format_version=int(data.get("format_version", 0)),
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise ArtifactError(f"{SPEC} is not a valid model spec: {err!r}") from None
+        if spec.format_version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{SPEC} format {spec.format_version} is not supported (this build reads {FORMAT_VERSION})"
+            )
+        if spec.kind not in ("mlp", "logreg"):
+            raise ArtifactError(f"{SPEC}: unknown model kind {spec.kind!r}; known: mlp, logreg")
+        return spec
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The PyTorch module a spec describes: an MLP, or logistic regression (one linear layer)."""
+    layers: list[nn.Module] = []
+    width = spec.input_dim
+    for hidden in spec.hidden if spec.kind == "mlp" else ():
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
+        width = hidden
+    layers.append(nn.Linear(width, len(spec.classes)))
+    return nn.Sequential(*layers)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_artifact(folder: Path, spec: ModelSpec, model: nn.Module, features_json: str) -> dict[str, str]:
+    """Write a model artifact; returns the digests it recorded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    module = getattr(model, "module", model)  # unwrap DDP
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    (folder / SPEC).write_text(spec.to_json())
+    (folder / FEATURES).write_text(features_json)
+    save_file(state, str(folder / WEIGHTS), metadata={"format": "driftloop", "kind": spec.kind})
+    digests = {name: _sha256(folder / name) for name in (SPEC, FEATURES, WEIGHTS)}
+    (folder / DIGESTS).write_text(json.dumps(digests, sort_keys=True, indent=2))
+    return digests
+
+
+def load_artifact(folder: Path) -> tuple[ModelSpec, nn.Module, str]:
+    """Verify and load an artifact: (spec, model in eval mode, features JSON)."""
+    try:
+        digests: dict[str, Any] = json.loads((folder / DIGESTS).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{folder} has no {DIGESTS}: not a driftloop model artifact") from None
+    except ValueError as err:
+        raise ArtifactError(f"{folder / DIGESTS} is not valid JSON: {err}") from None
+    for name in (SPEC, FEATURES, WEIGHTS):
+        expected = digests.get(name)
+        if not isinstance(expected, str):
+            raise ArtifactError(f"{DIGESTS} records no digest for {name}")
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{folder} is missing {name}")
+        if _sha256(path) != expected:
+            raise ArtifactError(f"{name} does not match its recorded SHA-256: the artifact was changed")
+    spec = ModelSpec.from_json((folder / SPEC).read_text())
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{WEIGHTS} is not a safetensors file: {err}") from None
+    model = build_model(spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ArtifactError(f"{WEIGHTS} does not fit the architecture in {SPEC}: {err}") from None
+    model.eval()
+    return spec, model, (folder / FEATURES).read_text()
+
+
+def predict_proba(model: nn.Module, x: Any, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Class probabilities for a float32 matrix (numpy or tensor), without gradients."""
+    with torch.no_grad():
+        inputs = torch.as_tensor(x, dtype=torch.float32, device=device)
+        return torch.softmax(model(inputs).float(), dim=1).cpu()

@@ -1,0 +1,178 @@
+"""Models, artifacts, evaluation and the gate: pure logic and files, no Ray."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as sk
+
+from jobs.evaluate import evaluate, time_split
+from jobs.gate import decide
+from jobs.loop import load_checkpoint, make_optimizer, pick_device, save_checkpoint, train_standalone
+from jobs.models import ArtifactError, ModelSpec, build_model, load_artifact, predict_proba, save_artifact
+from streams.config import GateSettings, ModelSettings
+
+SPEC = ModelSpec("mlp", tuple(f"x{i}" for i in range(6)), ("no", "yes"), (16, 8), 0.1)
+
+
+def trained_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(SPEC)
+
+
+def test_artifact_round_trip_is_bit_exact(tmp_path: Path) -> None:
+    model = trained_model()
+    digests = save_artifact(tmp_path / "m", SPEC, model, '{"stats": 1}')
+    assert set(digests) == {"spec.json", "features.json", "weights.safetensors"}
+    spec, loaded, features = load_artifact(tmp_path / "m")
+    assert spec == SPEC and features == '{"stats": 1}'
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype(np.float32)
+    model.eval()
+    assert torch.equal(predict_proba(model, x), predict_proba(loaded, x))
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+def test_a_planted_pickle_is_refused_and_never_executed(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    save_artifact(folder, SPEC, trained_model(), "{}")
+    marker = tmp_path / "pwned"
+    (folder / "weights.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ArtifactError, match="does not match its recorded SHA-256"):
+        load_artifact(folder)
+    # Even with the digest forged to match, the bytes are parsed as safetensors, never unpickled.
+    import hashlib
+
+    digests = json.loads((folder / "digests.json").read_text())
+    digests["weights.safetensors"] = hashlib.sha256((folder / "weights.safetensors").read_bytes()).hexdigest()
+    (folder / "digests.json").write_text(json.dumps(digests))
+    with pytest.raises(ArtifactError, match="is not a safetensors file"):
+        load_artifact(folder)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "digests.json").unlink(), "not a driftloop model artifact"),
+        (lambda f: (f / "features.json").write_text("{}x"), "features.json does not match"),
+        (lambda f: (f / "spec.json").unlink(), "missing spec.json"),
+    ],
+)
+def test_damaged_artifacts_are_refused(tmp_path: Path, damage: object, message: str) -> None:
+    folder = tmp_path / "m"
+    save_artifact(folder, SPEC, trained_model(), "{}")
+    damage(folder)  # type: ignore[operator]
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(folder)
+
+
+def test_an_unknown_model_kind_is_refused() -> None:
+    with pytest.raises(ArtifactError, match="unknown model kind 'forest'"):
+        ModelSpec.from_json(json.dumps({**json.loads(SPEC.to_json()), "kind": "forest"}))
+
+
+def test_logreg_is_one_linear_layer() -> None:
+    spec = ModelSpec.from_settings(ModelSettings(kind="logreg"), ["a", "b"], ["no", "yes"])
+    assert [type(m).__name__ for m in build_model(spec)] == ["Linear"]
+
+
+def test_checkpoints_restore_weights_and_optimizer_without_pickle(tmp_path: Path) -> None:
+    model = trained_model()
+    optimizer = make_optimizer(model, 0.01, 0.0)
+    x, y = torch.randn(64, 6), torch.randint(0, 2, (64,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    save_checkpoint(tmp_path, model, optimizer, epoch=3)
+    fresh = trained_model(seed=1)
+    fresh_opt = make_optimizer(fresh, 0.01, 0.0)
+    assert load_checkpoint(tmp_path, fresh, fresh_opt) == 3
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for group in (optimizer, fresh_opt):  # one more identical step gives identical weights
+        group.zero_grad()
+    for m, o in ((model, optimizer), (fresh, fresh_opt)):
+        torch.manual_seed(7)  # the same dropout mask for both
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_standalone_loop_learns_a_separable_problem() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 6)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+    model = trained_model()
+    history = train_standalone(model, x[:1500], y[:1500], x[1500:], y[1500:], epochs=5, batch_size=64,
+                               learning_rate=0.01, device=pick_device(False), bf16=True)  # fmt: skip
+    assert history[-1].metrics["val_accuracy"] > 0.9
+    assert history[-1].train_loss < history[0].train_loss
+
+
+def test_metrics_match_scikit_learn() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 500)
+    p1 = np.clip(y * 0.6 + rng.normal(0.2, 0.25, 500), 0.01, 0.99)
+    proba = np.column_stack([1 - p1, p1])
+    report = evaluate(y, proba, ["no", "yes"])
+    pred = proba.argmax(axis=1)
+    assert report["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
+    assert report["f1"] == pytest.approx(sk.f1_score(y, pred))
+    assert report["f1_macro"] == pytest.approx(sk.f1_score(y, pred, average="macro"))
+    assert report["precision"] == pytest.approx(sk.precision_score(y, pred))
+    assert report["recall_macro"] == pytest.approx(sk.recall_score(y, pred, average="macro"))
+    assert report["roc_auc"] == pytest.approx(sk.roc_auc_score(y, p1))
+    assert report["log_loss"] == pytest.approx(sk.log_loss(y, proba))
+    assert report["confusion_matrix"] == sk.confusion_matrix(y, pred).tolist()
+    three = rng.dirichlet([1, 1, 1], 300)
+    labels = rng.integers(0, 3, 300)
+    assert evaluate(labels, three, [0, 1, 2])["roc_auc"] == pytest.approx(
+        sk.roc_auc_score(labels, three, multi_class="ovr", average="macro")
+    )
+
+
+def test_the_holdout_is_the_most_recent() -> None:
+    times = np.array([5, 1, 4, 2, 3, 9, 7, 8, 6, 0])
+    train, holdout = time_split(times, 0.3)
+    assert sorted(times[holdout].tolist()) == [7, 8, 9]
+    assert max(times[train]) < min(times[holdout])
+
+
+GATE = GateSettings(primary_metric="f1_macro", min_improvement=0.01, no_regression=("accuracy", "log_loss"), tolerance=0.02)
+BASE = {"holdout": "h1", "f1_macro": 0.70, "accuracy": 0.75, "log_loss": 0.50, "baseline_f1_macro": 0.40}
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "promote", "why"),
+    [
+        ({**BASE, "f1_macro": 0.72}, BASE, True, "improves by 0.01"),
+        ({**BASE, "f1_macro": 0.705}, BASE, False, "does not improve"),
+        ({**BASE, "f1_macro": 0.75, "accuracy": 0.70}, BASE, False, "accuracy 0.7000 vs 0.7500: regresses"),
+        ({**BASE, "f1_macro": 0.75, "log_loss": 0.53}, BASE, False, "log_loss 0.5300 vs 0.5000: regresses"),
+        ({**BASE, "f1_macro": 0.75, "log_loss": 0.45}, BASE, True, "log_loss 0.4500 vs 0.5000: within"),
+        ({**BASE, "f1_macro": 0.75, "holdout": "h2"}, BASE, False, "not on the same holdout"),
+        ({**BASE, "f1_macro": 0.43}, None, True, "beats the majority-class baseline"),
+        ({**BASE, "f1_macro": 0.41}, None, False, "does not beat the majority-class baseline"),
+        ({"holdout": "h1"}, BASE, False, "has no f1_macro"),
+    ],
+)
+def test_gate_decisions(challenger: dict[str, object], champion: dict[str, object] | None, promote: bool, why: str) -> None:
+    decision = decide(challenger, champion, GATE)
+    assert decision.promote is promote
+    assert any(why in reason for reason in decision.reasons), decision.reasons

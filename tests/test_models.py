@@ -154,7 +154,9 @@ def test_the_holdout_is_the_most_recent() -> None:
     assert max(times[train]) < min(times[holdout])
 
 
-GATE = GateSettings(primary_metric="f1_macro", min_improvement=0.01, no_regression=("accuracy", "log_loss"), tolerance=0.02)
+GATE = GateSettings(
+    primary_metric="f1_macro", min_improvement=0.01, no_regression=("accuracy", "log_loss"), tolerance=0.02
+)
 BASE = {"holdout": "h1", "f1_macro": 0.70, "accuracy": 0.75, "log_loss": 0.50, "baseline_f1_macro": 0.40}
 
 
@@ -172,7 +174,23 @@ BASE = {"holdout": "h1", "f1_macro": 0.70, "accuracy": 0.75, "log_loss": 0.50, "
         ({"holdout": "h1"}, BASE, False, "has no f1_macro"),
     ],
 )
-def test_gate_decisions(challenger: dict[str, object], champion: dict[str, object] | None, promote: bool, why: str) -> None:
+def test_gate_decisions(
+    challenger: dict[str, object], champion: dict[str, object] | None, promote: bool, why: str
+) -> None:
     decision = decide(challenger, champion, GATE)
     assert decision.promote is promote
     assert any(why in reason for reason in decision.reasons), decision.reasons
+
+
+def test_the_gpu_check_runs_on_the_cpu_too() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.gpu_check", "--device", "cpu", "--rows", "6000", "--epochs", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["ok"] is True

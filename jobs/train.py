@@ -1,0 +1,263 @@
+"""Distributed training with Ray Train: one model from a dataset window.
+
+`train_model` splits the window by event time (the most recent `holdout_fraction` is the
+holdout), fits the feature transform on the training part with Ray Data, trains with a
+`TorchTrainer` (DDP over `training.workers`, CPU or GPU), checkpoints every epoch, restarts
+from the last checkpoint when a worker dies (`FailureConfig`), evaluates the final model on
+the holdout and writes the artifact (spec, feature statistics, safetensors weights, report).
+
+As a Ray job entrypoint: `python -m jobs.train --config configs/demo.yaml [--out DIR]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.evaluate import evaluate
+from jobs.features import FeaturePipeline, fit_pipeline
+from jobs.loop import load_checkpoint, make_optimizer, run_epoch, save_checkpoint, validate
+from jobs.models import ModelSpec, build_model, predict_proba, save_artifact
+from streams.config import ModelSettings, PipelineConfig
+from streams.datasets import DatasetStore, Window
+
+__all__ = ["TrainResult", "split_by_time", "train_model"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A trained model: where its artifact is, how it did, and how it got there."""
+
+    artifact: Path
+    spec: ModelSpec
+    report: dict[str, Any]
+    history: list[dict[str, Any]]
+    params: dict[str, Any]
+    train_rows: int
+    holdout_rows: int
+    seconds: float
+
+
+def split_by_time(dataset: Any, event_time: str, holdout_fraction: float) -> tuple[Any, Any, str]:
+    """(train, holdout, holdout id): the holdout is the most recent fraction by event time."""
+    times = dataset.select_columns([event_time]).to_arrow_refs()
+    import ray
+
+    column = pa.concat_arrays([t.column(event_time).combine_chunks() for t in ray.get(times)])
+    values = np.sort(column.cast(pa.int64()).to_numpy(zero_copy_only=False))
+    if len(values) < 10:
+        raise ValueError(f"the window holds {len(values)} rows; at least 10 are needed to train and evaluate")
+    cutoff_value = int(values[min(int(len(values) * (1 - holdout_fraction)), len(values) - 1)])
+    cutoff = pa.scalar(cutoff_value, pa.int64()).cast(column.type)
+
+    def before(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.less(batch[event_time], cutoff))
+
+    def after(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.greater_equal(batch[event_time], cutoff))
+
+    holdout_id = f"{event_time}>={cutoff.as_py().isoformat()}"
+    return (
+        dataset.map_batches(before, batch_format="pyarrow"),
+        dataset.map_batches(after, batch_format="pyarrow"),
+        holdout_id,
+    )
+
+
+def _to_numpy(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    if not parts:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: the plain-torch loop on its shard, checkpointed per epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.manual_seed(cfg["seed"] + rank)
+    spec = ModelSpec.from_json(cfg["spec"])
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(build_model(spec))
+    optimizer = make_optimizer(model, cfg["learning_rate"], cfg["weight_decay"])
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start = load_checkpoint(Path(folder), model, optimizer)
+    shard = ray.train.get_dataset_shard("train")
+    x_val, y_val = cfg["x_val"], cfg["y_val"]
+    for epoch in range(start, cfg["epochs"]):
+        kill = cfg.get("kill_once")
+        if kill and rank == 0 and epoch == kill["epoch"] and not Path(kill["marker"]).exists():
+            Path(kill["marker"]).touch()
+            os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-training (tests)
+        started = time.perf_counter()
+        batches = (
+            (b["x"], b["y"])
+            for b in shard.iter_torch_batches(
+                batch_size=cfg["batch_size"], dtypes={"x": torch.float32, "y": torch.long}
+            )
+        )
+        loss, samples = run_epoch(model, optimizer, batches, device, cfg["bf16"])
+        metrics: dict[str, Any] = validate(model, x_val, y_val, device, cfg["bf16"])
+        metrics.update(
+            epoch=epoch + 1, train_loss=loss, samples=samples, seconds=time.perf_counter() - started, resumed_from=start
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                save_checkpoint(Path(folder), model, optimizer, epoch + 1)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(metrics)
+
+
+def train_model(
+    config: PipelineConfig,
+    window: Window,
+    out: Path,
+    *,
+    model: ModelSettings | None = None,
+    store: DatasetStore | None = None,
+    kill_once: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train, evaluate and write one model artifact under `out` (see the module docstring)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    settings = model or config.model
+    store = store or DatasetStore(config.datasets.root, config.name)
+    started = time.monotonic()
+    event_time = config.schema.timestamp
+    data = store.read(window, event_time)
+    train_raw, holdout_raw, holdout_id = split_by_time(data, event_time, settings.holdout_fraction)
+    train_raw = train_raw.materialize()
+    features = fit_pipeline(train_raw, config.schema, config.features)
+    to_inputs = features.batch_fn()
+    train = train_raw.map_batches(to_inputs, batch_format="numpy").materialize()
+    x_val, y_val = _to_numpy(holdout_raw.map_batches(to_inputs, batch_format="numpy"))
+    spec = ModelSpec.from_settings(settings, features.output_names, list(config.schema.label.classes))
+    params = {
+        "kind": settings.kind,
+        "hidden": list(spec.hidden),
+        "dropout": spec.dropout,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "learning_rate": settings.learning_rate,
+        "weight_decay": settings.weight_decay,
+        "workers": config.training.workers,
+        "use_gpu": config.training.use_gpu,
+    }
+    loop_config: dict[str, Any] = {
+        "spec": spec.to_json(),
+        "seed": settings.seed,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "learning_rate": settings.learning_rate,
+        "weight_decay": settings.weight_decay,
+        "bf16": settings.bf16,
+        "x_val": x_val,
+        "y_val": y_val,
+        "kill_once": kill_once,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.training.workers,
+            use_gpu=config.training.use_gpu,
+            resources_per_worker={
+                "CPU": config.training.cpus_per_worker,
+                **({"GPU": 1} if config.training.use_gpu else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{config.name}-train-{int(time.time() * 1000)}",
+            storage_path=str((out / "ray").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=config.training.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training ended without a checkpoint: {result.error!r}")
+    trained = build_model(spec)
+    with result.checkpoint.as_directory() as folder:
+        load_checkpoint(Path(folder), trained, make_optimizer(trained, settings.learning_rate, 0.0))
+    trained.eval()
+    proba = predict_proba(trained, x_val).numpy()
+    report = evaluate(y_val, proba, list(config.schema.label.classes))
+    report["holdout"] = holdout_id
+    report["datasets"] = [m.version_id for m in window.manifests]
+    history = [
+        dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])
+    ]
+    artifact = out / "model"
+    save_artifact(artifact, spec, trained, features.to_json())
+    (artifact / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    return TrainResult(
+        artifact=artifact,
+        spec=spec,
+        report=report,
+        history=history,
+        params=params,
+        train_rows=train.count(),
+        holdout_rows=len(y_val),
+        seconds=time.monotonic() - started,
+    )
+
+
+def load_features(artifact: Path, config: PipelineConfig) -> FeaturePipeline:
+    """The feature transform a model artifact was trained with."""
+    return FeaturePipeline.from_json((artifact / "features.json").read_text(), config.schema, config.features)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.train --config C`: train on the newest dataset window (a Ray job entrypoint)."""
+    from streams.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description="Train one model with Ray Train.")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="where the artifact goes (default: runs/train-<time>)")
+    parser.add_argument(
+        "--last-rows", type=int, default=None, help="train on the newest N rows (default: all versions)"
+    )
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray.address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    store = DatasetStore(config.datasets.root, config.name)
+    window = store.window(last_rows=args.last_rows)
+    if not window.manifests:
+        print(
+            f"no dataset versions in {config.datasets.root}/{config.name}: run `driftloop ingest` first",
+            file=sys.stderr,
+        )
+        return 1
+    result = train_model(config, window, args.out or Path("runs") / f"train-{int(time.time())}", store=store)
+    summary = {k: result.report[k] for k in ("accuracy", "f1_macro", "roc_auc", "log_loss", "baseline_accuracy")}
+    print(json.dumps({"artifact": str(result.artifact), "report": summary, "seconds": round(result.seconds, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

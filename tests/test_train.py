@@ -43,7 +43,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_the_model_beats_the_bas
     assert result.train_rows + result.holdout_rows == 6000
     assert report["holdout"].startswith("event_time>=")
 
-    spec, model, features_json = load_artifact(result.artifact)
+    _, model, _ = load_artifact(result.artifact)
     features = load_features(result.artifact, config)
     rows = [r.record for r in StreamGenerator(config, seed=1).records(6000)][-200:]
     proba = predict_proba(model, features.transform_records(rows)).numpy()

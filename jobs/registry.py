@@ -1,0 +1,216 @@
+"""Tracking and the model registry in MLflow, and promotion through the gate.
+
+One MLflow experiment per pipeline, one run per training: params, per-epoch metrics, the
+holdout report, the dataset versions as inputs (with their Kafka ranges), the git commit,
+and the artifact folder. Each run's model becomes a version of the pipeline's registered
+model, tagged with its lineage and its report. Aliases, not stages: `champion` is what serves,
+`previous` is where a rollback goes.
+
+`promote` runs the gate under a lock per model, so two racing promotions are serialised:
+each challenger is judged against the champion of the moment, and the alias never rests on
+a version that did not pass against the version it replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.gate import Decision, decide
+from jobs.lineage import log_dataset_version
+from streams.config import GateSettings, PipelineConfig
+from streams.datasets import Window
+from streams.events import Event, ModelPromoted, ModelRejected
+
+__all__ = ["ModelRegistry", "Registered", "git_commit", "tracking_uri"]
+
+CHAMPION, PREVIOUS = "champion", "previous"
+REPORT_TAG = "driftloop.report"
+
+
+def tracking_uri(config: PipelineConfig, run_dir: Path) -> str:
+    """`MLFLOW_TRACKING_URI` / `mlflow.tracking_uri`, else a SQLite store under the run directory."""
+    if config.mlflow.tracking_uri:
+        return config.mlflow.tracking_uri
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A model version in the registry, and the run it came from."""
+
+    name: str
+    version: str
+    run_id: str
+
+
+class ModelRegistry:
+    """The pipeline's experiment and registered model (see the module docstring)."""
+
+    def __init__(
+        self, config: PipelineConfig, uri: str, artifact_root: Path | None = None, lock_dir: Path | None = None
+    ):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.config = config
+        self.name = config.name
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        self.lock_dir = lock_dir or Path("runs") / "locks"
+        experiment = self.client.get_experiment_by_name(self.name)
+        if experiment is None:
+            location = (artifact_root.resolve().as_uri()) if artifact_root is not None else None
+            self.experiment_id = self.client.create_experiment(self.name, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+        self._mlflow = mlflow
+
+    # --- tracking ------------------------------------------------------------------------
+
+    def log_training(
+        self,
+        artifact: Path,
+        params: dict[str, Any],
+        history: list[dict[str, Any]],
+        report: dict[str, Any],
+        window: Window,
+        trigger_event_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> Registered:
+        """Log one training run and register its model as a new version."""
+        mlflow = self._mlflow
+        mlflow.set_tracking_uri(self.uri)
+        tags = {"driftloop.pipeline": self.name, "git_commit": git_commit()}
+        if trigger_event_id:
+            tags["driftloop.trigger_event_id"] = trigger_event_id
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        with mlflow.start_run(experiment_id=self.experiment_id, tags=tags) as run:
+            mlflow.log_params(params)
+            for row in history:
+                step = int(row.get("epoch", 0))
+                mlflow.log_metrics(
+                    {k: float(row[k]) for k in ("train_loss", "val_loss", "val_accuracy") if k in row}, step=step
+                )
+            mlflow.log_metrics({f"holdout_{k}": float(v) for k, v in report.items() if _number(v)})
+            for manifest in window.manifests:
+                log_dataset_version(manifest, context="training")
+            mlflow.log_artifacts(str(artifact), artifact_path="model")
+            run_id = run.info.run_id
+            source = f"{run.info.artifact_uri}/model"
+        with contextlib.suppress(Exception):  # already exists
+            self.client.create_registered_model(self.name, tags={"driftloop.pipeline": self.name})
+        lineage = {
+            "driftloop.datasets": ",".join(m.version_id for m in window.manifests),
+            "driftloop.kafka": ";".join(m.source_uri() for m in window.manifests)[:4900],
+            "driftloop.run_id": run_id,
+            REPORT_TAG: json.dumps(_compact(report), sort_keys=True),
+        }
+        if trigger_event_id:
+            lineage["driftloop.trigger_event_id"] = trigger_event_id
+        version = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=lineage)
+        return Registered(self.name, str(version.version), run_id)
+
+    # --- registry ------------------------------------------------------------------------
+
+    def alias(self, alias: str) -> str | None:
+        """The version an alias points at, or None."""
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, alias).version)
+        except Exception:  # MlflowException: no such alias or model
+            return None
+
+    def report(self, version: str) -> dict[str, Any]:
+        tags = self.client.get_model_version(self.name, version).tags
+        return dict(json.loads(tags[REPORT_TAG]))
+
+    def download(self, version: str, into: Path) -> Path:
+        """The version's artifact folder, downloaded (verify it with jobs.models.load_artifact)."""
+        source = self.client.get_model_version(self.name, version).source
+        return Path(self._mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into)))
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_dir / f"{self.name}.promotion.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def promote(
+        self,
+        version: str,
+        gate: GateSettings,
+        champion_report: Callable[[str], dict[str, Any]] | None = None,
+        publish: Callable[[Event], None] | None = None,
+        pause: float = 0.0,
+    ) -> Decision:
+        """Judge `version` against the current champion and move the aliases if it passes.
+
+        `champion_report(v)` re-evaluates champion `v` on the challenger's holdout (default:
+        the champion's own recorded report, which the gate accepts only if its holdout is the
+        same). `pause` widens the race window in tests.
+        """
+        with self._lock():
+            challenger = self.report(version)
+            champion = self.alias(CHAMPION)
+            if champion == version:
+                return Decision(True, (f"version {version} is already the champion",))
+            champion_seen = None
+            if champion is not None:
+                champion_seen = champion_report(champion) if champion_report else self.report(champion)
+            time.sleep(pause)
+            decision = decide(challenger, champion_seen, gate)
+            if decision.promote:
+                self.client.set_registered_model_alias(self.name, CHAMPION, version)
+                if champion is not None:
+                    self.client.set_registered_model_alias(self.name, PREVIOUS, champion)
+            self.client.set_model_version_tag(
+                self.name, version, "driftloop.gate", "passed" if decision.promote else "rejected"
+            )
+            self.client.set_model_version_tag(
+                self.name, version, "driftloop.gate_reasons", "; ".join(decision.reasons)[:4900]
+            )
+        if publish is not None:
+            metrics = {k: float(v) for k, v in challenger.items() if _number(v)}
+            if decision.promote:
+                publish(
+                    ModelPromoted(
+                        model_name=self.name, model_version=version, previous_version=champion, metrics=metrics
+                    )
+                )
+            else:
+                publish(ModelRejected(model_name=self.name, model_version=version, reasons=decision.reasons))
+        return decision
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _compact(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without bulky fields, to fit a registry tag."""
+    return {k: v for k, v in report.items() if k not in ("confusion_matrix",)} | {
+        "confusion_matrix": report.get("confusion_matrix", [])[:20]
+    }

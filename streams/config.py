@@ -34,10 +34,12 @@ __all__ = [
     "LabelSpec",
     "MlflowSettings",
     "ModelSettings",
+    "Param",
     "PipelineConfig",
     "ProducerSettings",
     "RaySettings",
     "RecordSchema",
+    "SearchSettings",
     "Step",
     "TrainingSettings",
     "load_config",
@@ -419,6 +421,68 @@ class TrainingSettings:
             yield "max_failures", "an integer >= 0", self.max_failures
 
 
+SEARCHABLE = ("learning_rate", "weight_decay", "dropout", "batch_size", "hidden", "kind")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One dimension of the search space: a range (`low`..`high`, `log`) or `choices`."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[str | int | float, ...] = ()
+
+    def problems(self) -> Iterator[Problem]:
+        if self.name not in SEARCHABLE:
+            yield "name", f"one of {list(SEARCHABLE)}", self.name
+        if self.choices:
+            if self.low is not None or self.high is not None:
+                yield "choices", "either choices or low/high", list(self.choices)
+            if self.name == "hidden":
+                for choice in self.choices:
+                    if not isinstance(choice, str) or not all(p.strip().isdigit() for p in choice.split(",")):
+                        yield "choices", "layer widths as strings like '64,32'", choice
+        elif self.low is None or self.high is None or self.low >= self.high:
+            yield "high", "low < high, or a list of choices", self.high
+        elif self.log and self.low <= 0:
+            yield "low", "a number > 0 for a log scale", self.low
+        elif self.name in ("batch_size", "hidden", "kind"):
+            yield "choices", f"choices for {self.name}", None
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Hyperparameter search: Optuna's TPE through Ray Tune, ASHA early stopping."""
+
+    trials: int = 8
+    max_concurrent: int = 2
+    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    cpus_per_trial: float = 1.0
+    space: tuple[Param, ...] = field(default=(), metadata={"keyed_by": "name"})
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.metric == "val_loss" else "max"
+
+    def problems(self) -> Iterator[Problem]:
+        if self.trials < 1:
+            yield "trials", "an integer >= 1", self.trials
+        if self.max_concurrent < 1:
+            yield "max_concurrent", "an integer >= 1", self.max_concurrent
+        if self.grace_period < 1:
+            yield "grace_period", "an integer >= 1", self.grace_period
+        if self.reduction_factor < 2:
+            yield "reduction_factor", "an integer >= 2", self.reduction_factor
+        if self.cpus_per_trial <= 0:
+            yield "cpus_per_trial", "a number > 0", self.cpus_per_trial
+        if not self.space:
+            yield "space", "at least one parameter to search", {}
+
+
 GATE_METRICS = ("accuracy", "f1", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "log_loss")
 
 
@@ -470,6 +534,7 @@ class PipelineConfig:
     model: ModelSettings = ModelSettings()
     training: TrainingSettings = TrainingSettings()
     gate: GateSettings = GateSettings()
+    search: SearchSettings = SearchSettings(space=(Param(name="learning_rate", low=0.0005, high=0.02, log=True),))
     ray: RaySettings = RaySettings()
     mlflow: MlflowSettings = MlflowSettings()
     source: str = field(default="<memory>", metadata=_NOT_FROM_YAML, compare=False)

@@ -1,0 +1,231 @@
+"""Hyperparameter search: Optuna's TPE through Ray Tune, with ASHA stopping weak trials early.
+
+Each trial trains in one process with the plain-torch loop on the window's training part and
+reports the holdout's loss and accuracy every epoch, so ASHA can stop it at a rung. The
+search space comes from the config (`search.space`), concurrency and resources are bounded,
+and a retrain warm-starts from the current champion's hyperparameters (Optuna evaluates them
+first). The best trial's settings are then trained for real with Ray Train (`jobs.train`).
+
+As a Ray job entrypoint: `python -m jobs.tune --config configs/demo.yaml` (tune, train the
+best, register it in MLflow and run the promotion gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.features import fit_pipeline
+from jobs.loop import pick_device, train_standalone
+from jobs.models import ModelSpec, build_model
+from jobs.train import _to_numpy, split_by_time
+from streams.config import ModelSettings, Param, PipelineConfig, SearchSettings
+from streams.datasets import DatasetStore, Window
+
+__all__ = ["TuneResult", "apply_params", "optuna_space", "params_of", "tune_model"]
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    best_params: dict[str, Any]
+    best_metrics: dict[str, float]
+    trials: list[dict[str, Any]]
+    seconds: float
+
+    def settings(self, base: ModelSettings) -> ModelSettings:
+        return apply_params(base, self.best_params)
+
+
+def optuna_space(search: SearchSettings) -> dict[str, Any]:
+    import optuna.distributions as d
+
+    space: dict[str, Any] = {}
+    for param in search.space:
+        space[param.name] = _distribution(param, d)
+    return space
+
+
+def _distribution(param: Param, d: Any) -> Any:
+    if param.choices:
+        return d.CategoricalDistribution(list(param.choices))
+    assert param.low is not None and param.high is not None
+    return d.FloatDistribution(param.low, param.high, log=param.log)
+
+
+def apply_params(settings: ModelSettings, params: dict[str, Any]) -> ModelSettings:
+    """Model settings with a trial's parameters applied (`hidden` comes as "64,32")."""
+    changes: dict[str, Any] = {}
+    for name, value in params.items():
+        if name == "hidden":
+            changes["hidden"] = tuple(int(w) for w in str(value).split(",") if w.strip())
+        elif name == "batch_size":
+            changes["batch_size"] = int(value)
+        elif name in ("learning_rate", "weight_decay", "dropout"):
+            changes[name] = float(value)
+        elif name == "kind":
+            changes["kind"] = str(value)
+    return dataclasses.replace(settings, **changes)
+
+
+def params_of(settings: ModelSettings, search: SearchSettings) -> dict[str, Any]:
+    """The searched parameters of some settings (a champion's), as a point for Optuna to try first."""
+    point: dict[str, Any] = {}
+    for param in search.space:
+        value: Any = getattr(settings, param.name)
+        if param.name == "hidden":
+            value = ",".join(str(w) for w in value)
+        if param.choices and value not in param.choices:
+            continue  # outside today's space: Optuna would reject the point
+        if (
+            not param.choices
+            and param.low is not None
+            and param.high is not None
+            and not param.low <= value <= param.high
+        ):
+            continue
+        point[param.name] = value
+    return point
+
+
+def tune_model(
+    config: PipelineConfig,
+    window: Window,
+    out: Path,
+    *,
+    store: DatasetStore | None = None,
+    warm_start: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> TuneResult:
+    """Search the config's space on the window; returns the best parameters and every trial."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = config.search
+    store = store or DatasetStore(config.datasets.root, config.name)
+    started = time.monotonic()
+    data = store.read(window, config.schema.timestamp)
+    train_raw, holdout_raw, _ = split_by_time(data, config.schema.timestamp, config.model.holdout_fraction)
+    train_raw = train_raw.materialize()
+    features = fit_pipeline(train_raw, config.schema, config.features)
+    to_inputs = features.batch_fn()
+    arrays = [*_to_numpy(train_raw.map_batches(to_inputs, batch_format="numpy")),
+              *_to_numpy(holdout_raw.map_batches(to_inputs, batch_format="numpy"))]  # fmt: skip
+    refs = [ray.put(a) for a in arrays]
+    base, names, classes = config.model, features.output_names, list(config.schema.label.classes)
+
+    def trial(params: dict[str, Any]) -> None:
+        x_train, y_train, x_val, y_val = (ray.get(r) for r in refs)
+        settings = apply_params(base, params)
+        spec = ModelSpec.from_settings(settings, names, classes)
+        train_standalone(
+            build_model(spec), x_train, y_train, x_val, y_val,
+            epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+            weight_decay=settings.weight_decay, bf16=settings.bf16, device=pick_device(False), seed=settings.seed,
+            on_epoch=lambda r: tune.report({**r.metrics, "epoch": r.epoch + 1, "train_loss": r.train_loss}),
+        )  # fmt: skip
+
+    algorithm = OptunaSearch(
+        space=optuna_space(search),
+        metric=search.metric,
+        mode=search.mode,
+        points_to_evaluate=[warm_start] if warm_start else None,
+        seed=seed,
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"cpu": search.cpus_per_trial}),
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(algorithm, max_concurrent=search.max_concurrent),
+            scheduler=ASHAScheduler(
+                time_attr="epoch",
+                max_t=base.epochs,
+                grace_period=search.grace_period,
+                reduction_factor=search.reduction_factor,
+            ),
+            num_samples=search.trials,
+            metric=search.metric,
+            mode=search.mode,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{config.name}-tune-{int(time.time() * 1000)}", storage_path=str((out / "ray").resolve())
+        ),
+    )
+    grid = tuner.fit()
+    trials = []
+    for result in grid:
+        if result.error is not None:
+            raise RuntimeError(f"a tuning trial failed: {result.error!r}")
+        trials.append({"params": dict(result.config), "epochs": int(result.metrics.get("epoch", 0)),
+                       **{k: float(result.metrics[k]) for k in ("val_loss", "val_accuracy") if k in result.metrics}})  # fmt: skip
+    best = grid.get_best_result(metric=search.metric, mode=search.mode, scope="all")
+    metrics = {k: float(best.metrics[k]) for k in ("val_loss", "val_accuracy") if k in best.metrics}
+    return TuneResult(dict(best.config), metrics, trials, time.monotonic() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Tune, train the best with Ray Train, register the model and run the gate."""
+    from jobs.registry import ModelRegistry, tracking_uri
+    from jobs.train import train_model
+    from streams.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m jobs.tune", description="Tune, train, register, gate.")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/tune-<time>)")
+    parser.add_argument("--trigger-event-id", default=None, help="the RetrainRequested event this job answers")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray.address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    out = args.out or Path("runs") / f"tune-{int(time.time())}"
+    store = DatasetStore(config.datasets.root, config.name)
+    window = store.window()
+    if not window.manifests:
+        print(
+            f"no dataset versions in {config.datasets.root}/{config.name}: run `driftloop ingest` first",
+            file=sys.stderr,
+        )
+        return 1
+    registry = ModelRegistry(
+        config, tracking_uri(config, out), artifact_root=out / "mlartifacts", lock_dir=out / "locks"
+    )
+    champion = registry.alias("champion")
+    warm = None
+    if champion is not None:
+        run = registry.client.get_run(registry.client.get_model_version(config.name, champion).run_id)
+        known = {k: json.loads(v) if v.startswith("[") else v for k, v in run.data.params.items()}
+        warm = params_of(_settings_from_params(config.model, known), config.search)
+    tuned = tune_model(config, window, out, store=store, warm_start=warm)
+    trained = train_model(config, window, out, model=tuned.settings(config.model), store=store)
+    params = {**trained.params, **{f"tuned.{k}": v for k, v in tuned.best_params.items()}}
+    registered = registry.log_training(
+        trained.artifact, params, trained.history, trained.report, window, args.trigger_event_id
+    )
+    decision = registry.promote(registered.version, config.gate)
+    print(json.dumps({"version": registered.version, "promoted": decision.promote, "reasons": decision.reasons,
+                      "best_params": tuned.best_params, "report": {k: trained.report[k] for k in ("accuracy", "f1_macro")}}))  # fmt: skip
+    return 0
+
+
+def _settings_from_params(base: ModelSettings, params: dict[str, Any]) -> ModelSettings:
+    values: dict[str, Any] = {}
+    for name in ("learning_rate", "weight_decay", "dropout", "batch_size", "kind"):
+        if name in params:
+            values[name] = params[name]
+    if "hidden" in params and isinstance(params["hidden"], list):
+        values["hidden"] = ",".join(str(w) for w in params["hidden"])
+    return apply_params(base, values)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

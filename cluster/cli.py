@@ -110,6 +110,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     ingest.set_defaults(func=cmd_ingest)
 
+    train = sub.add_parser("train", help="train one model on the dataset with Ray Train (local Ray or RAY_ADDRESS)")
+    _config_arg(train)
+    train.add_argument("--out", type=Path, default=None, help="where the artifact goes (default: runs/train-<time>)")
+    train.add_argument("--last-rows", type=_positive_int, default=None, help="train on the newest N rows")
+    train.set_defaults(func=cmd_train)
+
+    tune = sub.add_parser("tune", help="tune, train the best, register it in MLflow and run the promotion gate")
+    _config_arg(tune)
+    tune.add_argument("--out", type=Path, default=None, help="run directory (default: runs/tune-<time>)")
+    tune.set_defaults(func=cmd_tune)
+
     run = sub.add_parser("run", help="run the pipeline end to end on the embedded default")
     run.add_argument(
         "config", type=Path, nargs="?", default=Path("configs/demo.yaml"), help="pipeline config (default: %(default)s)"
@@ -282,6 +293,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             )
         if not args.follow or stop.wait(args.interval):
             return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cluster.ray_runtime import connect
+    from jobs.train import main as train_main
+
+    config = load_config(args.config)
+    connect(config, quiet=not args.verbose)
+    argv = ["--config", str(args.config)] + (["--out", str(args.out)] if args.out else [])
+    return train_main(argv + (["--last-rows", str(args.last_rows)] if args.last_rows else []))
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cluster.ray_runtime import connect
+    from jobs.tune import main as tune_main
+
+    config = load_config(args.config)
+    connect(config, quiet=not args.verbose)
+    return tune_main(["--config", str(args.config)] + (["--out", str(args.out)] if args.out else []))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from jobs.loop import load_checkpoint, make_optimizer, run_epoch, save_checkpoin
 from jobs.models import ModelSpec, build_model, predict_proba, save_artifact
 from streams.config import ModelSettings, PipelineConfig
 from streams.datasets import DatasetStore, Window
+from streams.errors import DriftloopError
 
 __all__ = ["TrainResult", "split_by_time", "train_model"]
 
@@ -81,6 +82,19 @@ def _to_numpy(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
     if not parts:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])
+
+
+def check_resources(cpus: float, gpus: float, what: str) -> None:
+    """Fail at once, clearly, when the Ray cluster can never give what a job asks for."""
+    import ray
+
+    have = ray.cluster_resources()
+    if cpus > have.get("CPU", 0) or gpus > have.get("GPU", 0):
+        raise DriftloopError(
+            f"{what} needs {cpus:g} CPUs and {gpus:g} GPUs, but the Ray cluster has "
+            f"{have.get('CPU', 0):g} CPUs and {have.get('GPU', 0):g} GPUs: lower training.workers, "
+            "training.cpus_per_worker or search.cpus_per_trial, or use a bigger cluster"
+        )
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -142,6 +156,10 @@ def train_model(
     from ray.train.torch import TorchTrainer
 
     settings = model or config.model
+    training = config.training
+    check_resources(
+        training.workers * training.cpus_per_worker, training.workers if training.use_gpu else 0, "training"
+    )
     store = store or DatasetStore(config.datasets.root, config.name)
     started = time.monotonic()
     event_time = config.schema.timestamp

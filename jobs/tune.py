@@ -25,7 +25,7 @@ from typing import Any
 from jobs.features import fit_pipeline
 from jobs.loop import pick_device, train_standalone
 from jobs.models import ModelSpec, build_model
-from jobs.train import _to_numpy, split_by_time
+from jobs.train import _to_numpy, check_resources, split_by_time
 from streams.config import ModelSettings, Param, PipelineConfig, SearchSettings
 from streams.datasets import DatasetStore, Window
 
@@ -111,6 +111,7 @@ def tune_model(
     from ray.tune.search.optuna import OptunaSearch
 
     search = config.search
+    check_resources(search.cpus_per_trial, 0, "a tuning trial")
     store = store or DatasetStore(config.datasets.root, config.name)
     started = time.monotonic()
     data = store.read(window, config.schema.timestamp)
@@ -161,14 +162,17 @@ def tune_model(
     )
     grid = tuner.fit()
     trials = []
-    for result in grid:
+    for i in range(len(grid)):
+        result = grid[i]
         if result.error is not None:
             raise RuntimeError(f"a tuning trial failed: {result.error!r}")
-        trials.append({"params": dict(result.config), "epochs": int(result.metrics.get("epoch", 0)),
-                       **{k: float(result.metrics[k]) for k in ("val_loss", "val_accuracy") if k in result.metrics}})  # fmt: skip
+        reported = result.metrics or {}
+        trial_metrics: dict[str, float] = {k: float(reported[k]) for k in ("val_loss", "val_accuracy") if k in reported}
+        trials.append({"params": dict(result.config or {}), "epochs": int(reported.get("epoch", 0)), **trial_metrics})
     best = grid.get_best_result(metric=search.metric, mode=search.mode, scope="all")
-    metrics = {k: float(best.metrics[k]) for k in ("val_loss", "val_accuracy") if k in best.metrics}
-    return TuneResult(dict(best.config), metrics, trials, time.monotonic() - started)
+    found = best.metrics or {}
+    metrics: dict[str, float] = {k: float(found[k]) for k in ("val_loss", "val_accuracy") if k in found}
+    return TuneResult(dict(best.config or {}), metrics, trials, time.monotonic() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     champion = registry.alias("champion")
     warm = None
     if champion is not None:
-        run = registry.client.get_run(registry.client.get_model_version(config.name, champion).run_id)
+        run = registry.client.get_run(registry.client.get_model_version(config.name, champion).run_id or "")
         known = {k: json.loads(v) if v.startswith("[") else v for k, v in run.data.params.items()}
         warm = params_of(_settings_from_params(config.model, known), config.search)
     tuned = tune_model(config, window, out, store=store, warm_start=warm)
@@ -212,8 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         trained.artifact, params, trained.history, trained.report, window, args.trigger_event_id
     )
     decision = registry.promote(registered.version, config.gate)
-    print(json.dumps({"version": registered.version, "promoted": decision.promote, "reasons": decision.reasons,
-                      "best_params": tuned.best_params, "report": {k: trained.report[k] for k in ("accuracy", "f1_macro")}}))  # fmt: skip
+    summary = {
+        "version": registered.version,
+        "promoted": decision.promote,
+        "reasons": decision.reasons,
+        "best_params": tuned.best_params,
+        "report": {k: trained.report[k] for k in ("accuracy", "f1_macro", "baseline_accuracy")},
+    }
+    print(json.dumps(summary))
     return 0
 
 

@@ -32,7 +32,7 @@ def config_file(tmp_path: Path, config: PipelineConfig) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", ["", "broker", "produce", "consume", "ingest", "run"])
+@pytest.mark.parametrize("command", ["", "broker", "produce", "consume", "ingest", "train", "tune", "run"])
 def test_help(command: str) -> None:
     result = driftloop(*([command] if command else []), "--help")
     assert result.returncode == 0

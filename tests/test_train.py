@@ -49,3 +49,56 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_the_model_beats_the_bas
     proba = predict_proba(model, features.transform_records(rows)).numpy()
     labels = features.encode_labels([r["churned"] for r in rows])
     assert np.mean(proba.argmax(axis=1) == labels) > report["baseline_accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"training": {"workers": 64}}, "training needs 64 CPUs and 0 GPUs, but the Ray cluster has 2 CPUs"),
+        ({"training": {"use_gpu": True, "workers": 1}}, "training needs 1 CPUs and 1 GPUs"),
+        ({"search": {"cpus_per_trial": 16.0}}, "a tuning trial needs 16 CPUs"),
+    ],
+)
+def test_impossible_resources_fail_at_once_with_a_clear_error(
+    config: PipelineConfig, tmp_path: Path, change: dict[str, dict[str, object]], message: str
+) -> None:
+    from jobs.tune import tune_model
+    from streams.errors import DriftloopError
+
+    for section, values in change.items():
+        config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)})
+    store = DatasetStore(config.datasets.root, config.name)
+    with pytest.raises(DriftloopError, match=message):
+        if "search" in change:
+            tune_model(config, store.window(), tmp_path, store=store)
+        else:
+            train_model(config, store.window(), tmp_path, store=store)
+
+
+@pytest.mark.parametrize(
+    ("yaml_change", "key", "expected"),
+    [
+        ({"model": {"kind": "forest"}}, "model.kind", "one of ['mlp', 'logreg']"),
+        ({"search": {"space": {}}}, "search.space", "at least one parameter"),
+        ({"search": {"space": {"momentum": {"low": 0, "high": 1}}}}, "search.space.momentum.name", "one of ["),
+        (
+            {"search": {"space": {"learning_rate": {"low": 0.1, "high": 0.01}}}},
+            "search.space.learning_rate.high",
+            "low < high",
+        ),
+        ({"training": {"workers": 0}}, "training.workers", "an integer >= 1"),
+    ],
+)
+def test_bad_training_configs(yaml_change: dict[str, dict[str, object]], key: str, expected: str) -> None:
+    import yaml
+
+    from streams.config import parse_config
+    from streams.errors import ConfigError
+    from tests.conftest import DEMO
+
+    data = yaml.safe_load(DEMO.read_text())
+    for section, values in yaml_change.items():
+        data[section].update(values)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(yaml.safe_dump(data), source="p.yaml", env={})
+    assert caught.value.key == key and expected in str(caught.value)

@@ -59,3 +59,35 @@ def test_a_tuned_model_clearly_beats_the_majority_baseline(
     labels = [r.label for r in StreamGenerator(config, seed=2).records(5000)][-1000:]
     majority = max(labels.count("yes"), labels.count("no")) / len(labels)
     assert result.best_metrics["val_accuracy"] > majority + 0.15
+
+
+@pytest.mark.integration
+def test_driftloop_tune_registers_and_promotes_the_first_model(
+    config: PipelineConfig, topics: Topics, tmp_path: Path, ray_session: None
+) -> None:
+    import json
+
+    import ray
+    import yaml
+
+    from tests.conftest import DEMO
+    from tests.test_cli import driftloop
+
+    with Producer(config.kafka) as producer:
+        publish_stream(StreamGenerator(config, seed=3), producer, topics, config.name, 3000)
+    assert ingest(config).manifest is not None
+    data = yaml.safe_load(DEMO.read_text())
+    data["name"] = config.name
+    data["datasets"]["root"] = config.datasets.root
+    data["model"]["epochs"] = 2
+    data["search"].update(trials=2, max_concurrent=2)
+    data["training"]["workers"] = 1
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    result = driftloop("tune", "--config", str(path), "--out", str(tmp_path / "run"), env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["version"] == "1" and summary["promoted"] is True
+    assert "beats the majority-class baseline" in summary["reasons"][0]
+    assert (tmp_path / "run" / "mlflow.db").exists()

@@ -108,15 +108,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_artifact(folder: Path, spec: ModelSpec, model: nn.Module, features_json: str) -> dict[str, str]:
-    """Write a model artifact; returns the digests it recorded."""
+def save_artifact(
+    folder: Path, spec: ModelSpec, model: nn.Module, features_json: str, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Write a model artifact (plus `extra` JSON files, digested too); returns the digests."""
     folder.mkdir(parents=True, exist_ok=True)
     module = getattr(model, "module", model)  # unwrap DDP
     state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
     (folder / SPEC).write_text(spec.to_json())
     (folder / FEATURES).write_text(features_json)
     save_file(state, str(folder / WEIGHTS), metadata={"format": "driftloop", "kind": spec.kind})
-    digests = {name: _sha256(folder / name) for name in (SPEC, FEATURES, WEIGHTS)}
+    for name, text in (extra or {}).items():
+        (folder / name).write_text(text)
+    digests = {name: _sha256(folder / name) for name in (SPEC, FEATURES, WEIGHTS, *(extra or {}))}
     (folder / DIGESTS).write_text(json.dumps(digests, sort_keys=True, indent=2))
     return digests
 

@@ -30,6 +30,7 @@ from jobs.evaluate import evaluate
 from jobs.features import FeaturePipeline, fit_pipeline
 from jobs.loop import load_checkpoint, make_optimizer, run_epoch, save_checkpoint, validate
 from jobs.models import ModelSpec, build_model, predict_proba, save_artifact
+from jobs.profile import reference_profile
 from streams.config import ModelSettings, PipelineConfig
 from streams.datasets import DatasetStore, Window
 from streams.errors import DriftloopError
@@ -49,6 +50,7 @@ class TrainResult:
     train_rows: int
     holdout_rows: int
     seconds: float
+    holdout: Any = None  # the holdout's raw rows (a materialized Ray Dataset), to judge other models on
 
 
 def split_by_time(dataset: Any, event_time: str, holdout_fraction: float) -> tuple[Any, Any, str]:
@@ -169,6 +171,7 @@ def train_model(
     features = fit_pipeline(train_raw, config.schema, config.features)
     to_inputs = features.batch_fn()
     train = train_raw.map_batches(to_inputs, batch_format="numpy").materialize()
+    holdout_raw = holdout_raw.materialize()
     x_val, y_val = _to_numpy(holdout_raw.map_batches(to_inputs, batch_format="numpy"))
     spec = ModelSpec.from_settings(settings, features.output_names, list(config.schema.label.classes))
     params = {
@@ -227,9 +230,15 @@ def train_model(
     history = [
         dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])
     ]
+    profile = reference_profile(train_raw.iter_batches(batch_format="numpy"), config.schema)
     artifact = out / "model"
-    save_artifact(artifact, spec, trained, features.to_json())
-    (artifact / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    save_artifact(
+        artifact,
+        spec,
+        trained,
+        features.to_json(),
+        extra={"report.json": json.dumps(report, indent=2, sort_keys=True), "profile.json": json.dumps(profile)},
+    )
     return TrainResult(
         artifact=artifact,
         spec=spec,
@@ -239,7 +248,24 @@ def train_model(
         train_rows=train.count(),
         holdout_rows=len(y_val),
         seconds=time.monotonic() - started,
+        holdout=holdout_raw,
     )
+
+
+def evaluate_artifact(artifact: Path, config: PipelineConfig, holdout: Any, holdout_id: str) -> dict[str, Any]:
+    """A model artifact's report on a holdout (raw rows): how the champion is judged on new data.
+
+    The artifact brings its own feature statistics, so the champion sees the holdout exactly
+    as it would in serving.
+    """
+    from jobs.models import load_artifact
+
+    spec, model, features_json = load_artifact(artifact)
+    features = FeaturePipeline.from_json(features_json, config.schema, config.features)
+    x, y = _to_numpy(holdout.map_batches(features.batch_fn(), batch_format="numpy"))
+    report = evaluate(y, predict_proba(model, x).numpy(), list(spec.classes))
+    report["holdout"] = holdout_id
+    return report
 
 
 def load_features(artifact: Path, config: PipelineConfig) -> FeaturePipeline:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,31 @@ def _distribution(param: Param, d: Any) -> Any:
         return d.CategoricalDistribution(list(param.choices))
     assert param.low is not None and param.high is not None
     return d.FloatDistribution(param.low, param.high, log=param.log)
+
+
+def tune_callbacks(config: PipelineConfig, out: Path, tracking_uri: str | None) -> list[Any]:
+    """One MLflow run per trial, and W&B / Comet when the config switches them on."""
+    callbacks: list[Any] = []
+    project = config.trackers.project or config.name
+    if tracking_uri:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(
+            MLflowLoggerCallback(tracking_uri, experiment_name=config.name, tags={"driftloop.kind": "tune-trial"})
+        )
+    if config.trackers.wandb:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        mode = "offline" if config.trackers.offline else None
+        if mode:
+            os.environ["WANDB_MODE"] = mode  # Ray's callback asks for an API key unless this says offline
+        callbacks.append(WandbLoggerCallback(project=project, mode=mode, dir=str(out.resolve())))
+    if config.trackers.comet:
+        from ray.air.integrations.comet import CometLoggerCallback
+
+        extra: dict[str, Any] = {"offline_directory": str((out / "comet").resolve())} if config.trackers.offline else {}
+        callbacks.append(CometLoggerCallback(online=not config.trackers.offline, project_name=project, **extra))
+    return callbacks
 
 
 def apply_params(settings: ModelSettings, params: dict[str, Any]) -> ModelSettings:
@@ -102,16 +128,10 @@ def tune_model(
     store: DatasetStore | None = None,
     warm_start: dict[str, Any] | None = None,
     seed: int = 0,
+    tracking_uri: str | None = None,
 ) -> TuneResult:
     """Search the config's space on the window; returns the best parameters and every trial."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    search = config.search
-    check_resources(search.cpus_per_trial, 0, "a tuning trial")
+    check_resources(config.search.cpus_per_trial, 0, "a tuning trial")
     store = store or DatasetStore(config.datasets.root, config.name)
     started = time.monotonic()
     data = store.read(window, config.schema.timestamp)
@@ -119,10 +139,35 @@ def tune_model(
     train_raw = train_raw.materialize()
     features = fit_pipeline(train_raw, config.schema, config.features)
     to_inputs = features.batch_fn()
-    arrays = [*_to_numpy(train_raw.map_batches(to_inputs, batch_format="numpy")),
-              *_to_numpy(holdout_raw.map_batches(to_inputs, batch_format="numpy"))]  # fmt: skip
+    arrays = (*_to_numpy(train_raw.map_batches(to_inputs, batch_format="numpy")),
+              *_to_numpy(holdout_raw.map_batches(to_inputs, batch_format="numpy")))  # fmt: skip
+    result = tune_arrays(
+        config, arrays, features.output_names, out, warm_start=warm_start, seed=seed, tracking_uri=tracking_uri
+    )
+    return dataclasses.replace(result, seconds=time.monotonic() - started)
+
+
+def tune_arrays(
+    config: PipelineConfig,
+    arrays: tuple[Any, Any, Any, Any],
+    input_names: list[str],
+    out: Path,
+    *,
+    warm_start: dict[str, Any] | None = None,
+    seed: int = 0,
+    tracking_uri: str | None = None,
+) -> TuneResult:
+    """The search itself, on (x_train, y_train, x_val, y_val) already transformed."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = config.search
+    started = time.monotonic()
     refs = [ray.put(a) for a in arrays]
-    base, names, classes = config.model, features.output_names, list(config.schema.label.classes)
+    base, names, classes = config.model, input_names, list(config.schema.label.classes)
 
     def trial(params: dict[str, Any]) -> None:
         x_train, y_train, x_val, y_val = (ray.get(r) for r in refs)
@@ -157,7 +202,9 @@ def tune_model(
             mode=search.mode,
         ),
         run_config=tune.RunConfig(
-            name=f"{config.name}-tune-{int(time.time() * 1000)}", storage_path=str((out / "ray").resolve())
+            name=f"{config.name}-tune-{int(time.time() * 1000)}",
+            storage_path=str((out / "ray").resolve()),
+            callbacks=tune_callbacks(config, out, tracking_uri),
         ),
     )
     grid = tuner.fit()
@@ -178,7 +225,7 @@ def tune_model(
 def main(argv: list[str] | None = None) -> int:
     """Tune, train the best with Ray Train, register the model and run the gate."""
     from jobs.registry import ModelRegistry, tracking_uri
-    from jobs.train import train_model
+    from jobs.train import evaluate_artifact, train_model
     from streams.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m jobs.tune", description="Tune, train, register, gate.")
@@ -209,13 +256,19 @@ def main(argv: list[str] | None = None) -> int:
         run = registry.client.get_run(registry.client.get_model_version(config.name, champion).run_id or "")
         known = {k: json.loads(v) if v.startswith("[") else v for k, v in run.data.params.items()}
         warm = params_of(_settings_from_params(config.model, known), config.search)
-    tuned = tune_model(config, window, out, store=store, warm_start=warm)
+    tuned = tune_model(config, window, out, store=store, warm_start=warm, tracking_uri=registry.uri)
     trained = train_model(config, window, out, model=tuned.settings(config.model), store=store)
     params = {**trained.params, **{f"tuned.{k}": v for k, v in tuned.best_params.items()}}
     registered = registry.log_training(
         trained.artifact, params, trained.history, trained.report, window, args.trigger_event_id
     )
-    decision = registry.promote(registered.version, config.gate)
+    holdout_id = trained.report["holdout"]
+
+    def champion_on_this_holdout(version: str) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as folder:
+            return evaluate_artifact(registry.download(version, Path(folder)), config, trained.holdout, holdout_id)
+
+    decision = registry.promote(registered.version, config.gate, champion_report=champion_on_this_holdout)
     summary = {
         "version": registered.version,
         "promoted": decision.promote,

@@ -41,6 +41,7 @@ __all__ = [
     "RecordSchema",
     "SearchSettings",
     "Step",
+    "TrackerSettings",
     "TrainingSettings",
     "load_config",
     "parse_config",
@@ -508,6 +509,19 @@ class GateSettings:
 
 
 @dataclass(frozen=True)
+class TrackerSettings:
+    """Optional trackers beside MLflow, fed by Ray Tune's logger callbacks.
+
+    API keys come from the environment only (`WANDB_API_KEY`, `COMET_API_KEY`).
+    """
+
+    wandb: bool = False
+    comet: bool = False
+    project: str | None = None
+    offline: bool = False
+
+
+@dataclass(frozen=True)
 class RaySettings:
     """Where Ray is: None starts or joins a local instance."""
 
@@ -534,6 +548,7 @@ class PipelineConfig:
     model: ModelSettings = ModelSettings()
     training: TrainingSettings = TrainingSettings()
     gate: GateSettings = GateSettings()
+    trackers: TrackerSettings = TrackerSettings()
     search: SearchSettings = SearchSettings(space=(Param(name="learning_rate", low=0.0005, high=0.02, log=True),))
     ray: RaySettings = RaySettings()
     mlflow: MlflowSettings = MlflowSettings()

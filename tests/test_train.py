@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jobs.models import load_artifact, predict_proba
-from jobs.train import load_features, train_model
+from jobs.train import evaluate_artifact, load_features, train_model
 from streams.config import PipelineConfig
 from streams.datasets import DatasetStore
 from streams.generator import StreamGenerator
@@ -43,7 +44,11 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_the_model_beats_the_bas
     assert result.train_rows + result.holdout_rows == 6000
     assert report["holdout"].startswith("event_time>=")
 
+    again = evaluate_artifact(result.artifact, config, result.holdout, report["holdout"])
+    for metric in ("accuracy", "f1_macro", "roc_auc", "log_loss"):
+        assert again[metric] == pytest.approx(report[metric], abs=1e-6), "the champion is judged as it was trained"
     _, model, _ = load_artifact(result.artifact)
+    assert {"report.json", "profile.json"} <= set(json.loads((result.artifact / "digests.json").read_text()))
     features = load_features(result.artifact, config)
     rows = [r.record for r in StreamGenerator(config, seed=1).records(6000)][-200:]
     proba = predict_proba(model, features.transform_records(rows)).numpy()
@@ -102,3 +107,21 @@ def test_bad_training_configs(yaml_change: dict[str, dict[str, object]], key: st
     with pytest.raises(ConfigError) as caught:
         parse_config(yaml.safe_dump(data), source="p.yaml", env={})
     assert caught.value.key == key and expected in str(caught.value)
+
+
+def test_the_reference_profile_describes_the_training_data(demo_config: PipelineConfig) -> None:
+    from jobs.profile import reference_profile
+
+    rows = [r.record for r in StreamGenerator(demo_config, seed=4).records(2000)]
+    batches = [
+        {k: np.array([r[k] for r in rows[i : i + 500]], dtype=object) for k in rows[0]} for i in range(0, 2000, 500)
+    ]
+    profile = reference_profile(batches, demo_config.schema)
+    charges = profile["features"]["monthly_charges"]
+    values = np.array([r["monthly_charges"] for r in rows])
+    assert charges["count"] == 2000 and charges["mean"] == pytest.approx(values.mean())
+    assert charges["deciles"] == pytest.approx(np.quantile(values, [i / 10 for i in range(1, 10)]).tolist())
+    assert sum(charges["bin_counts"]) == 2000
+    plans = profile["features"]["plan"]["frequencies"]
+    assert sum(plans.values()) == 2000 and set(plans) <= set(demo_config.schema.feature("plan").categories)
+    assert set(profile["features"]["churned"]["frequencies"]) == {"no", "yes"}

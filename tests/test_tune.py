@@ -91,3 +91,38 @@ def test_driftloop_tune_registers_and_promotes_the_first_model(
     assert summary["version"] == "1" and summary["promoted"] is True
     assert "beats the majority-class baseline" in summary["reasons"][0]
     assert (tmp_path / "run" / "mlflow.db").exists()
+
+
+@pytest.mark.integration
+def test_each_trial_is_an_mlflow_run_and_wandb_and_comet_log_offline(
+    demo_config: PipelineConfig, tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tune import tune_arrays
+    from streams.config import TrackerSettings
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("COMET_API_KEY", "offline-key")  # offline mode writes archives, sends nothing
+    config = dataclasses.replace(
+        demo_config,
+        name="trackers",
+        model=dataclasses.replace(demo_config.model, epochs=1),
+        search=dataclasses.replace(demo_config.search, trials=2),
+        trackers=TrackerSettings(wandb=True, comet=True, offline=True),
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = tune_arrays(config, (x[:300], y[:300], x[300:], y[300:]), ["a", "b", "c"], tmp_path, tracking_uri=uri)
+    assert len(result.trials) == 2
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("trackers")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2 and all(r.data.tags.get("driftloop.kind") == "tune-trial" for r in runs)
+    assert all("val_loss" in r.data.metrics for r in runs)
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+    assert len(list((tmp_path / "comet").glob("*.zip"))) == 2

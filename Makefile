@@ -35,6 +35,8 @@ bench: install
 	mkdir -p runs/bench
 	$(PY) benchmarks/stream_throughput.py --quick --json runs/bench/stream_throughput.json
 	$(PY) benchmarks/ingest.py --quick --json runs/bench/ingest.json
+	$(PY) benchmarks/train.py --quick --json runs/bench/train.json
+	$(PY) benchmarks/tune.py --quick --json runs/bench/tune.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -19,7 +19,10 @@ DRIFTLOOP = [sys.executable, "-m", "cluster"]
 
 
 def driftloop(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    # Connection settings come only from `env`: in-process tests may have set them (MLflow's
+    # set_tracking_uri exports MLFLOW_TRACKING_URI, for one).
+    scrub = ("KAFKA_BOOTSTRAP_SERVERS", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")
+    clean = {k: v for k, v in os.environ.items() if k not in scrub}
     return subprocess.run(
         [*DRIFTLOOP, *args], cwd=ROOT, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=timeout
     )

@@ -15,11 +15,8 @@ ratio = ours / read_kafka rows per second.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -31,7 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import common  # noqa: E402
 import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
@@ -155,11 +154,9 @@ def run_ceiling(config: PipelineConfig, topic: str, count: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small run (under a minute)")
+    parser = common.parser(__doc__)
     parser.add_argument("--records", type=int, default=None, help="records (default 50k quick, 1M full)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per side (default 1 quick, 3 full)")
-    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     count = args.records or (50_000 if args.quick else 1_000_000)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -220,14 +217,10 @@ def main() -> int:
             "statistic": "median of rounds; peak memory: max over rounds of (peak summed RSS - baseline)",
             "broker": "embedded Tansu (memory://)",
             "ray": ray.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            "machine": common.machine(),
         },
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return common.emit(result, args.json)
 
 
 if __name__ == "__main__":

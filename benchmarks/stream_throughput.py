@@ -12,7 +12,6 @@ rounds alternate ours/peer and the median of each is reported. ratio = ours / pe
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import platform
@@ -24,7 +23,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import common  # noqa: E402
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
 from cluster.broker import EmbeddedBroker  # noqa: E402
@@ -106,11 +107,9 @@ def consume_peer(config: PipelineConfig, topic: str, count: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small run (well under a minute)")
+    parser = common.parser(__doc__)
     parser.add_argument("--records", type=int, default=None, help="records per round (default 50k quick, 500k full)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per side (default 3 quick, 5 full)")
-    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     count = args.records or (50_000 if args.quick else 500_000)
     rounds = args.rounds or (3 if args.quick else 5)
@@ -165,16 +164,12 @@ def main() -> int:
             "partitions": base.kafka.partitions,
             "broker": "embedded Tansu (memory://)",
             "python": platform.python_version(),
-            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cpus",
+            "machine": common.machine(),
         },
         "consume": consumed,
         "produce": produced,
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return common.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,8 @@ ratio = ours / plain samples per second.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,7 +22,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
@@ -154,11 +153,9 @@ def run_hgb(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small run (about a minute)")
+    parser = common.parser(__doc__)
     parser.add_argument("--rows", type=int, default=None, help="generated records (default 20k quick, 200k full)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default 3 quick, 8 full)")
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = args.rows or (20_000 if args.quick else 200_000)
     base = load_config(ROOT / "configs" / "demo.yaml", env={})
@@ -194,14 +191,10 @@ def main() -> int:
             "batch_size": config.model.batch_size,
             "model": {"kind": spec.kind, "hidden": list(spec.hidden), "inputs": spec.input_dim},
             "timed": "ours: trainer.fit() (worker start-up, DDP, data iteration, checkpoints); peer: the epochs",
-            "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            "machine": common.machine(),
         },
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return common.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,8 @@ ratio = plain Optuna wall time / ours (higher means ours is faster).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import ray  # noqa: E402
@@ -119,12 +117,10 @@ def run_plain_optuna(config: PipelineConfig, names: list[str], arrays: tuple[np.
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small run (about a minute)")
+    parser = common.parser(__doc__)
     parser.add_argument("--rows", type=int, default=None, help="generated records (default 10k quick, 100k full)")
     parser.add_argument("--trials", type=int, default=None, help="trial budget (default 4 quick, 16 full)")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs per trial (default 3 quick, 8 full)")
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     base = load_config(ROOT / "configs" / "demo.yaml", env={})
     config = dataclasses.replace(
@@ -176,14 +172,10 @@ def main() -> int:
             "max_epochs": config.model.epochs,
             "train_rows": len(x_train),
             "holdout_rows": len(x_val),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            "machine": common.machine(),
         },
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return common.emit(result, args.json)
 
 
 if __name__ == "__main__":

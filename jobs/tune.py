@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as folder:
             return evaluate_artifact(registry.download(version, Path(folder)), config, trained.holdout, holdout_id)
 
-    decision = registry.promote(registered.version, config.gate, champion_report=champion_on_this_holdout)
+    decision = _promote_and_publish(registry, registered.version, config, champion_on_this_holdout)
     summary = {
         "version": registered.version,
         "promoted": decision.promote,
@@ -278,6 +278,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def _promote_and_publish(registry: Any, version: str, config: PipelineConfig, champion_report: Any) -> Any:
+    """Run the gate; publish ModelPromoted / ModelRejected on the models topic when Kafka is configured."""
+    if config.kafka.embedded:
+        print(
+            "no Kafka configured (kafka.bootstrap_servers: embedded): the gate's event is not published",
+            file=sys.stderr,
+        )
+        return registry.promote(version, config.gate, champion_report=champion_report)
+    from streams.kafka import Producer, ensure_topics
+    from streams.topics import Topics
+
+    topic = Topics(config.name).models
+    ensure_topics(config.kafka, [topic])
+    with Producer(config.kafka, client_id=f"{config.name}.gate") as producer:
+        return registry.promote(
+            version, config.gate, champion_report=champion_report, publish=lambda e: producer.send_event(topic, e)
+        )
 
 
 def _settings_from_params(base: ModelSettings, params: dict[str, Any]) -> ModelSettings:

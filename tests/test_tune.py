@@ -84,13 +84,30 @@ def test_driftloop_tune_registers_and_promotes_the_first_model(
     data["training"]["workers"] = 1
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(data))
-    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "KAFKA_BOOTSTRAP_SERVERS": config.kafka.bootstrap_servers,
+    }
     result = driftloop("tune", "--config", str(path), "--out", str(tmp_path / "run"), env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["version"] == "1" and summary["promoted"] is True
     assert "beats the majority-class baseline" in summary["reasons"][0]
     assert (tmp_path / "run" / "mlflow.db").exists()
+    from streams.events import ModelPromoted
+    from streams.kafka import Batch, StreamConsumer
+    from streams.serde import decode_events
+
+    events: list[object] = []
+
+    def keep(batch: Batch) -> None:
+        events.extend(batch.values)
+
+    StreamConsumer(config.kafka, [topics.models], decode_events, keep, group_id=None, dlq_topic=topics.dlq).run(
+        max_records=1, idle_timeout_s=10
+    )
+    (promoted,) = events
+    assert isinstance(promoted, ModelPromoted) and promoted.model_version == "1" and promoted.model_name == config.name
 
 
 @pytest.mark.integration

@@ -20,7 +20,7 @@ from streams.config import Feature, RecordSchema
 from streams.errors import DecodeError, ErrorKind
 from streams.events import EVENT_TYPES, AwareDatetime, Event
 
-__all__ = ["DEFAULT_MAX_BYTES", "RecordCodec", "decode_event", "decode_events", "encode_event"]
+__all__ = ["DEFAULT_MAX_BYTES", "RecordCodec", "RequestCodec", "decode_event", "decode_events", "encode_event"]
 
 DEFAULT_MAX_BYTES = 1024 * 1024
 _INT64 = msgspec.Meta(ge=-(2**63), le=2**63 - 1)
@@ -138,6 +138,47 @@ class RecordCodec:
 
     def to_dict(self, record: Any) -> dict[str, Any]:
         return msgspec.structs.asdict(record)
+
+
+class RequestCodec:
+    """Decodes prediction requests: one record of features or a list of them.
+
+    A request record holds the schema's features (nullable ones may be left out) and an
+    optional `request_id`; the same field types, ranges and categories as the records topic
+    apply, so a bad field is a `DecodeError` naming it.
+    """
+
+    def __init__(self, schema: RecordSchema, max_bytes: int = DEFAULT_MAX_BYTES, max_records: int = 10_000) -> None:
+        self.schema = schema
+        self.max_bytes = max_bytes
+        self.max_records = max_records
+        fields: list[Any] = [("request_id", str | None, None)]
+        required = [(f.name, _feature_type(f)) for f in schema.features if not f.nullable]
+        optional = [(f.name, _feature_type(f) | None, None) for f in schema.features if f.nullable]
+        self.type = msgspec.defstruct(
+            "PredictRequest",
+            [*required, *optional, *fields],
+            frozen=True,
+            forbid_unknown_fields=schema.unknown_fields == "reject",
+        )
+        request: Any = self.type
+        self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(request | list[request])
+
+    def decode(self, data: bytes) -> list[Any]:
+        """The request's records, in order; a single object is a list of one."""
+        _check_size(data, self.max_bytes)
+        try:
+            decoded = self._decoder.decode(data)
+        except (msgspec.DecodeError, UnicodeDecodeError) as err:
+            raise _explain(err, data) from None
+        records = decoded if isinstance(decoded, list) else [decoded]
+        if not records:
+            raise DecodeError(ErrorKind.INVALID, "an empty list of records")
+        if len(records) > self.max_records:
+            raise DecodeError(
+                ErrorKind.OVERSIZED, f"{len(records)} records exceed the limit of {self.max_records} per request"
+            )
+        return records
 
 
 def _record_type(schema: RecordSchema) -> type:

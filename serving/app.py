@@ -1,0 +1,143 @@
+"""The Ray Serve application: the champion over HTTP, hot-swapped, every prediction logged.
+
+Routes (FastAPI ingress, OpenAPI docs at /docs):
+
+- `POST /v1/predict`: one record of features, or a list of them; answers each record's
+  prediction, class probabilities and request id (the caller's `request_id`, else a new one),
+  with the model name and version. A bad field answers 422 naming it; a body over the limit
+  413; a missing or wrong API key 401.
+- `GET /v1/health`: no key needed; the model version and the prediction log's counts.
+- `GET /v1/model`: name, version, alias and lineage summary.
+
+The API key comes from the environment (`DRIFTLOOP_API_KEY`), sent as `x-api-key` or
+`Authorization: Bearer ...`. A hot swap is a `user_config` change (`{"version": "7"}` or
+`{"alias": "champion"}`): Serve calls `reconfigure` on each replica, which loads the new
+version beside the old one and switches in one assignment, so no request fails.
+"""
+
+import hmac
+import os
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from jobs.registry import ModelRegistry
+from serving.model import ServedModel, load_served_model
+from serving.predlog import PredictionLog
+from streams.config import PipelineConfig
+from streams.errors import DecodeError, ErrorKind
+from streams.events import PredictionLogged
+from streams.serde import RequestCodec
+from streams.topics import Topics
+
+__all__ = ["API_KEY_ENV", "ModelServer", "build_app"]
+
+API_KEY_ENV = "DRIFTLOOP_API_KEY"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+api = FastAPI(title="driftloop", description="Predictions from the pipeline's champion model.", version="1")
+
+
+def _error(status: int, kind: str, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse({"detail": {"kind": kind, "field": field, "message": message}}, status_code=status)
+
+
+@serve.deployment(max_ongoing_requests=32, max_queued_requests=64, health_check_period_s=5)
+@serve.ingress(api)
+class ModelServer:
+    """One replica: a served model, the request codec and the prediction log."""
+
+    def __init__(self, config: PipelineConfig, tracking_uri: str, alias: str = "champion") -> None:
+        key = os.environ.get(API_KEY_ENV)
+        if not key:
+            raise RuntimeError(f"{API_KEY_ENV} is not set: the API key comes from the environment")
+        self._key = key.encode()
+        self.config = config
+        self.registry = ModelRegistry(config, tracking_uri)
+        self.model: ServedModel = load_served_model(config, self.registry, alias=alias)
+        self.codec = RequestCodec(config.schema, max_bytes=MAX_BODY_BYTES)
+        kafka = None if config.kafka.embedded else config.kafka
+        self.log = PredictionLog(kafka, Topics(config.name).predictions)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Swap to `version` (or to what `alias` points at now); a no-op if that is already served."""
+        version = user_config.get("version")
+        alias = user_config.get("alias", "champion")
+        target = str(version) if version is not None else self.registry.alias(alias)
+        if target is None or target == self.model.version:
+            return
+        self.model = load_served_model(
+            self.config, self.registry, version=target if version is not None else None, alias=alias
+        )
+
+    def _authorised(self, request: Request) -> bool:
+        given = request.headers.get("x-api-key") or ""
+        bearer = request.headers.get("authorization", "")
+        if not given and bearer.lower().startswith("bearer "):
+            given = bearer[7:]
+        return hmac.compare_digest(given.encode(), self._key)
+
+    @api.post("/v1/predict")
+    async def predict(self, request: Request) -> JSONResponse:
+        if not self._authorised(request):
+            return _error(401, "unauthorized", "a valid API key is required (x-api-key or Authorization: Bearer)")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return _error(413, ErrorKind.OVERSIZED.value, f"body of {declared} bytes exceeds {MAX_BODY_BYTES}")
+        body = await request.body()
+        try:
+            records = self.codec.decode(body)
+        except DecodeError as err:
+            status = 413 if err.kind is ErrorKind.OVERSIZED else 422
+            return _error(status, err.kind.value, err.message, err.field)
+        model = self.model  # one model for the whole request, even if a swap lands meanwhile
+        rows = [{f: getattr(r, f) for f in self.config.schema.feature_names} for r in records]
+        proba = model.predict(rows)
+        classes = [c if isinstance(c, int) else str(c) for c in model.spec.classes]
+        predictions, events = [], []
+        for record, row, p in zip(records, rows, proba, strict=True):
+            request_id = record.request_id or uuid.uuid4().hex
+            probabilities = {str(c): float(v) for c, v in zip(classes, p, strict=True)}
+            prediction = classes[int(p.argmax())]
+            predictions.append({"request_id": request_id, "prediction": prediction, "probabilities": probabilities})
+            events.append(
+                PredictionLogged(
+                    request_id=request_id, pipeline=self.config.name, model_name=model.name,
+                    model_version=model.version, features=row, prediction=prediction, probabilities=probabilities,
+                )
+            )  # fmt: skip
+        self.log.append(events)
+        return JSONResponse({"model": {"name": model.name, "version": model.version}, "predictions": predictions})
+
+    @api.get("/v1/health")
+    async def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model_version": self.model.version,
+            "predictions_logged": self.log.sent,
+            "predictions_buffered": self.log.buffered,
+            "predictions_dropped": self.log.dropped,
+        }
+
+    @api.get("/v1/model")
+    async def model_info(self, request: Request) -> JSONResponse:
+        if not self._authorised(request):
+            return _error(401, "unauthorized", "a valid API key is required (x-api-key or Authorization: Bearer)")
+        m = self.model
+        info: dict[str, Any] = {"name": m.name, "version": m.version, "alias": m.alias, "kind": m.spec.kind}
+        info |= {"classes": list(m.spec.classes), "inputs": m.features.width, "lineage": m.lineage}
+        return JSONResponse(info)
+
+
+def build_app(config: PipelineConfig, tracking_uri: str, alias: str = "champion", version: str | None = None) -> Any:
+    """The Serve application; the API key travels to the replicas in their runtime environment."""
+    key = os.environ.get(API_KEY_ENV)
+    if not key:
+        raise RuntimeError(f"set {API_KEY_ENV} to the API key clients must send")
+    options = {"runtime_env": {"env_vars": {API_KEY_ENV: key}}}
+    user_config = {"version": version} if version else {"alias": alias}
+    deployment: Any = ModelServer  # a serve.Deployment once decorated
+    return deployment.options(ray_actor_options=options, user_config=user_config).bind(config, tracking_uri, alias)

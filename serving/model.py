@@ -1,0 +1,60 @@
+"""The model a replica serves: loaded from the registry by alias or version, verified, compiled.
+
+A `ServedModel` is immutable; a hot swap builds a new one next to the old and replaces the
+reference in one assignment, so a request sees either the old model or the new one, whole.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.features import FeaturePipeline
+from jobs.models import ModelSpec, load_artifact
+from jobs.registry import ModelRegistry
+from streams.config import PipelineConfig
+
+__all__ = ["ServedModel", "load_served_model"]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    version: str
+    alias: str | None
+    spec: ModelSpec
+    model: torch.nn.Module
+    features: FeaturePipeline
+    lineage: dict[str, str]
+
+    def predict(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Class probabilities, one row per record, through the training-time feature transform."""
+        x = self.features.transform_records(records)
+        with torch.no_grad():
+            return torch.softmax(self.model(torch.as_tensor(x)), dim=1).numpy()
+
+
+def load_served_model(
+    config: PipelineConfig, registry: ModelRegistry, version: str | None = None, alias: str = "champion"
+) -> ServedModel:
+    """The registry's `version`, or the version `alias` points at, ready to serve."""
+    chosen = version or registry.alias(alias)
+    if chosen is None:
+        raise LookupError(f"model {registry.name!r} has no {alias!r} alias yet: train and promote a model first")
+    with tempfile.TemporaryDirectory() as folder:
+        spec, model, features_json = load_artifact(registry.download(chosen, Path(folder)))
+    features = FeaturePipeline.from_json(features_json, config.schema, config.features)
+    tags = registry.client.get_model_version(registry.name, chosen).tags
+    lineage = {
+        k.removeprefix("driftloop."): v
+        for k, v in tags.items()
+        if k in ("driftloop.datasets", "driftloop.kafka", "driftloop.run_id")
+    }
+    torch.set_num_threads(1)
+    return ServedModel(registry.name, chosen, alias if version is None else None, spec, model, features, lineage)

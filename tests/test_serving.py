@@ -1,0 +1,180 @@
+"""Ray Serve over real HTTP: predictions, auth, validation, hot swap, and the predictions topic."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import requests
+
+from cluster.broker import free_port
+from jobs.features import fit_pipeline
+from jobs.loop import pick_device, train_standalone
+from jobs.models import ModelSpec, build_model, save_artifact
+from jobs.registry import ModelRegistry
+from serving.app import API_KEY_ENV, build_app
+from serving.model import load_served_model
+from streams.config import PipelineConfig
+from streams.datasets import Window
+from streams.events import PredictionLogged
+from streams.generator import StreamGenerator
+from streams.kafka import Batch, StreamConsumer
+from streams.serde import decode_events
+from streams.topics import Topics
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
+KEY = "test-key-0123456789"
+FEATURES = ("tenure_months", "monthly_charges", "support_calls", "data_usage_gb", "autopay", "plan", "region")
+
+
+def register_model(config: PipelineConfig, registry: ModelRegistry, folder: Path, seed: int, f1: float) -> str:
+    rows = [r.record for r in StreamGenerator(config, seed=seed).records(3000)]
+    features = fit_pipeline(ray.data.from_items(rows), config.schema, config.features)
+    x = features.transform_records(rows)
+    y = features.encode_labels([r["churned"] for r in rows])
+    spec = ModelSpec.from_settings(config.model, features.output_names, list(config.schema.label.classes))
+    model = build_model(spec)
+    train_standalone(model, x[:2500], y[:2500], x[2500:], y[2500:], epochs=2, batch_size=128, learning_rate=0.01,
+                     device=pick_device(False), seed=seed)  # fmt: skip
+    save_artifact(folder, spec, model, features.to_json())
+    report = {"holdout": "h", "f1_macro": f1, "accuracy": 0.8, "log_loss": 0.4, "baseline_f1_macro": 0.3}
+    return registry.log_training(folder, {}, [], report, Window(())).version
+
+
+@pytest.fixture
+def served(
+    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, ModelRegistry, PipelineConfig]]:
+    from ray import serve
+
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    registry = ModelRegistry(
+        config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "art", lock_dir=tmp_path
+    )
+    first = register_model(config, registry, tmp_path / "m1", seed=1, f1=0.7)
+    assert registry.promote(first, config.gate).promote
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config, registry.uri), name=config.name, route_prefix="/")
+    yield f"http://127.0.0.1:{port}", registry, config
+    serve.shutdown()
+
+
+def post(url: str, body: object, key: str | None = KEY, raw: bytes | None = None) -> requests.Response:
+    headers = {"x-api-key": key} if key else {}
+    if raw is not None:
+        return requests.post(
+            f"{url}/v1/predict", data=raw, headers={**headers, "content-type": "application/json"}, timeout=30
+        )
+    return requests.post(f"{url}/v1/predict", json=body, headers=headers, timeout=30)
+
+
+def rows(config: PipelineConfig, n: int, seed: int = 8) -> list[dict[str, object]]:
+    return [{k: r.record[k] for k in FEATURES} for r in StreamGenerator(config, seed=seed).records(n)]
+
+
+def test_predictions_match_the_model_evaluated_offline(served: tuple[str, ModelRegistry, PipelineConfig]) -> None:
+    url, registry, config = served
+    batch = rows(config, 50)
+    answer = post(url, [{**r, "request_id": f"r{i}"} for i, r in enumerate(batch)])
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model"] == {"name": config.name, "version": "1"}
+    offline = load_served_model(config, registry).predict(batch)
+    served_proba = np.array([[p["probabilities"][c] for c in ("no", "yes")] for p in body["predictions"]])
+    assert np.allclose(served_proba, offline, atol=1e-6)
+    assert [p["request_id"] for p in body["predictions"]] == [f"r{i}" for i in range(50)]
+    single = post(url, batch[0]).json()["predictions"]
+    assert len(single) == 1 and len(single[0]["request_id"]) == 32  # generated when not given
+    assert requests.get(f"{url}/docs", timeout=10).status_code == 200
+
+
+def test_auth_validation_and_limits(served: tuple[str, ModelRegistry, PipelineConfig]) -> None:
+    url, _, config = served
+    record = rows(config, 1)[0]
+    assert post(url, record, key=None).status_code == 401
+    assert post(url, record, key="wrong").status_code == 401
+    assert requests.get(f"{url}/v1/model", timeout=10).status_code == 401
+    bearer = requests.post(f"{url}/v1/predict", json=record, headers={"authorization": f"Bearer {KEY}"}, timeout=30)
+    assert bearer.status_code == 200
+    health = requests.get(f"{url}/v1/health", timeout=10)
+    assert health.status_code == 200 and health.json()["model_version"] == "1"
+
+    bad = post(url, {**record, "plan": "gold"})
+    assert bad.status_code == 422
+    assert bad.json()["detail"] == {
+        "kind": "unknown_category",
+        "field": "plan",
+        "message": "field 'plan': unknown category 'gold'",
+    }
+    missing = post(url, {k: v for k, v in record.items() if k != "tenure_months"})
+    assert missing.status_code == 422 and missing.json()["detail"]["field"] == "tenure_months"
+    assert post(url, None, raw=b'{"tenure_months": ').json()["detail"]["kind"] == "invalid_json"
+    assert post(url, []).status_code == 422
+    assert post(url, None, raw=b"[" + b",".join([b"{}"] * 10) + b"]").status_code == 422
+    huge = post(url, None, raw=b'{"pad": "' + b"x" * (5 * 1024 * 1024) + b'"}')
+    assert huge.status_code == 413
+    info = requests.get(f"{url}/v1/model", headers={"x-api-key": KEY}, timeout=10).json()
+    assert info["version"] == "1" and info["alias"] == "champion" and info["lineage"]["run_id"]
+
+
+def test_hot_swap_under_load_fails_no_request_and_logs_every_prediction(
+    served: tuple[str, ModelRegistry, PipelineConfig], tmp_path: Path
+) -> None:
+    from ray import serve
+
+    url, registry, config = served
+    second = register_model(config, registry, tmp_path / "m2", seed=2, f1=0.9)
+    assert registry.promote(second, config.gate).promote
+    batch = rows(config, 5)
+    outcomes: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            answer = post(url, batch)
+            outcomes.append((answer.status_code, answer.json()["model"]["version"] if answer.ok else answer.text))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    serve.run(build_app(config, registry.uri), name=config.name, route_prefix="/")  # user_config unchanged: no-op
+    serve.run(build_app(config, registry.uri, version=second), name=config.name, route_prefix="/")
+    deadline = time.monotonic() + 60
+    while not any(v == second for _, v in outcomes[-5:]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert outcomes and all(status == 200 for status, _ in outcomes), [o for o in outcomes if o[0] != 200][:3]
+    versions = [v for _, v in outcomes]
+    assert set(versions) == {"1", second}
+    assert versions.index(second) > 0 and "1" not in versions[versions.index(second) + 10 :]
+
+    expected = len(outcomes) * len(batch)
+    seen: list[PredictionLogged] = []
+
+    def keep(b: Batch) -> None:
+        seen.extend(v for v in b.values if isinstance(v, PredictionLogged))
+
+    topics = Topics(config.name)
+    StreamConsumer(config.kafka, [topics.predictions], decode_events, keep, group_id=None, dlq_topic=topics.dlq).run(
+        max_records=expected, idle_timeout_s=15
+    )
+    assert len(seen) == expected
+    assert {e.model_version for e in seen} == {"1", second}
+    health = requests.get(f"{url}/v1/health", timeout=10).json()
+    assert health["predictions_dropped"] == 0
+
+
+def test_serving_refuses_to_start_without_an_api_key(config: PipelineConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=f"set {API_KEY_ENV}"):
+        build_app(config, "sqlite:///nowhere.db")

@@ -16,7 +16,10 @@ version beside the old one and switches in one assignment, so no request fails.
 """
 
 import hmac
+import logging
 import os
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -27,15 +30,24 @@ from ray import serve
 from jobs.registry import ModelRegistry
 from serving.model import ServedModel, load_served_model
 from serving.predlog import PredictionLog
-from streams.config import PipelineConfig
+from streams.config import KafkaSettings, PipelineConfig
 from streams.errors import DecodeError, ErrorKind
-from streams.events import PredictionLogged
+from streams.events import ModelPromoted, ModelRolledBack, PredictionLogged
+from streams.kafka import Batch
 from streams.serde import RequestCodec
 from streams.topics import Topics
 
 __all__ = ["API_KEY_ENV", "ModelServer", "build_app"]
 
 API_KEY_ENV = "DRIFTLOOP_API_KEY"
+WATCH_ENV = "DRIFTLOOP_WATCH_MODELS"  # "0" turns the models-topic watch off
+log = logging.getLogger(__name__)
+
+
+def user_watch_models() -> bool:
+    return os.environ.get(WATCH_ENV, "1") != "0"
+
+
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 api = FastAPI(title="driftloop", description="Predictions from the pipeline's champion model.", version="1")
@@ -60,7 +72,42 @@ class ModelServer:
         self.model: ServedModel = load_served_model(config, self.registry, alias=alias)
         self.codec = RequestCodec(config.schema, max_bytes=MAX_BODY_BYTES)
         kafka = None if config.kafka.embedded else config.kafka
-        self.log = PredictionLog(kafka, Topics(config.name).predictions)
+        topics = Topics(config.name)
+        self.log = PredictionLog(kafka, topics.predictions)
+        self._watcher = None
+        if kafka is not None and user_watch_models():
+            self._watcher = threading.Thread(target=self._watch_models, args=(kafka, topics), daemon=True)
+            self._watcher.start()
+
+    def _watch_models(self, kafka: KafkaSettings, topics: Topics) -> None:
+        """Follow the models topic: a promotion or rollback swaps the served model."""
+        from streams.kafka import StreamConsumer, ensure_topics
+        from streams.serde import decode_events
+
+        def handle(batch: Batch) -> None:
+            changes = [
+                e
+                for e in batch.values
+                if isinstance(e, (ModelPromoted, ModelRolledBack)) and e.model_name == self.model.name
+            ]
+            if not changes:
+                return
+            last = max(changes, key=lambda e: e.occurred_at)
+            target = last.model_version if isinstance(last, ModelPromoted) else last.to_version
+            if target != self.model.version:
+                log.info("swapping to %s version %s (%s)", last.model_name, target, type(last).__name__)
+                self.model = load_served_model(self.config, self.registry, version=target)
+
+        while True:
+            try:
+                ensure_topics(kafka, [topics.models])
+                consumer = StreamConsumer(
+                    kafka, [topics.models], decode_events, handle, group_id=None, dlq_topic=topics.dlq, from_end=True
+                )
+                consumer.run()
+            except Exception as err:  # the broker may be down: keep serving, retry the watch
+                log.warning("models topic watch interrupted (%s); retrying in 5s", err)
+                time.sleep(5)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Swap to `version` (or to what `alias` points at now); a no-op if that is already served."""

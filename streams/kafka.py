@@ -295,7 +295,8 @@ class StreamConsumer:
 
     With a `group_id`, partitions are shared with the group's other members and offsets are
     committed after each batch. Without one, every partition of `topics` is assigned to this
-    consumer from the beginning and nothing is committed (benchmarks, one-off reads).
+    consumer from the beginning (or, with `from_end`, from the end) and nothing is committed
+    (benchmarks, one-off reads, watchers).
     """
 
     def __init__(
@@ -310,6 +311,7 @@ class StreamConsumer:
         producer: Producer | None = None,
         retry_on: tuple[type[BaseException], ...] = (RetryableError, ConnectionError, TimeoutError),
         sleep: Callable[[float], None] | None = None,
+        from_end: bool = False,
     ) -> None:
         self.kafka = kafka
         self.topics = list(topics)
@@ -342,7 +344,10 @@ class StreamConsumer:
             if group_id is None:
                 parts = [TopicPartition(t, p) for t in self.topics for p in sorted(self._partitions(t))]
                 self._consumer.assign(parts)
-                self._consumer.seek_to_beginning(*parts)
+                if from_end:  # only what arrives from now on (Tansu may replay its last batch)
+                    self._consumer.seek_to_end(*parts)
+                else:
+                    self._consumer.seek_to_beginning(*parts)
             else:
                 self._consumer.subscribe(self.topics)
         except BaseException:

@@ -174,6 +174,26 @@ def test_hot_swap_under_load_fails_no_request_and_logs_every_prediction(
     assert health["predictions_dropped"] == 0
 
 
+def test_a_promotion_on_the_models_topic_swaps_the_served_model(
+    served: tuple[str, ModelRegistry, PipelineConfig], tmp_path: Path
+) -> None:
+    from streams.kafka import Producer
+
+    url, registry, config = served
+    second = register_model(config, registry, tmp_path / "m2", seed=2, f1=0.9)
+    with Producer(config.kafka) as producer:
+        assert registry.promote(
+            second, config.gate, publish=lambda e: producer.send_event(Topics(config.name).models, e)
+        ).promote
+    deadline = time.monotonic() + 30
+    while (
+        time.monotonic() < deadline and requests.get(f"{url}/v1/health", timeout=10).json()["model_version"] != second
+    ):
+        time.sleep(0.3)
+    assert requests.get(f"{url}/v1/health", timeout=10).json()["model_version"] == second
+    assert post(url, rows(config, 1)).json()["model"]["version"] == second
+
+
 def test_serving_refuses_to_start_without_an_api_key(config: PipelineConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     with pytest.raises(RuntimeError, match=f"set {API_KEY_ENV}"):

@@ -78,7 +78,7 @@ class PredictionLog:
                     self._producer = self._factory(self.kafka)
                 for event in items:
                     self._producer.send_event(self.topic, event)
-                self._producer.flush(timeout_s=10)
+                self._producer.flush(timeout_s=5)
                 self.sent += len(items)
             except (DriftloopError, OSError) as err:
                 with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -192,6 +193,42 @@ def test_a_promotion_on_the_models_topic_swaps_the_served_model(
         time.sleep(0.3)
     assert requests.get(f"{url}/v1/health", timeout=10).json()["model_version"] == second
     assert post(url, rows(config, 1)).json()["model"]["version"] == second
+
+
+def test_a_broker_outage_costs_prediction_logs_not_requests(
+    config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ray import serve
+
+    from cluster.broker import EmbeddedBroker
+    from streams.kafka import ensure_topics
+
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    with EmbeddedBroker() as own:
+        config = dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=own.bootstrap))
+        ensure_topics(config.kafka, Topics(config.name).all())
+        registry = ModelRegistry(
+            config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "a", lock_dir=tmp_path
+        )
+        assert registry.promote(register_model(config, registry, tmp_path / "m", seed=1, f1=0.7), config.gate).promote
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            serve.run(build_app(config, registry.uri), name=config.name, route_prefix="/")
+            url = f"http://127.0.0.1:{port}"
+            batch = rows(config, 3)
+            assert post(url, batch).status_code == 200
+            own.stop()  # the broker goes away mid-traffic
+            statuses, dropped = [], 0
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and dropped == 0:
+                statuses.append(post(url, batch).status_code)
+                dropped = requests.get(f"{url}/v1/health", timeout=10).json()["predictions_dropped"]
+                time.sleep(0.1)
+            assert statuses and set(statuses) == {200}, "serving kept answering"
+            assert dropped > 0, "what could not be logged is counted"
+        finally:
+            serve.shutdown()
 
 
 def test_serving_refuses_to_start_without_an_api_key(config: PipelineConfig, monkeypatch: pytest.MonkeyPatch) -> None:

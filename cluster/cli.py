@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -120,6 +121,18 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(tune)
     tune.add_argument("--out", type=Path, default=None, help="run directory (default: runs/tune-<time>)")
     tune.set_defaults(func=cmd_tune)
+
+    deploy = sub.add_parser("deploy", help="serve the champion (or --version) with Ray Serve; hot-swaps a running app")
+    _config_arg(deploy)
+    deploy.add_argument("--version", default=None, help="serve this registry version instead of the champion")
+    deploy.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
+    deploy.set_defaults(func=cmd_deploy)
+
+    rollback = sub.add_parser("rollback", help="point the champion back at the previous version (serving follows)")
+    _config_arg(rollback)
+    rollback.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
+    rollback.add_argument("--reason", default="manual rollback", help="recorded in the ModelRolledBack event")
+    rollback.set_defaults(func=cmd_rollback)
 
     run = sub.add_parser("run", help="run the pipeline end to end on the embedded default")
     run.add_argument(
@@ -312,6 +325,59 @@ def cmd_tune(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     connect(config, quiet=not args.verbose)
     return tune_main(["--config", str(args.config)] + (["--out", str(args.out)] if args.out else []))
+
+
+def _tracking_uri(args: argparse.Namespace, config: PipelineConfig) -> str:
+    uri = args.tracking_uri or config.mlflow.tracking_uri
+    if not uri:
+        raise ConfigError(
+            str(args.config), "mlflow.tracking_uri", "a tracking URI (or MLFLOW_TRACKING_URI, --tracking-uri)", None
+        )
+    return uri
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from cluster.ray_runtime import connect
+    from serving.app import build_app
+
+    config = load_config(args.config)
+    uri = _tracking_uri(args, config)
+    app = build_app(config, uri, version=args.version)
+    connect(config, quiet=not args.verbose)
+    serve.start(http_options={"host": config.serving.host, "port": config.serving.port})
+    serve.run(app, name=config.name, route_prefix="/")
+    url = f"http://{config.serving.host}:{config.serving.port}"
+    print(
+        f"serving {config.name} ({'version ' + args.version if args.version else 'champion'}) at {url}/v1/predict",
+        flush=True,
+    )
+    if config.ray.address or os.environ.get("RAY_ADDRESS"):
+        return 0  # the cluster keeps it running
+    stop = threading.Event()
+    _on_signals(stop.set)
+    print("a local Ray instance holds the app: Ctrl-C stops it", file=sys.stderr, flush=True)
+    stop.wait()
+    serve.shutdown()
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from jobs.registry import ModelRegistry
+
+    config = load_config(args.config)
+    registry = ModelRegistry(config, _tracking_uri(args, config))
+    if config.kafka.embedded:
+        rolled_from, to = registry.rollback(args.reason)
+        print("no Kafka configured: serving replicas learn of it on their next deploy", file=sys.stderr)
+    else:
+        topic = Topics(config.name).models
+        ensure_topics(config.kafka, [topic])
+        with Producer(config.kafka, client_id=f"{config.name}.rollback") as producer:
+            rolled_from, to = registry.rollback(args.reason, publish=lambda e: producer.send_event(topic, e))
+    print(f"{config.name}: champion {rolled_from} -> {to}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -28,7 +28,8 @@ from jobs.gate import Decision, decide
 from jobs.lineage import log_dataset_version
 from streams.config import GateSettings, PipelineConfig
 from streams.datasets import Window
-from streams.events import Event, ModelPromoted, ModelRejected
+from streams.errors import DriftloopError
+from streams.events import Event, ModelPromoted, ModelRejected, ModelRolledBack
 
 __all__ = ["ModelRegistry", "Registered", "git_commit", "tracking_uri"]
 
@@ -203,6 +204,18 @@ class ModelRegistry:
             else:
                 publish(ModelRejected(model_name=self.name, model_version=version, reasons=decision.reasons))
         return decision
+
+    def rollback(self, reason: str = "", publish: Callable[[Event], None] | None = None) -> tuple[str, str]:
+        """Point `champion` back at `previous` (and `previous` at the version rolled back from)."""
+        with self._lock():
+            champion, previous = self.alias(CHAMPION), self.alias(PREVIOUS)
+            if champion is None or previous is None:
+                raise DriftloopError(f"model {self.name!r} has no previous version to roll back to")
+            self.client.set_registered_model_alias(self.name, CHAMPION, previous)
+            self.client.set_registered_model_alias(self.name, PREVIOUS, champion)
+        if publish is not None:
+            publish(ModelRolledBack(model_name=self.name, from_version=champion, to_version=previous, reason=reason))
+        return champion, previous
 
 
 def _number(value: Any) -> bool:

@@ -37,7 +37,7 @@ from streams.kafka import Batch
 from streams.serde import RequestCodec
 from streams.topics import Topics
 
-__all__ = ["API_KEY_ENV", "ModelServer", "build_app"]
+__all__ = ["API_KEY_ENV", "ModelServer", "app_builder", "build_app"]
 
 API_KEY_ENV = "DRIFTLOOP_API_KEY"
 WATCH_ENV = "DRIFTLOOP_WATCH_MODELS"  # "0" turns the models-topic watch off
@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 def user_watch_models() -> bool:
     return os.environ.get(WATCH_ENV, "1") != "0"
 
-
-MAX_BODY_BYTES = 4 * 1024 * 1024
 
 api = FastAPI(title="driftloop", description="Predictions from the pipeline's champion model.", version="1")
 
@@ -70,7 +68,10 @@ class ModelServer:
         self.config = config
         self.registry = ModelRegistry(config, tracking_uri)
         self.model: ServedModel = load_served_model(config, self.registry, alias=alias)
-        self.codec = RequestCodec(config.schema, max_bytes=MAX_BODY_BYTES)
+        self.max_body = config.serving.max_body_bytes
+        self.codec = RequestCodec(
+            config.schema, max_bytes=self.max_body, max_records=config.serving.max_records_per_request
+        )
         kafka = None if config.kafka.embedded else config.kafka
         topics = Topics(config.name)
         self.log = PredictionLog(kafka, topics.predictions)
@@ -132,8 +133,8 @@ class ModelServer:
         if not self._authorised(request):
             return _error(401, "unauthorized", "a valid API key is required (x-api-key or Authorization: Bearer)")
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return _error(413, ErrorKind.OVERSIZED.value, f"body of {declared} bytes exceeds {MAX_BODY_BYTES}")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return _error(413, ErrorKind.OVERSIZED.value, f"body of {declared} bytes exceeds {self.max_body}")
         body = await request.body()
         try:
             records = self.codec.decode(body)
@@ -184,7 +185,30 @@ def build_app(config: PipelineConfig, tracking_uri: str, alias: str = "champion"
     key = os.environ.get(API_KEY_ENV)
     if not key:
         raise RuntimeError(f"set {API_KEY_ENV} to the API key clients must send")
-    options = {"runtime_env": {"env_vars": {API_KEY_ENV: key}}}
-    user_config = {"version": version} if version else {"alias": alias}
+    s = config.serving
+    scaling: dict[str, Any] = {"num_replicas": s.num_replicas}
+    if s.max_replicas is not None:
+        scaling = {"autoscaling_config": {"min_replicas": s.num_replicas, "max_replicas": s.max_replicas,
+                                          "target_ongoing_requests": s.target_ongoing_requests}}  # fmt: skip
     deployment: Any = ModelServer  # a serve.Deployment once decorated
-    return deployment.options(ray_actor_options=options, user_config=user_config).bind(config, tracking_uri, alias)
+    return deployment.options(
+        ray_actor_options={"runtime_env": {"env_vars": {API_KEY_ENV: key}}},
+        user_config={"version": version} if version else {"alias": alias},
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        **scaling,
+    ).bind(config, tracking_uri, alias)
+
+
+def app_builder(args: dict[str, str]) -> Any:
+    """For `serve run` / `serve deploy`: `import_path: serving.app:app_builder`, `args: {config: ...}`.
+
+    The tracking URI comes from `args.tracking_uri`, `MLFLOW_TRACKING_URI` or the config.
+    """
+    from streams.config import load_config
+
+    config = load_config(args["config"])
+    uri = args.get("tracking_uri") or config.mlflow.tracking_uri
+    if not uri:
+        raise RuntimeError("no MLflow tracking URI: set MLFLOW_TRACKING_URI or pass args.tracking_uri")
+    return build_app(config, uri, alias=args.get("alias", "champion"), version=args.get("version"))

@@ -40,6 +40,7 @@ __all__ = [
     "RaySettings",
     "RecordSchema",
     "SearchSettings",
+    "ServingSettings",
     "Step",
     "TrackerSettings",
     "TrainingSettings",
@@ -509,6 +510,32 @@ class GateSettings:
 
 
 @dataclass(frozen=True)
+class ServingSettings:
+    """The Serve deployment: where it listens and how much it takes on before answering 503."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    num_replicas: int = 1
+    max_replicas: int | None = None  # set: autoscale between num_replicas and this
+    target_ongoing_requests: float = 8.0
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 64
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_records_per_request: int = 10_000
+
+    def problems(self) -> Iterator[Problem]:
+        if not 1 <= self.port <= 65535:
+            yield "port", "a port number (1-65535)", self.port
+        for name in ("num_replicas", "max_ongoing_requests", "max_queued_requests", "max_records_per_request"):
+            if getattr(self, name) < 1:
+                yield name, "an integer >= 1", getattr(self, name)
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            yield "max_replicas", f"an integer >= num_replicas ({self.num_replicas})", self.max_replicas
+        if self.max_body_bytes < 1024:
+            yield "max_body_bytes", "an integer >= 1024", self.max_body_bytes
+
+
+@dataclass(frozen=True)
 class TrackerSettings:
     """Optional trackers beside MLflow, fed by Ray Tune's logger callbacks.
 
@@ -549,6 +576,7 @@ class PipelineConfig:
     training: TrainingSettings = TrainingSettings()
     gate: GateSettings = GateSettings()
     trackers: TrackerSettings = TrackerSettings()
+    serving: ServingSettings = ServingSettings()
     search: SearchSettings = SearchSettings(space=(Param(name="learning_rate", low=0.0005, high=0.02, log=True),))
     ray: RaySettings = RaySettings()
     mlflow: MlflowSettings = MlflowSettings()

@@ -35,7 +35,9 @@ def config_file(tmp_path: Path, config: PipelineConfig) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", ["", "broker", "produce", "consume", "ingest", "train", "tune", "run"])
+@pytest.mark.parametrize(
+    "command", ["", "broker", "produce", "consume", "ingest", "train", "tune", "deploy", "rollback", "run"]
+)
 def test_help(command: str) -> None:
     result = driftloop(*([command] if command else []), "--help")
     assert result.returncode == 0
@@ -177,6 +179,16 @@ def test_ingest_prints_what_it_read_per_partition_and_is_idempotent(
     again = driftloop("ingest", "--config", str(path), "--root", root, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == f"nothing new on {config.name}.records"
+
+
+def test_deploy_and_rollback_need_a_tracking_uri(tmp_path: Path) -> None:
+    for command in ("deploy", "rollback"):
+        result = driftloop(command, "--config", "configs/demo.yaml", env={"DRIFTLOOP_API_KEY": "k"})
+        assert result.returncode == 2, result.stderr
+        assert "mlflow.tracking_uri: expected a tracking URI" in result.stderr and "Traceback" not in result.stderr
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    rollback = driftloop("rollback", "--config", "configs/demo.yaml", "--tracking-uri", uri)
+    assert rollback.returncode == 1 and "no previous version to roll back to" in rollback.stderr
 
 
 def test_ingest_bad_input() -> None:

@@ -96,6 +96,24 @@ def test_first_model_promoted_over_the_baseline_then_a_worse_one_rejected(
     assert not registry.promote(other_holdout.version, GATE).promote
 
 
+def test_rollback_returns_to_the_previous_version(registry: ModelRegistry, artifact: Path, window: object) -> None:
+    from streams.errors import DriftloopError
+    from streams.events import ModelRolledBack
+
+    first = registry.log_training(artifact, {}, [], report(0.70), window)  # type: ignore[arg-type]
+    registry.promote(first.version, GATE)
+    with pytest.raises(DriftloopError, match="no previous version"):
+        registry.rollback()
+    second = registry.log_training(artifact, {}, [], report(0.75), window)  # type: ignore[arg-type]
+    registry.promote(second.version, GATE)
+    events: list[Event] = []
+    assert registry.rollback("bad canary", publish=events.append) == (second.version, first.version)
+    assert (registry.alias("champion"), registry.alias("previous")) == (first.version, second.version)
+    (event,) = events
+    assert isinstance(event, ModelRolledBack) and (event.from_version, event.to_version, event.reason) == (
+        second.version, first.version, "bad canary")  # fmt: skip
+
+
 def test_two_racing_promotions_never_leave_the_alias_on_a_version_that_did_not_pass(
     registry: ModelRegistry, artifact: Path, window: object
 ) -> None:

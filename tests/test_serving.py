@@ -231,6 +231,54 @@ def test_a_broker_outage_costs_prediction_logs_not_requests(
             serve.shutdown()
 
 
+def test_overload_answers_503_instead_of_queueing(
+    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    config = dataclasses.replace(
+        config, serving=dataclasses.replace(config.serving, max_ongoing_requests=1, max_queued_requests=1)
+    )
+    registry = ModelRegistry(config, f"sqlite:///{tmp_path / 'db'}", artifact_root=tmp_path / "a", lock_dir=tmp_path)
+    assert registry.promote(register_model(config, registry, tmp_path / "m", seed=1, f1=0.7), config.gate).promote
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(config, registry.uri), name=config.name, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        heavy = rows(config, 5000)
+        with ThreadPoolExecutor(12) as pool:
+            statuses = list(pool.map(lambda _: post(url, heavy).status_code, range(12)))
+        assert 503 in statuses and 200 in statuses, statuses
+        assert set(statuses) <= {200, 503}
+    finally:
+        serve.shutdown()
+
+
+def test_the_serve_config_file_builds_the_app(
+    demo_config: PipelineConfig, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import app_builder
+    from tests.conftest import ROOT
+
+    spec = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "cluster" / "serve" / "demo.yaml").read_text()))
+    (app,) = spec.applications
+    assert app.import_path == "serving.app:app_builder"
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # MLflow's set_tracking_uri exports it
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(RuntimeError, match="no MLflow tracking URI"):
+        app_builder(dict(app.args))
+    built = app_builder({**app.args, "tracking_uri": f"sqlite:///{tmp_path / 'x.db'}"})
+    assert type(built).__name__ == "Application"
+
+
 def test_serving_refuses_to_start_without_an_api_key(config: PipelineConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     with pytest.raises(RuntimeError, match=f"set {API_KEY_ENV}"):

@@ -63,7 +63,10 @@ def _numeric(values: Any) -> np.ndarray:
     """A float64 array; None becomes NaN."""
     array = np.asarray(values)
     if array.dtype == object:
-        array = np.array([np.nan if v is None else v for v in array], dtype=np.float64)
+        try:
+            return array.astype(np.float64)
+        except TypeError:  # None among the values
+            return np.array([np.nan if v is None else v for v in array], dtype=np.float64)
     return array.astype(np.float64, copy=False)
 
 
@@ -107,10 +110,20 @@ def _one_hot(index: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+def _codes(values: np.ndarray, code_of: Any) -> np.ndarray:
+    """Map each value through `code_of`, computing it once per distinct value."""
+    seen: dict[Any, int] = {}
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values.tolist()):
+        code = seen.get(v)
+        if code is None:
+            code = seen[v] = code_of(v)
+        out[i] = code
+    return out
+
+
 def _hash_bucket(values: np.ndarray, buckets: int) -> np.ndarray:
-    uniques, inverse = np.unique(values, return_inverse=True)
-    codes = np.array([zlib.crc32(str(u).encode()) % buckets for u in uniques], dtype=np.int64)
-    return codes[inverse]
+    return _codes(values, lambda v: zlib.crc32(str(v).encode()) % buckets)
 
 
 class FeaturePipeline:
@@ -171,9 +184,10 @@ class FeaturePipeline:
             else:  # one_hot
                 vocabulary = self.stats[plan.name]["vocabulary"]
                 lookup = {v: i for i, v in enumerate(vocabulary)}
-                uniques, inverse = np.unique(x, return_inverse=True)
-                codes = np.array([lookup.get(u, len(vocabulary)) for u in uniques], dtype=np.int64)
-                parts.append(_one_hot(codes[inverse], len(vocabulary) + 1))
+                other = len(vocabulary)
+                parts.append(
+                    _one_hot(_codes(x, lambda v, lookup=lookup, other=other: lookup.get(v, other)), len(vocabulary) + 1)
+                )
         matrix = np.concatenate(parts, axis=1) if parts else np.zeros((0, 0), dtype=np.float32)
         return np.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
 

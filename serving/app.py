@@ -23,8 +23,9 @@ import time
 import uuid
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from jobs.registry import ModelRegistry
@@ -32,7 +33,7 @@ from serving.model import ServedModel, load_served_model
 from serving.predlog import PredictionLog
 from streams.config import KafkaSettings, PipelineConfig
 from streams.errors import DecodeError, ErrorKind
-from streams.events import ModelPromoted, ModelRolledBack, PredictionLogged
+from streams.events import ModelPromoted, ModelRolledBack
 from streams.kafka import Batch
 from streams.serde import RequestCodec
 from streams.topics import Topics
@@ -129,7 +130,7 @@ class ModelServer:
         return hmac.compare_digest(given.encode(), self._key)
 
     @api.post("/v1/predict")
-    async def predict(self, request: Request) -> JSONResponse:
+    async def predict(self, request: Request) -> Response:
         if not self._authorised(request):
             return _error(401, "unauthorized", "a valid API key is required (x-api-key or Authorization: Bearer)")
         declared = request.headers.get("content-length")
@@ -142,23 +143,25 @@ class ModelServer:
             status = 413 if err.kind is ErrorKind.OVERSIZED else 422
             return _error(status, err.kind.value, err.message, err.field)
         model = self.model  # one model for the whole request, even if a swap lands meanwhile
-        rows = [{f: getattr(r, f) for f in self.config.schema.feature_names} for r in records]
+        names = self.config.schema.feature_names
+        rows = [{f: getattr(r, f) for f in names} for r in records]
         proba = model.predict(rows)
         classes = [c if isinstance(c, int) else str(c) for c in model.spec.classes]
-        predictions, events = [], []
-        for record, row, p in zip(records, rows, proba, strict=True):
-            request_id = record.request_id or uuid.uuid4().hex
-            probabilities = {str(c): float(v) for c, v in zip(classes, p, strict=True)}
-            prediction = classes[int(p.argmax())]
-            predictions.append({"request_id": request_id, "prediction": prediction, "probabilities": probabilities})
-            events.append(
-                PredictionLogged(
-                    request_id=request_id, pipeline=self.config.name, model_name=model.name,
-                    model_version=model.version, features=row, prediction=prediction, probabilities=probabilities,
-                )
-            )  # fmt: skip
-        self.log.append(events)
-        return JSONResponse({"model": {"name": model.name, "version": model.version}, "predictions": predictions})
+        keys = [str(c) for c in classes]
+        predictions = []
+        for record, p in zip(records, proba.tolist(), strict=True):
+            predictions.append(
+                {
+                    "request_id": record.request_id or uuid.uuid4().hex,
+                    "prediction": classes[max(range(len(p)), key=p.__getitem__)],
+                    "probabilities": dict(zip(keys, p, strict=True)),
+                }
+            )
+        self.log.append(self.config.name, model.name, model.version, rows, predictions)
+        body = msgspec.json.encode(
+            {"model": {"name": model.name, "version": model.version}, "predictions": predictions}
+        )
+        return Response(content=body, media_type="application/json")
 
     @api.get("/v1/health")
     async def health(self) -> dict[str, Any]:

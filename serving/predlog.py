@@ -13,10 +13,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from streams.config import KafkaSettings
 from streams.errors import DriftloopError
-from streams.events import PredictionLogged
+from streams.events import PredictionLogged, utcnow
 from streams.kafka import Producer
 
 __all__ = ["PredictionLog"]
@@ -38,7 +39,8 @@ class PredictionLog:
         self.batch = batch
         self.sent = 0
         self.dropped = 0
-        self._buffer: deque[PredictionLogged] = deque()
+        self._buffer: deque[tuple[str, str, str, list[dict[str, Any]], list[dict[str, Any]], Any]] = deque()
+        self._rows = 0
         self.capacity = capacity
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -48,23 +50,46 @@ class PredictionLog:
         if kafka is not None:
             self._thread.start()
 
-    def append(self, events: list[PredictionLogged]) -> None:
+    def append(
+        self,
+        pipeline: str,
+        model_name: str,
+        version: str,
+        rows: list[dict[str, Any]],
+        predictions: list[dict[str, Any]],
+    ) -> None:
+        """Queue one request's predictions; the events are built off the request path."""
         if self.kafka is None:
             return
         with self._lock:
-            self._buffer.extend(events)
-            overflow = len(self._buffer) - self.capacity
-            for _ in range(max(overflow, 0)):
-                self._buffer.popleft()
-            self.dropped += max(overflow, 0)
+            self._buffer.append((pipeline, model_name, version, rows, predictions, utcnow()))
+            self._rows += len(rows)
+            while self._rows > self.capacity and self._buffer:
+                dropped = self._buffer.popleft()
+                self._rows -= len(dropped[3])
+                self.dropped += len(dropped[3])
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return self._rows
 
     def _take(self) -> list[PredictionLogged]:
         with self._lock:
-            return [self._buffer.popleft() for _ in range(min(self.batch, len(self._buffer)))]
+            chunks = []
+            taken = 0
+            while self._buffer and taken < self.batch:
+                chunk = self._buffer.popleft()
+                self._rows -= len(chunk[3])
+                taken += len(chunk[3])
+                chunks.append(chunk)
+        return [
+            PredictionLogged(
+                request_id=p["request_id"], occurred_at=when, pipeline=pipeline, model_name=name,
+                model_version=version, features=row, prediction=p["prediction"], probabilities=p["probabilities"],
+            )
+            for pipeline, name, version, rows, predictions, when in chunks
+            for row, p in zip(rows, predictions, strict=True)
+        ]  # fmt: skip
 
     def _run(self) -> None:
         assert self.kafka is not None

@@ -1,0 +1,228 @@
+"""Serving: our endpoint against a plain FastAPI/uvicorn app and a no-op Ray Serve deployment.
+
+Ours: `serving.app` (API key, validation, the training-time feature transform, the model,
+prediction logging to the embedded broker). Peer (a): a plain FastAPI app under uvicorn,
+one process, serving the same artifact without Ray (JSON parse, the same transform and
+model). Peer (b): a Ray Serve deployment behind the same proxy that answers at once. One
+client process sends single-record requests at fixed concurrency for a fixed time to each
+in turn; then batch requests (1,000 records) to ours for rows/s.
+ratio = ours / no-op Serve requests per second.
+
+    python benchmarks/serve.py --quick --json runs/bench/serve.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common  # noqa: E402
+import ray  # noqa: E402
+import requests  # noqa: E402
+
+from cluster.broker import EmbeddedBroker, free_port  # noqa: E402
+from jobs.features import fit_pipeline  # noqa: E402
+from jobs.loop import pick_device, train_standalone  # noqa: E402
+from jobs.models import ModelSpec, build_model, save_artifact  # noqa: E402
+from jobs.registry import ModelRegistry  # noqa: E402
+from streams.config import load_config  # noqa: E402
+from streams.datasets import Window  # noqa: E402
+from streams.generator import StreamGenerator  # noqa: E402
+from streams.kafka import ensure_topics  # noqa: E402
+from streams.topics import Topics  # noqa: E402
+
+KEY = "bench-key"
+FEATURES = ("tenure_months", "monthly_charges", "support_calls", "data_usage_gb", "autopay", "plan", "region")
+PLAIN_APP = """
+import sys, pathlib
+sys.path.insert(0, {root!r})
+from fastapi import FastAPI, Request
+from jobs.features import FeaturePipeline
+from jobs.models import load_artifact
+from serving.model import ServedModel
+from streams.config import load_config
+config = load_config({config!r}, env={{}})
+spec, model, features_json = load_artifact(pathlib.Path({artifact!r}))
+features = FeaturePipeline.from_json(features_json, config.schema, config.features)
+served = ServedModel("plain", "1", None, spec, model, features, {{}})
+app = FastAPI()
+
+@app.post("/v1/predict")
+async def predict(request: Request):
+    body = await request.json()
+    records = body if isinstance(body, list) else [body]
+    proba = served.predict(records)
+    return {{"predictions": [{{"prediction": int(p.argmax()), "probabilities": p.tolist()}} for p in proba]}}
+"""
+
+
+def load(url: str, body: Any, concurrency: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
+    latencies: list[float] = []
+    failures = 0
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+
+    def worker() -> None:
+        nonlocal failures
+        session = requests.Session()
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            response = session.post(url, json=body, headers=headers, timeout=30)
+            elapsed = time.perf_counter() - started
+            with lock:
+                if response.status_code == 200:
+                    latencies.append(elapsed)
+                else:
+                    failures += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    ordered = sorted(latencies) or [float("nan")]
+    return {
+        "requests_per_s": round(len(latencies) / wall, 1),
+        "p50_ms": round(1000 * ordered[len(ordered) // 2], 2),
+        "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2),
+        "requests": len(latencies),
+        "failed": failures,
+    }
+
+
+def main() -> int:
+    parser = common.parser(__doc__)
+    parser.add_argument("--seconds", type=float, default=None, help="load per endpoint (default 5 quick, 20 full)")
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    seconds = args.seconds or (5.0 if args.quick else 20.0)
+    base = load_config(ROOT / "configs" / "demo.yaml", env={})
+    work = Path(tempfile.mkdtemp(prefix="driftloop-bench-serve-"))
+    os.environ["DRIFTLOOP_API_KEY"] = KEY
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    from ray import serve
+
+    from serving.app import build_app
+
+    plain: subprocess.Popen[bytes] | None = None
+    try:
+        with EmbeddedBroker() as broker:
+            config = dataclasses.replace(
+                base, name="bench", kafka=dataclasses.replace(base.kafka, bootstrap_servers=broker.bootstrap)
+            )
+            ensure_topics(config.kafka, Topics(config.name).all())
+            rows = [r.record for r in StreamGenerator(config, seed=1).records(4000)]
+            features = fit_pipeline(ray.data.from_items(rows), config.schema, config.features)
+            x, y = features.transform_records(rows), features.encode_labels([r["churned"] for r in rows])
+            spec = ModelSpec.from_settings(config.model, features.output_names, list(config.schema.label.classes))
+            model = build_model(spec)
+            train_standalone(
+                model, x, y, x[:500], y[:500], epochs=2, batch_size=256, learning_rate=0.01, device=pick_device(False)
+            )
+            artifact = work / "model"
+            save_artifact(artifact, spec, model, features.to_json())
+            registry = ModelRegistry(
+                config, f"sqlite:///{work / 'mlflow.db'}", artifact_root=work / "art", lock_dir=work
+            )
+            version = registry.log_training(
+                artifact, {}, [], {"holdout": "h", "f1_macro": 0.8, "baseline_f1_macro": 0.3}, Window(())
+            ).version
+            registry.promote(version, config.gate)
+
+            serve_port, plain_port = free_port(), free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+            serve.run(build_app(config, registry.uri), name="bench", route_prefix="/")
+
+            from fastapi import FastAPI
+
+            noop_api = FastAPI()
+
+            @serve.deployment(max_ongoing_requests=32)
+            @serve.ingress(noop_api)
+            class NoOp:
+                @noop_api.post("/v1/predict")
+                async def predict(self) -> dict[str, Any]:
+                    return {}
+
+            serve.run(NoOp.bind(), name="noop", route_prefix="/noop")  # type: ignore[attr-defined]
+
+            (work / "plain_app.py").write_text(
+                PLAIN_APP.format(root=str(ROOT), config=str(ROOT / "configs" / "demo.yaml"), artifact=str(artifact))
+            )
+            command = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "plain_app:app",
+                "--port",
+                str(plain_port),
+                "--log-level",
+                "warning",
+            ]
+            plain = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            record = {k: rows[0][k] for k in FEATURES}
+            headers = {"x-api-key": KEY}
+            for url in (f"http://127.0.0.1:{serve_port}/v1/predict", f"http://127.0.0.1:{plain_port}/v1/predict"):
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        if requests.post(url, json=record, headers=headers, timeout=5).status_code == 200:
+                            break
+                    except requests.RequestException:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"{url} did not come up")
+                    time.sleep(0.5)
+            ours = load(f"http://127.0.0.1:{serve_port}/v1/predict", record, args.concurrency, seconds, headers)
+            noop = load(f"http://127.0.0.1:{serve_port}/noop/v1/predict", record, args.concurrency, seconds, headers)
+            fastapi_plain = load(
+                f"http://127.0.0.1:{plain_port}/v1/predict", record, args.concurrency, seconds, headers
+            )
+            batch = [{k: r[k] for k in FEATURES} for r in rows[:1000]]
+            batched = load(f"http://127.0.0.1:{serve_port}/v1/predict", batch, 2, seconds, headers)
+            health = requests.get(f"http://127.0.0.1:{serve_port}/v1/health", timeout=10).json()
+    finally:
+        if plain is not None:
+            plain.terminate()
+            plain.wait()
+        serve.shutdown()
+        ray.shutdown()
+
+    result = {
+        "benchmark": "serve",
+        "ours": ours["requests_per_s"],
+        "peer": noop["requests_per_s"],
+        "ratio": round(ours["requests_per_s"] / noop["requests_per_s"], 3),
+        "unit": "requests/s (single record)",
+        "endpoints": {"ours": ours, "noop_ray_serve": noop, "plain_fastapi_uvicorn": fastapi_plain},
+        "batch_rows_per_s": round(batched["requests_per_s"] * len(batch)),
+        "batch": batched,
+        "predictions_logged": health["predictions_logged"],
+        "predictions_dropped": health["predictions_dropped"],
+        "conditions": {
+            "concurrency": args.concurrency,
+            "seconds_per_endpoint": seconds,
+            "batch_records": len(batch),
+            "client": "one process, threads + requests.Session, same machine",
+            "serve": "1 replica, FastAPI ingress, proxy on 127.0.0.1; ours logs to an embedded Tansu",
+            "machine": common.machine(),
+        },
+    }
+    return common.emit(result, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

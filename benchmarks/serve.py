@@ -107,6 +107,7 @@ def main() -> int:
     parser = common.parser(__doc__)
     parser.add_argument("--seconds", type=float, default=None, help="load per endpoint (default 5 quick, 20 full)")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--no-log", action="store_true", help="serve without prediction logging (to see its cost)")
     args = parser.parse_args()
     seconds = args.seconds or (5.0 if args.quick else 20.0)
     base = load_config(ROOT / "configs" / "demo.yaml", env={})
@@ -144,7 +145,10 @@ def main() -> int:
 
             serve_port, plain_port = free_port(), free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
-            serve.run(build_app(config, registry.uri), name="bench", route_prefix="/")
+            served_config = dataclasses.replace(
+                config, kafka=dataclasses.replace(config.kafka, bootstrap_servers="embedded")
+            )
+            serve.run(build_app(served_config if args.no_log else config, registry.uri), name="bench", route_prefix="/")
 
             from fastapi import FastAPI
 
@@ -218,6 +222,7 @@ def main() -> int:
             "batch_records": len(batch),
             "client": "one process, threads + requests.Session, same machine",
             "serve": "1 replica, FastAPI ingress, proxy on 127.0.0.1; ours logs to an embedded Tansu",
+            "prediction_logging": not args.no_log,
             "machine": common.machine(),
         },
     }

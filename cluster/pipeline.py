@@ -32,9 +32,9 @@ from streams.serde import RecordCodec, decode_events
 from streams.topics import Topics
 
 NOT_YET = (
-    "training, tuning and the promotion gate (issue: distributed training and tuning)",
-    "serving the champion over HTTP (issue: Ray Serve endpoints)",
-    "drift monitoring, retraining jobs and promotion (issue: monitoring and the closed loop)",
+    "training, tuning and the gate exist (driftloop tune) but this run does not call them yet",
+    "serving exists (driftloop deploy) but this run does not start it yet",
+    "drift monitoring, retraining jobs and the closed loop (issue: monitoring and the closed loop)",
 )
 
 
@@ -96,7 +96,7 @@ def run_pipeline(config: PipelineConfig, run_dir: Path, records: int, scenario: 
         manifest = _ingest_and_fit(config, run_dir, embedded)
 
     print(
-        f"\nStream, ingestion and feature stages done in {time.monotonic() - started:.1f}s. Not built yet, so not run:"
+        f"\nStream, ingestion and feature stages done in {time.monotonic() - started:.1f}s. Not part of this run yet:"
     )
     for item in NOT_YET:
         print(f"  - {item}")

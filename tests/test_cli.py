@@ -153,7 +153,7 @@ def test_run_streams_validates_and_reports_what_is_not_built_yet(tmp_path: Path)
     out = result.stdout
     assert "[broker] embedded Tansu at 127.0.0.1:" in out
     assert "[produce] 2000 records (covariate drift from record 1000)" in out
-    assert "Not built yet" in out
+    assert "Not part of this run yet" in out and "[ingest] version v-" in out and "[features] fitted on" in out
     assert (tmp_path / "run" / "broker.log").exists()
 
 

@@ -126,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(deploy)
     deploy.add_argument("--version", default=None, help="serve this registry version instead of the champion")
     deploy.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
+    deploy.add_argument("--challenger", default=None, help="the version that shadows or canaries (serving.policy)")
     deploy.set_defaults(func=cmd_deploy)
 
     rollback = sub.add_parser("rollback", help="point the champion back at the previous version (serving follows)")
@@ -344,7 +345,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     uri = _tracking_uri(args, config)
-    app = build_app(config, uri, version=args.version)
+    app = build_app(config, uri, version=args.version, challenger=args.challenger)
     connect(config, quiet=not args.verbose)
     serve.start(http_options={"host": config.serving.host, "port": config.serving.port})
     serve.run(app, name=config.name, route_prefix="/")

@@ -30,6 +30,7 @@ from ray import serve
 
 from jobs.registry import ModelRegistry
 from serving.model import ServedModel, load_served_model
+from serving.policy import route
 from serving.predlog import PredictionLog
 from streams.config import KafkaSettings, PipelineConfig
 from streams.errors import DecodeError, ErrorKind
@@ -56,6 +57,17 @@ def _error(status: int, kind: str, message: str, field: str | None = None) -> JS
     return JSONResponse({"detail": {"kind": kind, "field": field, "message": message}}, status_code=status)
 
 
+def _predictions(ids: list[str], proba: Any, classes: list[Any], keys: list[str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "request_id": i,
+            "prediction": classes[max(range(len(p)), key=p.__getitem__)],
+            "probabilities": dict(zip(keys, p, strict=True)),
+        }
+        for i, p in zip(ids, proba.tolist(), strict=True)
+    ]
+
+
 @serve.deployment(max_ongoing_requests=32, max_queued_requests=64, health_check_period_s=5)
 @serve.ingress(api)
 class ModelServer:
@@ -69,6 +81,7 @@ class ModelServer:
         self.config = config
         self.registry = ModelRegistry(config, tracking_uri)
         self.model: ServedModel = load_served_model(config, self.registry, alias=alias)
+        self.challenger: ServedModel | None = None
         self.max_body = config.serving.max_body_bytes
         self.codec = RequestCodec(
             config.schema, max_bytes=self.max_body, max_records=config.serving.max_records_per_request
@@ -116,11 +129,16 @@ class ModelServer:
         version = user_config.get("version")
         alias = user_config.get("alias", "champion")
         target = str(version) if version is not None else self.registry.alias(alias)
-        if target is None or target == self.model.version:
-            return
-        self.model = load_served_model(
-            self.config, self.registry, version=target if version is not None else None, alias=alias
-        )
+        if target is not None and target != self.model.version:
+            self.model = load_served_model(
+                self.config, self.registry, version=target if version is not None else None, alias=alias
+            )
+        if self.config.serving.policy != "none":
+            wanted = user_config.get("challenger") or self.registry.alias("challenger")
+            if wanted is None or str(wanted) == self.model.version:
+                self.challenger = None
+            elif self.challenger is None or self.challenger.version != str(wanted):
+                self.challenger = load_served_model(self.config, self.registry, version=str(wanted))
 
     def _authorised(self, request: Request) -> bool:
         given = request.headers.get("x-api-key") or ""
@@ -142,22 +160,23 @@ class ModelServer:
         except DecodeError as err:
             status = 413 if err.kind is ErrorKind.OVERSIZED else 422
             return _error(status, err.kind.value, err.message, err.field)
-        model = self.model  # one model for the whole request, even if a swap lands meanwhile
+        champion, challenger = self.model, self.challenger  # one pair for the whole request
+        serving = self.config.serving
+        key = records[0].request_id or uuid.uuid4().hex
+        decision = route(key, serving.policy, serving.canary_fraction, challenger is not None)
+        model = challenger if decision.answer_with_challenger and challenger is not None else champion
         names = self.config.schema.feature_names
         rows = [{f: getattr(r, f) for f in names} for r in records]
         proba = model.predict(rows)
         classes = [c if isinstance(c, int) else str(c) for c in model.spec.classes]
         keys = [str(c) for c in classes]
-        predictions = []
-        for record, p in zip(records, proba.tolist(), strict=True):
-            predictions.append(
-                {
-                    "request_id": record.request_id or uuid.uuid4().hex,
-                    "prediction": classes[max(range(len(p)), key=p.__getitem__)],
-                    "probabilities": dict(zip(keys, p, strict=True)),
-                }
-            )
-        self.log.append(self.config.name, model.name, model.version, rows, predictions)
+        ids = [r.request_id or (key if i == 0 else uuid.uuid4().hex) for i, r in enumerate(records)]
+        predictions = _predictions(ids, proba, classes, keys)
+        variant = "challenger" if model is not champion else "champion"
+        self.log.append(self.config.name, model.name, model.version, rows, predictions, variant)
+        if decision.shadow and challenger is not None:
+            shadowed = _predictions(ids, challenger.predict(rows), classes, keys)
+            self.log.append(self.config.name, challenger.name, challenger.version, rows, shadowed, "shadow")
         body = msgspec.json.encode(
             {"model": {"name": model.name, "version": model.version}, "predictions": predictions}
         )
@@ -183,7 +202,13 @@ class ModelServer:
         return JSONResponse(info)
 
 
-def build_app(config: PipelineConfig, tracking_uri: str, alias: str = "champion", version: str | None = None) -> Any:
+def build_app(
+    config: PipelineConfig,
+    tracking_uri: str,
+    alias: str = "champion",
+    version: str | None = None,
+    challenger: str | None = None,
+) -> Any:
     """The Serve application; the API key travels to the replicas in their runtime environment."""
     key = os.environ.get(API_KEY_ENV)
     if not key:
@@ -196,7 +221,8 @@ def build_app(config: PipelineConfig, tracking_uri: str, alias: str = "champion"
     deployment: Any = ModelServer  # a serve.Deployment once decorated
     return deployment.options(
         ray_actor_options={"runtime_env": {"env_vars": {API_KEY_ENV: key}}},
-        user_config={"version": version} if version else {"alias": alias},
+        user_config=({"version": version} if version else {"alias": alias})
+        | ({"challenger": challenger} if challenger else {}),
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         **scaling,

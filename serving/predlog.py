@@ -39,7 +39,7 @@ class PredictionLog:
         self.batch = batch
         self.sent = 0
         self.dropped = 0
-        self._buffer: deque[tuple[str, str, str, list[dict[str, Any]], list[dict[str, Any]], Any]] = deque()
+        self._buffer: deque[tuple[str, str, str, list[dict[str, Any]], list[dict[str, Any]], Any, Any]] = deque()
         self._rows = 0
         self.capacity = capacity
         self._lock = threading.Lock()
@@ -57,12 +57,13 @@ class PredictionLog:
         version: str,
         rows: list[dict[str, Any]],
         predictions: list[dict[str, Any]],
+        variant: str = "champion",
     ) -> None:
         """Queue one request's predictions; the events are built off the request path."""
         if self.kafka is None:
             return
         with self._lock:
-            self._buffer.append((pipeline, model_name, version, rows, predictions, utcnow()))
+            self._buffer.append((pipeline, model_name, version, rows, predictions, utcnow(), variant))
             self._rows += len(rows)
             while self._rows > self.capacity and self._buffer:
                 dropped = self._buffer.popleft()
@@ -86,8 +87,9 @@ class PredictionLog:
             PredictionLogged(
                 request_id=p["request_id"], occurred_at=when, pipeline=pipeline, model_name=name,
                 model_version=version, features=row, prediction=p["prediction"], probabilities=p["probabilities"],
+                variant=variant,
             )
-            for pipeline, name, version, rows, predictions, when in chunks
+            for pipeline, name, version, rows, predictions, when, variant in chunks
             for row, p in zip(rows, predictions, strict=True)
         ]  # fmt: skip
 

@@ -522,8 +522,12 @@ class ServingSettings:
     max_queued_requests: int = 64
     max_body_bytes: int = 4 * 1024 * 1024
     max_records_per_request: int = 10_000
+    policy: Literal["none", "shadow", "canary"] = "none"
+    canary_fraction: float = 0.1
 
     def problems(self) -> Iterator[Problem]:
+        if not 0 <= self.canary_fraction <= 1:
+            yield "canary_fraction", "a number in [0, 1]", self.canary_fraction
         if not 1 <= self.port <= 65535:
             yield "port", "a port number (1-65535)", self.port
         for name in ("num_replicas", "max_ongoing_requests", "max_queued_requests", "max_records_per_request"):

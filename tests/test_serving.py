@@ -279,6 +279,52 @@ def test_the_serve_config_file_builds_the_app(
     assert type(built).__name__ == "Application"
 
 
+@pytest.mark.parametrize("policy", ["shadow", "canary"])
+def test_shadow_and_canary_policies(
+    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    from ray import serve
+
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    config = dataclasses.replace(
+        config, serving=dataclasses.replace(config.serving, policy=policy, canary_fraction=0.5)
+    )
+    registry = ModelRegistry(config, f"sqlite:///{tmp_path / 'db'}", artifact_root=tmp_path / "a", lock_dir=tmp_path)
+    champion = register_model(config, registry, tmp_path / "m1", seed=1, f1=0.7)
+    assert registry.promote(champion, config.gate).promote
+    challenger = register_model(config, registry, tmp_path / "m2", seed=2, f1=0.71)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(config, registry.uri, challenger=challenger), name=config.name, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        record = rows(config, 1)[0]
+        responses = [post(url, {**record, "request_id": f"q{i}"}) for i in range(40)]
+        assert all(r.status_code == 200 for r in responses), responses[0].text[:2000]
+        answers = [r.json() for r in responses]
+        versions = {a["model"]["version"] for a in answers}
+        seen: list[PredictionLogged] = []
+
+        def keep(b: Batch) -> None:
+            seen.extend(v for v in b.values if isinstance(v, PredictionLogged))
+
+        expected = 80 if policy == "shadow" else 40
+        StreamConsumer(
+            config.kafka, [topics.predictions], decode_events, keep, group_id=None, dlq_topic=topics.dlq
+        ).run(max_records=expected, idle_timeout_s=15)
+        variants = {(e.variant, e.model_version) for e in seen}
+        if policy == "shadow":
+            assert versions == {champion}
+            assert variants == {("champion", champion), ("shadow", challenger)} and len(seen) == 80
+        else:
+            assert versions == {champion, challenger}
+            assert variants == {("champion", champion), ("challenger", challenger)} and len(seen) == 40
+            again = post(url, {**record, "request_id": "q7"}).json()["model"]["version"]
+            assert again == answers[7]["model"]["version"], "a retried request lands on the same model"
+    finally:
+        serve.shutdown()
+
+
 def test_serving_refuses_to_start_without_an_api_key(config: PipelineConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     with pytest.raises(RuntimeError, match=f"set {API_KEY_ENV}"):

@@ -31,7 +31,7 @@ import ray  # noqa: E402
 
 from jobs.evaluate import evaluate  # noqa: E402
 from jobs.features import fit_pipeline  # noqa: E402
-from jobs.loop import pick_device, train_standalone  # noqa: E402
+from jobs.loop import pick_device, train_with_settings  # noqa: E402
 from jobs.models import ModelSpec, build_model, predict_proba  # noqa: E402
 from jobs.train import _to_numpy, split_by_time, train_loop_per_worker  # noqa: E402
 from streams.config import PipelineConfig, load_config  # noqa: E402
@@ -122,19 +122,7 @@ def run_plain(
     m = config.model
     model = build_model(spec)
     started = time.perf_counter()
-    train_standalone(
-        model,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        epochs=m.epochs,
-        batch_size=m.batch_size,
-        learning_rate=m.learning_rate,
-        weight_decay=m.weight_decay,
-        device=pick_device(False),
-        seed=m.seed,
-    )
+    train_with_settings(model, (x_train, y_train, x_val, y_val), m, pick_device(False))
     elapsed = time.perf_counter() - started
     model.eval()
     f1 = evaluate(y_val, predict_proba(model, x_val).numpy(), list(spec.classes))["f1_macro"]

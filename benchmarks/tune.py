@@ -31,35 +31,23 @@ import ray  # noqa: E402
 from train import prepared, run_hgb  # noqa: E402
 
 from jobs.evaluate import evaluate  # noqa: E402
-from jobs.loop import pick_device, train_standalone  # noqa: E402
+from jobs.loop import pick_device, train_with_settings  # noqa: E402
 from jobs.models import ModelSpec, build_model, predict_proba  # noqa: E402
 from jobs.tune import apply_params, optuna_space, tune_arrays  # noqa: E402
 from streams.config import PipelineConfig, load_config  # noqa: E402
 
 
 def fit_f1(config: PipelineConfig, params: dict[str, Any], names: list[str], arrays: tuple[np.ndarray, ...]) -> float:
-    x_train, y_train, x_val, y_val = arrays
+    x_val, y_val = arrays[2], arrays[3]
     settings = apply_params(config.model, params)
     spec = ModelSpec.from_settings(settings, names, list(config.schema.label.classes))
     model = build_model(spec)
-    train_standalone(
-        model,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        weight_decay=settings.weight_decay,
-        device=pick_device(False),
-    )
+    train_with_settings(model, arrays, settings, pick_device(False))  # type: ignore[arg-type]
     model.eval()
     return float(evaluate(y_val, predict_proba(model, x_val).numpy(), list(spec.classes))["f1_macro"])
 
 
 def run_plain_optuna(config: PipelineConfig, names: list[str], arrays: tuple[np.ndarray, ...]) -> dict[str, Any]:
-    x_train, y_train, x_val, y_val = arrays
     space = optuna_space(config.search)
     epochs_run: list[int] = []
 
@@ -79,19 +67,7 @@ def run_plain_optuna(config: PipelineConfig, names: list[str], arrays: tuple[np.
                 raise optuna.TrialPruned()
 
         try:
-            train_standalone(
-                build_model(spec),
-                x_train,
-                y_train,
-                x_val,
-                y_val,
-                epochs=settings.epochs,
-                batch_size=settings.batch_size,
-                learning_rate=settings.learning_rate,
-                weight_decay=settings.weight_decay,
-                device=pick_device(False),
-                on_epoch=on_epoch,
-            )
+            train_with_settings(build_model(spec), arrays, settings, pick_device(False), on_epoch)  # type: ignore[arg-type]
         finally:
             epochs_run.append(done)
             trial.set_user_attr("val_accuracy", last.get("val_accuracy"))

@@ -27,6 +27,7 @@ __all__ = [
     "run_epoch",
     "save_checkpoint",
     "train_standalone",
+    "train_with_settings",
     "validate",
 ]
 
@@ -135,6 +136,22 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
 
 def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+
+
+def train_with_settings(
+    model: nn.Module,
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    settings: Any,
+    device: torch.device | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> list[EpochResult]:
+    """`train_standalone` on (x_train, y_train, x_val, y_val) with a ModelSettings' knobs."""
+    x_train, y_train, x_val, y_val = arrays
+    return train_standalone(
+        model, x_train, y_train, x_val, y_val,
+        epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay, bf16=settings.bf16, device=device, seed=settings.seed, on_epoch=on_epoch,
+    )  # fmt: skip
 
 
 def train_standalone(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.features import fit_pipeline
-from jobs.loop import pick_device, train_standalone
+from jobs.loop import pick_device, train_with_settings
 from jobs.models import ModelSpec, build_model
 from jobs.train import _to_numpy, check_resources, split_by_time
 from streams.config import ModelSettings, Param, PipelineConfig, SearchSettings
@@ -170,15 +170,11 @@ def tune_arrays(
     base, names, classes = config.model, input_names, list(config.schema.label.classes)
 
     def trial(params: dict[str, Any]) -> None:
-        x_train, y_train, x_val, y_val = (ray.get(r) for r in refs)
+        local = tuple(ray.get(r) for r in refs)
         settings = apply_params(base, params)
         spec = ModelSpec.from_settings(settings, names, classes)
-        train_standalone(
-            build_model(spec), x_train, y_train, x_val, y_val,
-            epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
-            weight_decay=settings.weight_decay, bf16=settings.bf16, device=pick_device(False), seed=settings.seed,
-            on_epoch=lambda r: tune.report({**r.metrics, "epoch": r.epoch + 1, "train_loss": r.train_loss}),
-        )  # fmt: skip
+        report = lambda r: tune.report({**r.metrics, "epoch": r.epoch + 1, "train_loss": r.train_loss})  # noqa: E731
+        train_with_settings(build_model(spec), local, settings, pick_device(False), on_epoch=report)
 
     algorithm = OptunaSearch(
         space=optuna_space(search),

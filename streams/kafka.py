@@ -35,6 +35,7 @@ __all__ = [
     "client_options",
     "dead_letter",
     "ensure_topics",
+    "new_consumer",
     "topic_id",
 ]
 
@@ -67,14 +68,37 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
     return options
 
 
+def _unreachable(kafka: KafkaSettings, err: KafkaError) -> BrokerError:
+    return BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}")
+
+
+def _admin(kafka: KafkaSettings) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
+    except KafkaError as err:
+        raise _unreachable(kafka, err) from err
+
+
+def new_consumer(kafka: KafkaSettings, **options: Any) -> KafkaConsumer:
+    """A kafka-python consumer with our connection and fetch settings (manual commits always)."""
+    try:
+        return KafkaConsumer(
+            **client_options(kafka),
+            enable_auto_commit=False,
+            max_poll_records=kafka.consumer.max_poll_records,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_partition_fetch_bytes=max(kafka.max_record_bytes * 2, 4 * 1024 * 1024),
+            **options,
+        )
+    except KafkaError as err:
+        raise _unreachable(kafka, err) from err
+
+
 def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], partitions: int | None = None) -> list[str]:
     """Create the topics that do not exist yet (idempotent); returns the ones it created."""
     wanted = list(dict.fromkeys(topics))
     count = partitions or kafka.partitions
-    try:
-        admin = KafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
-    except KafkaError as err:
-        raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}") from err
+    admin = _admin(kafka)
     created = []
     try:
         existing = set(admin.list_topics())
@@ -97,10 +121,7 @@ def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], partitions: int |
 
 def topic_id(kafka: KafkaSettings, topic: str) -> str | None:
     """The broker's id for this incarnation of a topic (it changes when a topic is recreated)."""
-    try:
-        admin = KafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
-    except KafkaError as err:
-        raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}") from err
+    admin = _admin(kafka)
     try:
         (described,) = admin.describe_topics([topic])
     finally:
@@ -135,7 +156,7 @@ class Producer:
                 max_request_size=max(kafka.max_record_bytes * 2, 1024 * 1024),
             )
         except KafkaError as err:
-            raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}") from err
+            raise _unreachable(kafka, err) from err
         self.buffer_bytes = settings.buffer_bytes
         self.max_block_s = settings.max_block_ms / 1000
         self.sent = 0
@@ -326,20 +347,13 @@ class StreamConsumer:
         self._own_producer = producer is None and dlq_topic is not None
         self._producer = Producer(kafka, client_id=f"{group_id or 'driftloop'}-dlq") if self._own_producer else producer
         settings = kafka.consumer
-        try:
-            self._consumer = KafkaConsumer(
-                **client_options(kafka),
-                group_id=group_id,
-                enable_auto_commit=False,
-                auto_offset_reset=settings.auto_offset_reset,
-                session_timeout_ms=settings.session_timeout_ms,
-                heartbeat_interval_ms=max(settings.session_timeout_ms // 3, 100),
-                max_poll_records=settings.max_poll_records,
-                fetch_max_bytes=64 * 1024 * 1024,
-                max_partition_fetch_bytes=max(kafka.max_record_bytes * 2, 4 * 1024 * 1024),
-            )
-        except KafkaError as err:
-            raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}") from err
+        self._consumer = new_consumer(
+            kafka,
+            group_id=group_id,
+            auto_offset_reset=settings.auto_offset_reset,
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=max(settings.session_timeout_ms // 3, 100),
+        )
         try:
             if group_id is None:
                 parts = [TopicPartition(t, p) for t in self.topics for p in sorted(self._partitions(t))]

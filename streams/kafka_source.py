@@ -20,14 +20,14 @@ from typing import Any
 
 import pyarrow as pa
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError, OffsetOutOfRangeError
+from kafka.errors import OffsetOutOfRangeError
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from streams.config import KafkaSettings, RecordSchema
 from streams.errors import BrokerError, DecodeError, IncompleteRead
 from streams.events import OffsetRange
-from streams.kafka import Producer, client_options, dead_letter
+from streams.kafka import Producer, dead_letter, new_consumer
 from streams.serde import RecordCodec
 
 __all__ = [
@@ -97,18 +97,8 @@ class RangeRead:
 
 
 def _consumer(kafka: KafkaSettings) -> KafkaConsumer:
-    try:
-        return KafkaConsumer(
-            **client_options(kafka),
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="none",  # a deleted offset is an error, never a silent jump
-            max_poll_records=kafka.consumer.max_poll_records,
-            fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=max(kafka.max_record_bytes * 2, 4 * 1024 * 1024),
-        )
-    except KafkaError as err:
-        raise BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}") from err
+    # a deleted offset is an error, never a silent jump
+    return new_consumer(kafka, group_id=None, auto_offset_reset="none")
 
 
 def read_range(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -47,23 +48,37 @@ def register_model(config: PipelineConfig, registry: ModelRegistry, folder: Path
     return registry.log_training(folder, {}, [], report, Window(())).version
 
 
+def champion_registry(config: PipelineConfig, tmp_path: Path) -> tuple[ModelRegistry, str]:
+    """A registry in tmp_path whose champion is a freshly trained model (version 1)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = ModelRegistry(config, uri, artifact_root=tmp_path / "art", lock_dir=tmp_path)
+    champion = register_model(config, registry, tmp_path / "m1", seed=1, f1=0.7)
+    assert registry.promote(champion, config.gate).promote
+    return registry, champion
+
+
+@contextlib.contextmanager
+def serving(app: object, name: str) -> Iterator[str]:
+    """Serve `app` on a free loopback port for the duration; yields its base URL."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app, name=name, route_prefix="/")  # type: ignore[arg-type]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
 @pytest.fixture
 def served(
     config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[str, ModelRegistry, PipelineConfig]]:
-    from ray import serve
-
     monkeypatch.setenv(API_KEY_ENV, KEY)
-    registry = ModelRegistry(
-        config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "art", lock_dir=tmp_path
-    )
-    first = register_model(config, registry, tmp_path / "m1", seed=1, f1=0.7)
-    assert registry.promote(first, config.gate).promote
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config, registry.uri), name=config.name, route_prefix="/")
-    yield f"http://127.0.0.1:{port}", registry, config
-    serve.shutdown()
+    registry, _ = champion_registry(config, tmp_path)
+    with serving(build_app(config, registry.uri), config.name) as url:
+        yield url, registry, config
 
 
 def post(url: str, body: object, key: str | None = KEY, raw: bytes | None = None) -> requests.Response:
@@ -198,8 +213,6 @@ def test_a_promotion_on_the_models_topic_swaps_the_served_model(
 def test_a_broker_outage_costs_prediction_logs_not_requests(
     config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ray import serve
-
     from cluster.broker import EmbeddedBroker
     from streams.kafka import ensure_topics
 
@@ -207,15 +220,8 @@ def test_a_broker_outage_costs_prediction_logs_not_requests(
     with EmbeddedBroker() as own:
         config = dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=own.bootstrap))
         ensure_topics(config.kafka, Topics(config.name).all())
-        registry = ModelRegistry(
-            config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "a", lock_dir=tmp_path
-        )
-        assert registry.promote(register_model(config, registry, tmp_path / "m", seed=1, f1=0.7), config.gate).promote
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        try:
-            serve.run(build_app(config, registry.uri), name=config.name, route_prefix="/")
-            url = f"http://127.0.0.1:{port}"
+        registry, _ = champion_registry(config, tmp_path)
+        with serving(build_app(config, registry.uri), config.name) as url:
             batch = rows(config, 3)
             assert post(url, batch).status_code == 200
             own.stop()  # the broker goes away mid-traffic
@@ -227,8 +233,6 @@ def test_a_broker_outage_costs_prediction_logs_not_requests(
                 time.sleep(0.1)
             assert statuses and set(statuses) == {200}, "serving kept answering"
             assert dropped > 0, "what could not be logged is counted"
-        finally:
-            serve.shutdown()
 
 
 def test_overload_answers_503_instead_of_queueing(
@@ -236,26 +240,17 @@ def test_overload_answers_503_instead_of_queueing(
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from ray import serve
-
     monkeypatch.setenv(API_KEY_ENV, KEY)
     config = dataclasses.replace(
         config, serving=dataclasses.replace(config.serving, max_ongoing_requests=1, max_queued_requests=1)
     )
-    registry = ModelRegistry(config, f"sqlite:///{tmp_path / 'db'}", artifact_root=tmp_path / "a", lock_dir=tmp_path)
-    assert registry.promote(register_model(config, registry, tmp_path / "m", seed=1, f1=0.7), config.gate).promote
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(config, registry.uri), name=config.name, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
+    registry, _ = champion_registry(config, tmp_path)
+    with serving(build_app(config, registry.uri), config.name) as url:
         heavy = rows(config, 5000)
         with ThreadPoolExecutor(12) as pool:
             statuses = list(pool.map(lambda _: post(url, heavy).status_code, range(12)))
         assert 503 in statuses and 200 in statuses, statuses
         assert set(statuses) <= {200, 503}
-    finally:
-        serve.shutdown()
 
 
 def test_the_serve_config_file_builds_the_app(
@@ -283,21 +278,13 @@ def test_the_serve_config_file_builds_the_app(
 def test_shadow_and_canary_policies(
     config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str
 ) -> None:
-    from ray import serve
-
     monkeypatch.setenv(API_KEY_ENV, KEY)
     config = dataclasses.replace(
         config, serving=dataclasses.replace(config.serving, policy=policy, canary_fraction=0.5)
     )
-    registry = ModelRegistry(config, f"sqlite:///{tmp_path / 'db'}", artifact_root=tmp_path / "a", lock_dir=tmp_path)
-    champion = register_model(config, registry, tmp_path / "m1", seed=1, f1=0.7)
-    assert registry.promote(champion, config.gate).promote
+    registry, champion = champion_registry(config, tmp_path)
     challenger = register_model(config, registry, tmp_path / "m2", seed=2, f1=0.71)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(config, registry.uri, challenger=challenger), name=config.name, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
+    with serving(build_app(config, registry.uri, challenger=challenger), config.name) as url:
         record = rows(config, 1)[0]
         responses = [post(url, {**record, "request_id": f"q{i}"}) for i in range(40)]
         assert all(r.status_code == 200 for r in responses), responses[0].text[:2000]
@@ -321,8 +308,6 @@ def test_shadow_and_canary_policies(
             assert variants == {("champion", champion), ("challenger", challenger)} and len(seen) == 40
             again = post(url, {**record, "request_id": "q7"}).json()["model"]["version"]
             assert again == answers[7]["model"]["version"], "a retried request lands on the same model"
-    finally:
-        serve.shutdown()
 
 
 def test_serving_refuses_to_start_without_an_api_key(config: PipelineConfig, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,8 +11,6 @@ ratio = ours / no-op Serve requests per second.
     python benchmarks/serve.py --quick --json runs/bench/serve.json
 """
 
-from __future__ import annotations
-
 import dataclasses
 import os
 import subprocess
@@ -30,6 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 import ray  # noqa: E402
 import requests  # noqa: E402
+from fastapi import Request  # noqa: E402
 
 from cluster.broker import EmbeddedBroker, free_port  # noqa: E402
 from jobs.features import fit_pipeline  # noqa: E402
@@ -70,11 +69,12 @@ async def predict(request: Request):
 def load(url: str, body: Any, concurrency: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
     latencies: list[float] = []
     failures = 0
+    first_failure = ""
     stop = time.monotonic() + seconds
     lock = threading.Lock()
 
     def worker() -> None:
-        nonlocal failures
+        nonlocal failures, first_failure
         session = requests.Session()
         while time.monotonic() < stop:
             started = time.perf_counter()
@@ -85,6 +85,7 @@ def load(url: str, body: Any, concurrency: int, seconds: float, headers: dict[st
                     latencies.append(elapsed)
                 else:
                     failures += 1
+                    first_failure = first_failure or f"{response.status_code} {response.text[:200]}"
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     began = time.perf_counter()
@@ -100,7 +101,7 @@ def load(url: str, body: Any, concurrency: int, seconds: float, headers: dict[st
         "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2),
         "requests": len(latencies),
         "failed": failures,
-    }
+    } | ({"first_failure": first_failure} if first_failure else {})
 
 
 def main() -> int:
@@ -161,6 +162,11 @@ def main() -> int:
                 async def predict(self) -> dict[str, Any]:
                     return {}
 
+                @noop_api.post("/v1/read")
+                async def read(self, request: Request) -> dict[str, Any]:
+                    await request.body()  # Serve fetches a body from the proxy in a second call
+                    return {}
+
             serve.run(NoOp.bind(), name="noop", route_prefix="/noop")  # type: ignore[attr-defined]
 
             (work / "plain_app.py").write_text(
@@ -192,6 +198,7 @@ def main() -> int:
                     time.sleep(0.5)
             ours = load(f"http://127.0.0.1:{serve_port}/v1/predict", record, args.concurrency, seconds, headers)
             noop = load(f"http://127.0.0.1:{serve_port}/noop/v1/predict", record, args.concurrency, seconds, headers)
+            noop_body = load(f"http://127.0.0.1:{serve_port}/noop/v1/read", record, args.concurrency, seconds, headers)
             fastapi_plain = load(
                 f"http://127.0.0.1:{plain_port}/v1/predict", record, args.concurrency, seconds, headers
             )
@@ -211,7 +218,13 @@ def main() -> int:
         "peer": noop["requests_per_s"],
         "ratio": round(ours["requests_per_s"] / noop["requests_per_s"], 3),
         "unit": "requests/s (single record)",
-        "endpoints": {"ours": ours, "noop_ray_serve": noop, "plain_fastapi_uvicorn": fastapi_plain},
+        "ratio_vs_noop_reading_body": round(ours["requests_per_s"] / max(noop_body["requests_per_s"], 1e-9), 3),
+        "endpoints": {
+            "ours": ours,
+            "noop_ray_serve": noop,
+            "noop_ray_serve_reading_body": noop_body,
+            "plain_fastapi_uvicorn": fastapi_plain,
+        },
         "batch_rows_per_s": round(batched["requests_per_s"] * len(batch)),
         "batch": batched,
         "predictions_logged": health["predictions_logged"],

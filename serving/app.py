@@ -20,7 +20,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from typing import Any
 
 import msgspec
@@ -34,7 +33,7 @@ from serving.policy import route
 from serving.predlog import PredictionLog
 from streams.config import KafkaSettings, PipelineConfig
 from streams.errors import DecodeError, ErrorKind
-from streams.events import ModelPromoted, ModelRolledBack
+from streams.events import ModelPromoted, ModelRolledBack, new_event_id
 from streams.kafka import Batch
 from streams.serde import RequestCodec
 from streams.topics import Topics
@@ -43,6 +42,7 @@ __all__ = ["API_KEY_ENV", "ModelServer", "app_builder", "build_app"]
 
 API_KEY_ENV = "DRIFTLOOP_API_KEY"
 WATCH_ENV = "DRIFTLOOP_WATCH_MODELS"  # "0" turns the models-topic watch off
+SMALL_REQUEST = 32  # requests with fewer records are batched with concurrent ones (@serve.batch)
 log = logging.getLogger(__name__)
 
 
@@ -59,12 +59,8 @@ def _error(status: int, kind: str, message: str, field: str | None = None) -> JS
 
 def _predictions(ids: list[str], proba: Any, classes: list[Any], keys: list[str]) -> list[dict[str, Any]]:
     return [
-        {
-            "request_id": i,
-            "prediction": classes[max(range(len(p)), key=p.__getitem__)],
-            "probabilities": dict(zip(keys, p, strict=True)),
-        }
-        for i, p in zip(ids, proba.tolist(), strict=True)
+        {"request_id": i, "prediction": classes[w], "probabilities": dict(zip(keys, p, strict=True))}
+        for i, w, p in zip(ids, proba.argmax(axis=1).tolist(), proba.tolist(), strict=True)
     ]
 
 
@@ -88,7 +84,13 @@ class ModelServer:
         )
         kafka = None if config.kafka.embedded else config.kafka
         topics = Topics(config.name)
-        self.log = PredictionLog(kafka, topics.predictions)
+        serving = config.serving
+        self.log = PredictionLog(
+            kafka, topics.predictions, capacity=serving.log_capacity, timeout_s=serving.log_timeout_s
+        )
+        batcher: Any = self._score  # a serve.batch wrapper
+        batcher.set_max_batch_size(min(serving.batch_max_size, serving.max_ongoing_requests))
+        batcher.set_batch_wait_timeout_s(serving.batch_wait_ms / 1000)
         self._watcher = None
         if kafka is not None and user_watch_models():
             self._watcher = threading.Thread(target=self._watch_models, args=(kafka, topics), daemon=True)
@@ -162,15 +164,15 @@ class ModelServer:
             return _error(status, err.kind.value, err.message, err.field)
         champion, challenger = self.model, self.challenger  # one pair for the whole request
         serving = self.config.serving
-        key = records[0].request_id or uuid.uuid4().hex
+        key = records[0].request_id or new_event_id()
         decision = route(key, serving.policy, serving.canary_fraction, challenger is not None)
         model = challenger if decision.answer_with_challenger and challenger is not None else champion
         names = self.config.schema.feature_names
         rows = [{f: getattr(r, f) for f in names} for r in records]
-        proba = model.predict(rows)
+        proba = await self._score((model, rows)) if len(rows) < SMALL_REQUEST else model.predict(rows)
         classes = [c if isinstance(c, int) else str(c) for c in model.spec.classes]
         keys = [str(c) for c in classes]
-        ids = [r.request_id or (key if i == 0 else uuid.uuid4().hex) for i, r in enumerate(records)]
+        ids = [r.request_id or (key if i == 0 else new_event_id()) for i, r in enumerate(records)]
         predictions = _predictions(ids, proba, classes, keys)
         variant = "challenger" if model is not champion else "champion"
         self.log.append(self.config.name, model.name, model.version, rows, predictions, variant)
@@ -181,6 +183,21 @@ class ModelServer:
             {"model": {"name": model.name, "version": model.version}, "predictions": predictions}
         )
         return Response(content=body, media_type="application/json")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+    async def _score(self, jobs: list[tuple[ServedModel, list[dict[str, Any]]]]) -> list[Any]:
+        """Concurrent small requests share one transform and forward pass per model."""
+        out: list[Any] = [None] * len(jobs)
+        groups: dict[int, tuple[ServedModel, list[int]]] = {}
+        for i, (model, _) in enumerate(jobs):
+            groups.setdefault(id(model), (model, []))[1].append(i)
+        for model, members in groups.values():
+            proba = model.predict([row for i in members for row in jobs[i][1]])
+            start = 0
+            for i in members:
+                out[i] = proba[start : start + len(jobs[i][1])]
+                start += len(jobs[i][1])
+        return out
 
     @api.get("/v1/health")
     async def health(self) -> dict[str, Any]:

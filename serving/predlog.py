@@ -1,8 +1,10 @@
 """Prediction logging: every served prediction to the `predictions` topic, without slowing serving.
 
-Requests append to a bounded buffer and return; a background thread sends batches through the
-idempotent producer. When the broker is unreachable the buffer fills, the oldest entries are
-dropped and counted, and serving never waits: the counts show in health.
+Requests append to a bounded buffer and return; a background thread builds the events and
+hands them to a librdkafka producer (`streams.rdkafka.BulkProducer`), which batches and sends
+in its own threads. When the broker is unreachable the buffers fill: the oldest entries are
+dropped, records not delivered within `timeout_s` are dropped, and every drop is counted.
+Serving never waits: the counts show in health.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 from streams.config import KafkaSettings
 from streams.errors import DriftloopError
 from streams.events import PredictionLogged, utcnow
-from streams.kafka import Producer
+from streams.rdkafka import BulkProducer
+from streams.serde import encode_event
 
 __all__ = ["PredictionLog"]
 
@@ -30,22 +33,24 @@ class PredictionLog:
         self,
         kafka: KafkaSettings | None,
         topic: str,
-        capacity: int = 50_000,
-        batch: int = 500,
-        producer_factory: Callable[[KafkaSettings], Producer] | None = None,
+        capacity: int = 100_000,
+        timeout_s: float = 30.0,
+        batch: int = 2000,
+        producer_factory: Callable[[KafkaSettings], BulkProducer] | None = None,
     ) -> None:
         self.kafka = kafka
         self.topic = topic
         self.batch = batch
-        self.sent = 0
-        self.dropped = 0
+        self._dropped = 0  # buffer overflow and events that could not be handed over
         self._buffer: deque[tuple[str, str, str, list[dict[str, Any]], list[dict[str, Any]], Any, Any]] = deque()
         self._rows = 0
         self.capacity = capacity
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._factory = producer_factory or (lambda k: Producer(k, client_id=f"{topic}.serve"))
-        self._producer: Producer | None = None
+        self._factory = producer_factory or (
+            lambda k: BulkProducer(k, client_id=f"{topic}.serve", max_messages=capacity, timeout_s=timeout_s)
+        )
+        self._producer: BulkProducer | None = None
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         if kafka is not None:
             self._thread.start()
@@ -68,11 +73,24 @@ class PredictionLog:
             while self._rows > self.capacity and self._buffer:
                 dropped = self._buffer.popleft()
                 self._rows -= len(dropped[3])
-                self.dropped += len(dropped[3])
+                self._dropped += len(dropped[3])
 
     @property
     def buffered(self) -> int:
-        return self._rows
+        """Predictions not yet acknowledged by the broker (ours and the producer's queue)."""
+        producer = self._producer
+        return self._rows + (producer.in_flight if producer is not None else 0)
+
+    @property
+    def sent(self) -> int:
+        """Predictions the broker acknowledged."""
+        producer = self._producer
+        return producer.delivered if producer is not None else 0
+
+    @property
+    def dropped(self) -> int:
+        producer = self._producer
+        return self._dropped + (producer.rejected + producer.failed if producer is not None else 0)
 
     def _take(self) -> list[PredictionLogged]:
         with self._lock:
@@ -96,36 +114,29 @@ class PredictionLog:
     def _run(self) -> None:
         assert self.kafka is not None
         while not self._stop.is_set():
+            if self._producer is None:
+                try:
+                    self._producer = self._factory(self.kafka)
+                except DriftloopError as err:
+                    log.warning("prediction log: no producer (%s); retrying in 1s", err)
+                    self._stop.wait(1.0)
+                    continue
             items = self._take()
             if not items:
-                self._stop.wait(0.05)
+                self._producer.serve(0.05)
                 continue
-            try:
-                if self._producer is None:
-                    self._producer = self._factory(self.kafka)
-                for event in items:
-                    self._producer.send_event(self.topic, event)
-                self._producer.flush(timeout_s=5)
-                self.sent += len(items)
-            except (DriftloopError, OSError) as err:
-                with self._lock:
-                    self.dropped += len(items)
-                log.warning("prediction log: %d predictions not logged (%s)", len(items), err)
-                self._discard_producer()
-                self._stop.wait(1.0)
-
-    def _discard_producer(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            with contextlib.suppress(DriftloopError):
-                producer.close(timeout_s=1)
+            for event in items:
+                self._producer.produce(self.topic, encode_event(event), event.request_id.encode())
+            self._producer.serve(0)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Send what is buffered (within `timeout_s`), then stop."""
         deadline = time.monotonic() + timeout_s
-        while self.buffered and time.monotonic() < deadline and self._thread.is_alive():
+        while self._rows and time.monotonic() < deadline and self._thread.is_alive():
             time.sleep(0.05)
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        self._discard_producer()
+        if self._producer is not None:
+            with contextlib.suppress(DriftloopError):
+                self._producer.close(max(0.0, deadline - time.monotonic()))

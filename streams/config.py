@@ -34,16 +34,19 @@ __all__ = [
     "LabelSpec",
     "MlflowSettings",
     "ModelSettings",
+    "MonitorSettings",
     "Param",
     "PipelineConfig",
     "ProducerSettings",
     "RaySettings",
     "RecordSchema",
+    "RetrainSettings",
     "SearchSettings",
     "ServingSettings",
     "Step",
     "TrackerSettings",
     "TrainingSettings",
+    "dump_config",
     "load_config",
     "parse_config",
 ]
@@ -510,6 +513,55 @@ class GateSettings:
 
 
 @dataclass(frozen=True)
+class MonitorSettings:
+    """Drift monitoring (see jobs.monitor): windows, statistics' thresholds, the label join."""
+
+    window_size: int = 2000  # predictions per drift window
+    window_seconds: float | None = None  # set: windows by event time instead of by count
+    alpha: float = 0.01  # significance after the multiple-testing correction
+    psi_threshold: float = 0.2
+    correction: Literal["bh", "bonferroni"] = "bh"
+    reference_sample: int = 5000  # training values per numeric feature kept in the model's reference
+    performance_window: int = 1000  # labelled predictions per accuracy/F1 window
+    performance_tolerance: float = 0.05  # accuracy this far below the champion's validation report is drift
+    label_ttl_s: float = 3600.0  # a prediction waits this long for its label, then is forgotten
+    max_pending: int = 200_000  # predictions (and early labels) waiting to be joined, at most
+    actors: int = 1  # monitor actors in the consumer group
+
+    def problems(self) -> Iterator[Problem]:
+        for name in ("window_size", "reference_sample", "performance_window", "max_pending", "actors"):
+            if getattr(self, name) < 1:
+                yield name, "an integer >= 1", getattr(self, name)
+        if not 0 < self.alpha < 1:
+            yield "alpha", "a number in (0, 1)", self.alpha
+        if self.window_seconds is not None and not self.window_seconds > 0:
+            yield "window_seconds", "a number > 0 or null", self.window_seconds
+        for name in ("psi_threshold", "performance_tolerance", "label_ttl_s"):
+            if not getattr(self, name) > 0:
+                yield name, "a number > 0", getattr(self, name)
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    """When drift turns into a retraining job (see jobs.policy), and what it trains on."""
+
+    min_window: int = 500  # windows smaller than this never trigger
+    consecutive: int = 2  # drifted windows in a row before a retrain
+    cooldown_s: float = 300.0  # after a retrain request, none for this long
+    max_per_hour: int = 4
+    train_rows: int = 6000  # the newest rows the retraining job trains on
+    job_timeout_s: float = 900.0
+
+    def problems(self) -> Iterator[Problem]:
+        for name in ("min_window", "consecutive", "max_per_hour", "train_rows"):
+            if getattr(self, name) < 1:
+                yield name, "an integer >= 1", getattr(self, name)
+        for name in ("cooldown_s", "job_timeout_s"):
+            if not getattr(self, name) >= 0:
+                yield name, "a number >= 0", getattr(self, name)
+
+
+@dataclass(frozen=True)
 class ServingSettings:
     """The Serve deployment: where it listens and how much it takes on before answering 503."""
 
@@ -524,8 +576,18 @@ class ServingSettings:
     max_records_per_request: int = 10_000
     policy: Literal["none", "shadow", "canary"] = "none"
     canary_fraction: float = 0.1
+    batch_max_size: int = 32  # single requests scored together (@serve.batch)
+    batch_wait_ms: float = 1.0
+    log_capacity: int = 100_000  # predictions buffered for the predictions topic before dropping
+    log_timeout_s: float = 30.0  # a prediction not delivered within this is dropped (and counted)
 
     def problems(self) -> Iterator[Problem]:
+        for name in ("batch_max_size", "log_capacity"):
+            if getattr(self, name) < 1:
+                yield name, "an integer >= 1", getattr(self, name)
+        for name in ("batch_wait_ms", "log_timeout_s"):
+            if not getattr(self, name) >= 0:
+                yield name, "a number >= 0", getattr(self, name)
         if not 0 <= self.canary_fraction <= 1:
             yield "canary_fraction", "a number in [0, 1]", self.canary_fraction
         if not 1 <= self.port <= 65535:
@@ -581,6 +643,8 @@ class PipelineConfig:
     gate: GateSettings = GateSettings()
     trackers: TrackerSettings = TrackerSettings()
     serving: ServingSettings = ServingSettings()
+    monitor: MonitorSettings = MonitorSettings()
+    retrain: RetrainSettings = RetrainSettings()
     search: SearchSettings = SearchSettings(space=(Param(name="learning_rate", low=0.0005, high=0.02, log=True),))
     ray: RaySettings = RaySettings()
     mlflow: MlflowSettings = MlflowSettings()
@@ -671,6 +735,29 @@ def apply_env(config: PipelineConfig, env: Mapping[str, str]) -> PipelineConfig:
     if env.get("MLFLOW_TRACKING_URI"):
         mlflow = dataclasses.replace(mlflow, tracking_uri=env["MLFLOW_TRACKING_URI"])
     return dataclasses.replace(config, kafka=kafka, ray=ray, mlflow=mlflow)
+
+
+def dump_config(config: PipelineConfig) -> str:
+    """The config as YAML that `parse_config` reads back to an equal config (secrets left out)."""
+    return yaml.safe_dump(_data(config), sort_keys=False)
+
+
+def _data(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            if not f.metadata.get("yaml", True):
+                continue
+            item = getattr(value, f.name)
+            keyed_by = f.metadata.get("keyed_by")
+            if keyed_by:
+                out[f.name] = {getattr(i, keyed_by): {k: v for k, v in _data(i).items() if k != keyed_by} for i in item}
+            else:
+                out[f.name] = _data(item)
+        return out
+    if isinstance(value, tuple):
+        return [_data(v) for v in value]
+    return value
 
 
 def _join(prefix: str, key: str) -> str:

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -333,8 +333,10 @@ class StreamConsumer:
         retry_on: tuple[type[BaseException], ...] = (RetryableError, ConnectionError, TimeoutError),
         sleep: Callable[[float], None] | None = None,
         from_end: bool = False,
+        commit_each_batch: bool = True,
     ) -> None:
         self.kafka = kafka
+        self.commit_each_batch = commit_each_batch  # False: the handler commits (`commit`) when it is durable
         self.topics = list(topics)
         self.decode = decode
         self.handler = handler
@@ -434,8 +436,13 @@ class StreamConsumer:
             self._dead_letter(dead)
         if chunks:
             self._handle(Batch(chunks))
-        self._commit(next_offsets)
+        if self.commit_each_batch:
+            self._commit(next_offsets)
         self.stats.batches += 1
+
+    def commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        """Commit `(topic, partition) -> next offset` (for handlers that commit at their own boundaries)."""
+        self._commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
 
     def _dead_letter(self, dead: list[tuple[Any, DecodeError]]) -> None:
         if self._producer is None or self.dlq_topic is None:

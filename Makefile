@@ -37,6 +37,8 @@ bench: install
 	$(PY) benchmarks/ingest.py --quick --json runs/bench/ingest.json
 	$(PY) benchmarks/train.py --quick --json runs/bench/train.json
 	$(PY) benchmarks/tune.py --quick --json runs/bench/tune.json
+	$(PY) benchmarks/serve.py --quick --json runs/bench/serve.json
+	$(PY) benchmarks/drift.py --quick --json runs/bench/drift.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

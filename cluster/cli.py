@@ -135,14 +135,28 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the ModelRolledBack event")
     rollback.set_defaults(func=cmd_rollback)
 
+    lineage = sub.add_parser("lineage", help="a model version's whole trail, from Kafka offsets to serving")
+    lineage.add_argument("model", help="NAME@ALIAS or NAME@VERSION, e.g. demo@champion or demo@3")
+    _config_arg(lineage)
+    lineage.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
+    lineage.add_argument("--datasets-root", default=None, help="the dataset store (default: datasets.root)")
+    lineage.add_argument("--json", action="store_true", help="print the trail as JSON")
+    lineage.set_defaults(func=cmd_lineage)
+
     run = sub.add_parser("run", help="run the pipeline end to end on the embedded default")
     run.add_argument(
         "config", type=Path, nargs="?", default=Path("configs/demo.yaml"), help="pipeline config (default: %(default)s)"
     )
-    run.add_argument("--records", type=_positive_int, default=20_000, help="records to stream (default: %(default)s)")
-    run.add_argument("--scenario", choices=SCENARIOS, default="covariate", help="kind of drift (default: %(default)s)")
+    run.add_argument("--scenario", choices=SCENARIOS, default="concept", help="kind of drift (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--run-dir", type=Path, default=None, help="where logs and state go (default: runs/<time>)")
+    run.add_argument("--report", type=Path, default=None, help="also write the run's numbers as JSON here")
+    run.add_argument("--bootstrap-records", type=_positive_int, default=6000, help="records the first model trains on")
+    run.add_argument("--before-drift", type=_positive_int, default=3000, help="records served before drift starts")
+    run.add_argument("--after-promotion", type=_positive_int, default=3000,
+                     help="records the new champion serves before the run ends")  # fmt: skip
+    run.add_argument("--rate", type=_positive_float, default=250.0, help="records per second sent to the endpoint")
+    run.add_argument("--max-seconds", type=_positive_float, default=600.0, help="give up after this long")
     run.set_defaults(func=cmd_run)
     return parser
 
@@ -381,14 +395,36 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from cluster.lineage import model_trail, print_trail
+
+    name, _, ref = args.model.partition("@")
+    if not name or not ref:
+        raise ConfigError("<command line>", "MODEL", "NAME@ALIAS or NAME@VERSION, e.g. demo@champion", args.model)
+    config = load_config(args.config)
+    if name != config.name:
+        raise ConfigError("<command line>", "MODEL", f"a model of pipeline {config.name!r} ({args.config})", name)
+    trail = model_trail(config, _tracking_uri(args, config), ref, args.datasets_root or config.datasets.root)
+    if args.json:
+        print(json.dumps(trail, indent=2, default=str))
+    else:
+        print_trail(trail)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from cluster.pipeline import run_pipeline
+    from cluster.loop import LoopOptions, run_loop
 
     config = load_config(args.config)
-    if not args.verbose:  # the run prints its own DLQ summary
+    if not args.verbose:
         logging.getLogger("streams.kafka").setLevel(logging.ERROR)
     run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    return run_pipeline(config, run_dir, records=args.records, scenario=args.scenario, seed=args.seed)
+    options = LoopOptions(
+        bootstrap_records=args.bootstrap_records, before_drift=args.before_drift,
+        after_promotion=args.after_promotion, rate=args.rate, scenario=args.scenario, seed=args.seed,
+        max_seconds=args.max_seconds, report=args.report,
+    )  # fmt: skip
+    return run_loop(config, run_dir, options)
 
 
 if __name__ == "__main__":

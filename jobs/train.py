@@ -33,6 +33,7 @@ from jobs.models import ModelSpec, build_model, predict_proba, save_artifact
 from jobs.profile import reference_profile
 from streams.config import ModelSettings, PipelineConfig
 from streams.datasets import DatasetStore, Window
+from streams.drift import Reference
 from streams.errors import DriftloopError
 
 __all__ = ["TrainResult", "split_by_time", "train_model"]
@@ -152,6 +153,7 @@ def train_model(
     model: ModelSettings | None = None,
     store: DatasetStore | None = None,
     kill_once: dict[str, Any] | None = None,
+    data: Any = None,
 ) -> TrainResult:
     """Train, evaluate and write one model artifact under `out` (see the module docstring)."""
     import ray.train
@@ -165,7 +167,8 @@ def train_model(
     store = store or DatasetStore(config.datasets.root, config.name)
     started = time.monotonic()
     event_time = config.schema.timestamp
-    data = store.read(window, event_time)
+    if data is None:
+        data = store.read(window, event_time)
     train_raw, holdout_raw, holdout_id = split_by_time(data, event_time, settings.holdout_fraction)
     train_raw = train_raw.materialize()
     features = fit_pipeline(train_raw, config.schema, config.features)
@@ -231,6 +234,7 @@ def train_model(
         dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])
     ]
     profile = reference_profile(train_raw.iter_batches(batch_format="numpy"), config.schema)
+    profile["reference"] = drift_reference(train_raw, proba[:, -1], config).to_json()
     artifact = out / "model"
     save_artifact(
         artifact,
@@ -250,6 +254,21 @@ def train_model(
         seconds=time.monotonic() - started,
         holdout=holdout_raw,
     )
+
+
+def drift_reference(train_raw: Any, outputs: np.ndarray, config: PipelineConfig) -> Reference:
+    """What the monitor compares windows with: the training features and the model's holdout outputs."""
+    from jobs.monitor import PREDICTION
+
+    names = config.schema.feature_names
+    columns: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch in train_raw.iter_batches(batch_format="numpy"):
+        for n in names:
+            columns[n].append(np.asarray(batch[n]))
+    data: dict[str, Any] = {n: np.concatenate(parts) if parts else np.array([]) for n, parts in columns.items()}
+    kinds: dict[str, Any] = {f.name: "numeric" if f.numeric else "categorical" for f in config.schema.features}
+    data[PREDICTION], kinds[PREDICTION] = outputs, "numeric"
+    return Reference.from_columns(data, kinds, sample_size=config.monitor.reference_sample, seed=config.model.seed)
 
 
 def evaluate_artifact(artifact: Path, config: PipelineConfig, holdout: Any, holdout_id: str) -> dict[str, Any]:

@@ -129,12 +129,14 @@ def tune_model(
     warm_start: dict[str, Any] | None = None,
     seed: int = 0,
     tracking_uri: str | None = None,
+    data: Any = None,
 ) -> TuneResult:
-    """Search the config's space on the window; returns the best parameters and every trial."""
+    """Search the config's space on the window (or on `data`, the window already read)."""
     check_resources(config.search.cpus_per_trial, 0, "a tuning trial")
     store = store or DatasetStore(config.datasets.root, config.name)
     started = time.monotonic()
-    data = store.read(window, config.schema.timestamp)
+    if data is None:
+        data = store.read(window, config.schema.timestamp)
     train_raw, holdout_raw, _ = split_by_time(data, config.schema.timestamp, config.model.holdout_fraction)
     train_raw = train_raw.materialize()
     features = fit_pipeline(train_raw, config.schema, config.features)
@@ -221,7 +223,6 @@ def tune_arrays(
 def main(argv: list[str] | None = None) -> int:
     """Tune, train the best with Ray Train, register the model and run the gate."""
     from jobs.registry import ModelRegistry, tracking_uri
-    from jobs.train import evaluate_artifact, train_model
     from streams.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m jobs.tune", description="Tune, train, register, gate.")
@@ -246,17 +247,35 @@ def main(argv: list[str] | None = None) -> int:
     registry = ModelRegistry(
         config, tracking_uri(config, out), artifact_root=out / "mlartifacts", lock_dir=out / "locks"
     )
+    summary = tune_train_and_gate(config, window, out, store, registry, args.trigger_event_id)
+    print(json.dumps(summary))
+    return 0
+
+
+def tune_train_and_gate(
+    config: PipelineConfig,
+    window: Window,
+    out: Path,
+    store: DatasetStore,
+    registry: Any,
+    trigger_event_id: str | None = None,
+) -> dict[str, Any]:
+    """Tune (warm-started from the champion), train the best, register it, run the gate; a summary."""
+    from jobs.train import evaluate_artifact, train_model
+
     champion = registry.alias("champion")
     warm = None
     if champion is not None:
         run = registry.client.get_run(registry.client.get_model_version(config.name, champion).run_id or "")
         known = {k: json.loads(v) if v.startswith("[") else v for k, v in run.data.params.items()}
         warm = params_of(_settings_from_params(config.model, known), config.search)
-    tuned = tune_model(config, window, out, store=store, warm_start=warm, tracking_uri=registry.uri)
-    trained = train_model(config, window, out, model=tuned.settings(config.model), store=store)
+    data: Any = store.read(window, config.schema.timestamp)
+    data = data.materialize()  # read once, for both stages
+    tuned = tune_model(config, window, out, store=store, warm_start=warm, tracking_uri=registry.uri, data=data)
+    trained = train_model(config, window, out, model=tuned.settings(config.model), store=store, data=data)
     params = {**trained.params, **{f"tuned.{k}": v for k, v in tuned.best_params.items()}}
     registered = registry.log_training(
-        trained.artifact, params, trained.history, trained.report, window, args.trigger_event_id
+        trained.artifact, params, trained.history, trained.report, window, trigger_event_id
     )
     holdout_id = trained.report["holdout"]
 
@@ -267,13 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     decision = _promote_and_publish(registry, registered.version, config, champion_on_this_holdout)
     summary = {
         "version": registered.version,
+        "run_id": registered.run_id,
+        "datasets": [m.version_id for m in window.manifests],
+        "train_rows": trained.train_rows,
         "promoted": decision.promote,
         "reasons": decision.reasons,
         "best_params": tuned.best_params,
         "report": {k: trained.report[k] for k in ("accuracy", "f1_macro", "baseline_accuracy")},
     }
-    print(json.dumps(summary))
-    return 0
+    return summary
 
 
 def _promote_and_publish(registry: Any, version: str, config: PipelineConfig, champion_report: Any) -> Any:

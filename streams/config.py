@@ -519,7 +519,7 @@ class MonitorSettings:
     window_size: int = 2000  # predictions per drift window
     window_seconds: float | None = None  # set: windows by event time instead of by count
     alpha: float = 0.01  # significance after the multiple-testing correction
-    psi_threshold: float = 0.2
+    psi_threshold: float = 0.05  # the effect floor: see streams.drift.compare
     correction: Literal["bh", "bonferroni"] = "bh"
     reference_sample: int = 5000  # training values per numeric feature kept in the model's reference
     performance_window: int = 1000  # labelled predictions per accuracy/F1 window

@@ -27,7 +27,9 @@ from datetime import datetime
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from streams.errors import DriftloopError
@@ -226,7 +228,6 @@ class DatasetStore:
 
     def read(self, window: Window, event_time: str) -> object:
         """The window as one Ray Dataset (`event_time` is the schema's timestamp column)."""
-        import pyarrow.compute as pc
         import ray.data
 
         paths = [p for m in window.manifests for p in self.files(m)]
@@ -234,6 +235,12 @@ class DatasetStore:
             raise ValueError(f"the window selects no data in {self.root}/{self.pipeline}")
         ds = ray.data.read_parquet(paths, filesystem=self.fs)
         since, until = window.since, window.until
+        if window.last_rows is not None:
+            # The newest rows, as a time cutoff read from the event-time column alone: a filter,
+            # not a distributed sort (ties at the cutoff may add a few rows).
+            cutoff = self._newest_cutoff(paths, event_time, window.last_rows, since, until)
+            if cutoff is not None:
+                since = cutoff if since is None or cutoff > since else since
         if since is not None or until is not None:
 
             def keep(batch: pa.Table) -> pa.Table:
@@ -247,9 +254,25 @@ class DatasetStore:
                 return batch.filter(mask)
 
             ds = ds.map_batches(keep, batch_format="pyarrow")
-        if window.last_rows is not None:
-            ds = ds.sort(event_time, descending=True).limit(window.last_rows)
         return ds
+
+    def _newest_cutoff(
+        self, paths: Sequence[str], event_time: str, rows: int, since: datetime | None, until: datetime | None
+    ) -> datetime | None:
+        """The event time from which on the window (within since/until) holds its newest `rows` rows."""
+        import pyarrow.dataset as pads
+
+        times = pads.dataset(list(paths), filesystem=self.fs, format="parquet").to_table(columns=[event_time])
+        values = times.column(event_time).combine_chunks()
+        if since is not None:
+            values = values.filter(pc.greater_equal(values, pa.scalar(since, values.type)))
+        if until is not None:
+            values = values.filter(pc.less(values, pa.scalar(until, values.type)))
+        if len(values) <= rows:
+            return None
+        ordered = np.sort(values.cast(pa.int64()).to_numpy(zero_copy_only=False))
+        cutoff: datetime = pa.scalar(int(ordered[len(ordered) - rows]), pa.int64()).cast(values.type).as_py()
+        return cutoff
 
     # --- writing ---------------------------------------------------------------------------
 

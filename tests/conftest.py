@@ -40,18 +40,28 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
+def ray_session() -> Iterator[str]:
     """One local Ray instance (token auth on, as Ray 2.60 sets it) for the whole session."""
     import ray
 
-    ray.init(
+    from cluster.broker import free_port
+
+    context = ray.init(
         address=os.environ.get("RAY_ADDRESS"),
         num_cpus=None if os.environ.get("RAY_ADDRESS") else 2,
-        include_dashboard=False,
+        include_dashboard=True,  # the Ray Jobs API (controller tests)
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
         log_to_driver=False,
     )
-    yield
+    yield str(context.dashboard_url)
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def jobs_address(ray_session: str) -> str:
+    """The Ray Jobs API of the session's Ray."""
+    return f"http://{ray_session}"
 
 
 @pytest.fixture

@@ -57,27 +57,36 @@ def champion_registry(config: PipelineConfig, tmp_path: Path) -> tuple[ModelRegi
     return registry, champion
 
 
-@contextlib.contextmanager
-def serving(app: object, name: str) -> Iterator[str]:
-    """Serve `app` on a free loopback port for the duration; yields its base URL."""
+@pytest.fixture(scope="module")
+def serve_url(ray_session: str) -> Iterator[str]:
+    """One Serve instance (controller and proxy) for the module's tests, on a free loopback port."""
     from ray import serve
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@contextlib.contextmanager
+def serving(app: object, name: str, url: str) -> Iterator[str]:
+    """Run `app` at `url` (the module's Serve instance) for the duration."""
+    from ray import serve
+
+    serve.run(app, name=name, route_prefix="/")  # type: ignore[arg-type]
     try:
-        serve.run(app, name=name, route_prefix="/")  # type: ignore[arg-type]
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
-        serve.shutdown()
+        serve.delete(name)
 
 
 @pytest.fixture
 def served(
-    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str
 ) -> Iterator[tuple[str, ModelRegistry, PipelineConfig]]:
     monkeypatch.setenv(API_KEY_ENV, KEY)
     registry, _ = champion_registry(config, tmp_path)
-    with serving(build_app(config, registry.uri), config.name) as url:
+    with serving(build_app(config, registry.uri), config.name, serve_url) as url:
         yield url, registry, config
 
 
@@ -211,17 +220,21 @@ def test_a_promotion_on_the_models_topic_swaps_the_served_model(
 
 
 def test_a_broker_outage_costs_prediction_logs_not_requests(
-    config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str
 ) -> None:
     from cluster.broker import EmbeddedBroker
     from streams.kafka import ensure_topics
 
     monkeypatch.setenv(API_KEY_ENV, KEY)
     with EmbeddedBroker() as own:
-        config = dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=own.bootstrap))
+        config = dataclasses.replace(
+            config,
+            kafka=dataclasses.replace(config.kafka, bootstrap_servers=own.bootstrap),
+            serving=dataclasses.replace(config.serving, log_timeout_s=3.0),  # undelivered logs count as dropped soon
+        )
         ensure_topics(config.kafka, Topics(config.name).all())
         registry, _ = champion_registry(config, tmp_path)
-        with serving(build_app(config, registry.uri), config.name) as url:
+        with serving(build_app(config, registry.uri), config.name, serve_url) as url:
             batch = rows(config, 3)
             assert post(url, batch).status_code == 200
             own.stop()  # the broker goes away mid-traffic
@@ -236,7 +249,7 @@ def test_a_broker_outage_costs_prediction_logs_not_requests(
 
 
 def test_overload_answers_503_instead_of_queueing(
-    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -245,7 +258,7 @@ def test_overload_answers_503_instead_of_queueing(
         config, serving=dataclasses.replace(config.serving, max_ongoing_requests=1, max_queued_requests=1)
     )
     registry, _ = champion_registry(config, tmp_path)
-    with serving(build_app(config, registry.uri), config.name) as url:
+    with serving(build_app(config, registry.uri), config.name, serve_url) as url:
         heavy = rows(config, 5000)
         with ThreadPoolExecutor(12) as pool:
             statuses = list(pool.map(lambda _: post(url, heavy).status_code, range(12)))
@@ -276,7 +289,7 @@ def test_the_serve_config_file_builds_the_app(
 
 @pytest.mark.parametrize("policy", ["shadow", "canary"])
 def test_shadow_and_canary_policies(
-    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str
+    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, serve_url: str
 ) -> None:
     monkeypatch.setenv(API_KEY_ENV, KEY)
     config = dataclasses.replace(
@@ -284,7 +297,7 @@ def test_shadow_and_canary_policies(
     )
     registry, champion = champion_registry(config, tmp_path)
     challenger = register_model(config, registry, tmp_path / "m2", seed=2, f1=0.71)
-    with serving(build_app(config, registry.uri, challenger=challenger), config.name) as url:
+    with serving(build_app(config, registry.uri, challenger=challenger), config.name, serve_url) as url:
         record = rows(config, 1)[0]
         responses = [post(url, {**record, "request_id": f"q{i}"}) for i in range(40)]
         assert all(r.status_code == 200 for r in responses), responses[0].text[:2000]

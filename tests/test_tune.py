@@ -63,7 +63,7 @@ def test_a_tuned_model_clearly_beats_the_majority_baseline(
 
 @pytest.mark.integration
 def test_driftloop_tune_registers_and_promotes_the_first_model(
-    config: PipelineConfig, topics: Topics, tmp_path: Path, ray_session: None
+    config: PipelineConfig, topics: Topics, tmp_path: Path, ray_session: str
 ) -> None:
     import json
 
@@ -112,7 +112,7 @@ def test_driftloop_tune_registers_and_promotes_the_first_model(
 
 @pytest.mark.integration
 def test_each_trial_is_an_mlflow_run_and_wandb_and_comet_log_offline(
-    demo_config: PipelineConfig, tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch
+    demo_config: PipelineConfig, tmp_path: Path, ray_session: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import numpy as np
     from mlflow.tracking import MlflowClient

@@ -1,0 +1,544 @@
+"""The whole loop, closed: what `driftloop run` (and `make run`) does.
+
+1. an embedded Tansu broker (unless `KAFKA_BOOTSTRAP_SERVERS` names one), a local Ray head
+   with token auth and the Jobs API, an MLflow SQLite store under the run directory;
+2. the controller actor, then the generator's first records; a bootstrap `RetrainRequested`
+   makes the controller train the first model through a Ray Job (the same job every retrain
+   runs: ingest, tune, train, gate), which becomes the champion;
+3. Ray Serve serves it; the monitor actor watches its predictions and the delayed labels;
+4. a client sends the stream to the HTTP endpoint (each record's id is the request id), the
+   records go to the records topic and their labels follow a little later on the labels topic;
+5. drift is injected at a known record; the monitor detects it, the policy asks for a retrain,
+   the controller submits the job, the gate promotes the new model, Serve swaps it in, and the
+   client sees accuracy recover. No step is driven by this script except the traffic.
+
+It ends with a summary, an HTML report with plots and, with `--report`, a JSON report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from cluster.report import write_html
+from streams.config import PipelineConfig
+from streams.events import (
+    DriftDetected,
+    LabelObserved,
+    ModelPromoted,
+    ModelRejected,
+    RetrainRequested,
+    TrainingCompleted,
+    TrainingFailed,
+    deterministic_id,
+    utcnow,
+)
+from streams.generator import Scenario, StreamGenerator
+from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
+from streams.serde import RecordCodec, decode_events
+from streams.topics import Topics
+
+__all__ = ["LoopOptions", "run_loop"]
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY_ENV = "DRIFTLOOP_API_KEY"
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    bootstrap_records: int = 6000  # labeled records the first model trains on
+    before_drift: int = 3000  # records served before the drift starts
+    after_promotion: int = 3000  # records served by the new champion before the run ends
+    rate: float = 250.0  # records per second sent to the endpoint
+    batch: int = 25  # records per HTTP request
+    label_delay: int = 100  # a record's label arrives this many records later
+    scenario: Scenario = "concept"
+    seed: int = 0
+    max_seconds: float = 600.0  # give up (and say so) after this long
+    report: Path | None = None
+
+
+@dataclass
+class _Traffic:
+    """What the client saw, record by record."""
+
+    sent: int = 0
+    failed: int = 0
+    requests: int = 0
+    correct: list[bool] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    drifted: list[bool] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)  # time.time() when each record was answered
+    first_new_version_at: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def kafka_for(config: PipelineConfig, run_dir: Path) -> Iterator[PipelineConfig]:
+    """The config with a reachable broker: the given one, or an embedded Tansu for the run."""
+    from cluster.broker import EmbeddedBroker
+
+    if not config.kafka.embedded:
+        yield config
+        return
+    with EmbeddedBroker(log_file=run_dir / "broker.log") as broker:
+        print(f"[broker] embedded Tansu at {broker.bootstrap} (log: {run_dir / 'broker.log'})", flush=True)
+        yield dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=broker.bootstrap))
+
+
+def _say(started: float, stage: str, message: str) -> None:
+    print(f"[{time.monotonic() - started:6.1f}s] [{stage}] {message}", flush=True)
+
+
+def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.broker import free_port
+    from jobs.controller import ControllerService
+    from jobs.monitor import MonitorService
+    from jobs.registry import ModelRegistry
+    from serving.app import build_app
+
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    deadline = started + options.max_seconds
+    os.environ.setdefault(API_KEY_ENV, secrets.token_urlsafe(24))
+    embedded = config.kafka.embedded
+    with kafka_for(config, run_dir) as config:
+        uri = config.mlflow.tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
+        # The embedded broker starts empty each run, so its offsets need a dataset store of their own.
+        root = str(run_dir / "datasets") if embedded else config.datasets.root
+        if "://" not in root:
+            root = str(Path(root).resolve())  # jobs run in their own working directory
+        config = dataclasses.replace(
+            config,
+            mlflow=dataclasses.replace(config.mlflow, tracking_uri=uri),
+            datasets=dataclasses.replace(config.datasets, root=root),
+        )
+        topics = Topics(config.name)
+        ensure_topics(config.kafka, topics.all())
+        registry = ModelRegistry(
+            config, uri, artifact_root=run_dir / "mlartifacts", lock_dir=run_dir / "jobs" / "locks"
+        )
+        _say(started, "mlflow", f"tracking and registry in {uri}")
+
+        port = free_port()
+        context = ray.init(
+            address=config.ray.address or os.environ.get("RAY_ADDRESS") or None,
+            num_cpus=None if (config.ray.address or os.environ.get("RAY_ADDRESS")) else 8,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+        jobs_address = f"http://{context.dashboard_url}"
+        _say(started, "ray", f"local head with token auth; Jobs API at {jobs_address}")
+        controller_cls: Any = ray.remote(ControllerService)
+        monitor_cls: Any = ray.remote(MonitorService)
+        controller = controller_cls.options(name=f"{config.name}-controller", num_cpus=0, max_restarts=-1).remote(
+            config, jobs_address, str(ROOT), str(run_dir / "jobs"), {"MLFLOW_TRACKING_URI": uri}, sys.executable
+        )
+        monitors: list[Any] = []
+        traffic = _Traffic()
+        try:
+            drift_at = options.bootstrap_records + options.before_drift
+            interval = timedelta(seconds=1 / options.rate)  # event time keeps pace with the wall clock
+            history = StreamGenerator(
+                config,
+                seed=options.seed,
+                start_time=utcnow() - interval * options.bootstrap_records,
+                interval=interval,
+                id_prefix=f"r{options.seed}-boot",
+            )
+            codec = RecordCodec(config.schema, config.kafka.max_record_bytes)
+            with Producer(config.kafka, client_id=f"{config.name}.run") as producer:
+                for row in history.records(options.bootstrap_records):
+                    producer.send(
+                        topics.records, codec.encode(row.record), key=str(row.record[config.schema.entity_id])
+                    )
+                producer.flush()
+                _say(started, "produce", f"{options.bootstrap_records} labeled records for the first model")
+                bootstrap = RetrainRequested(
+                    event_id=deterministic_id(config.name, "bootstrap", run_dir.name),
+                    pipeline=config.name,
+                    cause="bootstrap: no champion yet",
+                )
+                producer.send_event(topics.retrain, bootstrap)
+                producer.flush()
+                _say(
+                    started,
+                    "retrain",
+                    f"bootstrap request {bootstrap.event_id[:12]} -> the controller submits a Ray Job",
+                )
+                first = _wait_for(lambda: registry.alias("champion"), deadline, controller, started, "first model")
+                if first is None:
+                    return _fail(
+                        started, "no first model: see the controller's job logs under " + str(run_dir / "jobs")
+                    )
+                _say(started, "gate", f"version {first} is the champion")
+
+                serve_port = config.serving.port
+                serve.start(http_options={"host": config.serving.host, "port": serve_port})
+                serve.run(build_app(config, uri), name=config.name, route_prefix="/")
+                url = f"http://{config.serving.host}:{serve_port}"
+                _say(started, "serve", f"version {first} at {url}/v1/predict (API key in ${API_KEY_ENV})")
+                monitors = [
+                    monitor_cls.options(name=f"{config.name}-monitor-{i}", num_cpus=0, max_restarts=-1).remote(
+                        config, uri
+                    )
+                    for i in range(config.monitor.actors)
+                ]
+                _say(started, "monitor", f"{len(monitors)} actor(s) watching predictions and delayed labels")
+                generator = StreamGenerator(
+                    config,
+                    seed=options.seed + 1,
+                    scenario=options.scenario,
+                    drift_at=options.before_drift,
+                    start_time=utcnow(),
+                    interval=interval,
+                    id_prefix=f"r{options.seed}-live",
+                )
+                outcome = _send_traffic(
+                    config,
+                    options,
+                    generator,
+                    codec,
+                    producer,
+                    topics,
+                    url,
+                    traffic,
+                    first,
+                    drift_at,
+                    started,
+                    deadline,
+                    monitors,
+                )
+            monitor_stats = _monitor_stats(monitors)
+            controller_stats = ray.get(controller.stats.remote())
+            settle = time.monotonic() + 60  # the job that promoted may still be finishing up
+            while len(controller_stats["outcomes"]) < len(controller_stats["submitted"]) and time.monotonic() < settle:
+                time.sleep(1.0)
+                controller_stats = ray.get(controller.stats.remote())
+            events = _read_events(config, topics)
+            report = _report(
+                config, options, traffic, events, monitor_stats, controller_stats, registry, first, drift_at, outcome
+            )
+            html = write_html(
+                run_dir / "report.html",
+                report,
+                monitor_stats["windows"],
+                traffic.correct,
+                traffic.versions,
+                options.bootstrap_records,
+            )
+            _print_summary(report, html, started)
+            if options.report is not None:
+                options.report.parent.mkdir(parents=True, exist_ok=True)
+                options.report.write_text(json.dumps(report, indent=2, default=str))
+                print(f"JSON report: {options.report}")
+            return 0 if report["promoted_version"] and report["failed_requests"] == 0 else 1
+        finally:
+            for actor in [*monitors, controller]:
+                if actor is not None:
+                    try:
+                        ray.get(actor.stop.remote(), timeout=40)
+                    except Exception as err:  # shutting down anyway
+                        print(f"[stop] {err}", file=sys.stderr)
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _fail(started: float, message: str) -> int:
+    _say(started, "error", message)
+    return 1
+
+
+def _wait_for(probe: Any, deadline: float, controller: Any, started: float, what: str) -> Any:
+    import ray
+
+    last = time.monotonic()
+    while time.monotonic() < deadline:
+        value = probe()
+        if value is not None:
+            return value
+        stats = ray.get(controller.stats.remote())
+        failed = [o for o in stats["outcomes"] if o["event"] == "TrainingFailed"]
+        if failed or stats["error"]:
+            print(f"[error] {failed[-1]['message'] if failed else stats['error']}", file=sys.stderr)
+            return None
+        if time.monotonic() - last > 15:
+            _say(
+                started, "wait", f"{what}: job {', '.join(s[:12] for s in stats['submitted']) or '(none yet)'} running"
+            )
+            last = time.monotonic()
+        time.sleep(1.0)
+    return None
+
+
+def _send_traffic(
+    config: PipelineConfig,
+    options: LoopOptions,
+    generator: StreamGenerator,
+    codec: RecordCodec,
+    producer: Producer,
+    topics: Topics,
+    url: str,
+    traffic: _Traffic,
+    first: str,
+    drift_at: int,
+    started: float,
+    deadline: float,
+    monitors: list[Any],
+) -> str:
+    """Send records to the endpoint until the new champion has served `after_promotion` records."""
+
+    schema = config.schema
+    names = schema.feature_names
+    session = requests.Session()
+    headers = {"x-api-key": os.environ[API_KEY_ENV]}
+    labels: deque[tuple[int, str, Any]] = deque()
+    begun = time.monotonic()
+    promoted_at_record: int | None = None
+    last_report = time.monotonic()
+    index = options.bootstrap_records
+    while True:
+        if time.monotonic() > deadline:
+            return "timeout"
+        batch = list(generator.records(options.batch))
+        body = [{"request_id": r.record[schema.record_id], **{n: r.record[n] for n in names}} for r in batch]
+        try:
+            answer = session.post(f"{url}/v1/predict", json=body, headers=headers, timeout=30)
+            ok = answer.status_code == 200
+        except requests.RequestException:
+            ok = False
+        traffic.requests += 1
+        now = time.time()
+        if not ok:
+            traffic.failed += 1
+        else:
+            result = answer.json()
+            version = str(result["model"]["version"])
+            for r, p in zip(batch, result["predictions"], strict=True):
+                traffic.correct.append(str(p["prediction"]) == str(r.label))
+                traffic.versions.append(version)
+                traffic.drifted.append(r.drifted)
+                traffic.wall.append(now)
+            if version != first and version not in traffic.first_new_version_at:
+                traffic.first_new_version_at[version] = now
+                promoted_at_record = index
+                _say(started, "serve", f"now answering with version {version} (record {index})")
+        for j, r in enumerate(batch):
+            producer.send(topics.records, codec.encode(r.record), key=str(r.record[schema.entity_id]))
+            labels.append((index + j, str(r.record[schema.record_id]), r.label))
+        while labels and labels[0][0] <= index - options.label_delay:
+            _, request_id, label = labels.popleft()
+            producer.send_event(
+                topics.labels,
+                LabelObserved(
+                    event_id=deterministic_id(config.name, "label", request_id),
+                    occurred_at=utcnow(),
+                    request_id=request_id,
+                    pipeline=config.name,
+                    label=label,
+                ),
+            )
+        traffic.sent += len(batch)
+        if index < drift_at <= index + len(batch):
+            _say(started, "drift", f"{options.scenario} drift starts at record {drift_at}")
+        index += len(batch)
+        if promoted_at_record is not None and index - promoted_at_record >= options.after_promotion:
+            producer.flush()
+            return "promoted"
+        if time.monotonic() - last_report > 10:
+            last_report = time.monotonic()
+            recent = traffic.correct[-500:]
+            stats = _monitor_stats(monitors)
+            windows = stats["windows"]
+            last = windows[-1] if windows else None
+            _say(
+                started,
+                "traffic",
+                f"{traffic.sent} records, accuracy (last 500) {sum(recent) / max(len(recent), 1):.3f}; monitor: "
+                f"{len(windows)} windows, {stats['drift_events']} drifted, {stats['retrain_requests']} retrains"
+                + (f"; last {last['kind']} window {'DRIFTED' if last['drifted'] else 'ok'}" if last else ""),
+            )
+            if stats.get("error"):
+                _say(started, "monitor", f"error: {stats['error']}")
+        ahead = traffic.sent / options.rate - (time.monotonic() - begun)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def _monitor_stats(monitors: list[Any]) -> dict[str, Any]:
+    """The monitor actors' numbers, together (each holds some of the partitions)."""
+    import ray
+
+    parts = ray.get([m.stats.remote() for m in monitors])
+    windows = sorted((w for p in parts for w in p["windows"]), key=lambda w: w["end"])
+    total = {k: sum(p[k] for p in parts) for k in ("drift_events", "retrain_requests", "predictions", "labels")}
+    return {"windows": windows, **total, "error": next((p["error"] for p in parts if p["error"]), None)}
+
+
+def _read_events(config: PipelineConfig, topics: Topics) -> list[Any]:
+    seen: list[Any] = []
+
+    def keep(batch: Batch) -> None:
+        seen.extend(batch.values)
+
+    StreamConsumer(
+        config.kafka,
+        [topics.drift, topics.retrain, topics.models],
+        decode_events,
+        keep,
+        group_id=None,
+        dlq_topic=topics.dlq,
+    ).run(idle_timeout_s=2)
+    return sorted(seen, key=lambda e: e.occurred_at)
+
+
+def _accuracy(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 4) if flags else None
+
+
+def _report(
+    config: PipelineConfig,
+    options: LoopOptions,
+    traffic: _Traffic,
+    events: list[Any],
+    monitor: dict[str, Any],
+    controller: dict[str, Any],
+    registry: Any,
+    first: str,
+    drift_at: int,
+    outcome: str,
+) -> dict[str, Any]:
+    base = options.bootstrap_records
+    promoted = [e for e in events if isinstance(e, ModelPromoted) and e.model_version != first]
+    new_version = promoted[0].model_version if promoted else None
+    served_new = traffic.first_new_version_at.get(new_version or "", None)
+    drift_wall = next((w for w, d in zip(traffic.wall, traffic.drifted, strict=True) if d), None)
+    detections = [
+        e for e in events if isinstance(e, DriftDetected) and drift_wall and e.occurred_at.timestamp() >= drift_wall
+    ]
+    retrains = [e for e in events if isinstance(e, RetrainRequested) and not e.cause.startswith("bootstrap")]
+
+    def record_at(when: float | None) -> int | None:
+        if when is None:
+            return None
+        for i, w in enumerate(traffic.wall):
+            if w >= when:
+                return base + i
+        return base + len(traffic.wall)
+
+    detected_wall = detections[0].occurred_at.timestamp() if detections else None
+    before = [c for c, d in zip(traffic.correct, traffic.drifted, strict=True) if not d]
+    after_old = [
+        c for c, d, v in zip(traffic.correct, traffic.drifted, traffic.versions, strict=True) if d and v == first
+    ]
+    after_new = [c for c, v in zip(traffic.correct, traffic.versions, strict=True) if new_version and v == new_version]
+    timeline = _timeline(events)
+    lineage: dict[str, Any] = {}
+    if new_version:
+        version = registry.client.get_model_version(config.name, new_version)
+        lineage = {
+            "version": new_version,
+            "run_id": version.run_id,
+            **{k.removeprefix("driftloop."): v for k, v in version.tags.items() if k.startswith("driftloop.")},
+        }
+    return {
+        "outcome": outcome,
+        "scenario": options.scenario,
+        "drift_injected_at_record": drift_at,
+        "drift_detected_at_record": record_at(detected_wall),
+        "drift_event_kind": detections[0].kind if detections else None,
+        "retrain_submission_id": retrains[0].event_id if retrains else None,
+        "first_version": first,
+        "promoted_version": new_version,
+        "loop_latency_s": round(served_new - drift_wall, 1) if served_new and drift_wall else None,
+        "requests_sent": traffic.requests,
+        "records_sent": traffic.sent,
+        "failed_requests": traffic.failed,
+        "accuracy_before_drift": _accuracy(before),
+        "accuracy_after_drift_before_retrain": _accuracy(after_old),
+        "accuracy_after_promotion": _accuracy(after_new),
+        "monitor": {k: monitor[k] for k in ("drift_events", "retrain_requests", "predictions", "labels")},
+        "jobs": controller["outcomes"],
+        "duplicate_requests": controller["duplicates"],
+        "timeline": timeline,
+        "lineage": lineage,
+    }
+
+
+def _timeline(events: list[Any]) -> list[dict[str, Any]]:
+    """The events in order; a run of drift events of one kind is one line with its count."""
+    out: list[dict[str, Any]] = []
+    for e in events:
+        item = {"at": e.occurred_at.isoformat(), "event": type(e).__name__, "detail": _detail(e), "count": 1}
+        last = out[-1] if out else None
+        if last and isinstance(e, DriftDetected) and last["event"] == item["event"] and last["kind"] == e.kind:
+            last["count"] += 1
+            last["until"] = item["at"]
+            last["detail"] = f"{e.kind} drift in {last['count']} windows in a row, last: {item['detail']}"
+            continue
+        item["kind"] = getattr(e, "kind", None)
+        out.append(item)
+    return out
+
+
+def _detail(event: Any) -> str:
+    if isinstance(event, DriftDetected):
+        return f"{event.kind} drift in {', '.join(event.drifted_features)} ({event.window_size} in window)"
+    if isinstance(event, RetrainRequested):
+        return f"{event.event_id[:12]}: {event.cause}"
+    if isinstance(event, TrainingCompleted):
+        return f"version {event.model_version} (job {str(event.submission_id)[:12]})"
+    if isinstance(event, TrainingFailed):
+        return event.reason[:200]
+    if isinstance(event, ModelPromoted):
+        return f"version {event.model_version} replaces {event.previous_version}"
+    if isinstance(event, ModelRejected):
+        return f"version {event.model_version}: {'; '.join(event.reasons)}"
+    return ""
+
+
+def _print_summary(report: dict[str, Any], html: Path, started: float) -> None:
+    print(f"\n=== driftloop run: {report['outcome']} in {time.monotonic() - started:.0f}s ===")
+    print("timeline:")
+    for item in report["timeline"]:
+        print(f"  {item['at'][11:23]}  {item['event']:<18} {item['detail']}")
+    keys = (
+        "drift_injected_at_record",
+        "drift_detected_at_record",
+        "drift_event_kind",
+        "retrain_submission_id",
+        "promoted_version",
+        "loop_latency_s",
+        "requests_sent",
+        "failed_requests",
+        "accuracy_before_drift",
+        "accuracy_after_drift_before_retrain",
+        "accuracy_after_promotion",
+    )
+    for key in keys:
+        print(f"  {key:<38} {report[key]}")
+    if report["lineage"]:
+        print("lineage of the new champion:")
+        for k, v in report["lineage"].items():
+            print(f"  {k:<20} {str(v)[:150]}")
+    print(f"HTML report: {html}")

@@ -1,0 +1,278 @@
+"""The retrain controller: `RetrainRequested` events in, Ray Jobs out, outcomes on the models topic.
+
+For each request on `<pipeline>.retrain` the controller submits `python -m jobs.retrain`
+through the Ray Jobs API (`JobSubmissionClient`) with the event id as the `submission_id`
+and the repository as `working_dir`. Ray refuses a second job with the same submission id,
+so a replayed or duplicated request starts no second job: the controller follows the one
+that exists. When the job ends it publishes `TrainingCompleted` (with the version the job
+registered) or `TrainingFailed`, with ids derived from the submission id, so a replay repeats
+the same event rather than adding one. The gate's own `ModelPromoted`/`ModelRejected` come
+from the job.
+
+The request's offset is committed once the job is submitted (Ray now owns it); following runs
+in a thread. After a restart the controller picks up the jobs it had submitted and that are
+still running (found by their metadata), so none goes unreported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streams.config import PipelineConfig, dump_config
+from streams.events import Event, RetrainRequested, TrainingCompleted, TrainingFailed, deterministic_id
+
+__all__ = ["RESULT_MARK", "JobOutcome", "outcome_event", "parse_result", "run_controller", "submit_retrain"]
+
+log = logging.getLogger(__name__)
+
+RESULT_MARK = "DRIFTLOOP_RESULT "  # the job's last line: this, then its summary as JSON
+CONFIG_ENV = "DRIFTLOOP_CONFIG_YAML"
+CAUSE_ENV = "DRIFTLOOP_RETRAIN_CAUSE"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+EXCLUDES = [".git", ".venv", "runs", "benchmarks/.peer-venv", "**/__pycache__", "*.db", ".mypy_cache", ".ruff_cache"]
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    submission_id: str
+    status: str
+    summary: Mapping[str, Any] | None
+    message: str = ""
+
+
+def parse_result(logs: str) -> dict[str, Any] | None:
+    """The summary the job printed last (`RESULT_MARK` + JSON), or None."""
+    for line in reversed(logs.splitlines()):
+        if line.startswith(RESULT_MARK):
+            try:
+                value = json.loads(line[len(RESULT_MARK) :])
+            except json.JSONDecodeError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+def outcome_event(config: PipelineConfig, request_id: str, outcome: JobOutcome) -> Event:
+    """What the models topic hears about a finished job. Pure."""
+    summary = outcome.summary or {}
+    if outcome.status == "SUCCEEDED" and summary.get("version"):
+        report = summary.get("report") or {}
+        return TrainingCompleted(
+            event_id=deterministic_id(outcome.submission_id, "completed"),
+            pipeline=config.name,
+            model_name=config.name,
+            model_version=str(summary["version"]),
+            run_id=str(summary.get("run_id") or ""),
+            metrics={k: float(v) for k, v in report.items() if isinstance(v, (int, float))},
+            trigger_event_id=request_id,
+            submission_id=outcome.submission_id,
+        )
+    reason = outcome.message or f"job {outcome.submission_id} ended {outcome.status} without a registered model"
+    return TrainingFailed(
+        event_id=deterministic_id(outcome.submission_id, "failed"),
+        pipeline=config.name,
+        model_name=config.name,
+        reason=reason[:2000],
+        trigger_event_id=request_id,
+        submission_id=outcome.submission_id,
+    )
+
+
+def submit_retrain(
+    client: Any,
+    config: PipelineConfig,
+    request: RetrainRequested,
+    working_dir: Path,
+    out_root: Path,
+    env: Mapping[str, str] | None = None,
+    python: str = "python",
+    module: str = "jobs.retrain",
+) -> bool:
+    """Submit the job for `request`; False when a job with its id already exists (a duplicate).
+
+    `python` is the interpreter the cluster runs the entrypoint with (its `python` on PATH by
+    default; the local stack passes its own).
+    """
+    submission_id = request.event_id
+    if _exists(client, submission_id):
+        return False
+    entrypoint = (
+        f"{python} -m {module} --trigger-event-id {submission_id} --out {out_root.resolve() / submission_id}"
+        + (f" --since {request.data_start.isoformat()}" if request.data_start else "")
+        + (f" --drift-event-id {request.drift_event_id}" if request.drift_event_id else "")
+    )
+    runtime_env = {
+        "working_dir": str(working_dir),
+        "excludes": EXCLUDES,
+        "env_vars": {CONFIG_ENV: dump_config(config), CAUSE_ENV: request.cause[:1000], **(env or {})},
+    }
+    try:
+        client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=submission_id,
+            runtime_env=runtime_env,
+            metadata={"driftloop_pipeline": config.name, "driftloop_cause": request.cause[:500]},
+        )
+    except RuntimeError as err:
+        if "already exists" in str(err):
+            return False
+        raise
+    return True
+
+
+def _exists(client: Any, submission_id: str) -> bool:
+    try:
+        client.get_job_status(submission_id)
+    except RuntimeError:
+        return False
+    return True
+
+
+def follow(client: Any, submission_id: str, timeout_s: float, poll_s: float = 1.0) -> JobOutcome:
+    """Wait for the job to end (stopping it after `timeout_s`); its status and printed summary."""
+    deadline = time.monotonic() + timeout_s
+    status = str(client.get_job_status(submission_id))
+    while status.split(".")[-1] not in TERMINAL:
+        if time.monotonic() > deadline:
+            client.stop_job(submission_id)
+            return JobOutcome(submission_id, "STOPPED", None, f"stopped after the {timeout_s:.0f}s job timeout")
+        time.sleep(poll_s)
+        status = str(client.get_job_status(submission_id))
+    status = status.split(".")[-1]
+    logs = client.get_job_logs(submission_id)
+    message = ""
+    if status != "SUCCEEDED":
+        info = client.get_job_info(submission_id)
+        tail = " | ".join(line for line in logs.splitlines()[-5:] if line.strip())
+        message = f"job {submission_id} {status}: {getattr(info, 'message', '') or ''} {tail}".strip()
+    return JobOutcome(submission_id, status, parse_result(logs), message)
+
+
+@dataclass
+class ControllerStats:
+    submitted: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_controller(
+    config: PipelineConfig,
+    address: str,
+    working_dir: Path,
+    out_root: Path,
+    stop: threading.Event,
+    stats: ControllerStats,
+    env: Mapping[str, str] | None = None,
+    client_factory: Callable[[str], Any] | None = None,
+    python: str = "python",
+    module: str = "jobs.retrain",
+) -> None:
+    """Consume retrain requests until `stop`; submit, follow, publish."""
+    from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
+    from streams.serde import decode_events
+    from streams.topics import Topics
+
+    if client_factory is None:
+        from ray.job_submission import JobSubmissionClient
+
+        client_factory = JobSubmissionClient
+    client = client_factory(address)
+    topics = Topics(config.name)
+    ensure_topics(config.kafka, [topics.retrain, topics.models, topics.dlq])
+    producer = Producer(config.kafka, client_id=f"{config.name}.controller")
+    lock = threading.Lock()
+
+    def follow_and_publish(request_id: str, submission_id: str) -> None:
+        try:
+            outcome = follow(client, submission_id, config.retrain.job_timeout_s)
+        except Exception as err:  # the Jobs API went away: report the job as failed, keep consuming
+            outcome = JobOutcome(submission_id, "UNKNOWN", None, f"lost track of job {submission_id}: {err}")
+        event = outcome_event(config, request_id, outcome)
+        with lock:
+            producer.send_event(topics.models, event)
+            producer.flush()
+            stats.outcomes.append({"submission_id": submission_id, "status": outcome.status,
+                                   "event": type(event).__name__, "summary": outcome.summary,
+                                   "message": outcome.message})  # fmt: skip
+        log.info("job %s %s -> %s", submission_id, outcome.status, type(event).__name__)
+
+    def start_following(request_id: str, submission_id: str) -> None:
+        threading.Thread(target=follow_and_publish, args=(request_id, submission_id), daemon=True).start()
+
+    for job in client.list_jobs():  # resume: jobs submitted before a restart that still run
+        mine = (job.metadata or {}).get("driftloop_pipeline") == config.name
+        if mine and job.submission_id and str(job.status).split(".")[-1] not in TERMINAL:
+            start_following(job.submission_id, job.submission_id)
+
+    def handle(batch: Batch) -> None:
+        for event in batch.values:
+            if not isinstance(event, RetrainRequested) or event.pipeline != config.name:
+                continue
+            if submit_retrain(client, config, event, working_dir, out_root, env, python, module):
+                stats.submitted.append(event.event_id)
+                log.info("submitted retrain job %s (%s)", event.event_id, event.cause)
+                start_following(event.event_id, event.event_id)
+            else:
+                stats.duplicates.append(event.event_id)
+                log.info("retrain %s already has a job: not submitted again", event.event_id)
+
+    consumer = StreamConsumer(
+        config.kafka, [topics.retrain], decode_events, handle, group_id=f"{config.name}.controller",
+        dlq_topic=topics.dlq,
+    )  # fmt: skip
+
+    def stop_when_asked() -> None:
+        stop.wait()
+        consumer.stop()
+
+    threading.Thread(target=stop_when_asked, daemon=True).start()
+    try:
+        consumer.run()
+    finally:
+        with lock:
+            producer.close()
+
+
+class ControllerService:
+    """The controller as a long-running service (the body of a Ray actor: `ray.remote(ControllerService)`)."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        address: str,
+        working_dir: str,
+        out_root: str,
+        env: Mapping[str, str] | None = None,
+        python: str = "python",
+        module: str = "jobs.retrain",
+    ) -> None:
+        self._stop = threading.Event()
+        self._stats = ControllerStats()
+        self.error: str | None = None
+        args = (config, address, Path(working_dir), Path(out_root), self._stop, self._stats, env, None, python, module)
+        self._thread = threading.Thread(target=self._run, args=args, daemon=True)
+        self._thread.start()
+
+    def _run(self, *args: Any) -> None:
+        try:
+            run_controller(*args)
+        except Exception as err:
+            self.error = f"{type(err).__name__}: {err}"
+            log.exception("the controller stopped")
+            raise
+
+    def stats(self) -> dict[str, Any]:
+        s = self._stats
+        return {"submitted": list(s.submitted), "duplicates": list(s.duplicates), "outcomes": list(s.outcomes),
+                "error": self.error, "running": self._thread.is_alive()}  # fmt: skip
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)

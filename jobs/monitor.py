@@ -1,0 +1,504 @@
+"""The monitor: drift and delayed-label performance over the served predictions.
+
+Two layers. `Monitor` is pure: fed decoded events with their offsets, it keeps the current
+windows and the label join, and answers what to publish and what offsets are now safe to
+commit. `run_monitor` is the I/O around it: a consumer in the group `<pipeline>.monitor` over
+the `predictions` and `labels` topics, a producer for the `drift` and `retrain` topics, and the
+registry for the champion's reference. `MonitorActor` runs it as a restartable Ray actor.
+
+Windows:
+- a *data window* is `monitor.window_size` served predictions (or, with `window_seconds`, the
+  predictions of that many seconds of event time). When it closes, every feature and the
+  model's output are compared with the champion's reference (`streams.drift.compare`); a
+  drifted window publishes `DriftDetected` (kind `data`, or `prediction` when only the output
+  moved) carrying every statistic, its threshold and the window's offsets;
+- a *performance window* is `monitor.performance_window` predictions joined to their labels
+  (by request id, in bounded state with a time-to-live): its accuracy and macro F1 are compared
+  with the champion's validation report; falling more than `performance_tolerance` below it
+  publishes `DriftDetected` (kind `performance`). This is what sees concept drift, where the
+  inputs do not move but their meaning does.
+Every window result goes through the retrain policy (`jobs.policy`); a decision to retrain
+publishes `RetrainRequested`.
+
+Offsets are committed only when a data window closes, after its events are acknowledged, and
+only up to the window's last record: a monitor killed mid-window re-reads that window from its
+first record after the restart, so no window is lost or counted twice. Events carry ids derived
+from the window's offsets, so a window re-evaluated after a crash between publish and commit
+repeats the same ids. Known limits: the label join and a partly filled performance window live
+in memory and start empty after a restart; the policy's streak and cooldown too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import numpy as np
+
+from jobs.policy import Decision, PolicyState, WindowResult, decide
+from streams.config import PipelineConfig
+from streams.drift import Reference, compare
+from streams.events import (
+    DriftDetected,
+    FeatureDrift,
+    LabelObserved,
+    OffsetRange,
+    PredictionLogged,
+    RetrainRequested,
+    deterministic_id,
+)
+
+__all__ = ["PREDICTION", "Champion", "LabelJoin", "Monitor", "Outcome", "run_monitor"]
+
+log = logging.getLogger(__name__)
+
+PREDICTION = "__prediction__"  # the model's output (probability of the last class) as a monitored column
+
+
+@dataclass(frozen=True)
+class Champion:
+    """What the monitor compares against: the served model's reference and validation report."""
+
+    version: str
+    reference: Reference
+    report: Mapping[str, Any]
+
+
+@dataclass
+class _DataWindow:
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # (topic, partition) -> [first, next)
+    started: datetime | None = None
+    ended: datetime | None = None
+    size: int = 0
+
+    def add(self, event: PredictionLogged, topic: str, partition: int, offset: int, positive: str) -> None:
+        for name, value in event.features.items():
+            self.columns.setdefault(name, []).append(value)
+        self.columns.setdefault(PREDICTION, []).append(float(event.probabilities.get(positive, np.nan)))
+        span = self.offsets.setdefault((topic, partition), [offset, offset + 1])
+        span[1] = offset + 1
+        self.started = event.occurred_at if self.started is None else min(self.started, event.occurred_at)
+        self.ended = event.occurred_at if self.ended is None else max(self.ended, event.occurred_at)
+        self.size += 1
+
+    def ranges(self) -> tuple[OffsetRange, ...]:
+        return tuple(
+            OffsetRange(topic=t, partition=p, start=a, end=b) for (t, p), (a, b) in sorted(self.offsets.items())
+        )
+
+    def window_id(self) -> str:
+        return ",".join(f"{r.topic}/{r.partition}:{r.start}-{r.end}" for r in self.ranges())
+
+
+class LabelJoin:
+    """Predictions waiting for their labels (and labels that came first), bounded, with a TTL.
+
+    Time is event time (the events' `occurred_at`), so the join is reproducible. When full, the
+    oldest entries go first; `expired` and `evicted` count what was forgotten unjoined.
+    """
+
+    def __init__(self, ttl_s: float, max_pending: int) -> None:
+        self.ttl = timedelta(seconds=ttl_s)
+        self.max_pending = max_pending
+        self._predictions: OrderedDict[str, tuple[datetime, str, str]] = OrderedDict()  # id -> (at, predicted, ver)
+        self._labels: OrderedDict[str, tuple[datetime, str]] = OrderedDict()
+        self.expired = 0
+        self.evicted = 0
+        self.joined = 0
+
+    def add_prediction(self, request_id: str, predicted: str, version: str, at: datetime) -> tuple[str, str] | None:
+        early = self._labels.pop(request_id, None)
+        if early is not None:
+            self.joined += 1
+            return predicted, early[1]
+        self._predictions[request_id] = (at, predicted, version)
+        self._trim(at)
+        return None
+
+    def add_label(self, request_id: str, label: str, at: datetime) -> tuple[str, str] | None:
+        waiting = self._predictions.pop(request_id, None)
+        if waiting is not None:
+            self.joined += 1
+            return waiting[1], label
+        self._labels[request_id] = (at, label)
+        self._trim(at)
+        return None
+
+    @property
+    def pending(self) -> int:
+        return len(self._predictions) + len(self._labels)
+
+    def _trim(self, now: datetime) -> None:
+        tables: tuple[OrderedDict[str, Any], ...] = (self._predictions, self._labels)
+        for table in tables:
+            while table:
+                key, entry = next(iter(table.items()))
+                if now - entry[0] > self.ttl:
+                    table.pop(key)
+                    self.expired += 1
+                else:
+                    break
+        while self.pending > self.max_pending:
+            table = self._predictions if len(self._predictions) >= len(self._labels) else self._labels
+            table.popitem(last=False)
+            self.evicted += 1
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One closed window: its summary (for history), what to publish, and what may be committed."""
+
+    kind: str  # "data" | "performance"
+    summary: dict[str, Any]
+    drift: DriftDetected | None
+    retrain: RetrainRequested | None
+    decision: str
+    commit: dict[tuple[str, int], int] | None = None
+
+
+class Monitor:
+    """The pure core: windows, the label join and the retrain policy."""
+
+    def __init__(self, config: PipelineConfig, champion: Champion) -> None:
+        self.config = config
+        self.settings = config.monitor
+        self.classes = [str(c) for c in config.schema.label.classes]
+        self.positive = self.classes[-1]
+        self.join = LabelJoin(self.settings.label_ttl_s, self.settings.max_pending)
+        self.policy = PolicyState()
+        self.champion = champion
+        self._window = _DataWindow()
+        self._perf: list[tuple[str, str]] = []
+        self._perf_started: datetime | None = None
+        self._labels_next: dict[tuple[str, int], int] = {}
+        self.windows = 0
+
+    def set_champion(self, champion: Champion) -> None:
+        """A new model is served: compare against its reference from now on, with a fresh streak."""
+        if champion.version != self.champion.version:
+            self.champion = champion
+            self.policy = PolicyState(
+                last_request_at=self.policy.last_request_at, recent_requests=self.policy.recent_requests
+            )
+            self._perf, self._perf_started = [], None
+
+    def on_predictions(self, items: Sequence[tuple[PredictionLogged, str, int, int]]) -> list[Outcome]:
+        """Predictions with (topic, partition, offset), in offset order per partition."""
+        out: list[Outcome] = []
+        limit = self.settings.window_seconds
+        for event, topic, partition, offset in items:
+            if event.variant == "shadow":
+                continue  # the challenger's shadow answers were not served
+            w = self._window
+            if limit is not None and w.started is not None and (event.occurred_at - w.started).total_seconds() >= limit:
+                out.append(self._close_window())
+            self._window.add(event, topic, partition, offset, self.positive)
+            joined = self.join.add_prediction(
+                event.request_id, str(event.prediction), event.model_version, event.occurred_at
+            )
+            if joined is not None:
+                out.extend(self._add_joined(joined, event.occurred_at))
+            if limit is None and self._window.size >= self.settings.window_size:
+                out.append(self._close_window())
+        return out
+
+    def on_labels(self, items: Sequence[tuple[LabelObserved, str, int, int]]) -> list[Outcome]:
+        out: list[Outcome] = []
+        for event, topic, partition, offset in items:
+            self._labels_next[(topic, partition)] = offset + 1
+            joined = self.join.add_label(event.request_id, str(event.label), event.occurred_at)
+            if joined is not None:
+                out.extend(self._add_joined(joined, event.occurred_at))
+        return out
+
+    def _add_joined(self, pair: tuple[str, str], at: datetime) -> list[Outcome]:
+        self._perf.append(pair)
+        self._perf_started = self._perf_started or at
+        if len(self._perf) < self.settings.performance_window:
+            return []
+        pairs, started = self._perf, self._perf_started
+        self._perf, self._perf_started = [], None
+        return [self._performance(pairs, started, at)]
+
+    def _performance(self, pairs: list[tuple[str, str]], started: datetime, ended: datetime) -> Outcome:
+        predicted = np.array([p for p, _ in pairs])
+        truth = np.array([t for _, t in pairs])
+        accuracy = float((predicted == truth).mean())
+        f1s = []
+        for c in self.classes:
+            tp = float(((predicted == c) & (truth == c)).sum())
+            denominator = float((predicted == c).sum() + (truth == c).sum())
+            f1s.append(2 * tp / denominator if denominator else 0.0)
+        f1 = float(np.mean(f1s))
+        tolerance = self.settings.performance_tolerance
+        expected_acc = float(self.champion.report.get("accuracy", float("nan")))
+        expected_f1 = float(self.champion.report.get("f1_macro", float("nan")))
+        stats = (
+            FeatureDrift(
+                feature="accuracy",
+                statistic="accuracy",
+                value=accuracy,
+                threshold=expected_acc - tolerance,
+                drifted=accuracy < expected_acc - tolerance,
+            ),
+            FeatureDrift(
+                feature="f1_macro",
+                statistic="f1_macro",
+                value=f1,
+                threshold=expected_f1 - tolerance,
+                drifted=f1 < expected_f1 - tolerance,
+            ),
+        )
+        drifted = any(s.drifted for s in stats)
+        window_id = f"performance:{self.champion.version}:{started.isoformat()}:{len(pairs)}"
+        event = (
+            DriftDetected(
+                event_id=deterministic_id(self.config.name, "drift", window_id),
+                occurred_at=ended,
+                pipeline=self.config.name,
+                window_start=started,
+                window_end=ended,
+                window_size=len(pairs),
+                offsets=(),
+                statistics=stats,
+                kind="performance",
+            )
+            if drifted
+            else None
+        )
+        decision = self._decide(WindowResult(len(pairs), drifted, ended, window_id, started, event))
+        summary = {
+            "kind": "performance",
+            "start": started.isoformat(),
+            "end": ended.isoformat(),
+            "size": len(pairs),
+            "model_version": self.champion.version,
+            "accuracy": accuracy,
+            "f1_macro": f1,
+            "expected_accuracy": expected_acc,
+            "drifted": drifted,
+        }
+        return Outcome("performance", summary, event, decision.request, decision.reason)
+
+    def _close_window(self) -> Outcome:
+        w, self._window = self._window, _DataWindow()
+        self.windows += 1
+        s = self.settings
+        report = compare(
+            self.champion.reference, w.columns, alpha=s.alpha, psi_threshold=s.psi_threshold, correction=s.correction
+        )
+        stats = []
+        for f in report.features:
+            stats.append(
+                FeatureDrift(
+                    feature=f.name,
+                    statistic=f.test,
+                    value=float(f.statistic),
+                    threshold=s.alpha,
+                    drifted=f.drifted,
+                    p_value=_finite(f.adjusted_p_value),
+                )
+            )
+            stats.append(
+                FeatureDrift(
+                    feature=f.name,
+                    statistic="psi",
+                    value=float(f.psi),
+                    threshold=s.psi_threshold,
+                    drifted=f.psi >= s.psi_threshold,
+                )
+            )
+
+        drifted_features = [f.name for f in report.features if f.drifted]
+        kind: Literal["data", "prediction"] = "prediction" if drifted_features == [PREDICTION] else "data"
+        assert w.started is not None and w.ended is not None
+        event = None
+        if drifted_features:
+            event = DriftDetected(
+                event_id=deterministic_id(self.config.name, "drift", w.window_id()),
+                occurred_at=w.ended,
+                pipeline=self.config.name,
+                window_start=w.started,
+                window_end=w.ended,
+                window_size=w.size,
+                offsets=w.ranges(),
+                statistics=tuple(stats),
+                kind=kind,
+            )
+        decision = self._decide(WindowResult(w.size, bool(drifted_features), w.ended, w.window_id(), w.started, event))
+        commit = {key: span[1] for key, span in w.offsets.items()} | dict(self._labels_next)
+        summary = {
+            "kind": "data",
+            "start": w.started.isoformat(),
+            "end": w.ended.isoformat(),
+            "size": w.size,
+            "model_version": self.champion.version,
+            "drifted": bool(drifted_features),
+            "drifted_features": drifted_features,
+            "features": {
+                f.name: {
+                    "test": f.test,
+                    "statistic": f.statistic,
+                    "p_value": f.adjusted_p_value,
+                    "psi": f.psi,
+                    "drifted": f.drifted,
+                }
+                for f in report.features
+            },
+            "offsets": {f"{t}/{p}": span for (t, p), span in sorted(w.offsets.items())},
+        }
+        return Outcome("data", summary, event, decision.request, decision.reason, commit)
+
+    def _decide(self, result: WindowResult) -> Decision:
+        decision = decide(self.config.name, self.config.retrain, self.policy, result)
+        self.policy = decision.state
+        return decision
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def load_champion(config: PipelineConfig, registry: Any, version: str | None = None) -> Champion:
+    """The champion's (or `version`'s) reference and validation report, from its artifact."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    chosen = version or registry.alias("champion")
+    if chosen is None:
+        raise LookupError(f"model {registry.name!r} has no champion yet: nothing to monitor against")
+    with tempfile.TemporaryDirectory() as folder:
+        path = registry.download(chosen, Path(folder))
+        profile = json.loads((path / "profile.json").read_text())
+        report = json.loads((path / "report.json").read_text())
+    if "reference" not in profile:
+        raise ValueError(f"model version {chosen} has no drift reference in its profile (trained before monitoring?)")
+    return Champion(str(chosen), Reference.from_json(profile["reference"]), report)
+
+
+@dataclass
+class MonitorStats:
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    drift_events: int = 0
+    retrain_requests: int = 0
+    predictions: int = 0
+    labels: int = 0
+    error: str | None = None
+
+
+def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event, stats: MonitorStats) -> None:
+    """Consume predictions and labels until `stop`; publish drift and retrain events."""
+    from jobs.registry import ModelRegistry
+    from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
+    from streams.serde import decode_events
+    from streams.topics import Topics
+
+    topics = Topics(config.name)
+    ensure_topics(config.kafka, [topics.predictions, topics.labels, topics.drift, topics.retrain, topics.dlq])
+    registry = ModelRegistry(config, tracking_uri)
+    monitor: Monitor | None = None
+    while monitor is None and not stop.is_set():
+        try:
+            monitor = Monitor(config, load_champion(config, registry))
+        except LookupError as err:
+            log.info("%s; waiting", err)
+            stop.wait(2.0)
+    if monitor is None:
+        return
+    checked = time.monotonic()
+    producer = Producer(config.kafka, client_id=f"{config.name}.monitor")
+    consumer: StreamConsumer
+
+    def handle(batch: Batch) -> None:
+        nonlocal checked
+        assert monitor is not None
+        if time.monotonic() - checked > 2.0:  # follow promotions and rollbacks
+            checked = time.monotonic()
+            current = registry.alias("champion")
+            if current is not None and current != monitor.champion.version:
+                monitor.set_champion(load_champion(config, registry, current))
+                log.info("monitoring against model version %s now", current)
+        outcomes: list[Outcome] = []
+        for chunk in batch.chunks:
+            items = [
+                (v, chunk.topic, chunk.partition, r.offset) for r, v in zip(chunk.records, chunk.values, strict=True)
+            ]
+            if chunk.topic == topics.predictions:
+                preds = [i for i in items if isinstance(i[0], PredictionLogged)]
+                stats.predictions += len(preds)
+                outcomes += monitor.on_predictions(preds)
+            elif chunk.topic == topics.labels:
+                labels = [i for i in items if isinstance(i[0], LabelObserved)]
+                stats.labels += len(labels)
+                outcomes += monitor.on_labels(labels)
+        for o in outcomes:
+            if o.drift is not None:
+                producer.send_event(topics.drift, o.drift)
+                stats.drift_events += 1
+            if o.retrain is not None:
+                producer.send_event(topics.retrain, o.retrain)
+                stats.retrain_requests += 1
+                log.info("retrain requested (%s): %s", o.retrain.event_id, o.decision)
+            stats.windows.append(o.summary | {"decision": o.decision, "retrain": o.retrain is not None})
+        if any(o.commit for o in outcomes):
+            producer.flush()
+            for o in outcomes:
+                if o.commit:
+                    consumer.commit(o.commit)
+
+    consumer = StreamConsumer(
+        config.kafka,
+        [topics.predictions, topics.labels],
+        decode_events,
+        handle,
+        group_id=f"{config.name}.monitor",
+        dlq_topic=topics.dlq,
+        commit_each_batch=False,
+    )
+
+    def stop_when_asked() -> None:
+        stop.wait()
+        consumer.stop()
+
+    watcher = threading.Thread(target=stop_when_asked, daemon=True)
+    watcher.start()
+    try:
+        consumer.run()
+    finally:
+        producer.close()
+
+
+class MonitorService:
+    """The monitor as a long-running service (the body of a Ray actor: `ray.remote(MonitorService)`)."""
+
+    def __init__(self, config: PipelineConfig, tracking_uri: str) -> None:
+        self._stop = threading.Event()
+        self._stats = MonitorStats()
+        self._thread = threading.Thread(target=self._run, args=(config, tracking_uri), daemon=True)
+        self._thread.start()
+
+    def _run(self, config: PipelineConfig, tracking_uri: str) -> None:
+        try:
+            run_monitor(config, tracking_uri, self._stop, self._stats)
+        except Exception as err:
+            self._stats.error = f"{type(err).__name__}: {err}"
+            log.exception("the monitor stopped")
+            raise
+
+    def stats(self) -> dict[str, Any]:
+        s = self._stats
+        return {"windows": list(s.windows), "drift_events": s.drift_events, "retrain_requests": s.retrain_requests,
+                "predictions": s.predictions, "labels": s.labels, "error": s.error,
+                "running": self._thread.is_alive()}  # fmt: skip
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)

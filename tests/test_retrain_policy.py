@@ -1,0 +1,63 @@
+"""The retrain policy, table-tested: window size, streaks, cooldown, the hourly cap, ids."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from jobs.policy import PolicyState, WindowResult, decide
+from streams.config import RetrainSettings
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+SETTINGS = RetrainSettings(min_window=100, consecutive=2, cooldown_s=600, max_per_hour=2)
+
+
+def run(windows: list[tuple[int, bool, float]], settings: RetrainSettings = SETTINGS) -> list[bool]:
+    """Feed (size, drifted, minutes since T0) windows in order; which ones asked for a retrain."""
+    state = PolicyState()
+    out = []
+    for i, (size, drifted, minutes) in enumerate(windows):
+        d = decide("p", settings, state, WindowResult(size, drifted, T0 + timedelta(minutes=minutes), f"w{i}"))
+        state = d.state
+        out.append(d.retrain)
+        assert (d.request is not None) == d.retrain
+    return out
+
+
+@pytest.mark.parametrize(
+    ("windows", "expected"),
+    [
+        ([(500, True, 0)], [False]),  # one drifted window is not enough
+        ([(500, True, 0), (500, True, 1)], [False, True]),  # two in a row
+        ([(500, True, 0), (500, False, 1), (500, True, 2)], [False, False, False]),  # streak broken
+        ([(500, True, 0), (50, False, 1), (500, True, 2)], [False, False, True]),  # a small window decides nothing
+        ([(50, True, 0), (50, True, 1)], [False, False]),  # too small to count
+        # cooldown: after a retrain at minute 1, the next streak completes at minute 3 (< 10): refused
+        ([(500, True, 0), (500, True, 1), (500, True, 2), (500, True, 3)], [False, True, False, False]),
+        # after the cooldown the streak goes on
+        ([(500, True, 0), (500, True, 1), (500, True, 12), (500, True, 13)], [False, True, False, True]),
+        # the hourly cap: retrains at 1 and 13; the one at 25 would be the third in an hour; at 62
+        # the one at 1 is over an hour old, so the still-running streak retrains
+        (
+            [(500, True, m) for m in (0, 1, 12, 13, 24, 25)] + [(500, True, 62), (500, True, 63)],
+            [False, True, False, True, False, False, True, False],
+        ),
+    ],
+)
+def test_decisions(windows: list[tuple[int, bool, float]], expected: list[bool]) -> None:
+    assert run(windows) == expected
+
+
+def test_the_request_id_is_the_same_for_the_same_window_and_differs_otherwise() -> None:
+    state = PolicyState(streak=1)
+    a = decide("p", SETTINGS, state, WindowResult(500, True, T0, "records/0:0-500"))
+    b = decide("p", SETTINGS, state, WindowResult(500, True, T0 + timedelta(seconds=5), "records/0:0-500"))
+    c = decide("p", SETTINGS, state, WindowResult(500, True, T0, "records/0:500-1000"))
+    assert a.request is not None and b.request is not None and c.request is not None
+    assert a.request.event_id == b.request.event_id != c.request.event_id
+    assert a.request.data_end == T0 and a.request.pipeline == "p"
+
+
+def test_consecutive_one_retrains_on_the_first_drifted_window() -> None:
+    assert run([(500, True, 0)], RetrainSettings(min_window=1, consecutive=1, cooldown_s=0)) == [True]

@@ -151,6 +151,7 @@ def test_produce_then_consume_with_drift_labels_and_bad_records(
 
 @pytest.mark.integration
 @pytest.mark.integration
+@pytest.mark.timeout(660)
 def test_run_closes_the_loop_drift_retrain_promotion_recovery(demo_config: PipelineConfig, tmp_path: Path) -> None:
     """`driftloop run`, smaller: its own broker, Ray head, MLflow, Serve, monitor and controller."""
     import dataclasses

@@ -15,7 +15,7 @@ from typing import Any
 from streams.config import PipelineConfig
 from streams.errors import DriftloopError
 
-__all__ = ["model_trail", "print_trail"]
+__all__ = ["model_trail", "print_trail", "read_events"]
 
 
 def model_trail(config: PipelineConfig, tracking_uri: str, ref: str, datasets_root: str) -> dict[str, Any]:
@@ -79,36 +79,42 @@ def _events(config: PipelineConfig, request_id: str | None, drift_id: str | None
     if config.kafka.embedded:
         return {"note": "no broker configured (KAFKA_BOOTSTRAP_SERVERS): events not looked up"}
     from streams.events import DriftDetected, ModelPromoted, ModelRolledBack, RetrainRequested
+    from streams.serde import encode_event
+
+    try:
+        events = read_events(config)
+    except DriftloopError as err:
+        return {"note": f"events not looked up: {err}"}
+    found: dict[str, Any] = {"promoted_at": [], "rolled_back_at": []}
+    for e in events:
+        if isinstance(e, RetrainRequested) and e.event_id == request_id:
+            found["retrain_request"] = json.loads(encode_event(e))
+        elif isinstance(e, DriftDetected) and e.event_id == drift_id:
+            found["drift_event"] = json.loads(encode_event(e))
+        elif isinstance(e, ModelPromoted) and e.model_version == version:
+            found["promoted_at"].append(e.occurred_at.isoformat())
+        elif isinstance(e, ModelRolledBack) and version in (e.from_version, e.to_version):
+            found["rolled_back_at"].append(f"{e.occurred_at.isoformat()} {e.from_version}->{e.to_version}")
+    return found
+
+
+def read_events(config: PipelineConfig) -> list[Any]:
+    """Everything on the `drift`, `retrain` and `models` topics, oldest first."""
     from streams.kafka import Batch, StreamConsumer
-    from streams.serde import decode_events, encode_event
+    from streams.serde import decode_events
     from streams.topics import Topics
 
     topics = Topics(config.name)
-    found: dict[str, Any] = {"promoted_at": [], "rolled_back_at": []}
+    seen: list[Any] = []
 
     def keep(batch: Batch) -> None:
-        for e in batch.values:
-            if isinstance(e, RetrainRequested) and e.event_id == request_id:
-                found["retrain_request"] = json.loads(encode_event(e))
-            elif isinstance(e, DriftDetected) and e.event_id == drift_id:
-                found["drift_event"] = json.loads(encode_event(e))
-            elif isinstance(e, ModelPromoted) and e.model_version == version:
-                found["promoted_at"].append(e.occurred_at.isoformat())
-            elif isinstance(e, ModelRolledBack) and version in (e.from_version, e.to_version):
-                found["rolled_back_at"].append(f"{e.occurred_at.isoformat()} {e.from_version}->{e.to_version}")
+        seen.extend(batch.values)
 
-    try:
-        StreamConsumer(
-            config.kafka,
-            [topics.retrain, topics.drift, topics.models],
-            decode_events,
-            keep,
-            group_id=None,
-            dlq_topic=None,
-        ).run(idle_timeout_s=2)
-    except DriftloopError as err:
-        return {"note": f"events not looked up: {err}"}
-    return found
+    StreamConsumer(
+        config.kafka, [topics.drift, topics.retrain, topics.models], decode_events, keep, group_id=None,
+        dlq_topic=None,
+    ).run(idle_timeout_s=2)  # fmt: skip
+    return sorted(seen, key=lambda e: e.occurred_at)
 
 
 def print_trail(trail: dict[str, Any]) -> None:

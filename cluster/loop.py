@@ -34,6 +34,7 @@ from typing import Any
 
 import requests
 
+from cluster.lineage import read_events
 from cluster.report import write_html
 from streams.config import PipelineConfig
 from streams.events import (
@@ -48,8 +49,8 @@ from streams.events import (
     utcnow,
 )
 from streams.generator import Scenario, StreamGenerator
-from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
-from streams.serde import RecordCodec, decode_events
+from streams.kafka import Producer, ensure_topics
+from streams.serde import RecordCodec
 from streams.topics import Topics
 
 __all__ = ["LoopOptions", "run_loop"]
@@ -108,7 +109,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
     from ray import serve
 
     from cluster.broker import free_port
-    from jobs.controller import ControllerService
+    from jobs.controller import ControllerService, JobTemplate
     from jobs.monitor import MonitorService
     from jobs.registry import ModelRegistry
     from serving.app import build_app
@@ -152,7 +153,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
         controller_cls: Any = ray.remote(ControllerService)
         monitor_cls: Any = ray.remote(MonitorService)
         controller = controller_cls.options(name=f"{config.name}-controller", num_cpus=0, max_restarts=-1).remote(
-            config, jobs_address, str(ROOT), str(run_dir / "jobs"), {"MLFLOW_TRACKING_URI": uri}, sys.executable
+            config, jobs_address, JobTemplate(ROOT, run_dir / "jobs", {"MLFLOW_TRACKING_URI": uri}, sys.executable)
         )
         monitors: list[Any] = []
         traffic = _Traffic()
@@ -235,7 +236,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
             while len(controller_stats["outcomes"]) < len(controller_stats["submitted"]) and time.monotonic() < settle:
                 time.sleep(1.0)
                 controller_stats = ray.get(controller.stats.remote())
-            events = _read_events(config, topics)
+            events = read_events(config)
             report = _report(
                 config, options, traffic, events, monitor_stats, controller_stats, registry, first, drift_at, outcome
             )
@@ -393,23 +394,6 @@ def _monitor_stats(monitors: list[Any]) -> dict[str, Any]:
     windows = sorted((w for p in parts for w in p["windows"]), key=lambda w: w["end"])
     total = {k: sum(p[k] for p in parts) for k in ("drift_events", "retrain_requests", "predictions", "labels")}
     return {"windows": windows, **total, "error": next((p["error"] for p in parts if p["error"]), None)}
-
-
-def _read_events(config: PipelineConfig, topics: Topics) -> list[Any]:
-    seen: list[Any] = []
-
-    def keep(batch: Batch) -> None:
-        seen.extend(batch.values)
-
-    StreamConsumer(
-        config.kafka,
-        [topics.drift, topics.retrain, topics.models],
-        decode_events,
-        keep,
-        group_id=None,
-        dlq_topic=topics.dlq,
-    ).run(idle_timeout_s=2)
-    return sorted(seen, key=lambda e: e.occurred_at)
 
 
 def _accuracy(flags: list[bool]) -> float | None:

@@ -28,7 +28,15 @@ from typing import Any
 from streams.config import PipelineConfig, dump_config
 from streams.events import Event, RetrainRequested, TrainingCompleted, TrainingFailed, deterministic_id
 
-__all__ = ["RESULT_MARK", "JobOutcome", "outcome_event", "parse_result", "run_controller", "submit_retrain"]
+__all__ = [
+    "RESULT_MARK",
+    "JobOutcome",
+    "JobTemplate",
+    "outcome_event",
+    "parse_result",
+    "run_controller",
+    "submit_retrain",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,21 @@ CONFIG_ENV = "DRIFTLOOP_CONFIG_YAML"
 CAUSE_ENV = "DRIFTLOOP_RETRAIN_CAUSE"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 EXCLUDES = [".git", ".venv", "runs", "benchmarks/.peer-venv", "**/__pycache__", "*.db", ".mypy_cache", ".ruff_cache"]
+
+
+@dataclass(frozen=True)
+class JobTemplate:
+    """How a retrain job is submitted: the code (`working_dir`), where jobs write, and the command.
+
+    `python` is the interpreter the cluster runs the entrypoint with (its `python` on PATH by
+    default; the local stack passes its own); `module` is the entrypoint (`jobs.retrain`).
+    """
+
+    working_dir: Path
+    out_root: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    python: str = "python"
+    module: str = "jobs.retrain"
 
 
 @dataclass(frozen=True)
@@ -89,29 +112,22 @@ def submit_retrain(
     client: Any,
     config: PipelineConfig,
     request: RetrainRequested,
-    working_dir: Path,
-    out_root: Path,
-    env: Mapping[str, str] | None = None,
-    python: str = "python",
-    module: str = "jobs.retrain",
+    job: JobTemplate,
 ) -> bool:
-    """Submit the job for `request`; False when a job with its id already exists (a duplicate).
-
-    `python` is the interpreter the cluster runs the entrypoint with (its `python` on PATH by
-    default; the local stack passes its own).
-    """
+    """Submit the job for `request`; False when a job with its id already exists (a duplicate)."""
     submission_id = request.event_id
     if _exists(client, submission_id):
         return False
     entrypoint = (
-        f"{python} -m {module} --trigger-event-id {submission_id} --out {out_root.resolve() / submission_id}"
+        f"{job.python} -m {job.module} --trigger-event-id {submission_id}"
+        + f" --out {job.out_root.resolve() / submission_id}"
         + (f" --since {request.data_start.isoformat()}" if request.data_start else "")
         + (f" --drift-event-id {request.drift_event_id}" if request.drift_event_id else "")
     )
     runtime_env = {
-        "working_dir": str(working_dir),
+        "working_dir": str(job.working_dir),
         "excludes": EXCLUDES,
-        "env_vars": {CONFIG_ENV: dump_config(config), CAUSE_ENV: request.cause[:1000], **(env or {})},
+        "env_vars": {CONFIG_ENV: dump_config(config), CAUSE_ENV: request.cause[:1000], **job.env},
     }
     try:
         client.submit_job(
@@ -165,14 +181,10 @@ class ControllerStats:
 def run_controller(
     config: PipelineConfig,
     address: str,
-    working_dir: Path,
-    out_root: Path,
+    job: JobTemplate,
     stop: threading.Event,
     stats: ControllerStats,
-    env: Mapping[str, str] | None = None,
     client_factory: Callable[[str], Any] | None = None,
-    python: str = "python",
-    module: str = "jobs.retrain",
 ) -> None:
     """Consume retrain requests until `stop`; submit, follow, publish."""
     from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
@@ -206,16 +218,16 @@ def run_controller(
     def start_following(request_id: str, submission_id: str) -> None:
         threading.Thread(target=follow_and_publish, args=(request_id, submission_id), daemon=True).start()
 
-    for job in client.list_jobs():  # resume: jobs submitted before a restart that still run
-        mine = (job.metadata or {}).get("driftloop_pipeline") == config.name
-        if mine and job.submission_id and str(job.status).split(".")[-1] not in TERMINAL:
-            start_following(job.submission_id, job.submission_id)
+    for existing in client.list_jobs():  # resume: jobs submitted before a restart that still run
+        mine = (existing.metadata or {}).get("driftloop_pipeline") == config.name
+        if mine and existing.submission_id and str(existing.status).split(".")[-1] not in TERMINAL:
+            start_following(existing.submission_id, existing.submission_id)
 
     def handle(batch: Batch) -> None:
         for event in batch.values:
             if not isinstance(event, RetrainRequested) or event.pipeline != config.name:
                 continue
-            if submit_retrain(client, config, event, working_dir, out_root, env, python, module):
+            if submit_retrain(client, config, event, job):
                 stats.submitted.append(event.event_id)
                 log.info("submitted retrain job %s (%s)", event.event_id, event.cause)
                 start_following(event.event_id, event.event_id)
@@ -243,20 +255,11 @@ def run_controller(
 class ControllerService:
     """The controller as a long-running service (the body of a Ray actor: `ray.remote(ControllerService)`)."""
 
-    def __init__(
-        self,
-        config: PipelineConfig,
-        address: str,
-        working_dir: str,
-        out_root: str,
-        env: Mapping[str, str] | None = None,
-        python: str = "python",
-        module: str = "jobs.retrain",
-    ) -> None:
+    def __init__(self, config: PipelineConfig, address: str, job: JobTemplate) -> None:
         self._stop = threading.Event()
         self._stats = ControllerStats()
         self.error: str | None = None
-        args = (config, address, Path(working_dir), Path(out_root), self._stop, self._stats, env, None, python, module)
+        args = (config, address, job, self._stop, self._stats)
         self._thread = threading.Thread(target=self._run, args=args, daemon=True)
         self._thread.start()
 

@@ -239,22 +239,10 @@ class Monitor:
         f1 = float(np.mean(f1s))
         tolerance = self.settings.performance_tolerance
         expected_acc = float(self.champion.report.get("accuracy", float("nan")))
-        expected_f1 = float(self.champion.report.get("f1_macro", float("nan")))
-        stats = (
-            FeatureDrift(
-                feature="accuracy",
-                statistic="accuracy",
-                value=accuracy,
-                threshold=expected_acc - tolerance,
-                drifted=accuracy < expected_acc - tolerance,
-            ),
-            FeatureDrift(
-                feature="f1_macro",
-                statistic="f1_macro",
-                value=f1,
-                threshold=expected_f1 - tolerance,
-                drifted=f1 < expected_f1 - tolerance,
-            ),
+        stats = tuple(
+            FeatureDrift(feature=metric, statistic=metric, value=value, threshold=floor, drifted=value < floor)
+            for metric, value in (("accuracy", accuracy), ("f1_macro", f1))
+            for floor in [float(self.champion.report.get(metric, float("nan"))) - tolerance]
         )
         drifted = any(s.drifted for s in stats)
         window_id = f"performance:{self.champion.version}:{started.isoformat()}:{len(pairs)}"

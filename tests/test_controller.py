@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from jobs.controller import RESULT_MARK, ControllerStats, JobOutcome, outcome_event, parse_result, run_controller
+from jobs.controller import (
+    RESULT_MARK,
+    ControllerStats,
+    JobOutcome,
+    JobTemplate,
+    outcome_event,
+    parse_result,
+    run_controller,
+)
 from streams.config import PipelineConfig
 from streams.events import RetrainRequested, TrainingCompleted, TrainingFailed, deterministic_id
 from streams.kafka import Batch, Producer, StreamConsumer
@@ -57,7 +65,8 @@ def test_a_duplicated_request_starts_one_job_and_the_outcome_is_published(
     from ray.job_submission import JobSubmissionClient
 
     stop, stats = threading.Event(), ControllerStats()
-    args = (config, jobs_address, ROOT, tmp_path / "jobs", stop, stats, {}, None, sys.executable, "tests.job_echo")
+    job = JobTemplate(ROOT, tmp_path / "jobs", {}, sys.executable, "tests.job_echo")
+    args = (config, jobs_address, job, stop, stats)
     thread = threading.Thread(target=run_controller, args=args, daemon=True)
     thread.start()
     request = RetrainRequested(event_id=deterministic_id(config.name, "test"), pipeline=config.name, cause="test")

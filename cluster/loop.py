@@ -109,6 +109,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
     from ray import serve
 
     from cluster.broker import free_port
+    from cluster.ray_runtime import start_local
     from jobs.controller import ControllerService, JobTemplate
     from jobs.monitor import MonitorService
     from jobs.registry import ModelRegistry
@@ -138,16 +139,13 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
         )
         _say(started, "mlflow", f"tracking and registry in {uri}")
 
-        port = free_port()
-        context = ray.init(
-            address=config.ray.address or os.environ.get("RAY_ADDRESS") or None,
-            num_cpus=None if (config.ray.address or os.environ.get("RAY_ADDRESS")) else 8,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
+        quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+        if address:  # an existing cluster: its Jobs API is on its dashboard
+            context = ray.init(address=address, **quiet)
+        else:
+            context = start_local(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
+                                  dashboard_port=free_port(), **quiet)  # fmt: skip
         jobs_address = f"http://{context.dashboard_url}"
         _say(started, "ray", f"local head with token auth; Jobs API at {jobs_address}")
         controller_cls: Any = ray.remote(ControllerService)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from streams.config import PipelineConfig
 
-__all__ = ["connect"]
+__all__ = ["connect", "start_local"]
 
 
 def connect(config: PipelineConfig, quiet: bool = True) -> None:
@@ -33,3 +34,31 @@ def connect(config: PipelineConfig, quiet: bool = True) -> None:
         log_to_driver=not quiet,
         logging_level=logging.WARNING if quiet else logging.INFO,
     )
+
+
+def start_local(**options: Any) -> Any:
+    """`ray.init` of a new local cluster whose dashboard agent listens on a free port.
+
+    Ray 2.60's `ray.init` gives every local cluster's dashboard agent the same fixed port
+    (52365) and has no option to change it (`ray start --dashboard-agent-listen-port` has).
+    A second local cluster on the machine (a test session beside `driftloop run`, parallel test
+    workers) then has no agent, and its Jobs API answers "No available agent to submit job"
+    for ever. This sets the port ray.init leaves at its default, for this call only.
+    """
+    import ray
+    from ray._private import parameter
+
+    from cluster.broker import free_port
+
+    original = parameter.RayParams.__init__
+    port = free_port()
+
+    def with_agent_port(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = with_agent_port  # type: ignore[method-assign]
+    try:
+        return ray.init(**options)
+    finally:
+        parameter.RayParams.__init__ = original  # type: ignore[method-assign]

@@ -129,18 +129,24 @@ def submit_retrain(
         "excludes": EXCLUDES,
         "env_vars": {CONFIG_ENV: dump_config(config), CAUSE_ENV: request.cause[:1000], **job.env},
     }
-    try:
-        client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=submission_id,
-            runtime_env=runtime_env,
-            metadata={"driftloop_pipeline": config.name, "driftloop_cause": request.cause[:500]},
-        )
-    except RuntimeError as err:
-        if "already exists" in str(err):
-            return False
-        raise
-    return True
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env=runtime_env,
+                metadata={"driftloop_pipeline": config.name, "driftloop_cause": request.cause[:500]},
+            )
+            return True
+        except RuntimeError as err:
+            if "already exists" in str(err):
+                return False
+            # A head that has just started answers 500 until its agent is up: wait for it.
+            if "try again" not in str(err) or time.monotonic() > deadline:
+                raise
+            log.info("the Jobs API is not ready (%s); retrying", err)
+            time.sleep(2.0)
 
 
 def _exists(client: Any, submission_id: str) -> bool:

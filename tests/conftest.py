@@ -45,8 +45,10 @@ def ray_session() -> Iterator[str]:
     import ray
 
     from cluster.broker import free_port
+    from cluster.ray_runtime import start_local
 
-    context = ray.init(
+    start = ray.init if os.environ.get("RAY_ADDRESS") else start_local
+    context = start(
         address=os.environ.get("RAY_ADDRESS"),
         num_cpus=None if os.environ.get("RAY_ADDRESS") else 2,
         include_dashboard=True,  # the Ray Jobs API (controller tests)

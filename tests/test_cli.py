@@ -162,7 +162,8 @@ def test_run_closes_the_loop_drift_retrain_promotion_recovery(demo_config: Pipel
     small = dataclasses.replace(
         demo_config,
         search=dataclasses.replace(demo_config.search, trials=2),
-        model=dataclasses.replace(demo_config.model, epochs=4),
+        model=dataclasses.replace(demo_config.model, epochs=3),
+        training=dataclasses.replace(demo_config.training, workers=1),
         serving=dataclasses.replace(demo_config.serving, port=free_port()),
     )
     path = tmp_path / "small.yaml"

@@ -62,55 +62,6 @@ def test_a_tuned_model_clearly_beats_the_majority_baseline(
 
 
 @pytest.mark.integration
-def test_driftloop_tune_registers_and_promotes_the_first_model(
-    config: PipelineConfig, topics: Topics, tmp_path: Path, ray_session: str
-) -> None:
-    import json
-
-    import ray
-    import yaml
-
-    from tests.conftest import DEMO
-    from tests.test_cli import driftloop
-
-    with Producer(config.kafka) as producer:
-        publish_stream(StreamGenerator(config, seed=3), producer, topics, config.name, 3000)
-    assert ingest(config).manifest is not None
-    data = yaml.safe_load(DEMO.read_text())
-    data["name"] = config.name
-    data["datasets"]["root"] = config.datasets.root
-    data["model"]["epochs"] = 2
-    data["search"].update(trials=2, max_concurrent=2)
-    data["training"]["workers"] = 1
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(data))
-    env = {
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "KAFKA_BOOTSTRAP_SERVERS": config.kafka.bootstrap_servers,
-    }
-    result = driftloop("tune", "--config", str(path), "--out", str(tmp_path / "run"), env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["version"] == "1" and summary["promoted"] is True
-    assert "beats the majority-class baseline" in summary["reasons"][0]
-    assert (tmp_path / "run" / "mlflow.db").exists()
-    from streams.events import ModelPromoted
-    from streams.kafka import Batch, StreamConsumer
-    from streams.serde import decode_events
-
-    events: list[object] = []
-
-    def keep(batch: Batch) -> None:
-        events.extend(batch.values)
-
-    StreamConsumer(config.kafka, [topics.models], decode_events, keep, group_id=None, dlq_topic=topics.dlq).run(
-        max_records=1, idle_timeout_s=10
-    )
-    (promoted,) = events
-    assert isinstance(promoted, ModelPromoted) and promoted.model_version == "1" and promoted.model_name == config.name
-
-
-@pytest.mark.integration
 def test_each_trial_is_an_mlflow_run_and_wandb_and_comet_log_offline(
     demo_config: PipelineConfig, tmp_path: Path, ray_session: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

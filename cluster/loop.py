@@ -50,6 +50,7 @@ from streams.events import (
 )
 from streams.generator import Scenario, StreamGenerator
 from streams.kafka import Producer, ensure_topics
+from streams.publish import publish_stream
 from streams.serde import RecordCodec
 from streams.topics import Topics
 
@@ -167,11 +168,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
             )
             codec = RecordCodec(config.schema, config.kafka.max_record_bytes)
             with Producer(config.kafka, client_id=f"{config.name}.run") as producer:
-                for row in history.records(options.bootstrap_records):
-                    producer.send(
-                        topics.records, codec.encode(row.record), key=str(row.record[config.schema.entity_id])
-                    )
-                producer.flush()
+                publish_stream(history, producer, topics, config.name, options.bootstrap_records)
                 _say(started, "produce", f"{options.bootstrap_records} labeled records for the first model")
                 bootstrap = RetrainRequested(
                     event_id=deterministic_id(config.name, "bootstrap", run_dir.name),
@@ -254,11 +251,10 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
             return 0 if report["promoted_version"] and report["failed_requests"] == 0 else 1
         finally:
             for actor in [*monitors, controller]:
-                if actor is not None:
-                    try:
-                        ray.get(actor.stop.remote(), timeout=40)
-                    except Exception as err:  # shutting down anyway
-                        print(f"[stop] {err}", file=sys.stderr)
+                try:
+                    ray.get(actor.stop.remote(), timeout=40)
+                except Exception as err:  # shutting down anyway
+                    print(f"[stop] {err}", file=sys.stderr)
             serve.shutdown()
             ray.shutdown()
 
@@ -315,10 +311,10 @@ def _send_traffic(
     begun = time.monotonic()
     promoted_at_record: int | None = None
     last_report = time.monotonic()
-    index = options.bootstrap_records
     while True:
         if time.monotonic() > deadline:
             return "timeout"
+        index = options.bootstrap_records + traffic.sent  # this batch's first record
         batch = list(generator.records(options.batch))
         body = [{"request_id": r.record[schema.record_id], **{n: r.record[n] for n in names}} for r in batch]
         try:
@@ -360,8 +356,7 @@ def _send_traffic(
         traffic.sent += len(batch)
         if index < drift_at <= index + len(batch):
             _say(started, "drift", f"{options.scenario} drift starts at record {drift_at}")
-        index += len(batch)
-        if promoted_at_record is not None and index - promoted_at_record >= options.after_promotion:
+        if promoted_at_record is not None and index + len(batch) - promoted_at_record >= options.after_promotion:
             producer.flush()
             return "promoted"
         if time.monotonic() - last_report > 10:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.service import Service
 from streams.config import PipelineConfig, dump_config
 from streams.events import Event, RetrainRequested, TrainingCompleted, TrainingFailed, deterministic_id
 
@@ -258,30 +259,14 @@ def run_controller(
             producer.close()
 
 
-class ControllerService:
+class ControllerService(Service):
     """The controller as a long-running service (the body of a Ray actor: `ray.remote(ControllerService)`)."""
 
     def __init__(self, config: PipelineConfig, address: str, job: JobTemplate) -> None:
-        self._stop = threading.Event()
         self._stats = ControllerStats()
-        self.error: str | None = None
-        args = (config, address, job, self._stop, self._stats)
-        self._thread = threading.Thread(target=self._run, args=args, daemon=True)
-        self._thread.start()
-
-    def _run(self, *args: Any) -> None:
-        try:
-            run_controller(*args)
-        except Exception as err:
-            self.error = f"{type(err).__name__}: {err}"
-            log.exception("the controller stopped")
-            raise
+        super().__init__("controller", lambda stop: run_controller(config, address, job, stop, self._stats))
 
     def stats(self) -> dict[str, Any]:
         s = self._stats
         return {"submitted": list(s.submitted), "duplicates": list(s.duplicates), "outcomes": list(s.outcomes),
-                "error": self.error, "running": self._thread.is_alive()}  # fmt: skip
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+                "error": self.error, "running": self.running}  # fmt: skip

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -42,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jobs.policy import Decision, PolicyState, WindowResult, decide
+from jobs.service import Service
 from streams.config import PipelineConfig
 from streams.drift import Reference, compare
 from streams.events import (
@@ -58,6 +59,7 @@ __all__ = ["PREDICTION", "Champion", "LabelJoin", "Monitor", "Outcome", "run_mon
 
 log = logging.getLogger(__name__)
 
+MAX_WINDOWS_KEPT = 10_000  # window summaries a running monitor keeps for its stats (the newest)
 PREDICTION = "__prediction__"  # the model's output (probability of the last class) as a monitored column
 
 
@@ -107,18 +109,18 @@ class LabelJoin:
     def __init__(self, ttl_s: float, max_pending: int) -> None:
         self.ttl = timedelta(seconds=ttl_s)
         self.max_pending = max_pending
-        self._predictions: OrderedDict[str, tuple[datetime, str, str]] = OrderedDict()  # id -> (at, predicted, ver)
+        self._predictions: OrderedDict[str, tuple[datetime, str]] = OrderedDict()  # id -> (at, predicted)
         self._labels: OrderedDict[str, tuple[datetime, str]] = OrderedDict()
         self.expired = 0
         self.evicted = 0
         self.joined = 0
 
-    def add_prediction(self, request_id: str, predicted: str, version: str, at: datetime) -> tuple[str, str] | None:
+    def add_prediction(self, request_id: str, predicted: str, at: datetime) -> tuple[str, str] | None:
         early = self._labels.pop(request_id, None)
         if early is not None:
             self.joined += 1
             return predicted, early[1]
-        self._predictions[request_id] = (at, predicted, version)
+        self._predictions[request_id] = (at, predicted)
         self._trim(at)
         return None
 
@@ -136,8 +138,7 @@ class LabelJoin:
         return len(self._predictions) + len(self._labels)
 
     def _trim(self, now: datetime) -> None:
-        tables: tuple[OrderedDict[str, Any], ...] = (self._predictions, self._labels)
-        for table in tables:
+        for table in (self._predictions, self._labels):
             while table:
                 key, entry = next(iter(table.items()))
                 if now - entry[0] > self.ttl:
@@ -178,7 +179,6 @@ class Monitor:
         self._perf: list[tuple[str, str]] = []
         self._perf_started: datetime | None = None
         self._labels_next: dict[tuple[str, int], int] = {}
-        self.windows = 0
 
     def set_champion(self, champion: Champion) -> None:
         """A new model is served: compare against its reference from now on, with a fresh streak."""
@@ -200,9 +200,7 @@ class Monitor:
             if limit is not None and w.started is not None and (event.occurred_at - w.started).total_seconds() >= limit:
                 out.append(self._close_window())
             self._window.add(event, topic, partition, offset, self.positive)
-            joined = self.join.add_prediction(
-                event.request_id, str(event.prediction), event.model_version, event.occurred_at
-            )
+            joined = self.join.add_prediction(event.request_id, str(event.prediction), event.occurred_at)
             if joined is not None:
                 out.extend(self._add_joined(joined, event.occurred_at))
             if limit is None and self._window.size >= self.settings.window_size:
@@ -277,7 +275,6 @@ class Monitor:
 
     def _close_window(self) -> Outcome:
         w, self._window = self._window, _DataWindow()
-        self.windows += 1
         s = self.settings
         report = compare(
             self.champion.reference, w.columns, alpha=s.alpha, psi_threshold=s.psi_threshold, correction=s.correction
@@ -374,12 +371,11 @@ def load_champion(config: PipelineConfig, registry: Any, version: str | None = N
 
 @dataclass
 class MonitorStats:
-    windows: list[dict[str, Any]] = field(default_factory=list)
+    windows: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_WINDOWS_KEPT))
     drift_events: int = 0
     retrain_requests: int = 0
     predictions: int = 0
     labels: int = 0
-    error: str | None = None
 
 
 def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event, stats: MonitorStats) -> None:
@@ -464,29 +460,15 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
         producer.close()
 
 
-class MonitorService:
+class MonitorService(Service):
     """The monitor as a long-running service (the body of a Ray actor: `ray.remote(MonitorService)`)."""
 
     def __init__(self, config: PipelineConfig, tracking_uri: str) -> None:
-        self._stop = threading.Event()
         self._stats = MonitorStats()
-        self._thread = threading.Thread(target=self._run, args=(config, tracking_uri), daemon=True)
-        self._thread.start()
-
-    def _run(self, config: PipelineConfig, tracking_uri: str) -> None:
-        try:
-            run_monitor(config, tracking_uri, self._stop, self._stats)
-        except Exception as err:
-            self._stats.error = f"{type(err).__name__}: {err}"
-            log.exception("the monitor stopped")
-            raise
+        super().__init__("monitor", lambda stop: run_monitor(config, tracking_uri, stop, self._stats))
 
     def stats(self) -> dict[str, Any]:
         s = self._stats
         return {"windows": list(s.windows), "drift_events": s.drift_events, "retrain_requests": s.retrain_requests,
-                "predictions": s.predictions, "labels": s.labels, "error": s.error,
-                "running": self._thread.is_alive()}  # fmt: skip
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+                "predictions": s.predictions, "labels": s.labels, "error": self.error,
+                "running": self.running}  # fmt: skip

@@ -52,17 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     if rows < 1:
         parser.error("--rows must be >= 1")
 
-    import ray
+    import ray.data
 
     from jobs.registry import ModelRegistry, tracking_uri
+    from jobs.train import join_ray
     from jobs.tune import tune_train_and_gate
     from streams.datasets import DatasetStore
     from streams.ingest import ingest
 
     started = time.monotonic()
-    if not ray.is_initialized():
-        ray.init(address=config.ray.address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
-    import ray.data
+    join_ray(config)
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # stage lines below say what happens
     out = (args.out or Path("runs") / f"retrain-{int(time.time())}").resolve()

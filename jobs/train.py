@@ -36,7 +36,7 @@ from streams.datasets import DatasetStore, Window
 from streams.drift import Reference
 from streams.errors import DriftloopError
 
-__all__ = ["TrainResult", "split_by_time", "train_model"]
+__all__ = ["TrainResult", "join_ray", "split_by_time", "train_model"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,14 @@ class TrainResult:
     holdout_rows: int
     seconds: float
     holdout: Any = None  # the holdout's raw rows (a materialized Ray Dataset), to judge other models on
+
+
+def join_ray(config: PipelineConfig) -> None:
+    """For job entrypoints: the cluster at `ray.address` / `RAY_ADDRESS` (as a Ray job has it), else a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray.address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
 
 
 def split_by_time(dataset: Any, event_time: str, holdout_fraction: float) -> tuple[Any, Any, str]:
@@ -304,10 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = load_config(args.config)
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=config.ray.address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    join_ray(config)
     store = DatasetStore(config.datasets.root, config.name)
     window = store.window(last_rows=args.last_rows)
     if not window.manifests:

@@ -26,7 +26,7 @@ from typing import Any
 from jobs.features import fit_pipeline
 from jobs.loop import pick_device, train_with_settings
 from jobs.models import ModelSpec, build_model
-from jobs.train import _to_numpy, check_resources, split_by_time
+from jobs.train import _to_numpy, check_resources, join_ray, split_by_time
 from streams.config import ModelSettings, Param, PipelineConfig, SearchSettings
 from streams.datasets import DatasetStore, Window
 
@@ -231,10 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trigger-event-id", default=None, help="the RetrainRequested event this job answers")
     args = parser.parse_args(argv)
     config = load_config(args.config)
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=config.ray.address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    join_ray(config)
     out = args.out or Path("runs") / f"tune-{int(time.time())}"
     store = DatasetStore(config.datasets.root, config.name)
     window = store.window()

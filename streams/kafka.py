@@ -32,6 +32,7 @@ __all__ = [
     "ConsumerStats",
     "Producer",
     "StreamConsumer",
+    "bootstrap_servers",
     "client_options",
     "dead_letter",
     "ensure_topics",
@@ -47,15 +48,20 @@ SOURCE_HEADER = "driftloop.source"
 BatchDecoder = Callable[[Sequence[bytes | None]], list[Any]]
 
 
-def client_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """Connection options shared by every kafka-python client."""
+def bootstrap_servers(kafka: KafkaSettings) -> list[str]:
+    """The brokers to connect to; a clear error when the config still says 'embedded'."""
     if kafka.embedded:
         raise BrokerError(
             "kafka.bootstrap_servers is 'embedded' but no broker was started: "
             "run `driftloop broker` and set KAFKA_BOOTSTRAP_SERVERS, or use `driftloop run`"
         )
+    return [s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()]
+
+
+def client_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """Connection options shared by every kafka-python client."""
     options: dict[str, Any] = {
-        "bootstrap_servers": [s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()],
+        "bootstrap_servers": bootstrap_servers(kafka),
         "security_protocol": kafka.security_protocol,
         "bootstrap_timeout_ms": kafka.connect_timeout_ms,
     }

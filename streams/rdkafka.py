@@ -22,6 +22,7 @@ from confluent_kafka import Producer as _RdProducer
 
 from streams.config import KafkaSettings
 from streams.errors import BrokerError
+from streams.kafka import bootstrap_servers
 
 __all__ = ["BulkProducer", "rdkafka_options"]
 
@@ -30,10 +31,8 @@ log = logging.getLogger(__name__)
 
 def rdkafka_options(kafka: KafkaSettings) -> dict[str, Any]:
     """The connection settings of `kafka` in librdkafka's names (secrets come from the environment)."""
-    if kafka.embedded:
-        raise BrokerError("kafka.bootstrap_servers is 'embedded' but no broker was started")
     options: dict[str, Any] = {
-        "bootstrap.servers": ",".join(s.strip() for s in kafka.bootstrap_servers.split(",") if s.strip()),
+        "bootstrap.servers": ",".join(bootstrap_servers(kafka)),
         "security.protocol": kafka.security_protocol.lower(),
         "socket.connection.setup.timeout.ms": kafka.connect_timeout_ms,
     }

@@ -140,11 +140,11 @@ def test_shadow_predictions_are_not_monitored(demo_config: PipelineConfig) -> No
 def test_the_label_join_is_bounded_and_forgets_after_its_ttl() -> None:
     join = LabelJoin(ttl_s=10, max_pending=3)
     for i in range(5):
-        join.add_prediction(f"r{i}", "yes", "1", T0)
+        join.add_prediction(f"r{i}", "yes", T0)
     assert join.pending == 3 and join.evicted == 2
     assert join.add_label("r0", "yes", T0) is None  # evicted: kept as an early label instead
     assert join.add_label("r4", "no", T0) == ("yes", "no")
-    join.add_prediction("late", "no", "1", T0 + timedelta(seconds=30))
+    join.add_prediction("late", "no", T0 + timedelta(seconds=30))
     assert join.expired >= 1 and join.pending == 1
 
 

@@ -12,16 +12,22 @@ PYTEST_WORKERS ?= 2
 
 install: $(STAMP)
 
+# uv installs the pinned set in seconds where pip takes minutes. Wheel folders pip is told about
+# (PIP_FIND_LINKS, pip's find-links setting) go to uv too: that is where a local CPU torch lies.
+FIND_LINKS = $(sort $(PIP_FIND_LINKS) $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench,trackers]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt uv
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -c constraints.txt \
+		$(foreach d,$(FIND_LINKS),--find-links $(d)) -e '.[dev,bench,trackers]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 run: install
 	$(VENV)/bin/driftloop run configs/demo.yaml
 
 test: install lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -145,7 +145,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
         if address:  # an existing cluster: its Jobs API is on its dashboard
             context = ray.init(address=address, **quiet)
         else:
-            context = start_local(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1",
+            context = start_local(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                                   dashboard_port=free_port(), **quiet)  # fmt: skip
         jobs_address = f"http://{context.dashboard_url}"
         _say(started, "ray", f"local head with token auth; Jobs API at {jobs_address}")

@@ -37,18 +37,27 @@ def connect(config: PipelineConfig, quiet: bool = True) -> None:
 
 
 def start_local(**options: Any) -> Any:
-    """`ray.init` of a new local cluster whose dashboard agent listens on a free port.
+    """`ray.init` of a new local cluster that cannot be confused with another on the machine.
 
-    Ray 2.60's `ray.init` gives every local cluster's dashboard agent the same fixed port
-    (52365) and has no option to change it (`ray start --dashboard-agent-listen-port` has).
-    A second local cluster on the machine (a test session beside `driftloop run`, parallel test
-    workers) then has no agent, and its Jobs API answers "No available agent to submit job"
-    for ever. This sets the port ray.init leaves at its default, for this call only.
+    Two things Ray 2.60 shares between all local clusters of a machine:
+    - the dashboard agent's port: `ray.init` gives every cluster the same fixed one (52365) and
+      has no option to change it (`ray start --dashboard-agent-listen-port` has). A second
+      cluster then has no agent, and its Jobs API answers "No available agent to submit job"
+      for ever. This sets the port ray.init leaves at its default, for this call only.
+    - the temp dir, `/tmp/ray`. The Jobs API gives a job's driver the address in the temp
+      dir's `ray_current_cluster`, which only `ray start` writes; without it Ray picks any
+      cluster it finds running on the machine, and a retrain job ran on a test session's
+      cluster instead of its own. Each cluster gets a temp dir of its own (`_temp_dir`, unless
+      the caller gives one) holding its own address.
     """
+    import tempfile
+
     import ray
     from ray._private import parameter
 
     from cluster.broker import free_port
+
+    options.setdefault("_temp_dir", tempfile.mkdtemp(prefix="ray-"))
 
     original = parameter.RayParams.__init__
     port = free_port()
@@ -59,6 +68,10 @@ def start_local(**options: Any) -> Any:
 
     parameter.RayParams.__init__ = with_agent_port  # type: ignore[method-assign]
     try:
-        return ray.init(**options)
+        context: Any = ray.init(**options)
     finally:
         parameter.RayParams.__init__ = original  # type: ignore[method-assign]
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(context.address_info["gcs_address"], options["_temp_dir"])
+    return context

@@ -22,7 +22,7 @@ import numpy as np
 
 from streams.config import Derived, FeatureSettings, RecordSchema, Step
 
-__all__ = ["FeaturePipeline", "InputPlan", "fit_pipeline", "plan_inputs"]
+__all__ = ["FeaturePipeline", "InputPlan", "fit_pipeline", "merge_summaries", "plan_inputs", "summarise_batch"]
 
 FORMAT_VERSION = 1
 OTHER = "__other__"
@@ -233,59 +233,74 @@ class FeaturePipeline:
 
 
 def fit_pipeline(dataset: Any, schema: RecordSchema, settings: FeatureSettings) -> FeaturePipeline:
-    """Fit the statistics on a Ray Dataset with Ray Data aggregations, in one pass."""
-    from ray.data.aggregate import Max, Mean, Min, Quantile, Std, ValueCounter
+    """Fit the statistics on a Ray Dataset in one pass.
 
+    Each block is summarised where it lies (`map_batches`: counts, sums of squares, minima,
+    value counts, the values quantiles need) and the driver merges the summaries. A global
+    `Dataset.aggregate` computes the same, but through hash-shuffle actors that cost seconds
+    to start in every job; the fit is a reduction to a few numbers, which this does directly.
+    """
     plans = _needs_stats(plan_inputs(schema, settings))
     if not plans:
         return FeaturePipeline(schema, settings, {})
 
-    def prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {p.name: _apply_pre(p, batch) for p in plans}
+    def summarise(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"summary": np.array([json.dumps(summarise_batch(plans, batch))], dtype=object)}
 
-    aggregations: list[Any] = []
+    rows = dataset.map_batches(summarise, batch_format="numpy", batch_size=None).take_all()
+    return FeaturePipeline(schema, settings, merge_summaries(plans, [json.loads(r["summary"]) for r in rows]))
+
+
+def summarise_batch(plans: Sequence[InputPlan], batch: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """One batch's share of the fitted statistics (NaN and infinities do not count)."""
+    out: dict[str, dict[str, Any]] = {}
     for plan in plans:
         op = plan.fitted.op  # type: ignore[union-attr]
+        x = _apply_pre(plan, batch)
+        if op == "one_hot":
+            values, counts = np.unique(x.astype(str), return_counts=True)
+            out[plan.name] = {"counts": dict(zip(values.tolist(), counts.tolist(), strict=True))}
+            continue
+        x = x[np.isfinite(x)]
         if op == "standardize":
-            aggregations += [
-                Mean(plan.name, alias_name=f"{plan.name}.mean"),
-                Std(plan.name, ddof=0, alias_name=f"{plan.name}.std"),
-            ]
+            mean = float(x.mean()) if len(x) else 0.0
+            out[plan.name] = {"n": len(x), "mean": mean, "m2": float(np.sum((x - mean) ** 2))}
         elif op == "minmax":
-            aggregations += [
-                Min(plan.name, alias_name=f"{plan.name}.min"),
-                Max(plan.name, alias_name=f"{plan.name}.max"),
-            ]
-        elif op == "bucketize":
-            k = plan.fitted.quantiles or 4  # type: ignore[union-attr]
-            aggregations += [Quantile(plan.name, q=i / k, alias_name=f"{plan.name}.q{i}") for i in range(1, k)]
-        elif op == "one_hot":
-            aggregations.append(ValueCounter(plan.name, alias_name=f"{plan.name}.counts"))
-    result = dataset.map_batches(prepare, batch_format="numpy").aggregate(*aggregations)
+            out[plan.name] = {"min": float(x.min()) if len(x) else None, "max": float(x.max()) if len(x) else None}
+        else:  # bucketize: quantiles need the values themselves
+            out[plan.name] = {"values": x.tolist()}
+    return out
 
+
+def merge_summaries(plans: Sequence[InputPlan], parts: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """The fitted statistics from the batches' summaries (Chan et al.'s pairwise mean and variance)."""
     stats: dict[str, dict[str, Any]] = {}
     for plan in plans:
         op = plan.fitted.op  # type: ignore[union-attr]
+        mine = [p[plan.name] for p in parts]
         if op == "standardize":
-            stats[plan.name] = {
-                "mean": _finite(result[f"{plan.name}.mean"]),
-                "std": _finite(result[f"{plan.name}.std"], 1.0),
-            }
+            n = sum(m["n"] for m in mine)
+            mean = sum(m["n"] * m["mean"] for m in mine) / n if n else None
+            m2 = sum(m["m2"] + m["n"] * (m["mean"] - mean) ** 2 for m in mine) if mean is not None else None
+            stats[plan.name] = {"mean": _finite(mean), "std": _finite(math.sqrt(m2 / n) if n else None, 1.0)}
         elif op == "minmax":
-            stats[plan.name] = {
-                "min": _finite(result[f"{plan.name}.min"]),
-                "max": _finite(result[f"{plan.name}.max"], 1.0),
-            }
+            lows = [m["min"] for m in mine if m["min"] is not None]
+            highs = [m["max"] for m in mine if m["max"] is not None]
+            stats[plan.name] = {"min": _finite(min(lows, default=None)), "max": _finite(max(highs, default=None), 1.0)}
         elif op == "bucketize":
             k = plan.fitted.quantiles or 4  # type: ignore[union-attr]
-            edges = sorted({_finite(result[f"{plan.name}.q{i}"]) for i in range(1, k)})
-            stats[plan.name] = {"boundaries": edges}
+            values = np.concatenate([np.asarray(m["values"], dtype=np.float64) for m in mine] or [np.empty(0)])
+            cuts = np.quantile(values, [i / k for i in range(1, k)]).tolist() if len(values) else [None]
+            stats[plan.name] = {"boundaries": sorted({_finite(c) for c in cuts})}
         else:
-            counted = result[f"{plan.name}.counts"]
-            pairs = sorted(zip(counted["values"], counted["counts"], strict=True), key=lambda vc: (-vc[1], str(vc[0])))
+            counts: dict[str, int] = {}
+            for m in mine:
+                for value, count in m["counts"].items():
+                    counts[value] = counts.get(value, 0) + count
+            pairs = sorted(counts.items(), key=lambda vc: (-vc[1], vc[0]))
             limit = plan.fitted.max_categories or len(pairs)  # type: ignore[union-attr]
-            stats[plan.name] = {"vocabulary": [str(v) for v, _ in pairs[:limit]]}
-    return FeaturePipeline(schema, settings, stats)
+            stats[plan.name] = {"vocabulary": [v for v, _ in pairs[:limit]]}
+    return stats
 
 
 def _needs_stats(plans: Sequence[InputPlan]) -> list[InputPlan]:

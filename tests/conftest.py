@@ -8,6 +8,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,23 +40,48 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield running.bootstrap
 
 
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[str]:
-    """One local Ray instance (token auth on, as Ray 2.60 sets it) for the whole session."""
-    import ray
+SHARED_RAY = "DRIFTLOOP_TEST_RAY_ADDRESS"  # not RAY_ADDRESS: the CLI subprocesses under test must not inherit it
+TEST_CPUS = 4  # logical CPUs of the test Ray: a Serve replica, two trials and two training workers fit at once
 
+
+def _start_test_ray() -> object:
+    """A local Ray head (token auth on, as Ray 2.60 sets it) with the dashboard: the Jobs API."""
     from cluster.broker import free_port
     from cluster.ray_runtime import start_local
 
-    start = ray.init if os.environ.get("RAY_ADDRESS") else start_local
-    context = start(
-        address=os.environ.get("RAY_ADDRESS"),
-        num_cpus=None if os.environ.get("RAY_ADDRESS") else 2,
-        include_dashboard=True,  # the Ray Jobs API (controller tests)
-        dashboard_host="127.0.0.1",
-        dashboard_port=free_port(),
-        log_to_driver=False,
-    )
+    return start_local(num_cpus=TEST_CPUS, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=free_port(), log_to_driver=False)  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, the controlling process starts one Ray for all workers.
+
+    An idle Ray head with its dashboard costs ~0.4 of a core here; one per worker was a fifth
+    of a 2-core machine. Workers find it through `SHARED_RAY` in the environment they inherit.
+    """
+    import ray
+
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    if os.environ.get("RAY_ADDRESS") or os.environ.get(SHARED_RAY):
+        return
+    context: Any = _start_test_ray()
+    os.environ[SHARED_RAY] = context.address_info["gcs_address"]
+    config.add_cleanup(ray.shutdown)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `heavy` first: under pytest-xdist they then run beside the rest, not after it."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[str]:
+    """The session's Ray: RAY_ADDRESS, the one pytest-xdist's controller started, or a new local one."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS") or os.environ.get(SHARED_RAY)
+    context: Any = ray.init(address=address, log_to_driver=False) if address else _start_test_ray()
     yield str(context.dashboard_url)
     ray.shutdown()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import zlib
 
 import numpy as np
@@ -142,3 +143,36 @@ def test_feature_config_errors(transforms: dict[str, object], key: str, expected
         parse_config(yaml.safe_dump(data), source="p.yaml", env={})
     assert caught.value.key == key
     assert expected in str(caught.value)
+
+
+def test_statistics_merged_from_uneven_batches_equal_those_of_the_whole(demo_config: PipelineConfig) -> None:
+    from jobs.features import _apply_pre, _needs_stats, merge_summaries, summarise_batch
+    from streams.generator import StreamGenerator
+
+    rows = [r.record for r in StreamGenerator(demo_config, seed=3).records(3000)]
+    rows[5]["tenure_months"] = None  # a missing value counts in no statistic
+    columns = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    plans = _needs_stats(plan_inputs(demo_config.schema, demo_config.features))
+    cuts = [0, 1, 1, 700, 2999, 3000]  # one-row batches, an empty one, large ones
+    parts = [summarise_batch(plans, {k: v[a:b] for k, v in columns.items()}) for a, b in itertools.pairwise(cuts)]
+    stats = merge_summaries(plans, parts)
+    for plan in plans:
+        whole = _apply_pre(plan, columns)
+        got = stats[plan.name]
+        op = plan.fitted.op  # type: ignore[union-attr]
+        if op == "one_hot":
+            values, counts = np.unique(whole.astype(str), return_counts=True)
+            ranked = sorted(zip(values.tolist(), counts.tolist(), strict=True), key=lambda vc: (-vc[1], vc[0]))
+            assert got["vocabulary"] == [v for v, _ in ranked][: plan.fitted.max_categories or None]  # type: ignore[union-attr]
+            continue
+        x = whole[np.isfinite(whole)]
+        if op == "standardize":
+            assert got["mean"] == pytest.approx(x.mean(), rel=1e-12) and got["std"] == pytest.approx(x.std(), rel=1e-9)
+        elif op == "minmax":
+            assert (got["min"], got["max"]) == (x.min(), x.max())
+        else:
+            k = plan.fitted.quantiles or 4  # type: ignore[union-attr]
+            assert got["boundaries"] == sorted(set(np.quantile(x, [i / k for i in range(1, k)]).tolist()))
+    assert {plan.fitted.op for plan in plans} >= {"standardize", "minmax", "bucketize", "one_hot"}  # type: ignore[union-attr]
+    empty = merge_summaries(plans, [])
+    assert empty["tenure_months"] == {"mean": 0.0, "std": 1.0}

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 def champion(config: PipelineConfig, tmp_path: Path) -> ModelRegistry:
     """A registry whose champion carries a drift reference built from generated training rows."""
     rows = [r.record for r in StreamGenerator(config, seed=1).records(2000)]
-    data = ray.data.from_items(rows)
+    data = ray.data.from_items(rows, override_num_blocks=2)  # 2,000 rows: not 200 tiny blocks
     features = fit_pipeline(data, config.schema, config.features)
     spec = ModelSpec.from_settings(config.model, features.output_names, list(config.schema.label.classes))
     reference = drift_reference(data, features.transform_records(rows)[:, 0], config)
@@ -78,12 +78,12 @@ def test_a_killed_monitor_resumes_from_its_last_window_without_loss_or_double_co
     registry = champion(config, tmp_path)
     service: Any = ray.remote(MonitorService)
     publish(config, topics, 0, 1250)  # two whole windows and half of the third
-    first = service.options(max_restarts=0).remote(config, registry.uri)
+    first = service.options(max_restarts=0, num_cpus=0).remote(config, registry.uri)
     before = windows(first, 2)
     time.sleep(2.0)  # it holds the half window, uncommitted
     ray.kill(first, no_restart=True)
     publish(config, topics, 1250, 1250)
-    second = service.options(max_restarts=0).remote(config, registry.uri)
+    second = service.options(max_restarts=0, num_cpus=0).remote(config, registry.uri)
     after = windows(second, 3)
     ray.get(second.stop.remote())
 

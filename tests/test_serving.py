@@ -29,14 +29,16 @@ from streams.kafka import Batch, StreamConsumer
 from streams.serde import decode_events
 from streams.topics import Topics
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
+# One Serve instance per Ray cluster, and the workers of `pytest -n` share one cluster: `make test`
+# runs each file in one worker (`--dist loadfile`), which also trains the module's models once.
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.usefixtures("ray_session")]
 KEY = "test-key-0123456789"
 FEATURES = ("tenure_months", "monthly_charges", "support_calls", "data_usage_gb", "autopay", "plan", "region")
 
 
-def register_model(config: PipelineConfig, registry: ModelRegistry, folder: Path, seed: int, f1: float) -> str:
+def train_artifact(config: PipelineConfig, folder: Path, seed: int) -> Path:
     rows = [r.record for r in StreamGenerator(config, seed=seed).records(3000)]
-    features = fit_pipeline(ray.data.from_items(rows), config.schema, config.features)
+    features = fit_pipeline(ray.data.from_items(rows, override_num_blocks=2), config.schema, config.features)
     x = features.transform_records(rows)
     y = features.encode_labels([r["churned"] for r in rows])
     spec = ModelSpec.from_settings(config.model, features.output_names, list(config.schema.label.classes))
@@ -44,15 +46,26 @@ def register_model(config: PipelineConfig, registry: ModelRegistry, folder: Path
     train_standalone(model, x[:2500], y[:2500], x[2500:], y[2500:], epochs=2, batch_size=128, learning_rate=0.01,
                      device=pick_device(False), seed=seed)  # fmt: skip
     save_artifact(folder, spec, model, features.to_json())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def artifacts(demo_config: PipelineConfig, tmp_path_factory: pytest.TempPathFactory, ray_session: str) -> list[Path]:
+    """Two models trained once for the module (seeds 1 and 2); each test registers them in its own registry."""
+    root = tmp_path_factory.mktemp("models")
+    return [train_artifact(demo_config, root / f"m{seed}", seed) for seed in (1, 2)]
+
+
+def register_model(registry: ModelRegistry, artifact: Path, f1: float) -> str:
     report = {"holdout": "h", "f1_macro": f1, "accuracy": 0.8, "log_loss": 0.4, "baseline_f1_macro": 0.3}
-    return registry.log_training(folder, {}, [], report, Window(())).version
+    return registry.log_training(artifact, {}, [], report, Window(())).version
 
 
-def champion_registry(config: PipelineConfig, tmp_path: Path) -> tuple[ModelRegistry, str]:
-    """A registry in tmp_path whose champion is a freshly trained model (version 1)."""
+def champion_registry(config: PipelineConfig, tmp_path: Path, artifacts: list[Path]) -> tuple[ModelRegistry, str]:
+    """A registry in tmp_path whose champion is the first trained model (version 1)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     registry = ModelRegistry(config, uri, artifact_root=tmp_path / "art", lock_dir=tmp_path)
-    champion = register_model(config, registry, tmp_path / "m1", seed=1, f1=0.7)
+    champion = register_model(registry, artifacts[0], f1=0.7)
     assert registry.promote(champion, config.gate).promote
     return registry, champion
 
@@ -82,10 +95,15 @@ def serving(app: object, name: str, url: str) -> Iterator[str]:
 
 @pytest.fixture
 def served(
-    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str
+    config: PipelineConfig,
+    topics: Topics,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    serve_url: str,
+    artifacts: list[Path],
 ) -> Iterator[tuple[str, ModelRegistry, PipelineConfig]]:
     monkeypatch.setenv(API_KEY_ENV, KEY)
-    registry, _ = champion_registry(config, tmp_path)
+    registry, _ = champion_registry(config, tmp_path, artifacts)
     with serving(build_app(config, registry.uri), config.name, serve_url) as url:
         yield url, registry, config
 
@@ -149,12 +167,12 @@ def test_auth_validation_and_limits(served: tuple[str, ModelRegistry, PipelineCo
 
 
 def test_hot_swap_under_load_fails_no_request_and_logs_every_prediction(
-    served: tuple[str, ModelRegistry, PipelineConfig], tmp_path: Path
+    served: tuple[str, ModelRegistry, PipelineConfig], artifacts: list[Path]
 ) -> None:
     from ray import serve
 
     url, registry, config = served
-    second = register_model(config, registry, tmp_path / "m2", seed=2, f1=0.9)
+    second = register_model(registry, artifacts[1], f1=0.9)
     assert registry.promote(second, config.gate).promote
     batch = rows(config, 5)
     outcomes: list[tuple[int, str]] = []
@@ -200,12 +218,12 @@ def test_hot_swap_under_load_fails_no_request_and_logs_every_prediction(
 
 
 def test_a_promotion_on_the_models_topic_swaps_the_served_model(
-    served: tuple[str, ModelRegistry, PipelineConfig], tmp_path: Path
+    served: tuple[str, ModelRegistry, PipelineConfig], artifacts: list[Path]
 ) -> None:
     from streams.kafka import Producer
 
     url, registry, config = served
-    second = register_model(config, registry, tmp_path / "m2", seed=2, f1=0.9)
+    second = register_model(registry, artifacts[1], f1=0.9)
     with Producer(config.kafka) as producer:
         assert registry.promote(
             second, config.gate, publish=lambda e: producer.send_event(Topics(config.name).models, e)
@@ -220,7 +238,7 @@ def test_a_promotion_on_the_models_topic_swaps_the_served_model(
 
 
 def test_a_broker_outage_costs_prediction_logs_not_requests(
-    config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str
+    config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str, artifacts: list[Path]
 ) -> None:
     from cluster.broker import EmbeddedBroker
     from streams.kafka import ensure_topics
@@ -233,7 +251,7 @@ def test_a_broker_outage_costs_prediction_logs_not_requests(
             serving=dataclasses.replace(config.serving, log_timeout_s=3.0),  # undelivered logs count as dropped soon
         )
         ensure_topics(config.kafka, Topics(config.name).all())
-        registry, _ = champion_registry(config, tmp_path)
+        registry, _ = champion_registry(config, tmp_path, artifacts)
         with serving(build_app(config, registry.uri), config.name, serve_url) as url:
             batch = rows(config, 3)
             assert post(url, batch).status_code == 200
@@ -249,7 +267,12 @@ def test_a_broker_outage_costs_prediction_logs_not_requests(
 
 
 def test_overload_answers_503_instead_of_queueing(
-    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str
+    config: PipelineConfig,
+    topics: Topics,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    serve_url: str,
+    artifacts: list[Path],
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -257,7 +280,7 @@ def test_overload_answers_503_instead_of_queueing(
     config = dataclasses.replace(
         config, serving=dataclasses.replace(config.serving, max_ongoing_requests=1, max_queued_requests=1)
     )
-    registry, _ = champion_registry(config, tmp_path)
+    registry, _ = champion_registry(config, tmp_path, artifacts)
     with serving(build_app(config, registry.uri), config.name, serve_url) as url:
         heavy = rows(config, 5000)
         with ThreadPoolExecutor(12) as pool:
@@ -289,14 +312,20 @@ def test_the_serve_config_file_builds_the_app(
 
 @pytest.mark.parametrize("policy", ["shadow", "canary"])
 def test_shadow_and_canary_policies(
-    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, serve_url: str
+    config: PipelineConfig,
+    topics: Topics,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    policy: str,
+    serve_url: str,
+    artifacts: list[Path],
 ) -> None:
     monkeypatch.setenv(API_KEY_ENV, KEY)
     config = dataclasses.replace(
         config, serving=dataclasses.replace(config.serving, policy=policy, canary_fraction=0.5)
     )
-    registry, champion = champion_registry(config, tmp_path)
-    challenger = register_model(config, registry, tmp_path / "m2", seed=2, f1=0.71)
+    registry, champion = champion_registry(config, tmp_path, artifacts)
+    challenger = register_model(registry, artifacts[1], f1=0.71)
     with serving(build_app(config, registry.uri, challenger=challenger), config.name, serve_url) as url:
         record = rows(config, 1)[0]
         responses = [post(url, {**record, "request_id": f"q{i}"}) for i in range(40)]

@@ -143,6 +143,35 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("--json", action="store_true", help="print the trail as JSON")
     lineage.set_defaults(func=cmd_lineage)
 
+    status = sub.add_parser("status", help="each part of the stack: up or down, consumer lag, champion, jobs, events")
+    _config_arg(status)
+    status.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
+    status.add_argument("--address", default=None, help="the Ray Jobs API URL (default: RAY_ADDRESS when a URL)")
+    status.add_argument(
+        "--serve-url", default=None, help="the Serve endpoint (default: http://serving.host:serving.port)"
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=cmd_status)
+
+    submit = sub.add_parser(
+        "submit",
+        help="run an entrypoint on the Ray cluster (Jobs API), stream its logs, exit with its outcome",
+        description="Submit `-- COMMAND ...` as a Ray job with this repository as its working_dir, e.g. "
+        "`driftloop submit --address http://head:8265 -- python -m jobs.retrain --config configs/demo.yaml`.",
+    )
+    submit.add_argument("--address", default=None, help="the Ray Jobs API URL (default: RAY_ADDRESS)")
+    submit.add_argument(
+        "--python", default=None, help="interpreter that replaces a leading `python` (default: the cluster's)"
+    )
+    submit.add_argument(
+        "--env", action="append", default=[], metavar="NAME", help="forward this variable's value to the job"
+    )
+    submit.add_argument("--submission-id", default=None, help="the job's id (default: driftloop-<random>)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    submit.add_argument("--json", action="store_true", help="end with the outcome as one JSON line")
+    submit.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command the job runs")
+    submit.set_defaults(func=cmd_submit)
+
     run = sub.add_parser("run", help="run the pipeline end to end on the embedded default")
     run.add_argument(
         "config", type=Path, nargs="?", default=Path("configs/demo.yaml"), help="pipeline config (default: %(default)s)"
@@ -393,6 +422,38 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             rolled_from, to = registry.rollback(args.reason, publish=lambda e: producer.send_event(topic, e))
     print(f"{config.name}: champion {rolled_from} -> {to}")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.status import render, stack_status, to_json
+
+    config = load_config(args.config)
+    ray_address = args.address or os.environ.get("RAY_ADDRESS") or ""
+    result = stack_status(
+        config,
+        tracking_uri=args.tracking_uri or config.mlflow.tracking_uri,
+        jobs_address=ray_address if ray_address.startswith(("http://", "https://")) else None,
+        serve_url=args.serve_url or f"http://{config.serving.host}:{config.serving.port}",
+    )
+    print(to_json(result) if args.json else "\n".join(render(result)))
+    return 0 if result["healthy"] else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster.submit import jobs_address, submit
+
+    command = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    address = jobs_address(args.address)
+    print(f"[submit] to {address}: {' '.join(command)}", file=sys.stderr)
+    result = submit(
+        address, command, python=args.python, forward_env=args.env, submission_id=args.submission_id,
+        wait=not args.no_wait,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({"submission_id": result.submission_id, "status": result.status, "message": result.message}))
+    else:
+        print(f"[submit] job {result.submission_id}: {result.status} {result.message}".rstrip(), file=sys.stderr)
+    return 0 if args.no_wait or result.status == "SUCCEEDED" else 1
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:

@@ -1,0 +1,199 @@
+"""`driftloop status`: is each part of a pipeline's stack up, and what is it doing.
+
+Checks, each on its own (one part down does not hide the others):
+- **kafka**: the brokers answer; per topic its end offsets; per consumer group of the pipeline
+  (`<pipeline>.monitor`, `<pipeline>.controller`, ...) its lag, the records not yet consumed;
+- **mlflow**: the tracking store answers; the champion (and challenger) versions;
+- **ray**: the Jobs API answers; the jobs running now and the last few that ended;
+- **serve**: the endpoint's `/v1/health` (the version it serves, predictions logged/dropped);
+- **events**: the newest events on the drift, retrain and models topics.
+
+`healthy` is true when every part that was asked about answered. The result is a plain dict
+(`--json` prints it); `render` turns it into lines for people.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from streams.config import PipelineConfig
+from streams.topics import Topics
+
+__all__ = ["render", "stack_status"]
+
+RECENT_EVENTS = 8
+
+
+def known_groups(pipeline: str) -> tuple[str, ...]:
+    """The consumer groups driftloop's own services use (others of the pipeline are listed too)."""
+    return (f"{pipeline}.monitor", f"{pipeline}.controller", f"{pipeline}.cli")
+
+
+RECENT_JOBS = 5
+
+
+def _part(check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    started = time.monotonic()
+    try:
+        found = {"ok": True, **check()}
+    except Exception as err:  # a part that does not answer is a finding, not a crash
+        found = {"ok": False, "error": f"{type(err).__name__}: {err}".strip()[:500]}
+    found["seconds"] = round(time.monotonic() - started, 2)
+    return found
+
+
+def kafka_status(config: PipelineConfig) -> dict[str, Any]:
+    """End offsets per topic and lag per consumer group of the pipeline."""
+    from kafka import TopicPartition
+
+    from streams.kafka import _admin, new_consumer
+
+    topics = Topics(config.name)
+    admin = _admin(config.kafka)
+    consumer = new_consumer(config.kafka)
+    try:
+        present = set(consumer.topics())
+        partitions = [
+            TopicPartition(t, p) for t in topics.all() if t in present for p in consumer.partitions_for_topic(t) or ()
+        ]
+        ends = consumer.end_offsets(partitions) if partitions else {}
+        per_topic: dict[str, int] = {}
+        for tp, end in ends.items():
+            per_topic[tp.topic] = per_topic.get(tp.topic, 0) + int(end)
+        groups: dict[str, Any] = {}
+        listed = {str(g.get("group_id", "")) for g in admin.list_groups()}
+        names = sorted({g for g in listed if g.startswith(config.name + ".")} | set(known_groups(config.name)))
+        starts = consumer.beginning_offsets(partitions) if partitions else {}
+        for name, committed in admin.list_group_offsets(names).items():
+            if not committed:
+                continue  # a group that never committed: not running, nothing to lag
+            # A partition of a topic the group reads, without a commit, is read from its start.
+            mine = {tp.topic for tp in committed}
+            lag: dict[str, int] = {}
+            for tp in (tp for tp in partitions if tp.topic in mine):
+                meta = committed.get(tp)
+                position = meta.offset if meta is not None and meta.offset >= 0 else starts.get(tp, 0)
+                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, int(ends[tp]) - int(position))
+            groups[name] = {"lag": lag, "total_lag": sum(lag.values())}
+        return {"bootstrap": config.kafka.bootstrap_servers, "records": per_topic, "groups": groups}
+    finally:
+        consumer.close()
+        admin.close()
+
+
+def mlflow_status(config: PipelineConfig, tracking_uri: str) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    versions = client.search_model_versions(f"name = '{config.name}'", max_results=1000)
+    aliases = {alias: str(v) for alias, v in (client.get_registered_model(config.name).aliases or {}).items()}
+    return {"tracking_uri": tracking_uri, "versions": len(versions), "aliases": aliases,
+            "champion": aliases.get("champion")}  # fmt: skip
+
+
+def ray_status(address: str) -> dict[str, Any]:
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = JobSubmissionClient(address).list_jobs()
+    rows = [_job_row(j) for j in jobs]  # submitted jobs and drivers that connected directly
+    running = [r for r in rows if r["status"] in ("PENDING", "RUNNING")]
+    ended = sorted((r for r in rows if r not in running), key=lambda r: r["end_time"] or 0)[-RECENT_JOBS:]
+    return {"address": address, "running": running, "recent": ended}
+
+
+def _job_row(job: Any) -> dict[str, Any]:
+    status = str(job.status).split(".")[-1]
+    return {"submission_id": job.submission_id or job.job_id, "type": str(job.type).split(".")[-1],
+            "status": status, "entrypoint": (job.entrypoint or "")[:200], "start_time": job.start_time,
+            "end_time": job.end_time}  # fmt: skip
+
+
+def serve_status(url: str) -> dict[str, Any]:
+    import requests
+
+    answer = requests.get(f"{url.rstrip('/')}/v1/health", timeout=5)
+    answer.raise_for_status()
+    return {"url": url, **answer.json()}
+
+
+def recent_events(config: PipelineConfig) -> dict[str, Any]:
+    from cluster.lineage import read_events
+
+    events = read_events(config)[-RECENT_EVENTS:]
+    return {
+        "events": [
+            {"at": e.occurred_at.isoformat(), "type": type(e).__name__, "id": e.event_id, "what": _describe(e)}
+            for e in events
+        ]
+    }
+
+
+def _describe(event: Any) -> str:
+    from streams.events import DriftDetected
+
+    if isinstance(event, DriftDetected):
+        return f"{event.kind} drift in {', '.join(event.drifted_features) or '-'} ({event.window_size} in window)"
+    for name in ("reason", "cause"):
+        value = getattr(event, name, None)
+        if value:
+            return str(value)[:160]
+    version = getattr(event, "model_version", None)
+    return f"version {version}" if version else ""
+
+
+def stack_status(
+    config: PipelineConfig,
+    *,
+    tracking_uri: str | None = None,
+    jobs_address: str | None = None,
+    serve_url: str | None = None,
+) -> dict[str, Any]:
+    """Each part that can be asked about, asked; see the module docstring."""
+    parts: dict[str, Any] = {"kafka": _part(lambda: kafka_status(config))}
+    if parts["kafka"]["ok"]:
+        parts["events"] = _part(lambda: recent_events(config))
+    if tracking_uri:
+        parts["mlflow"] = _part(lambda: mlflow_status(config, tracking_uri))
+    if jobs_address:
+        parts["ray"] = _part(lambda: ray_status(jobs_address))
+    if serve_url:
+        parts["serve"] = _part(lambda: serve_status(serve_url))
+    return {"pipeline": config.name, "healthy": all(p["ok"] for p in parts.values()), "parts": parts}
+
+
+def render(status: dict[str, Any]) -> list[str]:
+    """Lines for people. Pure."""
+    lines = [f"pipeline {status['pipeline']}: {'healthy' if status['healthy'] else 'NOT healthy'}"]
+    for name, part in status["parts"].items():
+        if not part["ok"]:
+            lines.append(f"  {name:<7} DOWN  {part['error']}")
+            continue
+        if name == "kafka":
+            lag = ", ".join(f"{g} lag {v['total_lag']}" for g, v in part["groups"].items()) or "no consumer groups"
+            records = ", ".join(f"{t.split('.')[-1]} {n}" for t, n in part["records"].items())
+            lines.append(f"  kafka   up    {part['bootstrap']}; {lag}")
+            lines.append(f"                records: {records or 'no topics yet'}")
+        elif name == "mlflow":
+            aliases = ", ".join(f"{a}={v}" for a, v in part["aliases"].items()) or "no aliases"
+            lines.append(f"  mlflow  up    {part['tracking_uri']}; {part['versions']} versions; {aliases}")
+        elif name == "ray":
+            running = ", ".join(r["submission_id"] for r in part["running"]) or "none"
+            lines.append(f"  ray     up    {part['address']}; running jobs: {running}")
+            for r in part["recent"]:
+                lines.append(f"                {r['submission_id']} {r['status']}")
+        elif name == "serve":
+            lines.append(
+                f"  serve   up    {part['url']}; version {part.get('model_version')}, "
+                f"logged {part.get('predictions_logged')}, dropped {part.get('predictions_dropped')}"
+            )
+        elif name == "events":
+            for e in part["events"]:
+                lines.append(f"  event   {e['at'][:19]}  {e['type']:<18} {e['what']}")
+    return lines
+
+
+def to_json(status: dict[str, Any]) -> str:
+    return json.dumps(status, indent=2, default=str)

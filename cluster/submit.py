@@ -1,0 +1,128 @@
+"""`driftloop submit`: any entrypoint to a Ray cluster through the Ray Jobs API.
+
+The repository goes along as the job's `working_dir` (without `.git`, `.venv`, `runs`, ...),
+so the cluster runs the code you have; the job's logs stream back here and the command exits
+with the job's outcome: 0 when it succeeded, 1 when it failed or was stopped. The same
+entrypoints run with plain `ray job submit --working-dir . -- python -m jobs.retrain ...`.
+
+Secrets are never put on the command line: `--env NAME` forwards a variable's value from this
+environment to the job's (the cluster's own environment is the better place for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.controller import EXCLUDES, TERMINAL
+from streams.errors import ConfigError, DriftloopError
+
+__all__ = ["Submission", "jobs_address", "submit"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Submission:
+    submission_id: str
+    status: str  # SUCCEEDED, FAILED, STOPPED; PENDING/RUNNING when not waited for
+    message: str = ""
+
+
+def jobs_address(given: str | None, env: dict[str, str] | None = None) -> str:
+    """The Jobs API to talk to: `--address`, else RAY_ADDRESS when it is an http(s) URL."""
+    env = dict(os.environ) if env is None else env
+    address = given or env.get("RAY_ADDRESS") or ""
+    if not address:
+        raise ConfigError(
+            "<command line>",
+            "--address",
+            "the Ray Jobs API, e.g. http://127.0.0.1:8265 (or set RAY_ADDRESS)",
+            "<missing>",
+        )
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(
+            "<command line>", "--address", "the dashboard's http(s) URL, e.g. http://head:8265 (not a GCS address)",
+            address,
+        )  # fmt: skip
+    return address.rstrip("/")
+
+
+def entrypoint_of(command: Sequence[str], python: str | None) -> str:
+    """The shell command the job runs; a leading `python` becomes the given interpreter. Pure."""
+    words = list(command)
+    if not words:
+        raise ConfigError(
+            "<command line>", "ENTRYPOINT", "a command after `--`, e.g. -- python -m jobs.retrain", "<missing>"
+        )
+    if python and words[0] in ("python", "python3"):
+        words[0] = python
+    return shlex.join(words)
+
+
+def submit(
+    address: str,
+    command: Sequence[str],
+    *,
+    python: str | None = None,
+    working_dir: Path = ROOT,
+    forward_env: Sequence[str] = (),
+    submission_id: str | None = None,
+    wait: bool = True,
+    out: Any = None,
+    client_factory: Any = None,
+) -> Submission:
+    """Submit `command`; when `wait`, stream its logs to `out` and return how it ended."""
+    entrypoint = entrypoint_of(command, python)
+    missing = [name for name in forward_env if name not in os.environ]
+    if missing:
+        raise ConfigError(
+            "<command line>", "--env", "names of variables set in this environment", f"<unset: {', '.join(missing)}>"
+        )
+    if client_factory is None:
+        from ray.job_submission import JobSubmissionClient
+
+        client_factory = JobSubmissionClient
+    try:
+        client = client_factory(address)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise DriftloopError(f"no Ray Jobs API at {address}: {err}") from None
+    submission_id = submission_id or f"driftloop-{uuid.uuid4().hex[:12]}"
+    runtime_env = {
+        "working_dir": str(working_dir),
+        "excludes": EXCLUDES,
+        "env_vars": {name: os.environ[name] for name in forward_env},
+    }
+    try:
+        client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=submission_id,
+            runtime_env=runtime_env,
+            metadata={"driftloop": "submit"},
+        )
+    except RuntimeError as err:
+        raise DriftloopError(f"the Jobs API at {address} refused the job: {err}") from None
+    if not wait:
+        return Submission(submission_id, str(client.get_job_status(submission_id)).split(".")[-1])
+    stream = out if out is not None else sys.stdout
+    asyncio.run(_tail(client, submission_id, stream))
+    status = str(client.get_job_status(submission_id)).split(".")[-1]
+    while status not in TERMINAL:  # the log stream can close a moment before the status changes
+        time.sleep(0.5)
+        status = str(client.get_job_status(submission_id)).split(".")[-1]
+    message = "" if status == "SUCCEEDED" else str(getattr(client.get_job_info(submission_id), "message", "") or "")
+    return Submission(submission_id, status, message)
+
+
+async def _tail(client: Any, submission_id: str, out: Any) -> None:
+    async for chunk in client.tail_job_logs(submission_id):
+        out.write(chunk)
+        out.flush()

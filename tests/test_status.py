@@ -1,0 +1,83 @@
+"""`driftloop status` against real parts: the broker, the Ray Jobs API, an MLflow store, an HTTP endpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.status import render
+from streams.config import PipelineConfig
+from streams.events import RetrainRequested
+from streams.generator import StreamGenerator
+from streams.kafka import Batch, Producer, StreamConsumer
+from streams.publish import publish_stream
+from streams.serde import RecordCodec
+from streams.topics import Topics
+from tests.test_cli import config_file, driftloop
+
+pytestmark = pytest.mark.integration
+
+
+def test_status_reports_lag_champion_jobs_events_and_what_is_down(
+    config: PipelineConfig, topics: Topics, broker: str, jobs_address: str, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    with Producer(config.kafka) as producer:
+        publish_stream(StreamGenerator(config, seed=1), producer, topics, config.name, 296)
+        producer.flush()
+        codec = RecordCodec(config.schema)
+        for p in range(4):  # a final one-record batch per partition: Tansu's ListOffsets is exact then
+            record = next(StreamGenerator(config, seed=99, id_prefix=f"tail{p}").records(1)).record
+            producer.send(topics.records, codec.encode(record), partition=p)
+            producer.flush()
+        producer.send_event(topics.retrain, RetrainRequested(pipeline=config.name, cause="plan moved"))
+        producer.flush()
+    group = f"{config.name}.monitor"
+    seen: list[object] = []
+
+    def keep(batch: Batch) -> None:
+        seen.extend(batch.values)
+
+    StreamConsumer(config.kafka, [topics.records], codec.decode_batch, keep, group_id=group,
+                   dlq_topic=topics.dlq).run(max_records=100)  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_registered_model(config.name)
+    client.create_model_version(config.name, source=str(tmp_path), run_id=None)
+    client.set_registered_model_alias(config.name, "champion", "1")
+
+    result = driftloop(
+        "status", "--config", str(config_file(tmp_path, config)), "--tracking-uri", uri, "--address", jobs_address,
+        "--serve-url", "http://127.0.0.1:9", "--json", env={"KAFKA_BOOTSTRAP_SERVERS": broker},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr  # the endpoint is down
+    status = json.loads(result.stdout)
+    parts = status["parts"]
+    assert not status["healthy"] and not parts["serve"]["ok"] and "ConnectionError" in parts["serve"]["error"]
+    kafka = parts["kafka"]
+    assert kafka["ok"], kafka
+    assert kafka["records"][topics.records] == 300
+    consumed = sum(1 for _ in seen)
+    assert kafka["groups"][group]["lag"][topics.records] == 300 - consumed, kafka
+    assert parts["mlflow"]["champion"] == "1" and parts["mlflow"]["versions"] == 1
+    assert parts["ray"]["ok"] and isinstance(parts["ray"]["running"], list)
+    assert [e["what"] for e in parts["events"]["events"]] == ["plan moved"]
+    text = "\n".join(render(status))
+    assert "NOT healthy" in text and "serve   DOWN" in text and f"{group} lag {300 - consumed}" in text
+
+
+def test_status_of_an_unreachable_broker_is_down_not_a_traceback(config: PipelineConfig, tmp_path: Path) -> None:
+    result = driftloop(
+        "status", "--config", str(config_file(tmp_path, config)), "--serve-url", "http://127.0.0.1:9",
+        env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"}, timeout=90,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "kafka   DOWN" in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+def test_status_needs_a_config() -> None:
+    result = driftloop("status", "--config", "nope.yaml")
+    assert result.returncode == 2 and "nope.yaml" in result.stderr and "Traceback" not in result.stderr

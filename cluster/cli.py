@@ -27,9 +27,12 @@ from streams.serde import RecordCodec
 from streams.topics import Topics
 
 log = logging.getLogger("driftloop")
+STACK_DIR = Path("runs/stack")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Ray token auth stays on: clients of a cluster send the token (RAY_AUTH_TOKEN or ~/.ray/auth_token).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -143,8 +146,30 @@ def _parser() -> argparse.ArgumentParser:
     lineage.add_argument("--json", action="store_true", help="print the trail as JSON")
     lineage.set_defaults(func=cmd_lineage)
 
+    monitor = sub.add_parser(
+        "monitor", help="watch predictions and delayed labels for drift in the foreground; publish drift and retrains"
+    )
+    _config_arg(monitor)
+    monitor.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
+    monitor.add_argument("--windows", type=_positive_int, default=None, help="stop after this many closed windows")
+    monitor.add_argument("--max-seconds", type=_positive_float, default=None, help="stop after this long")
+    monitor.set_defaults(func=cmd_monitor)
+
+    up = sub.add_parser("up", help="start a local stack in the background: broker, Ray, MLflow, monitor, controller")
+    _config_arg(up)
+    up.add_argument("--state-dir", type=Path, default=STACK_DIR, help="its state and logs (default: %(default)s)")
+    up.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs the Ray head offers (default: all)")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop what `driftloop up` started (by process id), and nothing else")
+    down.add_argument("--state-dir", type=Path, default=STACK_DIR, help="the stack's state dir (default: %(default)s)")
+    down.set_defaults(func=cmd_down)
+
     status = sub.add_parser("status", help="each part of the stack: up or down, consumer lag, champion, jobs, events")
     _config_arg(status)
+    status.add_argument(
+        "--state-dir", type=Path, default=STACK_DIR, help="a stack from `driftloop up` (default: %(default)s)"
+    )
     status.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
     status.add_argument("--address", default=None, help="the Ray Jobs API URL (default: RAY_ADDRESS when a URL)")
     status.add_argument(
@@ -424,17 +449,96 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    import time
+
+    from jobs.monitor import MonitorStats, run_monitor
+
+    config = _connected(load_config(args.config))
+    uri = _tracking_uri(args, config)
+    stop, stats, failure = threading.Event(), MonitorStats(), []
+    _on_signals(stop.set)
+
+    def body() -> None:
+        try:
+            run_monitor(config, uri, stop, stats)
+        except Exception as err:  # reported below, as one line
+            failure.append(err)
+        finally:
+            stop.set()
+
+    worker = threading.Thread(target=body, daemon=True)
+    worker.start()
+    started, said = time.monotonic(), 0
+
+    def say_new_windows() -> int:
+        for window in list(stats.windows)[said:]:
+            print(f"[monitor] {window['kind']:<11} window of {window['size']}: "
+                  f"{'DRIFTED' if window['drifted'] else 'ok'}", flush=True)  # fmt: skip
+        return len(stats.windows)
+
+    while not stop.wait(1.0):
+        said = say_new_windows()
+        if args.max_seconds is not None and time.monotonic() - started >= args.max_seconds:
+            break
+        if args.windows is not None and len(stats.windows) >= args.windows:
+            break
+    stop.set()
+    worker.join(timeout=60)
+    say_new_windows()
+    if failure:
+        raise DriftloopError(f"the monitor stopped: {failure[0]}")
+    summary = {"windows": len(stats.windows), "drift_events": stats.drift_events,
+               "retrain_requests": stats.retrain_requests, "predictions": stats.predictions,
+               "labels": stats.labels}  # fmt: skip
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cluster.stack import up
+
+    config = load_config(args.config)
+    stack = up(args.config, config, args.state_dir, num_cpus=args.num_cpus, say=lambda m: print(m, flush=True))
+    print(f"[up] state and logs in {args.state_dir}; `driftloop down` stops it. To use it:")
+    for key, value in stack.env().items():
+        print(f"export {key}={value}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from cluster.stack import down
+
+    stopped = down(args.state_dir)
+    print(f"[down] stopped {', '.join(stopped) or 'nothing (it had already exited)'}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from cluster.stack import alive, load_state
     from cluster.status import render, stack_status, to_json
 
     config = load_config(args.config)
+    stack = load_state(args.state_dir)
+    tracking_uri = args.tracking_uri or config.mlflow.tracking_uri
     ray_address = args.address or os.environ.get("RAY_ADDRESS") or ""
+    if stack is not None:  # a stack from `driftloop up`: its addresses unless given
+        if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+            config = dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=stack.kafka))
+        tracking_uri = args.tracking_uri or stack.mlflow
+        ray_address = args.address or stack.ray_jobs
     result = stack_status(
         config,
-        tracking_uri=args.tracking_uri or config.mlflow.tracking_uri,
+        tracking_uri=tracking_uri,
         jobs_address=ray_address if ray_address.startswith(("http://", "https://")) else None,
         serve_url=args.serve_url or f"http://{config.serving.host}:{config.serving.port}",
     )
+    if stack is not None:
+        processes = {name: alive(pid) for name, pid in stack.pids.items()}
+        result["parts"]["processes"] = {"ok": all(processes.values()), "pids": stack.pids, "alive": processes}
+        result["healthy"] = result["healthy"] and all(processes.values())
     print(to_json(result) if args.json else "\n".join(render(result)))
     return 0 if result["healthy"] else 1
 

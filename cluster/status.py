@@ -89,7 +89,9 @@ def mlflow_status(config: PipelineConfig, tracking_uri: str) -> dict[str, Any]:
 
     client = MlflowClient(tracking_uri)
     versions = client.search_model_versions(f"name = '{config.name}'", max_results=1000)
-    aliases = {alias: str(v) for alias, v in (client.get_registered_model(config.name).aliases or {}).items()}
+    aliases: dict[str, str] = {}
+    if versions:  # no registered model before the first training run: nothing to alias, not an error
+        aliases = {alias: str(v) for alias, v in (client.get_registered_model(config.name).aliases or {}).items()}
     return {"tracking_uri": tracking_uri, "versions": len(versions), "aliases": aliases,
             "champion": aliases.get("champion")}  # fmt: skip
 
@@ -169,7 +171,8 @@ def render(status: dict[str, Any]) -> list[str]:
     lines = [f"pipeline {status['pipeline']}: {'healthy' if status['healthy'] else 'NOT healthy'}"]
     for name, part in status["parts"].items():
         if not part["ok"]:
-            lines.append(f"  {name:<7} DOWN  {part['error']}")
+            reason = part.get("error") or ", ".join(n for n, up in part.get("alive", {}).items() if not up) + " exited"
+            lines.append(f"  {name:<7} DOWN  {reason}")
             continue
         if name == "kafka":
             lag = ", ".join(f"{g} lag {v['total_lag']}" for g, v in part["groups"].items()) or "no consumer groups"
@@ -189,6 +192,8 @@ def render(status: dict[str, Any]) -> list[str]:
                 f"  serve   up    {part['url']}; version {part.get('model_version')}, "
                 f"logged {part.get('predictions_logged')}, dropped {part.get('predictions_dropped')}"
             )
+        elif name == "processes":
+            lines.append("  stack   up    " + ", ".join(f"{n} pid {pid}" for n, pid in part["pids"].items()))
         elif name == "events":
             for e in part["events"]:
                 lines.append(f"  event   {e['at'][:19]}  {e['type']:<18} {e['what']}")

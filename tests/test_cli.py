@@ -151,7 +151,7 @@ def test_produce_then_consume_with_drift_labels_and_bad_records(
 
 @pytest.mark.integration
 @pytest.mark.heavy
-@pytest.mark.timeout(1100)
+@pytest.mark.timeout(1800)
 def test_run_closes_the_loop_drift_retrain_promotion_recovery(demo_config: PipelineConfig, tmp_path: Path) -> None:
     """`driftloop run`, smaller: its own broker, Ray head, MLflow, Serve, monitor and controller."""
     import dataclasses
@@ -164,6 +164,7 @@ def test_run_closes_the_loop_drift_retrain_promotion_recovery(demo_config: Pipel
         search=dataclasses.replace(demo_config.search, trials=2),
         model=dataclasses.replace(demo_config.model, epochs=3),
         training=dataclasses.replace(demo_config.training, workers=1),
+        retrain=dataclasses.replace(demo_config.retrain, job_timeout_s=1200),  # a loaded CI machine is slow
         serving=dataclasses.replace(demo_config.serving, port=free_port()),
     )
     path = tmp_path / "small.yaml"
@@ -171,8 +172,8 @@ def test_run_closes_the_loop_drift_retrain_promotion_recovery(demo_config: Pipel
     run_dir, report_file = tmp_path / "run", tmp_path / "report.json"
     result = driftloop(
         "run", str(path), "--bootstrap-records", "3000", "--before-drift", "1500", "--after-promotion", "1000",
-        "--rate", "100", "--run-dir", str(run_dir), "--report", str(report_file), "--max-seconds", "900",
-        timeout=1000,
+        "--rate", "100", "--run-dir", str(run_dir), "--report", str(report_file), "--max-seconds", "1500",
+        timeout=1600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(report_file.read_text())

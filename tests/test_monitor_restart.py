@@ -101,3 +101,24 @@ def test_a_killed_monitor_resumes_from_its_last_window_without_loss_or_double_co
         assert ranges[0][0] == 0
         total += ranges[-1][1]
     assert total == 2500, "every prediction in exactly one window"
+
+
+def test_the_monitor_command_watches_in_the_foreground_and_reports(
+    config: PipelineConfig, topics: Topics, tmp_path: Path, broker: str
+) -> None:
+    from tests.test_cli import config_file, driftloop
+
+    registry = champion(config, tmp_path)
+    publish(config, topics, 0, 2000)  # two windows of the demo's 1,000
+    path = str(config_file(tmp_path, config))
+    env = {"KAFKA_BOOTSTRAP_SERVERS": broker}
+    watched = driftloop(
+        "monitor", "--config", path, "--tracking-uri", registry.uri, "--windows", "2", "--max-seconds", "120", env=env
+    )
+    assert watched.returncode == 0, watched.stderr[-2000:]
+    assert watched.stdout.count("[monitor] data        window of 1000") == 2
+    summary = json.loads(watched.stdout.strip().splitlines()[-1])
+    assert summary["windows"] == 2 and summary["predictions"] >= 2000
+
+    missing = driftloop("monitor", "--config", path, env=env)
+    assert missing.returncode == 2 and "mlflow.tracking_uri" in missing.stderr and "Traceback" not in missing.stderr

@@ -1,0 +1,284 @@
+"""`driftloop up` / `driftloop down`: a local stack that stays up in the background.
+
+`up` starts, each as its own process group, and records their process ids in
+`<state dir>/state.json`:
+- the broker (`driftloop broker`: Tansu on a free loopback port),
+- a Ray head (`ray start --head --block`, token auth on, the dashboard and Jobs API on
+  127.0.0.1, its own temp dir so that its jobs find it and no other cluster; the head's logs
+  stay there, under `ray_temp_dir` in the state),
+- an MLflow server (SQLite backend and local artifacts under the state dir, its UI on a
+  printed port),
+then the retrain controller and the monitor as detached Ray actors on that head. The Serve
+application is deployed by `driftloop deploy` once a champion exists (the first
+`driftloop submit -- python -m jobs.retrain ...` makes one).
+
+`down` stops exactly what `up` recorded, by process group, and nothing else: other Ray
+clusters, brokers or MLflow servers on the machine are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streams.config import PipelineConfig
+from streams.errors import DriftloopError
+
+__all__ = ["Stack", "down", "load_state", "up"]
+
+STATE = "state.json"
+NAMESPACE = "driftloop"
+
+
+@dataclass
+class Stack:
+    """What `up` started: where each part listens and the process group that runs it."""
+
+    config: str
+    state_dir: str
+    kafka: str = ""
+    ray_gcs: str = ""
+    ray_jobs: str = ""
+    mlflow: str = ""
+    ray_temp_dir: str = ""  # short: Ray's socket paths must fit in 107 bytes
+    pids: dict[str, int] = field(default_factory=dict)
+    actors: list[str] = field(default_factory=list)
+    started_at: float = 0.0
+
+    def env(self) -> dict[str, str]:
+        """What a client exports to use the stack."""
+        return {"KAFKA_BOOTSTRAP_SERVERS": self.kafka, "RAY_ADDRESS": self.ray_jobs, "MLFLOW_TRACKING_URI": self.mlflow}
+
+
+def load_state(state_dir: Path) -> Stack | None:
+    path = state_dir / STATE
+    if not path.exists():
+        return None
+    try:
+        return Stack(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise DriftloopError(f"{path} is not a driftloop stack state ({err}); remove it if nothing runs") from None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _spawn(name: str, command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    handle = log.open("ab")
+    return subprocess.Popen(
+        command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+    )
+
+
+def _wait(what: str, ready: Callable[[], bool], process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DriftloopError(f"{what} exited while starting (status {process.returncode}); see {log}")
+        try:
+            if ready():
+                return
+        except Exception:  # not answering yet
+            pass
+        time.sleep(0.5)
+    raise DriftloopError(f"{what} did not answer within {timeout_s:.0f}s; see {log}")
+
+
+def _kafka_answers(bootstrap: str) -> bool:
+    from cluster.broker import wait_for_kafka
+
+    wait_for_kafka(bootstrap, timeout_s=2)
+    return True
+
+
+def _jobs_api_answers(address: str) -> bool:
+    from ray.job_submission import JobSubmissionClient
+
+    JobSubmissionClient(address).list_jobs()  # with the token: the dashboard answers 401 without
+    return True
+
+
+def _http_ok(url: str) -> bool:
+    import requests
+
+    return requests.get(url, timeout=2).status_code == 200
+
+
+def up(
+    config_path: Path,
+    config: PipelineConfig,
+    state_dir: Path,
+    *,
+    num_cpus: int | None = None,
+    say: Callable[[str], None] = print,
+) -> Stack:
+    """Start the stack (see the module docstring); on any failure, stop what was started."""
+    from cluster.broker import free_port
+
+    existing = load_state(state_dir)
+    if existing is not None and any(alive(p) for p in existing.pids.values()):
+        raise DriftloopError(f"a stack is already up from {state_dir} (pids {existing.pids}): `driftloop down` first")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(config=str(config_path.resolve()), state_dir=str(state_dir.resolve()), started_at=time.time())
+    env = dict(os.environ)
+    bin_dir = Path(sys.executable).parent
+    try:
+        # The broker.
+        port = free_port()
+        log = state_dir / "broker.log"
+        broker = _spawn("broker", [sys.executable, "-m", "cluster", "broker", "--port", str(port), "--log-file",
+                                   str(state_dir / "tansu.log")], log, env)  # fmt: skip
+        stack.pids["broker"] = broker.pid
+        stack.kafka = f"127.0.0.1:{port}"
+        _wait("the broker", lambda: _kafka_answers(stack.kafka), broker, log, 60)
+        say(f"[up] broker      {stack.kafka}")
+
+        # MLflow: SQLite backend, local artifacts, the UI on its port.
+        port = free_port()
+        log = state_dir / "mlflow.log"
+        mlflow = _spawn("mlflow", [str(bin_dir / "mlflow"), "server", "--backend-store-uri",
+                                   f"sqlite:///{(state_dir / 'mlflow.db').resolve()}", "--artifacts-destination",
+                                   str((state_dir / "mlartifacts").resolve()), "--host", "127.0.0.1", "--port",
+                                   str(port), "--workers", "1"], log, env)  # fmt: skip
+        stack.pids["mlflow"] = mlflow.pid
+        stack.mlflow = f"http://127.0.0.1:{port}"
+        _wait("the MLflow server", lambda: _http_ok(f"{stack.mlflow}/health"), mlflow, log, 120)
+        say(f"[up] mlflow      {stack.mlflow} (the UI too)")
+
+        # The Ray head: token auth, its own temp dir, the Jobs API on loopback.
+        subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True)
+        gcs_port, dashboard_port = free_port(), free_port()
+        ray_env = {**env, "RAY_AUTH_MODE": "token", "KAFKA_BOOTSTRAP_SERVERS": stack.kafka,
+                   "MLFLOW_TRACKING_URI": stack.mlflow}  # fmt: skip
+        ray_env.pop("RAY_ADDRESS", None)
+        log = state_dir / "ray.log"
+        stack.ray_temp_dir = temp_dir = tempfile.mkdtemp(prefix="driftloop-ray-")
+        command = [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ]
+        if num_cpus is not None:
+            command.append(f"--num-cpus={num_cpus}")  # fmt: skip
+        head = _spawn("ray", command, log, ray_env)
+        stack.pids["ray"] = head.pid
+        stack.ray_gcs = f"127.0.0.1:{gcs_port}"
+        stack.ray_jobs = f"http://127.0.0.1:{dashboard_port}"
+        _wait("the Ray head", lambda: _jobs_api_answers(stack.ray_jobs), head, log, 180)
+        say(f"[up] ray         {stack.ray_jobs} (Jobs API and dashboard; GCS {stack.ray_gcs})")
+
+        _write(state_dir, stack)
+        stack.actors = _start_services(stack, config)
+        _write(state_dir, stack)
+        say(f"[up] services    {', '.join(stack.actors)} (detached Ray actors)")
+    except BaseException:
+        _stop(stack, say)
+        raise
+    return stack
+
+
+def _start_services(stack: Stack, config: PipelineConfig) -> list[str]:
+    """The controller and the monitor as detached actors on the stack's head."""
+    import dataclasses
+
+    import ray
+
+    from cluster.loop import ROOT
+    from jobs.controller import ControllerService, JobTemplate
+    from jobs.monitor import MonitorService
+    from streams.kafka import ensure_topics
+    from streams.topics import Topics
+
+    config = dataclasses.replace(
+        config,
+        kafka=dataclasses.replace(config.kafka, bootstrap_servers=stack.kafka),
+        mlflow=dataclasses.replace(config.mlflow, tracking_uri=stack.mlflow),
+    )
+    ensure_topics(config.kafka, Topics(config.name).all())
+    ray.init(address=stack.ray_gcs, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        job = JobTemplate(ROOT, Path(stack.state_dir) / "jobs", {"MLFLOW_TRACKING_URI": stack.mlflow}, sys.executable)
+        names = [f"{config.name}-controller", f"{config.name}-monitor"]
+        controller: Any = ray.remote(ControllerService)
+        monitor: Any = ray.remote(MonitorService)
+        options = {"num_cpus": 0, "lifetime": "detached", "max_restarts": -1}
+        started = [
+            controller.options(name=names[0], **options).remote(config, stack.ray_jobs, job),
+            monitor.options(name=names[1], **options).remote(config, stack.mlflow),
+        ]
+        for actor in started:
+            ray.get(actor.stats.remote(), timeout=120)  # constructed and answering
+        return names
+    finally:
+        ray.shutdown()
+
+
+def _write(state_dir: Path, stack: Stack) -> None:
+    path = state_dir / STATE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(stack), indent=2))
+    tmp.replace(path)
+
+
+def _stop(stack: Stack, say: Callable[[str], None], timeout_s: float = 30.0) -> list[str]:
+    """SIGTERM each recorded process group, then SIGKILL what is left; returns what stopped."""
+    stopped = []
+    for name in ("ray", "mlflow", "broker"):  # the head first: its actors consume from the broker
+        pid = stack.pids.get(name)
+        if pid is None or not alive(pid):
+            continue
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _group_alive(pid):
+            time.sleep(0.2)
+        if _group_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+        stopped.append(name)
+        say(f"[down] {name} (process group {pid}) stopped")
+    return stopped
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def down(state_dir: Path, say: Callable[[str], None] = print) -> list[str]:
+    """Stop what `up` started from `state_dir`; an error when nothing was."""
+    stack = load_state(state_dir)
+    if stack is None:
+        raise DriftloopError(f"no stack state in {state_dir}: nothing was started with `driftloop up` there")
+    stopped = _stop(stack, say)
+    (state_dir / STATE).unlink(missing_ok=True)
+    return stopped

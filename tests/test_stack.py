@@ -22,7 +22,6 @@ def processes_mentioning(text: str) -> list[str]:
     return [line for line in out.splitlines()[1:] if text in line and "ps -eo" not in line]
 
 
-@pytest.mark.timeout(600)
 def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineConfig, tmp_path: Path) -> None:
     config = config_file(tmp_path, demo_config)
     state = tmp_path / "stack"

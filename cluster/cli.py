@@ -128,20 +128,20 @@ def _parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="serve the champion (or --version) with Ray Serve; hot-swaps a running app")
     _config_arg(deploy)
     deploy.add_argument("--version", default=None, help="serve this registry version instead of the champion")
-    deploy.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
+    _tracking_uri_arg(deploy)
     deploy.add_argument("--challenger", default=None, help="the version that shadows or canaries (serving.policy)")
     deploy.set_defaults(func=cmd_deploy)
 
     rollback = sub.add_parser("rollback", help="point the champion back at the previous version (serving follows)")
     _config_arg(rollback)
-    rollback.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
+    _tracking_uri_arg(rollback)
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the ModelRolledBack event")
     rollback.set_defaults(func=cmd_rollback)
 
     lineage = sub.add_parser("lineage", help="a model version's whole trail, from Kafka offsets to serving")
     lineage.add_argument("model", help="NAME@ALIAS or NAME@VERSION, e.g. demo@champion or demo@3")
     _config_arg(lineage)
-    lineage.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
+    _tracking_uri_arg(lineage)
     lineage.add_argument("--datasets-root", default=None, help="the dataset store (default: datasets.root)")
     lineage.add_argument("--json", action="store_true", help="print the trail as JSON")
     lineage.set_defaults(func=cmd_lineage)
@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         "monitor", help="watch predictions and delayed labels for drift in the foreground; publish drift and retrains"
     )
     _config_arg(monitor)
-    monitor.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
+    _tracking_uri_arg(monitor)
     monitor.add_argument("--windows", type=_positive_int, default=None, help="stop after this many closed windows")
     monitor.add_argument("--max-seconds", type=_positive_float, default=None, help="stop after this long")
     monitor.set_defaults(func=cmd_monitor)
@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--state-dir", type=Path, default=STACK_DIR, help="a stack from `driftloop up` (default: %(default)s)"
     )
-    status.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
+    _tracking_uri_arg(status)
     status.add_argument("--address", default=None, help="the Ray Jobs API URL (default: RAY_ADDRESS when a URL)")
     status.add_argument(
         "--serve-url", default=None, help="the Serve endpoint (default: http://serving.host:serving.port)"
@@ -217,6 +217,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="pipeline config, e.g. configs/demo.yaml")
+
+
+def _tracking_uri_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", default=None, help="MLflow (default: MLFLOW_TRACKING_URI or the config)")
 
 
 def _number(kind: Callable[[str], Any], check: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:

@@ -69,21 +69,23 @@ def load_state(state_dir: Path) -> Stack | None:
         raise DriftloopError(f"{path} is not a driftloop stack state ({err}); remove it if nothing runs") from None
 
 
-def alive(pid: int) -> bool:
+def alive(pid: int, group: bool = False) -> bool:
+    """Whether the process (or, with `group`, any process of the group `pid` leads) still runs."""
     try:
-        os.kill(pid, 0)
+        (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # it runs, as someone else
         return True
     return True
 
 
-def _spawn(name: str, command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    handle = log.open("ab")
-    return subprocess.Popen(
-        command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-    )
+def _spawn(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`command` in a process group of its own, output to `log` (the child keeps its own copy of the file)."""
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
 
 
 def _wait(what: str, ready: Callable[[], bool], process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
@@ -142,7 +144,7 @@ def up(
         # The broker.
         port = free_port()
         log = state_dir / "broker.log"
-        broker = _spawn("broker", [sys.executable, "-m", "cluster", "broker", "--port", str(port), "--log-file",
+        broker = _spawn([sys.executable, "-m", "cluster", "broker", "--port", str(port), "--log-file",
                                    str(state_dir / "tansu.log")], log, env)  # fmt: skip
         stack.pids["broker"] = broker.pid
         stack.kafka = f"127.0.0.1:{port}"
@@ -152,7 +154,7 @@ def up(
         # MLflow: SQLite backend, local artifacts, the UI on its port.
         port = free_port()
         log = state_dir / "mlflow.log"
-        mlflow = _spawn("mlflow", [str(bin_dir / "mlflow"), "server", "--backend-store-uri",
+        mlflow = _spawn([str(bin_dir / "mlflow"), "server", "--backend-store-uri",
                                    f"sqlite:///{(state_dir / 'mlflow.db').resolve()}", "--artifacts-destination",
                                    str((state_dir / "mlartifacts").resolve()), "--host", "127.0.0.1", "--port",
                                    str(port), "--workers", "1"], log, env)  # fmt: skip
@@ -182,8 +184,8 @@ def up(
             "--disable-usage-stats",
         ]
         if num_cpus is not None:
-            command.append(f"--num-cpus={num_cpus}")  # fmt: skip
-        head = _spawn("ray", command, log, ray_env)
+            command.append(f"--num-cpus={num_cpus}")
+        head = _spawn(command, log, ray_env)
         stack.pids["ray"] = head.pid
         stack.ray_gcs = f"127.0.0.1:{gcs_port}"
         stack.ray_jobs = f"http://127.0.0.1:{dashboard_port}"
@@ -255,23 +257,13 @@ def _stop(stack: Stack, say: Callable[[str], None], timeout_s: float = 30.0) -> 
         except ProcessLookupError:
             continue
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _group_alive(pid):
+        while time.monotonic() < deadline and alive(pid, group=True):
             time.sleep(0.2)
-        if _group_alive(pid):
+        if alive(pid, group=True):
             os.killpg(pid, signal.SIGKILL)
         stopped.append(name)
         say(f"[down] {name} (process group {pid}) stopped")
     return stopped
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def down(state_dir: Path, say: Callable[[str], None] = print) -> list[str]:

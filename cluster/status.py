@@ -107,9 +107,10 @@ def ray_status(address: str) -> dict[str, Any]:
 
 
 def _job_row(job: Any) -> dict[str, Any]:
-    status = str(job.status).split(".")[-1]
-    return {"submission_id": job.submission_id or job.job_id, "type": str(job.type).split(".")[-1],
-            "status": status, "entrypoint": (job.entrypoint or "")[:200], "start_time": job.start_time,
+    from jobs.controller import status_name
+
+    return {"submission_id": job.submission_id or job.job_id, "type": status_name(job.type),
+            "status": status_name(job.status), "entrypoint": (job.entrypoint or "")[:200], "start_time": job.start_time,
             "end_time": job.end_time}  # fmt: skip
 
 

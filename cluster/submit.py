@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.controller import EXCLUDES, TERMINAL
+from jobs.controller import EXCLUDES, TERMINAL, job_status
 from streams.errors import ConfigError, DriftloopError
 
 __all__ = ["Submission", "jobs_address", "submit"]
@@ -111,13 +111,13 @@ def submit(
     except RuntimeError as err:
         raise DriftloopError(f"the Jobs API at {address} refused the job: {err}") from None
     if not wait:
-        return Submission(submission_id, str(client.get_job_status(submission_id)).split(".")[-1])
+        return Submission(submission_id, job_status(client, submission_id))
     stream = out if out is not None else sys.stdout
     asyncio.run(_tail(client, submission_id, stream))
-    status = str(client.get_job_status(submission_id)).split(".")[-1]
+    status = job_status(client, submission_id)
     while status not in TERMINAL:  # the log stream can close a moment before the status changes
         time.sleep(0.5)
-        status = str(client.get_job_status(submission_id)).split(".")[-1]
+        status = job_status(client, submission_id)
     message = "" if status == "SUCCEEDED" else str(getattr(client.get_job_info(submission_id), "message", "") or "")
     return Submission(submission_id, status, message)
 

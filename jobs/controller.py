@@ -158,17 +158,25 @@ def _exists(client: Any, submission_id: str) -> bool:
     return True
 
 
+def status_name(status: Any) -> str:
+    """A Ray `JobStatus` (or its string) as its bare name: SUCCEEDED, FAILED, RUNNING, ... Pure."""
+    return str(status).split(".")[-1]
+
+
+def job_status(client: Any, submission_id: str) -> str:
+    return status_name(client.get_job_status(submission_id))
+
+
 def follow(client: Any, submission_id: str, timeout_s: float, poll_s: float = 1.0) -> JobOutcome:
     """Wait for the job to end (stopping it after `timeout_s`); its status and printed summary."""
     deadline = time.monotonic() + timeout_s
-    status = str(client.get_job_status(submission_id))
-    while status.split(".")[-1] not in TERMINAL:
+    status = job_status(client, submission_id)
+    while status not in TERMINAL:
         if time.monotonic() > deadline:
             client.stop_job(submission_id)
             return JobOutcome(submission_id, "STOPPED", None, f"stopped after the {timeout_s:.0f}s job timeout")
         time.sleep(poll_s)
-        status = str(client.get_job_status(submission_id))
-    status = status.split(".")[-1]
+        status = job_status(client, submission_id)
     logs = client.get_job_logs(submission_id)
     message = ""
     if status != "SUCCEEDED":
@@ -227,7 +235,7 @@ def run_controller(
 
     for existing in client.list_jobs():  # resume: jobs submitted before a restart that still run
         mine = (existing.metadata or {}).get("driftloop_pipeline") == config.name
-        if mine and existing.submission_id and str(existing.status).split(".")[-1] not in TERMINAL:
+        if mine and existing.submission_id and status_name(existing.status) not in TERMINAL:
             start_following(existing.submission_id, existing.submission_id)
 
     def handle(batch: Batch) -> None:

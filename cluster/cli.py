@@ -22,6 +22,7 @@ from streams.config import PipelineConfig, load_config
 from streams.errors import ConfigError, DriftloopError
 from streams.generator import SCENARIOS, StreamGenerator
 from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
+from streams.progress import bar
 from streams.publish import interval_for, publish_stream
 from streams.serde import RecordCodec
 from streams.topics import Topics
@@ -158,7 +159,12 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a local stack in the background: broker, Ray, MLflow, monitor, controller")
     _config_arg(up)
     up.add_argument("--state-dir", type=Path, default=STACK_DIR, help="its state and logs (default: %(default)s)")
-    up.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs the Ray head offers (default: all)")
+    up.add_argument(
+        "--num-cpus", type=_positive_int, default=None,
+        help="logical CPUs the Ray head offers (default: the machine's, and at least what Serve and a retraining "
+        "job hold at once)",
+    )  # fmt: skip
+    up.add_argument("--serve-port", type=_port, default=None, help="Serve's port (default: the config's serving.port)")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop what `driftloop up` started (by process id), and nothing else")
@@ -291,7 +297,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
         interval=interval_for(args.rate),
         unlabeled=args.unlabeled,
     )
-    with Producer(config.kafka, client_id=f"{config.name}.producer") as producer:
+    with (
+        Producer(config.kafka, client_id=f"{config.name}.producer") as producer,
+        bar(args.records, f"producing to {topics.records}", unit="records") as shown,
+    ):
         stats = publish_stream(
             generator,
             producer,
@@ -301,6 +310,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
             rate=args.rate,
             label_delay=args.label_delay,
             bad_fraction=args.bad_fraction,
+            progress=lambda sent: shown.update(sent - shown.n),
         )
     print(
         f"sent {stats.records} records to {topics.records} in {stats.seconds:.1f}s "
@@ -317,7 +327,10 @@ def cmd_consume(args: argparse.Namespace) -> int:
     ensure_topics(config.kafka, [topics.records, topics.dlq])
     codec = RecordCodec(config.schema, config.kafka.max_record_bytes)
 
+    shown = bar(args.max_records, f"consuming {topics.records}", unit="records")
+
     def handle(batch: Batch) -> None:
+        shown.update(len(batch.values))
         if args.print_records:
             for value in batch.values:
                 sys.stdout.write(codec.encode(value).decode() + "\n")
@@ -332,7 +345,8 @@ def cmd_consume(args: argparse.Namespace) -> int:
         dlq_topic=topics.dlq,
     )
     _on_signals(consumer.stop)
-    stats = consumer.run(max_records=args.max_records, idle_timeout_s=args.idle_timeout)
+    with shown:
+        stats = consumer.run(max_records=args.max_records, idle_timeout_s=args.idle_timeout)
     summary = {
         "polled": stats.polled,
         "processed": stats.processed,
@@ -501,12 +515,18 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from cluster.stack import up
+    from serving.app import API_KEY_ENV
 
     config = load_config(args.config)
-    stack = up(args.config, config, args.state_dir, num_cpus=args.num_cpus, say=lambda m: print(m, flush=True))
+    stack = up(
+        args.config, config, args.state_dir, num_cpus=args.num_cpus, serve_port=args.serve_port,
+        say=lambda m: print(m, flush=True),
+    )  # fmt: skip
     print(f"[up] state and logs in {args.state_dir}; `driftloop down` stops it. To use it:")
     for key, value in stack.env().items():
         print(f"export {key}={value}")
+    if stack.api_key_file:
+        print(f"export {API_KEY_ENV}=$(cat {stack.api_key_file})")
     return 0
 
 
@@ -519,8 +539,6 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from cluster.stack import alive, load_state
     from cluster.status import render, stack_status, to_json
 
@@ -528,16 +546,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     stack = load_state(args.state_dir)
     tracking_uri = args.tracking_uri or config.mlflow.tracking_uri
     ray_address = args.address or os.environ.get("RAY_ADDRESS") or ""
+    serve_url = args.serve_url or f"http://{config.serving.host}:{config.serving.port}"
     if stack is not None:  # a stack from `driftloop up`: its addresses unless given
         if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-            config = dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=stack.kafka))
+            config = config.connected_to(stack.kafka)
         tracking_uri = args.tracking_uri or stack.mlflow
         ray_address = args.address or stack.ray_jobs
+        serve_url = args.serve_url or stack.serve or serve_url
     result = stack_status(
         config,
         tracking_uri=tracking_uri,
         jobs_address=ray_address if ray_address.startswith(("http://", "https://")) else None,
-        serve_url=args.serve_url or f"http://{config.serving.host}:{config.serving.port}",
+        serve_url=serve_url,
     )
     if stack is not None:
         processes = {name: alive(pid) for name, pid in stack.pids.items()}

@@ -50,6 +50,7 @@ from streams.events import (
 )
 from streams.generator import Scenario, StreamGenerator
 from streams.kafka import Producer, ensure_topics
+from streams.progress import bar, say
 from streams.publish import publish_stream
 from streams.serde import RecordCodec
 from streams.topics import Topics
@@ -98,11 +99,11 @@ def kafka_for(config: PipelineConfig, run_dir: Path) -> Iterator[PipelineConfig]
         return
     with EmbeddedBroker(log_file=run_dir / "broker.log") as broker:
         print(f"[broker] embedded Tansu at {broker.bootstrap} (log: {run_dir / 'broker.log'})", flush=True)
-        yield dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=broker.bootstrap))
+        yield config.connected_to(broker.bootstrap)
 
 
 def _say(started: float, stage: str, message: str) -> None:
-    print(f"[{time.monotonic() - started:6.1f}s] [{stage}] {message}", flush=True)
+    say(f"[{time.monotonic() - started:6.1f}s] [{stage}] {message}")
 
 
 def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int:
@@ -129,9 +130,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
         if "://" not in root:
             root = str(Path(root).resolve())  # jobs run in their own working directory
         config = dataclasses.replace(
-            config,
-            mlflow=dataclasses.replace(config.mlflow, tracking_uri=uri),
-            datasets=dataclasses.replace(config.datasets, root=root),
+            config.connected_to(tracking_uri=uri), datasets=dataclasses.replace(config.datasets, root=root)
         )
         topics = Topics(config.name)
         ensure_topics(config.kafka, topics.all())
@@ -210,21 +209,23 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
                     interval=interval,
                     id_prefix=f"r{options.seed}-live",
                 )
-                outcome = _send_traffic(
-                    config,
-                    options,
-                    generator,
-                    codec,
-                    producer,
-                    topics,
-                    url,
-                    traffic,
-                    first,
-                    drift_at,
-                    started,
-                    deadline,
-                    monitors,
-                )
+                with bar(None, "records served", unit="records") as shown:
+                    outcome = _send_traffic(
+                        shown,
+                        config,
+                        options,
+                        generator,
+                        codec,
+                        producer,
+                        topics,
+                        url,
+                        traffic,
+                        first,
+                        drift_at,
+                        started,
+                        deadline,
+                        monitors,
+                    )
             monitor_stats = _monitor_stats(monitors)
             controller_stats = ray.get(controller.stats.remote())
             settle = time.monotonic() + 60  # the job that promoted may still be finishing up
@@ -287,6 +288,7 @@ def _wait_for(probe: Any, deadline: float, controller: Any, started: float, what
 
 
 def _send_traffic(
+    shown: Any,
     config: PipelineConfig,
     options: LoopOptions,
     generator: StreamGenerator,
@@ -301,7 +303,8 @@ def _send_traffic(
     deadline: float,
     monitors: list[Any],
 ) -> str:
-    """Send records to the endpoint until the new champion has served `after_promotion` records."""
+    """Send records to the endpoint until the new champion has served `after_promotion` records (a bar
+    at a terminal, `shown`, counts them)."""
 
     schema = config.schema
     names = schema.feature_names
@@ -354,6 +357,7 @@ def _send_traffic(
                 ),
             )
         traffic.sent += len(batch)
+        shown.update(len(batch))
         if index < drift_at <= index + len(batch):
             _say(started, "drift", f"{options.scenario} drift starts at record {drift_at}")
         if promoted_at_record is not None and index + len(batch) - promoted_at_record >= options.after_promotion:

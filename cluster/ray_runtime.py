@@ -7,12 +7,26 @@ remote cluster needs `RAY_AUTH_MODE=token` and the cluster's token in its enviro
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
 from streams.config import PipelineConfig
 
-__all__ = ["connect", "start_local"]
+__all__ = ["connect", "cpus_needed", "start_local"]
+
+SERVE_REPLICA_CPUS = 1.0  # Ray Serve's default for a replica
+
+
+def cpus_needed(config: PipelineConfig) -> int:
+    """The logical CPUs the loop holds at once: Serve's replicas, plus training or tuning. Pure.
+
+    A cluster that offers fewer leaves a retraining job waiting for CPUs that Serve keeps.
+    """
+    replicas = config.serving.max_replicas or config.serving.num_replicas
+    train = config.training.workers * config.training.cpus_per_worker
+    tune = config.search.max_concurrent * config.search.cpus_per_trial
+    return math.ceil(replicas * SERVE_REPLICA_CPUS + max(train, tune))
 
 
 def connect(config: PipelineConfig, quiet: bool = True) -> None:
@@ -24,7 +38,9 @@ def connect(config: PipelineConfig, quiet: bool = True) -> None:
     if quiet:
         import ray.data
 
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        from streams.progress import enabled
+
+        ray.data.DataContext.get_current().enable_progress_bars = enabled()  # at a terminal only
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.WARNING)
     address = config.ray.address or os.environ.get("RAY_ADDRESS") or None

@@ -8,9 +8,13 @@
   stay there, under `ray_temp_dir` in the state),
 - an MLflow server (SQLite backend and local artifacts under the state dir, its UI on a
   printed port),
-then the retrain controller and the monitor as detached Ray actors on that head. The Serve
-application is deployed by `driftloop deploy` once a champion exists (the first
-`driftloop submit -- python -m jobs.retrain ...` makes one).
+then the retrain controller and the monitor as detached Ray actors on that head, and the Serve
+application on 127.0.0.1 (`--serve-port`, default the config's `serving.port`). Until a model is
+promoted the endpoint answers 503 `no_model`; the first promotion (for example from
+`driftloop submit -- python -m jobs.retrain ...`) reaches the replicas on the models topic.
+
+The API key is `DRIFTLOOP_API_KEY` when set, else a new one written to `<state dir>/api_key`
+(mode 0600). Ray's token file is made private (0600) too.
 
 `down` stops exactly what `up` recorded, by process group, and nothing else: other Ray
 clusters, brokers or MLflow servers on the machine are left alone.
@@ -19,6 +23,7 @@ clusters, brokers or MLflow servers on the machine are left alone.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -30,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streams.config import PipelineConfig
+from streams.config import DATASETS_ROOT_ENV, PipelineConfig
 from streams.errors import DriftloopError
 
 __all__ = ["Stack", "down", "load_state", "up"]
@@ -50,13 +55,16 @@ class Stack:
     ray_jobs: str = ""
     mlflow: str = ""
     ray_temp_dir: str = ""  # short: Ray's socket paths must fit in 107 bytes
+    serve: str = ""
+    api_key_file: str = ""  # empty when the key came from DRIFTLOOP_API_KEY
     pids: dict[str, int] = field(default_factory=dict)
     actors: list[str] = field(default_factory=list)
     started_at: float = 0.0
 
     def env(self) -> dict[str, str]:
-        """What a client exports to use the stack."""
-        return {"KAFKA_BOOTSTRAP_SERVERS": self.kafka, "RAY_ADDRESS": self.ray_jobs, "MLFLOW_TRACKING_URI": self.mlflow}
+        """What a client exports to use the stack (the Ray head's jobs get the same)."""
+        return {"KAFKA_BOOTSTRAP_SERVERS": self.kafka, "RAY_ADDRESS": self.ray_jobs, "MLFLOW_TRACKING_URI": self.mlflow,
+                DATASETS_ROOT_ENV: str(Path(self.state_dir) / "datasets")}  # fmt: skip
 
 
 def load_state(state_dir: Path) -> Stack | None:
@@ -122,20 +130,58 @@ def _http_ok(url: str) -> bool:
     return requests.get(url, timeout=2).status_code == 200
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _api_key(state_dir: Path) -> tuple[str, str]:
+    """The API key and the file it is in: DRIFTLOOP_API_KEY, else a new key in a private file."""
+    import secrets
+
+    from serving.app import API_KEY_ENV
+
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV], ""
+    path = state_dir / "api_key"
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(secrets.token_urlsafe(32))
+    return path.read_text(), str(path.resolve())
+
+
+def _private_ray_token() -> None:
+    """Ray writes its token file world-readable; only its owner should read it."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if path.exists():
+        path.chmod(0o600)
+
+
 def up(
     config_path: Path,
     config: PipelineConfig,
     state_dir: Path,
     *,
     num_cpus: int | None = None,
+    serve_port: int | None = None,
     say: Callable[[str], None] = print,
 ) -> Stack:
     """Start the stack (see the module docstring); on any failure, stop what was started."""
     from cluster.broker import free_port
+    from cluster.ray_runtime import cpus_needed
 
     existing = load_state(state_dir)
     if existing is not None and any(alive(p) for p in existing.pids.values()):
         raise DriftloopError(f"a stack is already up from {state_dir} (pids {existing.pids}): `driftloop down` first")
+    serve_port = config.serving.port if serve_port is None else serve_port
+    if not port_free(serve_port):
+        raise DriftloopError(f"port {serve_port} (for Serve) is in use: pass --serve-port with a free one")
     state_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(config=str(config_path.resolve()), state_dir=str(state_dir.resolve()), started_at=time.time())
     env = dict(os.environ)
@@ -165,9 +211,9 @@ def up(
 
         # The Ray head: token auth, its own temp dir, the Jobs API on loopback.
         subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True)
+        _private_ray_token()
         gcs_port, dashboard_port = free_port(), free_port()
-        ray_env = {**env, "RAY_AUTH_MODE": "token", "KAFKA_BOOTSTRAP_SERVERS": stack.kafka,
-                   "MLFLOW_TRACKING_URI": stack.mlflow}  # fmt: skip
+        ray_env = {**env, **stack.env(), "RAY_AUTH_MODE": "token"}  # its jobs and actors use the stack
         ray_env.pop("RAY_ADDRESS", None)
         log = state_dir / "ray.log"
         stack.ray_temp_dir = temp_dir = tempfile.mkdtemp(prefix="driftloop-ray-")
@@ -183,8 +229,13 @@ def up(
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ]
-        if num_cpus is not None:
-            command.append(f"--num-cpus={num_cpus}")
+        needed = cpus_needed(config)
+        if num_cpus is None:
+            num_cpus = max(os.cpu_count() or 1, needed)  # logical CPUs: a laptop may offer more than it has
+        elif num_cpus < needed:
+            say(f"[up] warning: {num_cpus} CPUs < the {needed} that Serve and a retraining job hold at once; "
+                "retraining will wait for CPUs")  # fmt: skip
+        command.append(f"--num-cpus={num_cpus}")
         head = _spawn(command, log, ray_env)
         stack.pids["ray"] = head.pid
         stack.ray_gcs = f"127.0.0.1:{gcs_port}"
@@ -193,34 +244,38 @@ def up(
         say(f"[up] ray         {stack.ray_jobs} (Jobs API and dashboard; GCS {stack.ray_gcs})")
 
         _write(state_dir, stack)
-        stack.actors = _start_services(stack, config)
+        key, stack.api_key_file = _api_key(state_dir)
+        stack.serve = f"http://127.0.0.1:{serve_port}"
+        stack.actors = _start_services(stack, config, key, serve_port)
         _write(state_dir, stack)
         say(f"[up] services    {', '.join(stack.actors)} (detached Ray actors)")
+        say(f"[up] serve       {stack.serve}/v1/predict (503 no_model until a model is promoted)")
     except BaseException:
         _stop(stack, say)
         raise
     return stack
 
 
-def _start_services(stack: Stack, config: PipelineConfig) -> list[str]:
-    """The controller and the monitor as detached actors on the stack's head."""
+def _start_services(stack: Stack, config: PipelineConfig, api_key: str, serve_port: int) -> list[str]:
+    """The controller and the monitor as detached actors on the stack's head, then the Serve app."""
     import dataclasses
 
     import ray
+    from ray import serve
 
     from cluster.loop import ROOT
     from jobs.controller import ControllerService, JobTemplate
     from jobs.monitor import MonitorService
+    from serving.app import build_app
     from streams.kafka import ensure_topics
     from streams.topics import Topics
 
-    config = dataclasses.replace(
-        config,
-        kafka=dataclasses.replace(config.kafka, bootstrap_servers=stack.kafka),
-        mlflow=dataclasses.replace(config.mlflow, tracking_uri=stack.mlflow),
-    )
+    config = config.connected_to(stack.kafka, stack.mlflow)
+    datasets = dataclasses.replace(config.datasets, root=stack.env()[DATASETS_ROOT_ENV])
+    config = dataclasses.replace(config, datasets=datasets)
     ensure_topics(config.kafka, Topics(config.name).all())
-    ray.init(address=stack.ray_gcs, namespace=NAMESPACE, log_to_driver=False)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # `up` prints its own lines
+    ray.init(address=stack.ray_gcs, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     try:
         job = JobTemplate(ROOT, Path(stack.state_dir) / "jobs", {"MLFLOW_TRACKING_URI": stack.mlflow}, sys.executable)
         names = [f"{config.name}-controller", f"{config.name}-monitor"]
@@ -233,7 +288,9 @@ def _start_services(stack: Stack, config: PipelineConfig) -> list[str]:
         ]
         for actor in started:
             ray.get(actor.stats.remote(), timeout=120)  # constructed and answering
-        return names
+        serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+        serve.run(build_app(config, stack.mlflow, api_key=api_key), name=config.name, route_prefix="/")
+        return [*names, f"serve:{config.name}"]
     finally:
         ray.shutdown()
 

@@ -189,8 +189,9 @@ def render(status: dict[str, Any]) -> list[str]:
             for r in part["recent"]:
                 lines.append(f"                {r['submission_id']} {r['status']}")
         elif name == "serve":
+            version = part.get("model_version") or "none (no model promoted yet)"
             lines.append(
-                f"  serve   up    {part['url']}; version {part.get('model_version')}, "
+                f"  serve   up    {part['url']}; version {version}, "
                 f"logged {part.get('predictions_logged')}, dropped {part.get('predictions_dropped')}"
             )
         elif name == "processes":

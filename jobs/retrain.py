@@ -21,6 +21,7 @@ from pathlib import Path
 from jobs.controller import CAUSE_ENV, CONFIG_ENV, RESULT_MARK
 from streams.config import PipelineConfig, load_config, parse_config
 from streams.errors import DriftloopError
+from streams.progress import enabled
 
 __all__ = ["main"]
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     join_ray(config)
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # stage lines below say what happens
+    ray.data.DataContext.get_current().enable_progress_bars = enabled()  # a terminal's; job logs get stage lines
     out = (args.out or Path("runs") / f"retrain-{int(time.time())}").resolve()
     try:
         store = DatasetStore(config.datasets.root, config.name)

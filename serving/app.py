@@ -13,8 +13,14 @@ The API key comes from the environment (`DRIFTLOOP_API_KEY`), sent as `x-api-key
 `Authorization: Bearer ...`. A hot swap is a `user_config` change (`{"version": "7"}` or
 `{"alias": "champion"}`): Serve calls `reconfigure` on each replica, which loads the new
 version beside the old one and switches in one assignment, so no request fails.
+
+A replica may start before any model is promoted (`driftloop up` deploys at once): it then
+answers 503 `no_model` (with `Retry-After`) and health says `no_model`, until the first
+`ModelPromoted` on the models topic, a redeploy, or its own look at the registry's alias
+(at most every `NO_MODEL_RECHECK_S`) gives it one.
 """
 
+import asyncio
 import hmac
 import logging
 import os
@@ -43,6 +49,7 @@ __all__ = ["API_KEY_ENV", "ModelServer", "app_builder", "build_app"]
 API_KEY_ENV = "DRIFTLOOP_API_KEY"
 WATCH_ENV = "DRIFTLOOP_WATCH_MODELS"  # "0" turns the models-topic watch off
 SMALL_REQUEST = 32  # requests with fewer records are batched with concurrent ones (@serve.batch)
+NO_MODEL_RECHECK_S = 5.0  # a replica with no model asks the registry this often, at most
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +62,12 @@ api = FastAPI(title="driftloop", description="Predictions from the pipeline's ch
 
 def _error(status: int, kind: str, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse({"detail": {"kind": kind, "field": field, "message": message}}, status_code=status)
+
+
+def _no_model(name: str) -> JSONResponse:
+    answer = _error(503, "no_model", f"no model of {name!r} is promoted yet: train and promote one (it loads itself)")
+    answer.headers["retry-after"] = str(int(NO_MODEL_RECHECK_S))
+    return answer
 
 
 def _predictions(ids: list[str], proba: Any, classes: list[Any], keys: list[str]) -> list[dict[str, Any]]:
@@ -75,8 +88,14 @@ class ModelServer:
             raise RuntimeError(f"{API_KEY_ENV} is not set: the API key comes from the environment")
         self._key = key.encode()
         self.config = config
+        self.alias = alias
         self.registry = ModelRegistry(config, tracking_uri)
-        self.model: ServedModel = load_served_model(config, self.registry, alias=alias)
+        self.model: ServedModel | None = None  # None until a model is promoted
+        self._checked_at = time.monotonic()
+        try:
+            self.model = load_served_model(config, self.registry, alias=alias)
+        except LookupError:
+            log.warning("no %r model of %s yet: answering 503 until one is promoted", alias, self.registry.name)
         self.challenger: ServedModel | None = None
         self.max_body = config.serving.max_body_bytes
         self.codec = RequestCodec(
@@ -105,13 +124,13 @@ class ModelServer:
             changes = [
                 e
                 for e in batch.values
-                if isinstance(e, (ModelPromoted, ModelRolledBack)) and e.model_name == self.model.name
+                if isinstance(e, (ModelPromoted, ModelRolledBack)) and e.model_name == self.registry.name
             ]
             if not changes:
                 return
             last = max(changes, key=lambda e: e.occurred_at)
             target = last.model_version if isinstance(last, ModelPromoted) else last.to_version
-            if target != self.model.version:
+            if self.model is None or target != self.model.version:
                 log.info("swapping to %s version %s (%s)", last.model_name, target, type(last).__name__)
                 self.model = load_served_model(self.config, self.registry, version=target)
 
@@ -131,13 +150,14 @@ class ModelServer:
         version = user_config.get("version")
         alias = user_config.get("alias", "champion")
         target = str(version) if version is not None else self.registry.alias(alias)
-        if target is not None and target != self.model.version:
+        self.alias = alias
+        if target is not None and (self.model is None or target != self.model.version):
             self.model = load_served_model(
                 self.config, self.registry, version=target if version is not None else None, alias=alias
             )
         if self.config.serving.policy != "none":
             wanted = user_config.get("challenger") or self.registry.alias("challenger")
-            if wanted is None or str(wanted) == self.model.version:
+            if wanted is None or self.model is None or str(wanted) == self.model.version:
                 self.challenger = None
             elif self.challenger is None or self.challenger.version != str(wanted):
                 self.challenger = load_served_model(self.config, self.registry, version=str(wanted))
@@ -148,6 +168,18 @@ class ModelServer:
         if not given and bearer.lower().startswith("bearer "):
             given = bearer[7:]
         return hmac.compare_digest(given.encode(), self._key)
+
+    async def _served(self) -> ServedModel | None:
+        """The model; with none yet, look at the registry's alias (at most every NO_MODEL_RECHECK_S)."""
+        if self.model is None and time.monotonic() - self._checked_at >= NO_MODEL_RECHECK_S:
+            self._checked_at = time.monotonic()
+            try:
+                loaded = await asyncio.to_thread(load_served_model, self.config, self.registry, alias=self.alias)
+            except LookupError:
+                return None
+            if self.model is None:  # the watch may have loaded one meanwhile
+                self.model = loaded
+        return self.model
 
     @api.post("/v1/predict")
     async def predict(self, request: Request) -> Response:
@@ -162,7 +194,9 @@ class ModelServer:
         except DecodeError as err:
             status = 413 if err.kind is ErrorKind.OVERSIZED else 422
             return _error(status, err.kind.value, err.message, err.field)
-        champion, challenger = self.model, self.challenger  # one pair for the whole request
+        champion, challenger = await self._served(), self.challenger  # one pair for the whole request
+        if champion is None:
+            return _no_model(self.registry.name)
         serving = self.config.serving
         key = records[0].request_id or new_event_id()
         decision = route(key, serving.policy, serving.canary_fraction, challenger is not None)
@@ -201,9 +235,11 @@ class ModelServer:
 
     @api.get("/v1/health")
     async def health(self) -> dict[str, Any]:
+        """200 while the replica runs; `status` is `no_model` until a model is promoted."""
+        model = await self._served()
         return {
-            "status": "ok",
-            "model_version": self.model.version,
+            "status": "ok" if model is not None else "no_model",
+            "model_version": model.version if model is not None else None,
             "predictions_logged": self.log.sent,
             "predictions_buffered": self.log.buffered,
             "predictions_dropped": self.log.dropped,
@@ -213,7 +249,9 @@ class ModelServer:
     async def model_info(self, request: Request) -> JSONResponse:
         if not self._authorised(request):
             return _error(401, "unauthorized", "a valid API key is required (x-api-key or Authorization: Bearer)")
-        m = self.model
+        m = await self._served()
+        if m is None:
+            return _no_model(self.registry.name)
         info: dict[str, Any] = {"name": m.name, "version": m.version, "alias": m.alias, "kind": m.spec.kind}
         info |= {"classes": list(m.spec.classes), "inputs": m.features.width, "lineage": m.lineage}
         return JSONResponse(info)
@@ -225,9 +263,11 @@ def build_app(
     alias: str = "champion",
     version: str | None = None,
     challenger: str | None = None,
+    api_key: str | None = None,
 ) -> Any:
-    """The Serve application; the API key travels to the replicas in their runtime environment."""
-    key = os.environ.get(API_KEY_ENV)
+    """The Serve application; the API key (`api_key`, else `DRIFTLOOP_API_KEY`) travels to the replicas
+    in their runtime environment."""
+    key = api_key or os.environ.get(API_KEY_ENV)
     if not key:
         raise RuntimeError(f"set {API_KEY_ENV} to the API key clients must send")
     s = config.serving

@@ -22,6 +22,7 @@ import yaml
 from streams.errors import ConfigError
 
 __all__ = [
+    "DATASETS_ROOT_ENV",
     "ConsumerSettings",
     "DatasetSettings",
     "Derived",
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 EMBEDDED = "embedded"
+DATASETS_ROOT_ENV = "DRIFTLOOP_DATASETS_ROOT"  # overrides datasets.root (the local stack sets it)
 RESERVED_COLUMNS = ("topic", "partition", "offset", "timestamp")
 INLINE = "\x00inline"  # marks the field a shorthand value stands for (see FeatureTransform.normalize)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
@@ -650,6 +652,15 @@ class PipelineConfig:
     mlflow: MlflowSettings = MlflowSettings()
     source: str = field(default="<memory>", metadata=_NOT_FROM_YAML, compare=False)
 
+    def connected_to(self, bootstrap: str | None = None, tracking_uri: str | None = None) -> PipelineConfig:
+        """This config with this broker and/or this MLflow (what is None stays as it is)."""
+        config = self
+        if bootstrap is not None:
+            config = dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=bootstrap))
+        if tracking_uri is not None:
+            config = dataclasses.replace(config, mlflow=dataclasses.replace(config.mlflow, tracking_uri=tracking_uri))
+        return config
+
     def problems(self) -> Iterator[Problem]:
         if not _NAME.match(self.name):
             yield "name", "1-100 letters, digits, '_' or '-' (it prefixes topic names)", self.name
@@ -734,7 +745,10 @@ def apply_env(config: PipelineConfig, env: Mapping[str, str]) -> PipelineConfig:
     mlflow = config.mlflow
     if env.get("MLFLOW_TRACKING_URI"):
         mlflow = dataclasses.replace(mlflow, tracking_uri=env["MLFLOW_TRACKING_URI"])
-    return dataclasses.replace(config, kafka=kafka, ray=ray, mlflow=mlflow)
+    datasets = config.datasets
+    if env.get(DATASETS_ROOT_ENV):
+        datasets = dataclasses.replace(datasets, root=env[DATASETS_ROOT_ENV])
+    return dataclasses.replace(config, kafka=kafka, ray=ray, mlflow=mlflow, datasets=datasets)
 
 
 def dump_config(config: PipelineConfig) -> str:

@@ -85,11 +85,13 @@ def publish_stream(
             pending.append((str(row.record[schema.record_id]), row.label, row.index))
             while pending and pending[0][2] <= row.index - label_delay:
                 send_label(*pending.popleft())
-        if progress is not None and stats.records % 1000 == 0:
+        if progress is not None and stats.records % 100 == 0:
             progress(stats.records)
     while pending:
         send_label(*pending.popleft())
     producer.flush()
+    if progress is not None:
+        progress(stats.records)
     stats.seconds = clock() - started
     return stats
 

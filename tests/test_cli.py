@@ -35,9 +35,26 @@ def config_file(tmp_path: Path, config: PipelineConfig) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "command", ["", "broker", "produce", "consume", "ingest", "train", "tune", "deploy", "rollback", "lineage", "run"]
-)
+COMMANDS = [
+    "broker",
+    "produce",
+    "consume",
+    "ingest",
+    "train",
+    "tune",
+    "deploy",
+    "rollback",
+    "lineage",
+    "run",
+    "up",
+    "down",
+    "status",
+    "submit",
+    "monitor",
+]
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
 def test_help(command: str) -> None:
     result = driftloop(*([command] if command else []), "--help")
     assert result.returncode == 0
@@ -129,10 +146,11 @@ def test_produce_then_consume_with_drift_labels_and_bad_records(
     env = {"KAFKA_BOOTSTRAP_SERVERS": broker}
     produced = driftloop(
         "produce", "--config", str(path), "--records", "500", "--drift-at", "250", "--scenario", "concept",
-        "--seed", "3", "--label-delay", "50", "--bad-fraction", "0.05", env=env,
+        "--seed", "3", "--label-delay", "50", "--bad-fraction", "0.05", env={**env, "DRIFTLOOP_PROGRESS": "1"},
     )  # fmt: skip
     assert produced.returncode == 0, produced.stderr
     assert "sent 500 records" in produced.stdout and "labels: 500" in produced.stdout
+    assert "500/500" in produced.stderr and "records" in produced.stderr, "a progress bar, when asked for"
     bad = int(produced.stdout.rsplit("malformed on purpose: ", 1)[1].split(";")[0])
     assert bad > 0
 

@@ -51,9 +51,15 @@ def test_environment_overrides_connection_settings() -> None:
         "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
         "KAFKA_SASL_USERNAME": "svc",
         "KAFKA_SASL_PASSWORD": "s3cret",
+        "DRIFTLOOP_DATASETS_ROOT": "s3://bucket/datasets",
     }
     config = parse_config(demo_with(kafka__sasl_mechanism="SCRAM-SHA-512"), env=env)
     assert config.kafka.bootstrap_servers == "kafka-1:9092,kafka-2:9092"
+    assert config.datasets.root == "s3://bucket/datasets"
+    assert parse_config(demo_with(), env={}).datasets.root == "runs/datasets"
+    moved = config.connected_to("b:9092", "http://mlflow:5000")
+    assert (moved.kafka.bootstrap_servers, moved.mlflow.tracking_uri) == ("b:9092", "http://mlflow:5000")
+    assert config.connected_to() == config and moved.kafka.sasl_username == "svc"
     assert config.ray.address == "ray://head:10001"
     assert config.mlflow.tracking_uri == "postgresql://mlflow@db/mlflow"
     assert config.kafka.security_protocol == "SASL_SSL"

@@ -219,24 +219,47 @@ def test_hot_swap_under_load_fails_no_request_and_logs_every_prediction(
     assert health["predictions_dropped"] == 0
 
 
-def test_a_promotion_on_the_models_topic_swaps_the_served_model(
-    served: tuple[str, ModelRegistry, PipelineConfig], artifacts: list[Path]
+def test_a_replica_starts_with_no_model_and_promotions_on_the_models_topic_load_one(
+    config: PipelineConfig,
+    topics: Topics,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    serve_url: str,
+    artifacts: list[Path],
 ) -> None:
     from streams.kafka import Producer
 
-    url, registry, config = served
-    second = register_model(registry, artifacts[1], f1=0.9)
-    with Producer(config.kafka) as producer:
-        assert registry.promote(
-            second, config.gate, publish=lambda e: producer.send_event(Topics(config.name).models, e)
-        ).promote
-    deadline = time.monotonic() + 30
-    while (
-        time.monotonic() < deadline and requests.get(f"{url}/v1/health", timeout=10).json()["model_version"] != second
-    ):
-        time.sleep(0.3)
-    assert requests.get(f"{url}/v1/health", timeout=10).json()["model_version"] == second
-    assert post(url, rows(config, 1)).json()["model"]["version"] == second
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    registry = ModelRegistry(config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "art",
+                             lock_dir=tmp_path)  # fmt: skip
+    with serving(build_app(config, registry.uri), config.name, serve_url) as url:
+        health = requests.get(f"{url}/v1/health", timeout=10).json()
+        assert health["status"] == "no_model" and health["model_version"] is None
+        waiting = post(url, rows(config, 1))
+        assert waiting.status_code == 503 and waiting.json()["detail"]["kind"] == "no_model"
+        assert waiting.headers["retry-after"] == "5"
+        info = requests.get(f"{url}/v1/model", headers={"x-api-key": KEY}, timeout=10)
+        assert info.status_code == 503
+
+        def promote(artifact: Path, f1: float, announce: bool) -> str:
+            version = register_model(registry, artifact, f1=f1)
+            with Producer(config.kafka) as producer:
+                publish = (lambda e: producer.send_event(topics.models, e)) if announce else None
+                assert registry.promote(version, config.gate, publish=publish).promote
+            deadline = time.monotonic() + 30
+            while (
+                time.monotonic() < deadline
+                and requests.get(f"{url}/v1/health", timeout=10).json()["model_version"] != version
+            ):
+                time.sleep(0.3)
+            return version
+
+        # The first model, not announced: the replica finds it in the registry by itself.
+        first = promote(artifacts[0], f1=0.7, announce=False)
+        assert requests.get(f"{url}/v1/health", timeout=10).json()["status"] == "ok"
+        assert post(url, rows(config, 1)).json()["model"]["version"] == first == "1"
+        second = promote(artifacts[1], f1=0.9, announce=True)  # a swap, announced on the models topic
+        assert post(url, rows(config, 1)).json()["model"]["version"] == second == "2"
 
 
 def test_a_broker_outage_costs_prediction_logs_not_requests(

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import requests
 
+from cluster.broker import free_port
 from cluster.stack import alive
 from streams.config import PipelineConfig
 from tests.test_cli import config_file, driftloop
@@ -26,7 +30,8 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
     config = config_file(tmp_path, demo_config)
     state = tmp_path / "stack"
     where = ["--config", str(config), "--state-dir", str(state)]
-    upped = driftloop("up", *where, "--num-cpus", "2", timeout=400)
+    serve_port = free_port()
+    upped = driftloop("up", *where, "--num-cpus", "2", "--serve-port", str(serve_port), timeout=400)
     recorded: dict[str, int] = {}
     ray_dir = "<none>"
     try:
@@ -35,16 +40,34 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
         recorded, ray_dir = saved["pids"], saved["ray_temp_dir"]
         assert set(recorded) == {"broker", "mlflow", "ray"} and all(alive(p) for p in recorded.values())
         exports = dict(line[len("export ") :].split("=", 1) for line in upped.stdout.splitlines() if "export " in line)
-        assert set(exports) == {"KAFKA_BOOTSTRAP_SERVERS", "RAY_ADDRESS", "MLFLOW_TRACKING_URI"}
+        assert set(exports) == {"KAFKA_BOOTSTRAP_SERVERS", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DRIFTLOOP_API_KEY",
+                                "DRIFTLOOP_DATASETS_ROOT"}  # fmt: skip
+        key_file = state / "api_key"
+        assert exports["DRIFTLOOP_API_KEY"] == f"$(cat {key_file.resolve()})", "the key is not printed"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key = key_file.read_text()
+
+        # Serve is up before any model: 503 no_model (with Retry-After), 401 without the key.
+        serve = f"http://127.0.0.1:{serve_port}"
+        assert saved["serve"] == serve
+        health = requests.get(f"{serve}/v1/health", timeout=30).json()
+        assert health["status"] == "no_model" and health["model_version"] is None
+        record = {"tenure_months": 3, "monthly_charges": 50.0, "support_calls": 1, "data_usage_gb": 2.0,
+                  "autopay": True, "plan": "basic", "region": "north"}  # fmt: skip
+        waiting = requests.post(f"{serve}/v1/predict", json=record, headers={"x-api-key": key}, timeout=30)
+        assert waiting.status_code == 503 and waiting.json()["detail"]["kind"] == "no_model", waiting.text
+        assert waiting.headers["retry-after"] == "5"
+        assert requests.post(f"{serve}/v1/predict", json=record, timeout=30).status_code == 401
 
         again = driftloop("up", *where)
         assert again.returncode == 1 and "already up" in again.stderr and "Traceback" not in again.stderr
 
-        before = json.loads(driftloop("status", *where, "--json", "--serve-url", "http://127.0.0.1:9").stdout)
+        before = json.loads(driftloop("status", *where, "--json").stdout)
         parts = before["parts"]
         down_parts = {p: parts[p] for p in ("kafka", "mlflow", "ray", "processes") if not parts[p]["ok"]}
         assert not down_parts, down_parts
-        assert parts["mlflow"]["champion"] is None and not parts["serve"]["ok"]  # no model yet, so nothing served
+        assert parts["mlflow"]["champion"] is None
+        assert parts["serve"]["ok"] and parts["serve"]["status"] == "no_model", parts["serve"]
 
         submitted = driftloop(
             "submit", "--address", exports["RAY_ADDRESS"], "--python", sys.executable, "--",
@@ -55,7 +78,7 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
         jobs = after["parts"]["ray"]["recent"] + after["parts"]["ray"]["running"]
         assert any("tests.job_echo" in j["entrypoint"] and j["status"] == "SUCCEEDED" for j in jobs), jobs
         text = driftloop("status", *where).stdout
-        assert "ray     up" in text and "stack   up" in text
+        assert "ray     up" in text and "stack   up" in text and "no model promoted yet" in text
     finally:
         downed = driftloop("down", "--state-dir", str(state), timeout=120)
     assert downed.returncode == 0, downed.stderr
@@ -64,3 +87,40 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
     gone = driftloop("down", "--state-dir", str(state))
     assert gone.returncode == 1 and "nothing was started" in gone.stderr
     assert os.path.exists(state / "ray.log"), "the logs stay for a post-mortem"
+
+
+def test_up_refuses_bad_input_and_starts_nothing(demo_config: PipelineConfig, tmp_path: Path) -> None:
+    config = config_file(tmp_path, demo_config)
+    state = tmp_path / "stack"
+    missing = driftloop("up", "--config", str(tmp_path / "nope.yaml"), "--state-dir", str(state))
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr and "Traceback" not in missing.stderr
+    for flag, value in (("--num-cpus", "0"), ("--serve-port", "70000"), ("--serve-port", "http")):
+        bad = driftloop("up", "--config", str(config), "--state-dir", str(state), flag, value)
+        assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = driftloop("up", "--config", str(config), "--state-dir", str(state), "--serve-port", str(port))
+    assert busy.returncode == 1 and f"port {port}" in busy.stderr and "Traceback" not in busy.stderr
+    assert not (state / "state.json").exists(), "nothing was started"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "state.json").write_text("{not json")
+    garbled = driftloop("up", "--config", str(config), "--state-dir", str(broken))
+    assert garbled.returncode == 1 and "not a driftloop stack state" in garbled.stderr
+
+
+def test_the_stack_offers_the_cpus_serve_and_a_retraining_job_hold_at_once(demo_config: PipelineConfig) -> None:
+    import dataclasses
+
+    from cluster.ray_runtime import cpus_needed
+
+    assert cpus_needed(demo_config) == 1 + 2  # one replica; two training workers (or two tuning trials)
+    wide = dataclasses.replace(
+        demo_config,
+        serving=dataclasses.replace(demo_config.serving, max_replicas=3),
+        training=dataclasses.replace(demo_config.training, workers=5, cpus_per_worker=0.5),
+        search=dataclasses.replace(demo_config.search, max_concurrent=4, cpus_per_trial=1.5),
+    )
+    assert cpus_needed(wide) == 3 + 6  # autoscaling up to 3 replicas; tuning needs more than training

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from streams.config import PipelineConfig
+from streams.errors import DriftloopError
 
 __all__ = ["connect", "cpus_needed", "start_local"]
 
@@ -44,6 +45,12 @@ def connect(config: PipelineConfig, quiet: bool = True) -> None:
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.WARNING)
     address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None and address.startswith(("http://", "https://")):
+        raise DriftloopError(
+            f"RAY_ADDRESS={address} is a Jobs API URL, which only `submit` and `status` use; this command "
+            "joins the cluster itself: set RAY_ADDRESS to its GCS address (host:6379, or the 'GCS' one "
+            "`driftloop up` prints) or a ray:// client URL"
+        )
     ray.init(
         address=address,
         include_dashboard=False,

@@ -49,10 +49,10 @@ def kafka_status(config: PipelineConfig) -> dict[str, Any]:
     """End offsets per topic and lag per consumer group of the pipeline."""
     from kafka import TopicPartition
 
-    from streams.kafka import _admin, new_consumer
+    from streams.kafka import admin_client, new_consumer
 
     topics = Topics(config.name)
-    admin = _admin(config.kafka)
+    admin = admin_client(config.kafka)
     consumer = new_consumer(config.kafka)
     try:
         present = set(consumer.topics())

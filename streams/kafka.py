@@ -32,6 +32,7 @@ __all__ = [
     "ConsumerStats",
     "Producer",
     "StreamConsumer",
+    "admin_client",
     "bootstrap_servers",
     "client_options",
     "dead_letter",
@@ -78,7 +79,8 @@ def _unreachable(kafka: KafkaSettings, err: KafkaError) -> BrokerError:
     return BrokerError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {err}")
 
 
-def _admin(kafka: KafkaSettings) -> KafkaAdminClient:
+def admin_client(kafka: KafkaSettings) -> KafkaAdminClient:
+    """An admin client with the config's connection and security settings; unreachable is a BrokerError."""
     try:
         return KafkaAdminClient(**client_options(kafka), request_timeout_ms=10_000)
     except KafkaError as err:
@@ -104,7 +106,7 @@ def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], partitions: int |
     """Create the topics that do not exist yet (idempotent); returns the ones it created."""
     wanted = list(dict.fromkeys(topics))
     count = partitions or kafka.partitions
-    admin = _admin(kafka)
+    admin = admin_client(kafka)
     created = []
     try:
         existing = set(admin.list_topics())
@@ -127,7 +129,7 @@ def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], partitions: int |
 
 def topic_id(kafka: KafkaSettings, topic: str) -> str | None:
     """The broker's id for this incarnation of a topic (it changes when a topic is recreated)."""
-    admin = _admin(kafka)
+    admin = admin_client(kafka)
     try:
         (described,) = admin.describe_topics([topic])
     finally:

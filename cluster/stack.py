@@ -174,7 +174,7 @@ def up(
 ) -> Stack:
     """Start the stack (see the module docstring); on any failure, stop what was started."""
     from cluster.broker import free_port
-    from cluster.ray_runtime import cpus_needed
+    from cluster.ray_runtime import cpus_needed, serve_ingress_env
 
     existing = load_state(state_dir)
     if existing is not None and any(alive(p) for p in existing.pids.values()):
@@ -217,6 +217,7 @@ def up(
         ray_env.pop("RAY_ADDRESS", None)
         log = state_dir / "ray.log"
         stack.ray_temp_dir = temp_dir = tempfile.mkdtemp(prefix="driftloop-ray-")
+        ray_env.update(serve_ingress_env(temp_dir))
         command = [
             str(bin_dir / "ray"),
             "start",

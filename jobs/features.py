@@ -138,6 +138,7 @@ class FeaturePipeline:
         if missing:
             raise ValueError(f"no fitted statistics for {', '.join(missing)}")
         self.output_names = [name for plan in self.plans for name in self._names(plan)]
+        self._compiled = [self._compile(plan) for plan in self.plans]
         self.classes = list(schema.label.classes)
         self._class_index = {c: i for i, c in enumerate(self.classes)}
 
@@ -163,33 +164,55 @@ class FeaturePipeline:
         return len(self.output_names)
 
     def transform(self, columns: Mapping[str, Any]) -> np.ndarray:
-        """A batch of columns (numpy arrays, lists, an Arrow table or a DataFrame) -> float32 (n, width)."""
-        parts = []
-        for plan in self.plans:
+        """A batch of columns (numpy arrays, lists, an Arrow table or a DataFrame) -> float32 (n, width).
+
+        Each input writes its own columns of one preallocated matrix (serving calls this with a
+        handful of rows, where allocating and concatenating a part per input costs more than the
+        arithmetic); NaN and infinities become 0.
+        """
+        out: np.ndarray | None = None
+        rows: np.ndarray | None = None
+        at = 0
+        for plan, width, op, params in self._compiled:
             x = _apply_pre(plan, columns)
-            step = plan.fitted
-            if step is None:
-                parts.append(x.astype(np.float32)[:, None])
-            elif step.op == "standardize":
-                s = self.stats[plan.name]
-                parts.append(((x - s["mean"]) / (s["std"] or 1.0)).astype(np.float32)[:, None])
-            elif step.op == "minmax":
-                s = self.stats[plan.name]
-                parts.append(((x - s["min"]) / ((s["max"] - s["min"]) or 1.0)).astype(np.float32)[:, None])
-            elif step.op == "bucketize":
-                edges = self._boundaries(plan)
-                parts.append(_one_hot(np.searchsorted(edges, x, side="right"), len(edges) + 1))
-            elif step.op == "hash":
-                parts.append(_one_hot(_hash_bucket(x, step.buckets or 1), step.buckets or 1))
-            else:  # one_hot
-                vocabulary = self.stats[plan.name]["vocabulary"]
-                lookup = {v: i for i, v in enumerate(vocabulary)}
-                other = len(vocabulary)
-                parts.append(
-                    _one_hot(_codes(x, lambda v, lookup=lookup, other=other: lookup.get(v, other)), len(vocabulary) + 1)
-                )
-        matrix = np.concatenate(parts, axis=1) if parts else np.zeros((0, 0), dtype=np.float32)
-        return np.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
+            if out is None:
+                out = np.zeros((len(x), self.width), dtype=np.float32)
+                rows = np.arange(len(x))
+            if op is None:
+                out[:, at] = x
+            elif op == "standardize" or op == "minmax":
+                offset, scale = params
+                out[:, at] = (x - offset) / scale
+            elif op == "bucketize":
+                out[rows, at + np.searchsorted(params, x, side="right")] = 1.0
+            elif op == "hash":
+                out[rows, at + _hash_bucket(x, params)] = 1.0
+            else:  # one_hot: params is the vocabulary's lookup; anything else is the last column
+                out[rows, at + _codes(x, lambda v, lookup=params, other=width - 1: lookup.get(v, other))] = 1.0
+            at += width
+        if out is None:
+            return np.zeros((0, 0), dtype=np.float32)
+        if not np.isfinite(out).all():
+            np.nan_to_num(out, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        return out
+
+    def _compile(self, plan: InputPlan) -> tuple[InputPlan, int, str | None, Any]:
+        """What `transform` needs of one input, worked out once: its width, op and constants."""
+        step = plan.fitted
+        width = len(self._names(plan))
+        if step is None:
+            return plan, width, None, None
+        if step.op == "standardize":
+            s = self.stats[plan.name]
+            return plan, width, step.op, (s["mean"], s["std"] or 1.0)
+        if step.op == "minmax":
+            s = self.stats[plan.name]
+            return plan, width, step.op, (s["min"], (s["max"] - s["min"]) or 1.0)
+        if step.op == "bucketize":
+            return plan, width, step.op, np.asarray(self._boundaries(plan), dtype=np.float64)
+        if step.op == "hash":
+            return plan, width, step.op, step.buckets or 1
+        return plan, width, step.op, {v: i for i, v in enumerate(self.stats[plan.name]["vocabulary"])}
 
     def transform_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Single records or a list of them (serving) through the very same `transform`."""

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -61,6 +62,7 @@ api = FastAPI(title="driftloop", description="Predictions from the pipeline's ch
 
 
 def _error(status: int, kind: str, message: str, field: str | None = None) -> JSONResponse:
+    log.warning("answered %d %s%s: %s", status, kind, f" ({field})" if field else "", message[:200])
     return JSONResponse({"detail": {"kind": kind, "field": field, "message": message}}, status_code=status)
 
 
@@ -70,7 +72,7 @@ def _no_model(name: str) -> JSONResponse:
     return answer
 
 
-def _predictions(ids: list[str], proba: Any, classes: list[Any], keys: list[str]) -> list[dict[str, Any]]:
+def _predictions(ids: list[str], proba: Any, classes: Sequence[Any], keys: Sequence[str]) -> list[dict[str, Any]]:
     return [
         {"request_id": i, "prediction": classes[w], "probabilities": dict(zip(keys, p, strict=True))}
         for i, w, p in zip(ids, proba.argmax(axis=1).tolist(), proba.tolist(), strict=True)
@@ -203,15 +205,14 @@ class ModelServer:
         model = challenger if decision.answer_with_challenger and challenger is not None else champion
         names = self.config.schema.feature_names
         rows = [{f: getattr(r, f) for f in names} for r in records]
-        proba = await self._score((model, rows)) if len(rows) < SMALL_REQUEST else model.predict(rows)
-        classes = [c if isinstance(c, int) else str(c) for c in model.spec.classes]
-        keys = [str(c) for c in classes]
+        small = len(rows) < SMALL_REQUEST and serving.batch_max_size > 1
+        proba = await self._score((model, rows)) if small else model.predict(rows)
         ids = [r.request_id or (key if i == 0 else new_event_id()) for i, r in enumerate(records)]
-        predictions = _predictions(ids, proba, classes, keys)
+        predictions = _predictions(ids, proba, model.labels, model.keys)
         variant = "challenger" if model is not champion else "champion"
         self.log.append(self.config.name, model.name, model.version, rows, predictions, variant)
         if decision.shadow and challenger is not None:
-            shadowed = _predictions(ids, challenger.predict(rows), classes, keys)
+            shadowed = _predictions(ids, challenger.predict(rows), challenger.labels, challenger.keys)
             self.log.append(self.config.name, challenger.name, challenger.version, rows, shadowed, "shadow")
         body = msgspec.json.encode(
             {"model": {"name": model.name, "version": model.version}, "predictions": predictions}
@@ -282,6 +283,7 @@ def build_app(
         | ({"challenger": challenger} if challenger else {}),
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
+        logging_config={"enable_access_log": s.access_log},
         **scaling,
     ).bind(config, tracking_uri, alias)
 

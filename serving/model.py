@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,18 @@ class ServedModel:
     model: torch.nn.Module
     features: FeaturePipeline
     lineage: dict[str, str]
+    labels: tuple[Any, ...] = field(init=False)  # the classes as answered: ints stay ints, others are str
+    keys: tuple[str, ...] = field(init=False)  # the classes as keys of `probabilities`
+
+    def __post_init__(self) -> None:
+        labels = tuple(c if isinstance(c, int) else str(c) for c in self.spec.classes)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "keys", tuple(str(c) for c in labels))
 
     def predict(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Class probabilities, one row per record, through the training-time feature transform."""
         x = self.features.transform_records(records)
-        with torch.no_grad():
+        with torch.inference_mode():
             return torch.softmax(self.model(torch.as_tensor(x)), dim=1).numpy()
 
 

@@ -22,11 +22,16 @@ class Route:
     shadow: bool
 
 
+CHAMPION = Route(False, False)
+SHADOW = Route(False, True)
+CHALLENGER = Route(True, False)
+
+
 def route(request_key: str, policy: str, canary_fraction: float, has_challenger: bool) -> Route:
     """Where one request goes under `policy` (see the module docstring)."""
     if not has_challenger or policy == "none":
-        return Route(False, False)
+        return CHAMPION
     if policy == "shadow":
-        return Route(False, True)
+        return SHADOW
     bucket = int.from_bytes(hashlib.sha256(request_key.encode()).digest()[:8], "big") / 2**64
-    return Route(bucket < canary_fraction, False)
+    return CHALLENGER if bucket < canary_fraction else CHAMPION

@@ -582,6 +582,7 @@ class ServingSettings:
     batch_wait_ms: float = 1.0
     log_capacity: int = 100_000  # predictions buffered for the predictions topic before dropping
     log_timeout_s: float = 30.0  # a prediction not delivered within this is dropped (and counted)
+    access_log: bool = False  # Serve's line per request; the predictions topic already has each one
 
     def problems(self) -> Iterator[Problem]:
         for name in ("batch_max_size", "log_capacity"):

@@ -109,18 +109,3 @@ def test_up_refuses_bad_input_and_starts_nothing(demo_config: PipelineConfig, tm
     (broken / "state.json").write_text("{not json")
     garbled = driftloop("up", "--config", str(config), "--state-dir", str(broken))
     assert garbled.returncode == 1 and "not a driftloop stack state" in garbled.stderr
-
-
-def test_the_stack_offers_the_cpus_serve_and_a_retraining_job_hold_at_once(demo_config: PipelineConfig) -> None:
-    import dataclasses
-
-    from cluster.ray_runtime import cpus_needed
-
-    assert cpus_needed(demo_config) == 1 + 2  # one replica; two training workers (or two tuning trials)
-    wide = dataclasses.replace(
-        demo_config,
-        serving=dataclasses.replace(demo_config.serving, max_replicas=3),
-        training=dataclasses.replace(demo_config.training, workers=5, cpus_per_worker=0.5),
-        search=dataclasses.replace(demo_config.search, max_concurrent=4, cpus_per_trial=1.5),
-    )
-    assert cpus_needed(wide) == 3 + 6  # autoscaling up to 3 replicas; tuning needs more than training

@@ -1,0 +1,40 @@
+"""How driftloop sizes and sets up the Ray clusters it starts. Pure: no cluster is started here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cluster.ray_runtime import DRAIN_ENV, HAPROXY_ENV, cpus_needed, serve_ingress_env
+from streams.config import PipelineConfig
+
+
+def test_the_stack_offers_the_cpus_serve_and_a_retraining_job_hold_at_once(demo_config: PipelineConfig) -> None:
+    assert cpus_needed(demo_config) == 1 + 2  # one replica; two training workers (or two tuning trials)
+    wide = dataclasses.replace(
+        demo_config,
+        serving=dataclasses.replace(demo_config.serving, max_replicas=3),
+        training=dataclasses.replace(demo_config.training, workers=5, cpus_per_worker=0.5),
+        search=dataclasses.replace(demo_config.search, max_concurrent=4, cpus_per_trial=1.5),
+    )
+    assert cpus_needed(wide) == 3 + 6  # autoscaling up to 3 replicas; tuning needs more than training
+
+
+def test_each_cluster_gets_haproxy_ports_and_files_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(HAPROXY_ENV, raising=False)
+    monkeypatch.delenv(DRAIN_ENV, raising=False)
+    one, two = serve_ingress_env("/tmp/ray-a"), serve_ingress_env("/tmp/ray-b")
+    assert one["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and one["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    ports = [k for k in one if k.endswith("_PORT")]
+    assert len(ports) == 4 and len({one[k] for k in ports} | {two[k] for k in ports}) == 8, "no port shared"
+    paths = [k for k in one if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+    assert len(paths) == 5 and all(one[k].startswith("/tmp/ray-a/haproxy") for k in paths)
+    assert one[DRAIN_ENV] == "2"
+    monkeypatch.setenv(DRAIN_ENV, "30")
+    assert serve_ingress_env("/tmp/ray-a")[DRAIN_ENV] == "30", "an operator's own drain period stays"
+
+
+def test_haproxy_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(HAPROXY_ENV, "0")
+    assert serve_ingress_env("/tmp/ray-a") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}

@@ -427,10 +427,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.ray_runtime import connect
+    from jobs.registry import ModelRegistry
     from serving.app import build_app
 
     config = load_config(args.config)
     uri = _tracking_uri(args, config)
+    registry = ModelRegistry(config, uri)
+    for flag, version in (("--version", args.version), ("--challenger", args.challenger)):
+        if version is not None and not registry.has_version(version):
+            raise DriftloopError(f"{flag} {version}: model {config.name!r} has no such version in {uri}")
     app = build_app(config, uri, version=args.version, challenger=args.challenger)
     connect(config, quiet=not args.verbose)
     serve.start(http_options={"host": config.serving.host, "port": config.serving.port})

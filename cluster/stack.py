@@ -216,7 +216,7 @@ def up(
         ray_env = {**env, **stack.env(), "RAY_AUTH_MODE": "token"}  # its jobs and actors use the stack
         ray_env.pop("RAY_ADDRESS", None)
         log = state_dir / "ray.log"
-        stack.ray_temp_dir = temp_dir = tempfile.mkdtemp(prefix="driftloop-ray-")
+        stack.ray_temp_dir = temp_dir = tempfile.mkdtemp(prefix="dl-ray-")  # short: socket paths
         ray_env.update(serve_ingress_env(temp_dir))
         command = [
             str(bin_dir / "ray"),

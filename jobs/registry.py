@@ -140,6 +140,14 @@ class ModelRegistry:
         except Exception:  # MlflowException: no such alias or model
             return None
 
+    def has_version(self, version: str) -> bool:
+        """Whether this model has that version (False for a version that is not a number, too)."""
+        try:
+            self.client.get_model_version(self.name, version)
+        except Exception:  # MlflowException: no such model or version, or not a version number
+            return False
+        return True
+
     def report(self, version: str) -> dict[str, Any]:
         tags = self.client.get_model_version(self.name, version).tags
         return dict(json.loads(tags[REPORT_TAG]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -29,7 +30,12 @@ def test_each_cluster_gets_haproxy_ports_and_files_of_its_own(monkeypatch: pytes
     ports = [k for k in one if k.endswith("_PORT")]
     assert len(ports) == 4 and len({one[k] for k in ports} | {two[k] for k in ports}) == 8, "no port shared"
     paths = [k for k in one if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
-    assert len(paths) == 5 and all(one[k].startswith("/tmp/ray-a/haproxy") for k in paths)
+    assert len(paths) == 5 and all(one[k].startswith("/tmp/ray-a/hp") for k in paths)
+    long = serve_ingress_env("/var/folders/xy/a-long-temporary-directory/ray-abcdefgh")
+    sockets = [long[k] for k in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH")]
+    node_id = "f" * 56  # Serve puts each node's files in a folder named by its id
+    assert all(len(os.path.join(os.path.dirname(p), node_id, os.path.basename(p))) <= 97 for p in sockets)
+    os.rmdir(os.path.dirname(sockets[0]))  # the short folder made for them
     assert one[DRAIN_ENV] == "2"
     monkeypatch.setenv(DRAIN_ENV, "30")
     assert serve_ingress_env("/tmp/ray-a")[DRAIN_ENV] == "30", "an operator's own drain period stays"

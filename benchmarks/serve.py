@@ -9,8 +9,8 @@ for a fixed time to each in turn; then batch requests (1,000 records) to ours fo
 ratio = ours / no-op Serve requests per second: the median over rounds of each round's ratio (the
 endpoints take turns within a round).
 
-Serve's ingress is HAProxy, as on every cluster driftloop starts (`serve_ingress_env`);
-`DRIFTLOOP_SERVE_HAPROXY=0` measures Serve's Python proxy instead.
+Serve's ingress is its Python proxy, as on every cluster driftloop starts; with
+`DRIFTLOOP_SERVE_HAPROXY=1` it is HAProxy (`cluster.ray_runtime.serve_ingress_env`).
 
     python benchmarks/serve.py --quick --json runs/bench/serve.json
 """
@@ -135,8 +135,8 @@ def main() -> int:
     os.environ["DRIFTLOOP_API_KEY"] = KEY
     from cluster.ray_runtime import HAPROXY_ENV, start_local
 
-    start_local(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)  # HAProxy ingress unless
-    ingress = "python-proxy" if os.environ.get(HAPROXY_ENV) == "0" else "haproxy"  # DRIFTLOOP_SERVE_HAPROXY=0
+    start_local(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)  # HAProxy ingress with
+    ingress = "haproxy" if os.environ.get(HAPROXY_ENV) == "1" else "python-proxy"  # DRIFTLOOP_SERVE_HAPROXY=1
     from ray import serve
 
     from serving.app import build_app

@@ -23,7 +23,7 @@ def test_the_stack_offers_the_cpus_serve_and_a_retraining_job_hold_at_once(demo_
 
 
 def test_each_cluster_gets_haproxy_ports_and_files_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(HAPROXY_ENV, raising=False)
+    monkeypatch.setenv(HAPROXY_ENV, "1")
     monkeypatch.delenv(DRAIN_ENV, raising=False)
     one, two = serve_ingress_env("/tmp/ray-a"), serve_ingress_env("/tmp/ray-b")
     assert one["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and one["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
@@ -41,6 +41,8 @@ def test_each_cluster_gets_haproxy_ports_and_files_of_its_own(monkeypatch: pytes
     assert serve_ingress_env("/tmp/ray-a")[DRAIN_ENV] == "30", "an operator's own drain period stays"
 
 
-def test_haproxy_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_haproxy_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(HAPROXY_ENV, raising=False)
+    assert serve_ingress_env("/tmp/ray-a") == {}, "Serve's own proxy unless asked"
     monkeypatch.setenv(HAPROXY_ENV, "0")
-    assert serve_ingress_env("/tmp/ray-a") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    assert serve_ingress_env("/tmp/ray-a") == {}

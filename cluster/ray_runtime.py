@@ -128,8 +128,8 @@ def start_local(**options: Any) -> Any:
       cluster it finds running on the machine, and a retrain job ran on a test session's
       cluster instead of its own. Each cluster gets a temp dir of its own (`_temp_dir`, unless
       the caller gives one) holding its own address.
-    Serve on the cluster uses HAProxy (`serve_ingress_env`, set in this process's environment,
-    which the raylet and its workers inherit).
+    With `DRIFTLOOP_SERVE_HAPROXY=1`, Serve on the cluster uses HAProxy (`serve_ingress_env`, set
+    in this process's environment, which the raylet and its workers inherit).
     """
     import tempfile
 

@@ -151,9 +151,10 @@ def _api_key(state_dir: Path) -> tuple[str, str]:
         return os.environ[API_KEY_ENV], ""
     path = state_dir / "api_key"
     path.unlink(missing_ok=True)
+    key = secrets.token_urlsafe(32)
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
-        handle.write(secrets.token_urlsafe(32))
-    return path.read_text(), str(path.resolve())
+        handle.write(key)
+    return key, str(path.resolve())
 
 
 def _private_ray_token() -> None:

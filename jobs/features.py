@@ -104,12 +104,6 @@ def _apply_pre(plan: InputPlan, columns: Mapping[str, Any]) -> np.ndarray:
     return x
 
 
-def _one_hot(index: np.ndarray, width: int) -> np.ndarray:
-    out = np.zeros((len(index), width), dtype=np.float32)
-    out[np.arange(len(index)), index] = 1.0
-    return out
-
-
 def _codes(values: np.ndarray, code_of: Any) -> np.ndarray:
     """Map each value through `code_of`, computing it once per distinct value."""
     seen: dict[Any, int] = {}

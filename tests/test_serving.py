@@ -61,10 +61,15 @@ def register_model(registry: ModelRegistry, artifact: Path, f1: float) -> str:
     return registry.log_training(artifact, {}, [], report, Window(())).version
 
 
+def empty_registry(config: PipelineConfig, tmp_path: Path) -> ModelRegistry:
+    """A registry of its own in tmp_path, with no model yet."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return ModelRegistry(config, uri, artifact_root=tmp_path / "art", lock_dir=tmp_path)
+
+
 def champion_registry(config: PipelineConfig, tmp_path: Path, artifacts: list[Path]) -> tuple[ModelRegistry, str]:
     """A registry in tmp_path whose champion is the first trained model (version 1)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    registry = ModelRegistry(config, uri, artifact_root=tmp_path / "art", lock_dir=tmp_path)
+    registry = empty_registry(config, tmp_path)
     champion = register_model(registry, artifacts[0], f1=0.7)
     assert registry.promote(champion, config.gate).promote
     return registry, champion
@@ -230,8 +235,7 @@ def test_a_replica_starts_with_no_model_and_promotions_on_the_models_topic_load_
     from streams.kafka import Producer
 
     monkeypatch.setenv(API_KEY_ENV, KEY)
-    registry = ModelRegistry(config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "art",
-                             lock_dir=tmp_path)  # fmt: skip
+    registry = empty_registry(config, tmp_path)
     with serving(build_app(config, registry.uri), config.name, serve_url) as url:
         health = requests.get(f"{url}/v1/health", timeout=10).json()
         assert health["status"] == "no_model" and health["model_version"] is None

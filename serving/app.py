@@ -10,9 +10,14 @@ Routes (FastAPI ingress, OpenAPI docs at /docs):
 - `GET /v1/model`: name, version, alias and lineage summary.
 
 The API key comes from the environment (`DRIFTLOOP_API_KEY`), sent as `x-api-key` or
-`Authorization: Bearer ...`. A hot swap is a `user_config` change (`{"version": "7"}` or
-`{"alias": "champion"}`): Serve calls `reconfigure` on each replica, which loads the new
-version beside the old one and switches in one assignment, so no request fails.
+`Authorization: Bearer ...`. A hot swap, two ways, neither failing a request:
+- a `ModelPromoted` or `ModelRolledBack` on the models topic: each running replica loads the
+  new version beside the old one and switches in one assignment;
+- a redeploy (`driftloop deploy --version 7`, a `user_config` of `{"version": "7"}` or
+  `{"alias": "champion"}`): Serve gives every `serve.run` a new code version, so it replaces
+  the replicas, and with `serving.max_surge_percent` (100 by default) the new ones run before
+  the old ones stop. With 0 (Serve's default) the old replica stops first, and requests wait
+  in the proxy, or fail behind HAProxy, until its successor has loaded the model.
 
 A replica may start before any model is promoted (`driftloop up` deploys at once): it then
 answers 503 `no_model` (with `Retry-After`) and health says `no_model`, until the first
@@ -284,6 +289,7 @@ def build_app(
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         logging_config={"enable_access_log": s.access_log},
+        max_surge_percent=s.max_surge_percent,
         **scaling,
     ).bind(config, tracking_uri, alias)
 

@@ -583,6 +583,7 @@ class ServingSettings:
     log_capacity: int = 100_000  # predictions buffered for the predictions topic before dropping
     log_timeout_s: float = 30.0  # a prediction not delivered within this is dropped (and counted)
     access_log: bool = False  # Serve's line per request; the predictions topic already has each one
+    max_surge_percent: int = 100  # a redeploy starts new replicas before it stops old ones (0: stop first)
 
     def problems(self) -> Iterator[Problem]:
         for name in ("batch_max_size", "log_capacity"):
@@ -602,6 +603,8 @@ class ServingSettings:
             yield "max_replicas", f"an integer >= num_replicas ({self.num_replicas})", self.max_replicas
         if self.max_body_bytes < 1024:
             yield "max_body_bytes", "an integer >= 1024", self.max_body_bytes
+        if not 0 <= self.max_surge_percent <= 100:
+            yield "max_surge_percent", "an integer in [0, 100]", self.max_surge_percent
 
 
 @dataclass(frozen=True)

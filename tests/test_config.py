@@ -129,6 +129,7 @@ def test_invalid_yaml_names_line_and_column() -> None:
         ({"generator__drift_features": ["nope"]}, "generator.drift_features", "names of features", "'nope'"),
         ({"name": "has spaces"}, "name", "letters, digits", "'has spaces'"),
         ({"kafka__security_protocol": "SASL_SSL"}, "kafka.sasl_mechanism", "a mechanism", "None"),
+        ({"serving__max_surge_percent": 150}, "serving.max_surge_percent", "an integer in [0, 100]", "150 (int)"),
     ],
 )
 def test_every_error_names_file_key_expected_and_found(

@@ -190,11 +190,21 @@ def test_hot_swap_under_load_fails_no_request_and_logs_every_prediction(
             answer = post(url, batch, timeout=180)  # slow is not dropped: a loaded CI machine answers late
             outcomes.append((answer.status_code, answer.json()["model"]["version"] if answer.ok else answer.text))
 
-    threads = [threading.Thread(target=client) for _ in range(3)]
+    running: list[int] = []  # replicas RUNNING, seen every 0.1 s through both redeploys
+
+    def watch() -> None:
+        while not stop.is_set():
+            deployments = serve.status().applications[config.name].deployments
+            running.append(deployments["ModelServer"].replica_states.get("RUNNING", 0))  # a str enum
+            time.sleep(0.1)
+
+    threads = [threading.Thread(target=client) for _ in range(3)] + [threading.Thread(target=watch)]
     for t in threads:
         t.start()
     time.sleep(1.0)
-    serve.run(build_app(config, registry.uri), name=config.name, route_prefix="/")  # user_config unchanged: no-op
+    # Each serve.run is a new code version to Serve: it replaces the replica, and with
+    # max_surge_percent the new one runs before the old one stops. The same version first, then the next.
+    serve.run(build_app(config, registry.uri), name=config.name, route_prefix="/")
     serve.run(build_app(config, registry.uri, version=second), name=config.name, route_prefix="/")
     deadline = time.monotonic() + 60
     while not any(v == second for _, v in outcomes[-5:]) and time.monotonic() < deadline:
@@ -204,6 +214,7 @@ def test_hot_swap_under_load_fails_no_request_and_logs_every_prediction(
     for t in threads:
         t.join()
     assert outcomes and all(status == 200 for status, _ in outcomes), [o for o in outcomes if o[0] != 200][:3]
+    assert running and min(running) >= 1, "a moment with no replica serving"
     versions = [v for _, v in outcomes]
     assert set(versions) == {"1", second}
     assert versions.index(second) > 0 and "1" not in versions[versions.index(second) + 10 :]

@@ -9,8 +9,8 @@ for a fixed time to each in turn; then batch requests (1,000 records) to ours fo
 ratio = ours / no-op Serve requests per second: the median over rounds of each round's ratio (the
 endpoints take turns within a round).
 
-Serve's ingress is its Python proxy, as on every cluster driftloop starts; with
-`DRIFTLOOP_SERVE_HAPROXY=1` it is HAProxy (`cluster.ray_runtime.serve_ingress_env`).
+Serve's ingress is HAProxy, as on every cluster driftloop starts; with
+`DRIFTLOOP_SERVE_HAPROXY=0` it is Serve's Python proxy (`cluster.ray_runtime.serve_ingress_env`).
 
     python benchmarks/serve.py --quick --json runs/bench/serve.json
 """
@@ -133,10 +133,10 @@ def main() -> int:
         base = dataclasses.replace(base, serving=dataclasses.replace(base.serving, batch_max_size=args.batch_max_size))
     work = Path(tempfile.mkdtemp(prefix="driftloop-bench-serve-"))
     os.environ["DRIFTLOOP_API_KEY"] = KEY
-    from cluster.ray_runtime import HAPROXY_ENV, start_local
+    from cluster.ray_runtime import haproxy_ingress, start_local
 
-    start_local(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)  # HAProxy ingress with
-    ingress = "haproxy" if os.environ.get(HAPROXY_ENV) == "1" else "python-proxy"  # DRIFTLOOP_SERVE_HAPROXY=1
+    start_local(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ingress = "haproxy" if haproxy_ingress() else "python-proxy"  # DRIFTLOOP_SERVE_HAPROXY=0: the Python proxy
     from ray import serve
 
     from serving.app import build_app

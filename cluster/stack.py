@@ -175,8 +175,9 @@ def up(
 ) -> Stack:
     """Start the stack (see the module docstring); on any failure, stop what was started."""
     from cluster.broker import free_port
-    from cluster.ray_runtime import cpus_needed, serve_ingress_env
+    from cluster.ray_runtime import cpus_needed, haproxy_ingress, serve_ingress_env
 
+    haproxy_ingress()  # a bad DRIFTLOOP_SERVE_HAPROXY fails here, before anything starts
     existing = load_state(state_dir)
     if existing is not None and any(alive(p) for p in existing.pids.values()):
         raise DriftloopError(f"a stack is already up from {state_dir} (pids {existing.pids}): `driftloop down` first")

@@ -78,6 +78,7 @@ def test_the_cluster_launcher_config() -> None:
     assert "constraints.txt" in setup and (ROOT / "constraints.txt").exists()
     starts = doc["head_start_ray_commands"] + doc["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert all("RAY_SERVE_ENABLE_HA_PROXY=1" in c for c in starts if "ray start" in c), "HAProxy, as driftloop's own"
     assert "--dashboard-host=127.0.0.1" in " ".join(doc["head_start_ray_commands"]), "the Jobs API stays private"
     text = (ROOT / "cluster" / "launcher" / "cluster.yaml").read_text()
     for line in text.splitlines():
@@ -89,3 +90,5 @@ def test_the_image_copies_what_the_entrypoints_need() -> None:
     sources = {s for group in copied for s in group.split()}
     assert {"streams", "jobs", "serving", "cluster", "configs", "constraints.txt", "pyproject.toml"} <= sources
     assert all((ROOT / s).exists() for s in sources)
+    text = (ROOT / "cluster" / "Dockerfile").read_text()
+    assert re.search(r"^ENV RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1$", text, re.M)

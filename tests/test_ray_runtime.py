@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from cluster.ray_runtime import DRAIN_ENV, HAPROXY_ENV, cpus_needed, serve_ingress_env
+from cluster.ray_runtime import DRAIN_ENV, HAPROXY_ENV, cpus_needed, haproxy_ingress, serve_ingress_env
 from streams.config import PipelineConfig
+from streams.errors import DriftloopError
 
 
 def test_the_stack_offers_the_cpus_serve_and_a_retraining_job_hold_at_once(demo_config: PipelineConfig) -> None:
@@ -41,8 +42,15 @@ def test_each_cluster_gets_haproxy_ports_and_files_of_its_own(monkeypatch: pytes
     assert serve_ingress_env("/tmp/ray-a")[DRAIN_ENV] == "30", "an operator's own drain period stays"
 
 
-def test_haproxy_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_haproxy_is_the_default_and_0_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(HAPROXY_ENV, raising=False)
-    assert serve_ingress_env("/tmp/ray-a") == {}, "Serve's own proxy unless asked"
+    assert haproxy_ingress() and serve_ingress_env("/tmp/ray-a")["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     monkeypatch.setenv(HAPROXY_ENV, "0")
-    assert serve_ingress_env("/tmp/ray-a") == {}
+    assert not haproxy_ingress() and serve_ingress_env("/tmp/ray-a") == {}, "Serve's own proxy when asked"
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "", "2"])
+def test_a_bad_haproxy_switch_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(HAPROXY_ENV, value)
+    with pytest.raises(DriftloopError, match=f"DRIFTLOOP_SERVE_HAPROXY: expected 0 .* or 1 .*, found '{value}'"):
+        serve_ingress_env("/tmp/ray-a")

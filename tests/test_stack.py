@@ -103,6 +103,9 @@ def test_up_refuses_bad_input_and_starts_nothing(demo_config: PipelineConfig, tm
         port = taken.getsockname()[1]
         busy = driftloop("up", "--config", str(config), "--state-dir", str(state), "--serve-port", str(port))
     assert busy.returncode == 1 and f"port {port}" in busy.stderr and "Traceback" not in busy.stderr
+    switch = driftloop("up", "--config", str(config), "--state-dir", str(state), env={"DRIFTLOOP_SERVE_HAPROXY": "on"})
+    assert switch.returncode == 1 and "DRIFTLOOP_SERVE_HAPROXY: expected 0" in switch.stderr, switch.stderr
+    assert "Traceback" not in switch.stderr
     assert not (state / "state.json").exists(), "nothing was started"
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -424,14 +424,18 @@ def _tracking_uri(args: argparse.Namespace, config: PipelineConfig) -> str:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from cluster.ray_runtime import cluster_address, connect
+
+    config = load_config(args.config)  # what can be refused is, before Ray, torch and MLflow load
+    uri = _tracking_uri(args, config)
+    cluster_address(config)
+    if not os.environ.get("DRIFTLOOP_API_KEY"):
+        raise DriftloopError("set DRIFTLOOP_API_KEY to the API key clients must send")
     from ray import serve
 
-    from cluster.ray_runtime import connect
     from jobs.registry import ModelRegistry
     from serving.app import build_app
 
-    config = load_config(args.config)
-    uri = _tracking_uri(args, config)
     registry = ModelRegistry(config, uri)
     for flag, version in (("--version", args.version), ("--challenger", args.challenger)):
         if version is not None and not registry.has_version(version):
@@ -456,10 +460,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    uri = _tracking_uri(args, config)
     from jobs.registry import ModelRegistry
 
-    config = load_config(args.config)
-    registry = ModelRegistry(config, _tracking_uri(args, config))
+    registry = ModelRegistry(config, uri)
     if config.kafka.embedded:
         rolled_from, to = registry.rollback(args.reason)
         print("no Kafka configured: serving replicas learn of it on their next deploy", file=sys.stderr)

@@ -14,7 +14,15 @@ from typing import Any
 from streams.config import PipelineConfig
 from streams.errors import DriftloopError
 
-__all__ = ["HAPROXY_ENV", "connect", "cpus_needed", "haproxy_ingress", "serve_ingress_env", "start_local"]
+__all__ = [
+    "HAPROXY_ENV",
+    "cluster_address",
+    "connect",
+    "cpus_needed",
+    "haproxy_ingress",
+    "serve_ingress_env",
+    "start_local",
+]
 
 HAPROXY_ENV = "DRIFTLOOP_SERVE_HAPROXY"  # "0": Serve's Python proxy instead of HAProxy (see serve_ingress_env)
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
@@ -37,8 +45,24 @@ def cpus_needed(config: PipelineConfig) -> int:
     return math.ceil(replicas * SERVE_REPLICA_CPUS + max(train, tune))
 
 
+def cluster_address(config: PipelineConfig) -> str | None:
+    """The cluster a command joins (`ray.address`, else `RAY_ADDRESS`; None: a local instance). Pure.
+
+    Refuses the Jobs API URL that `driftloop up` exports, at once, before Ray is imported.
+    """
+    address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None and address.startswith(("http://", "https://")):
+        raise DriftloopError(
+            f"RAY_ADDRESS={address} is a Jobs API URL, which only `submit` and `status` use; this command "
+            "joins the cluster itself: set RAY_ADDRESS to its GCS address (host:6379, or the 'GCS' one "
+            "`driftloop up` prints) or a ray:// client URL"
+        )
+    return address
+
+
 def connect(config: PipelineConfig, quiet: bool = True) -> None:
     """Initialise Ray once for this process (a no-op if it already is)."""
+    address = cluster_address(config)
     import ray
 
     if ray.is_initialized():
@@ -51,13 +75,6 @@ def connect(config: PipelineConfig, quiet: bool = True) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = enabled()  # at a terminal only
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
-    if address is not None and address.startswith(("http://", "https://")):
-        raise DriftloopError(
-            f"RAY_ADDRESS={address} is a Jobs API URL, which only `submit` and `status` use; this command "
-            "joins the cluster itself: set RAY_ADDRESS to its GCS address (host:6379, or the 'GCS' one "
-            "`driftloop up` prints) or a ray:// client URL"
-        )
     ray.init(
         address=address,
         include_dashboard=False,

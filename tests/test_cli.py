@@ -261,6 +261,8 @@ def test_deploy_and_rollback_need_a_tracking_uri(tmp_path: Path) -> None:
                             env={"DRIFTLOOP_API_KEY": "k"})  # fmt: skip
         assert unknown.returncode == 1 and f"{flag} 7: model 'demo' has no such version" in unknown.stderr
         assert "Traceback" not in unknown.stderr
+    nokey = driftloop("deploy", "--config", "configs/demo.yaml", "--tracking-uri", uri, env={"DRIFTLOOP_API_KEY": ""})
+    assert nokey.returncode == 1 and "set DRIFTLOOP_API_KEY" in nokey.stderr and "Traceback" not in nokey.stderr
     jobs_url = {"DRIFTLOOP_API_KEY": "k", "RAY_ADDRESS": "http://127.0.0.1:9"}  # what `up` exports, for submit
     deploy = driftloop("deploy", "--config", "configs/demo.yaml", "--tracking-uri", uri, env=jobs_url)
     assert deploy.returncode == 1 and "is a Jobs API URL" in deploy.stderr and "Traceback" not in deploy.stderr

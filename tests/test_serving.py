@@ -128,7 +128,9 @@ def rows(config: PipelineConfig, n: int, seed: int = 8) -> list[dict[str, object
     return [{k: r.record[k] for k in FEATURES} for r in StreamGenerator(config, seed=seed).records(n)]
 
 
-def test_predictions_match_the_model_evaluated_offline(served: tuple[str, ModelRegistry, PipelineConfig]) -> None:
+def test_predictions_match_the_model_evaluated_offline_and_bad_requests_are_refused(
+    served: tuple[str, ModelRegistry, PipelineConfig],
+) -> None:
     url, registry, config = served
     batch = rows(config, 50)
     answer = post(url, [{**r, "request_id": f"r{i}"} for i, r in enumerate(batch)])
@@ -143,10 +145,8 @@ def test_predictions_match_the_model_evaluated_offline(served: tuple[str, ModelR
     assert len(single) == 1 and len(single[0]["request_id"]) == 32  # generated when not given
     assert requests.get(f"{url}/docs", timeout=10).status_code == 200
 
-
-def test_auth_validation_and_limits(served: tuple[str, ModelRegistry, PipelineConfig]) -> None:
-    url, _, config = served
-    record = rows(config, 1)[0]
+    # The same app (one deployment for both halves): auth, validation and limits.
+    record = batch[0]
     assert post(url, record, key=None).status_code == 401
     assert post(url, record, key="wrong").status_code == 401
     assert requests.get(f"{url}/v1/model", timeout=10).status_code == 401

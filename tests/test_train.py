@@ -28,7 +28,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_the_model_beats_the_bas
     with Producer(config.kafka) as producer:
         publish_stream(StreamGenerator(config, seed=1), producer, topics, config.name, 6000)
     assert ingest(config).manifest is not None
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, epochs=4, batch_size=128))
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, epochs=3, batch_size=128))
     store = DatasetStore(config.datasets.root, config.name)
     marker = tmp_path / "killed"
     result = train_model(
@@ -37,7 +37,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_the_model_beats_the_bas
 
     assert marker.exists(), "the worker was killed once"
     last = result.history[-1]
-    assert last["epoch"] == 4 and last["resumed_from"] >= 1, "training resumed from a checkpoint, not from scratch"
+    assert last["epoch"] == 3 and last["resumed_from"] >= 1, "training resumed from a checkpoint, not from scratch"
     report = result.report
     assert report["accuracy"] > report["baseline_accuracy"] + 0.15
     assert report["f1_macro"] > report["baseline_f1_macro"] + 0.2

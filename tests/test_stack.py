@@ -22,8 +22,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 def processes_mentioning(text: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines()[1:] if text in line and "ps -eo" not in line]
+    # -ww: whole command lines. Without it ps cuts them at $COLUMNS, and HAProxy's config path
+    # (which names the Ray head's temp dir) came after the cut: a leaked HAProxy went unseen.
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines()[1:] if text in line and "ps -ww" not in line]
 
 
 def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineConfig, tmp_path: Path) -> None:
@@ -112,3 +114,24 @@ def test_up_refuses_bad_input_and_starts_nothing(demo_config: PipelineConfig, tm
     (broken / "state.json").write_text("{not json")
     garbled = driftloop("up", "--config", str(config), "--state-dir", str(broken))
     assert garbled.returncode == 1 and "not a driftloop stack state" in garbled.stderr
+
+
+def test_down_stops_what_outlives_the_ray_heads_process_group(tmp_path: Path) -> None:
+    """Serve's HAProxy runs in its manager worker's process group, not the head's: found by its temp dir."""
+    from cluster.stack import _stop_strays
+
+    temp_dir = tmp_path / "dl-ray-x"
+    config = temp_dir / "hp" / "haproxy.cfg"
+    stray = subprocess.Popen(  # a process of its own group whose command line names a file in the temp dir
+        [sys.executable, "-c", "import time; time.sleep(120)", str(config)], start_new_session=True
+    )
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(tmp_path / "other")])
+    try:
+        assert _stop_strays(str(temp_dir), timeout_s=5.0) == 1
+        assert stray.wait(timeout=10) is not None
+        assert bystander.poll() is None, "what does not name the temp dir runs on"
+        assert _stop_strays(str(temp_dir), timeout_s=5.0) == 0
+    finally:
+        for process in (stray, bystander):
+            process.kill()
+            process.wait()

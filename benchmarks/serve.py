@@ -40,7 +40,7 @@ from jobs.features import fit_pipeline  # noqa: E402
 from jobs.loop import pick_device, train_standalone  # noqa: E402
 from jobs.models import ModelSpec, build_model, save_artifact  # noqa: E402
 from jobs.registry import ModelRegistry  # noqa: E402
-from streams.config import load_config  # noqa: E402
+from streams.config import API_KEY_ENV, load_config  # noqa: E402
 from streams.datasets import Window  # noqa: E402
 from streams.generator import StreamGenerator  # noqa: E402
 from streams.kafka import ensure_topics  # noqa: E402
@@ -132,7 +132,7 @@ def main() -> int:
     if args.batch_max_size is not None:
         base = dataclasses.replace(base, serving=dataclasses.replace(base.serving, batch_max_size=args.batch_max_size))
     work = Path(tempfile.mkdtemp(prefix="driftloop-bench-serve-"))
-    os.environ["DRIFTLOOP_API_KEY"] = KEY
+    os.environ[API_KEY_ENV] = KEY
     from cluster.ray_runtime import haproxy_ingress, start_local
 
     start_local(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

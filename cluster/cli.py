@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from streams.config import PipelineConfig, load_config
+from streams.config import API_KEY_ENV, PipelineConfig, load_config
 from streams.errors import ConfigError, DriftloopError
 from streams.generator import SCENARIOS, StreamGenerator
 from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
@@ -429,8 +429,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     config = load_config(args.config)  # what can be refused is, before Ray, torch and MLflow load
     uri = _tracking_uri(args, config)
     cluster_address(config)
-    if not os.environ.get("DRIFTLOOP_API_KEY"):
-        raise DriftloopError("set DRIFTLOOP_API_KEY to the API key clients must send")
+    if not os.environ.get(API_KEY_ENV):
+        raise DriftloopError(f"set {API_KEY_ENV} to the API key clients must send")
     from ray import serve
 
     from jobs.registry import ModelRegistry
@@ -525,7 +525,6 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from cluster.stack import up
-    from serving.app import API_KEY_ENV
 
     config = load_config(args.config)
     stack = up(

@@ -36,7 +36,7 @@ import requests
 
 from cluster.lineage import read_events
 from cluster.report import write_html
-from streams.config import PipelineConfig
+from streams.config import API_KEY_ENV, PipelineConfig
 from streams.events import (
     DriftDetected,
     LabelObserved,
@@ -58,7 +58,6 @@ from streams.topics import Topics
 __all__ = ["LoopOptions", "run_loop"]
 
 ROOT = Path(__file__).resolve().parent.parent
-API_KEY_ENV = "DRIFTLOOP_API_KEY"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streams.config import DATASETS_ROOT_ENV, PipelineConfig
+from streams.config import API_KEY_ENV, DATASETS_ROOT_ENV, PipelineConfig
 from streams.errors import DriftloopError
 
 __all__ = ["Stack", "down", "load_state", "up"]
@@ -145,8 +145,6 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 def _api_key(state_dir: Path) -> tuple[str, str]:
     """The API key and the file it is in: DRIFTLOOP_API_KEY, else a new key in a private file."""
     import secrets
-
-    from serving.app import API_KEY_ENV
 
     if os.environ.get(API_KEY_ENV):
         return os.environ[API_KEY_ENV], ""

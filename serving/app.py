@@ -43,7 +43,7 @@ from jobs.registry import ModelRegistry
 from serving.model import ServedModel, load_served_model
 from serving.policy import route
 from serving.predlog import PredictionLog
-from streams.config import KafkaSettings, PipelineConfig
+from streams.config import API_KEY_ENV, KafkaSettings, PipelineConfig
 from streams.errors import DecodeError, ErrorKind
 from streams.events import ModelPromoted, ModelRolledBack, new_event_id
 from streams.kafka import Batch
@@ -52,7 +52,6 @@ from streams.topics import Topics
 
 __all__ = ["API_KEY_ENV", "ModelServer", "app_builder", "build_app"]
 
-API_KEY_ENV = "DRIFTLOOP_API_KEY"
 WATCH_ENV = "DRIFTLOOP_WATCH_MODELS"  # "0" turns the models-topic watch off
 SMALL_REQUEST = 32  # requests with fewer records are batched with concurrent ones (@serve.batch)
 NO_MODEL_RECHECK_S = 5.0  # a replica with no model asks the registry this often, at most

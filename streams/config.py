@@ -22,6 +22,7 @@ import yaml
 from streams.errors import ConfigError
 
 __all__ = [
+    "API_KEY_ENV",
     "DATASETS_ROOT_ENV",
     "ConsumerSettings",
     "DatasetSettings",
@@ -54,6 +55,7 @@ __all__ = [
 
 EMBEDDED = "embedded"
 DATASETS_ROOT_ENV = "DRIFTLOOP_DATASETS_ROOT"  # overrides datasets.root (the local stack sets it)
+API_KEY_ENV = "DRIFTLOOP_API_KEY"  # the key Serve's clients send: from the environment only
 RESERVED_COLUMNS = ("topic", "partition", "offset", "timestamp")
 INLINE = "\x00inline"  # marks the field a shorthand value stands for (see FeatureTransform.normalize)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")

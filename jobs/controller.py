@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shlex
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,12 +29,21 @@ from typing import Any
 
 from jobs.service import Service
 from streams.config import PipelineConfig, dump_config
-from streams.events import Event, RetrainRequested, TrainingCompleted, TrainingFailed, deterministic_id
+from streams.errors import DecodeError, ErrorKind, RetryableError
+from streams.events import (
+    ID_PATTERN,
+    Event,
+    RetrainRequested,
+    TrainingCompleted,
+    TrainingFailed,
+    deterministic_id,
+)
 
 __all__ = [
     "RESULT_MARK",
     "JobOutcome",
     "JobTemplate",
+    "entrypoint_argv",
     "outcome_event",
     "parse_result",
     "run_controller",
@@ -45,6 +56,7 @@ RESULT_MARK = "DRIFTLOOP_RESULT "  # the job's last line: this, then its summary
 CONFIG_ENV = "DRIFTLOOP_CONFIG_YAML"
 CAUSE_ENV = "DRIFTLOOP_RETRAIN_CAUSE"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+_ID = re.compile(ID_PATTERN)
 EXCLUDES = [".git", ".venv", "runs", "benchmarks/.peer-venv", "**/__pycache__", "*.db", ".mypy_cache", ".ruff_cache"]
 
 
@@ -109,6 +121,26 @@ def outcome_event(config: PipelineConfig, request_id: str, outcome: JobOutcome) 
     )
 
 
+def entrypoint_argv(request: RetrainRequested, job: JobTemplate) -> list[str]:
+    """The job's command as an argv list. Pure.
+
+    Ray Jobs runs an entrypoint through a shell, so it is built with `shlex.join` from this list:
+    every value is one quoted argument, whatever it holds. The event's free text (`cause`) is
+    never on it (it travels in the environment). The ids were checked against `ID_PATTERN` when
+    the event was decoded; they are checked again here, since a path is made from one.
+    """
+    for name, value in (("event_id", request.event_id), ("drift_event_id", request.drift_event_id)):
+        if value is not None and not _ID.match(value):
+            raise ValueError(f"RetrainRequested.{name} {value[:80]!r} does not match {ID_PATTERN}")
+    argv = [job.python, "-m", job.module, "--trigger-event-id", request.event_id]
+    argv += ["--out", str(job.out_root.resolve() / request.event_id)]
+    if request.data_start is not None:
+        argv += ["--since", request.data_start.isoformat()]
+    if request.drift_event_id:
+        argv += ["--drift-event-id", request.drift_event_id]
+    return argv
+
+
 def submit_retrain(
     client: Any,
     config: PipelineConfig,
@@ -117,14 +149,9 @@ def submit_retrain(
 ) -> bool:
     """Submit the job for `request`; False when a job with its id already exists (a duplicate)."""
     submission_id = request.event_id
+    entrypoint = shlex.join(entrypoint_argv(request, job))
     if _exists(client, submission_id):
         return False
-    entrypoint = (
-        f"{job.python} -m {job.module} --trigger-event-id {submission_id}"
-        + f" --out {job.out_root.resolve() / submission_id}"
-        + (f" --since {request.data_start.isoformat()}" if request.data_start else "")
-        + (f" --drift-event-id {request.drift_event_id}" if request.drift_event_id else "")
-    )
     runtime_env = {
         "working_dir": str(job.working_dir),
         "excludes": EXCLUDES,
@@ -190,6 +217,7 @@ def follow(client: Any, submission_id: str, timeout_s: float, poll_s: float = 1.
 class ControllerStats:
     submitted: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    dead_lettered: list[str] = field(default_factory=list)
     outcomes: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -202,7 +230,7 @@ def run_controller(
     client_factory: Callable[[str], Any] | None = None,
 ) -> None:
     """Consume retrain requests until `stop`; submit, follow, publish."""
-    from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
+    from streams.kafka import Batch, Producer, StreamConsumer, dead_letter, ensure_topics
     from streams.serde import decode_events
     from streams.topics import Topics
 
@@ -239,16 +267,33 @@ def run_controller(
             start_following(existing.submission_id, existing.submission_id)
 
     def handle(batch: Batch) -> None:
-        for event in batch.values:
-            if not isinstance(event, RetrainRequested) or event.pipeline != config.name:
-                continue
-            if submit_retrain(client, config, event, job):
-                stats.submitted.append(event.event_id)
-                log.info("submitted retrain job %s (%s)", event.event_id, event.cause)
-                start_following(event.event_id, event.event_id)
-            else:
-                stats.duplicates.append(event.event_id)
-                log.info("retrain %s already has a job: not submitted again", event.event_id)
+        for chunk in batch.chunks:
+            for record, event in zip(chunk.records, chunk.values, strict=True):
+                if isinstance(event, RetrainRequested) and event.pipeline == config.name:
+                    handle_one(record, event)
+
+    def handle_one(record: Any, event: RetrainRequested) -> None:
+        """Submit one request. A request that cannot be carried out goes to the DLQ with the reason
+        and the loop goes on; only an unreachable Jobs API is retried (and, if it stays down, ends
+        the loop, and with it the actor, so that Ray restarts it)."""
+        try:
+            submitted = submit_retrain(client, config, event, job)
+        except OSError as err:  # requests' ConnectionError and friends: the cluster is not there
+            raise RetryableError(f"the Jobs API at {address} is unreachable: {err}") from err
+        except Exception as err:
+            reason = f"retrain request {event.event_id} could not be submitted: {type(err).__name__}: {err}"
+            log.warning("%s; to %s", reason, topics.dlq)
+            with lock:
+                dead_letter(producer, topics.dlq, [(record, DecodeError(ErrorKind.UNPROCESSABLE, reason[:2000]))])
+            stats.dead_lettered.append(event.event_id)
+            return
+        if submitted:
+            stats.submitted.append(event.event_id)
+            log.info("submitted retrain job %s (%s)", event.event_id, event.cause[:200])
+            start_following(event.event_id, event.event_id)
+        else:
+            stats.duplicates.append(event.event_id)
+            log.info("retrain %s already has a job: not submitted again", event.event_id)
 
     consumer = StreamConsumer(
         config.kafka, [topics.retrain], decode_events, handle, group_id=f"{config.name}.controller",
@@ -277,4 +322,5 @@ class ControllerService(Service):
     def stats(self) -> dict[str, Any]:
         s = self._stats
         return {"submitted": list(s.submitted), "duplicates": list(s.duplicates), "outcomes": list(s.outcomes),
+                "dead_lettered": list(s.dead_lettered),
                 "error": self.error, "running": self.running}  # fmt: skip

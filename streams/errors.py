@@ -55,6 +55,8 @@ class ErrorKind(str, enum.Enum):
     OUT_OF_RANGE = "out_of_range"
     NON_FINITE = "non_finite"
     UNKNOWN_CATEGORY = "unknown_category"
+    INVALID_FIELD = "invalid_field"  # a string that breaks its pattern or length (ids)
+    UNPROCESSABLE = "unprocessable"  # decoded, but could not be carried out (the reason says why)
     UNKNOWN_EVENT_TYPE = "unknown_event_type"
     UNSUPPORTED_VERSION = "unsupported_version"
     INVALID = "invalid"

@@ -19,6 +19,8 @@ import msgspec
 
 __all__ = [
     "EVENT_TYPES",
+    "ID_PATTERN",
+    "REQUEST_ID_PATTERN",
     "DriftDetected",
     "Event",
     "FeatureDrift",
@@ -38,6 +40,16 @@ __all__ = [
 
 _NAMESPACE = uuid.UUID("5c6f2a0e-9d0b-4c77-8d8a-2f1f5b9e1d40")
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+
+# Ids cross a trust boundary on every topic and end up in Ray Jobs submission ids, job
+# directories and MLflow tags: letters, digits, `_` and `-` only (no `/`, `.`, spaces or shell
+# metacharacters), at most 128 characters. Request ids (chosen by HTTP callers) may also hold
+# `.` and `:` (UUIDs, trace ids), never anything that could be a path segment on its own.
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$"
+Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, max_length=128)]
+RequestId = Annotated[str, msgspec.Meta(pattern=REQUEST_ID_PATTERN, max_length=128)]
+Version = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,20}$")]
 Scalar = str | int | float | bool | None
 
 
@@ -77,7 +89,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
 
     SCHEMA_VERSION: ClassVar[int] = 1
 
-    event_id: str = msgspec.field(default_factory=new_event_id)
+    event_id: Id = msgspec.field(default_factory=new_event_id)
     occurred_at: AwareDatetime = msgspec.field(default_factory=utcnow)
     schema_version: int = 1
 
@@ -88,10 +100,10 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
 class PredictionLogged(Event, frozen=True, kw_only=True):
     """One served prediction, as logged to the `predictions` topic."""
 
-    request_id: str
-    pipeline: str
-    model_name: str
-    model_version: str
+    request_id: RequestId
+    pipeline: Id
+    model_name: Id
+    model_version: Version
     features: dict[str, Scalar]
     prediction: str | int
     probabilities: dict[str, float] = {}
@@ -104,8 +116,8 @@ class PredictionLogged(Event, frozen=True, kw_only=True):
 class LabelObserved(Event, frozen=True, kw_only=True):
     """Delayed ground truth for an earlier request (the `labels` topic)."""
 
-    request_id: str
-    pipeline: str
+    request_id: RequestId
+    pipeline: Id
     label: str | int
 
     def key(self) -> str:
@@ -126,7 +138,7 @@ class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
 class DriftDetected(Event, frozen=True, kw_only=True):
     """A monitoring window whose distribution moved past the policy's thresholds."""
 
-    pipeline: str
+    pipeline: Id
     window_start: AwareDatetime
     window_end: AwareDatetime
     window_size: int
@@ -145,11 +157,11 @@ class DriftDetected(Event, frozen=True, kw_only=True):
 class RetrainRequested(Event, frozen=True, kw_only=True):
     """A decision to retrain; its id is deterministic and doubles as the Ray Jobs submission id."""
 
-    pipeline: str
+    pipeline: Id
     cause: str
     data_start: AwareDatetime | None = None
     data_end: AwareDatetime | None = None
-    drift_event_id: str | None = None
+    drift_event_id: Id | None = None
 
     def key(self) -> str:
         return self.pipeline
@@ -158,13 +170,13 @@ class RetrainRequested(Event, frozen=True, kw_only=True):
 class TrainingCompleted(Event, frozen=True, kw_only=True):
     """A training job finished and registered a model version."""
 
-    pipeline: str
-    model_name: str
-    model_version: str
-    run_id: str
+    pipeline: Id
+    model_name: Id
+    model_version: Version
+    run_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,128}$")]
     metrics: dict[str, float] = {}
-    trigger_event_id: str | None = None
-    submission_id: str | None = None
+    trigger_event_id: Id | None = None
+    submission_id: Id | None = None
 
     def key(self) -> str:
         return self.model_name
@@ -173,11 +185,11 @@ class TrainingCompleted(Event, frozen=True, kw_only=True):
 class TrainingFailed(Event, frozen=True, kw_only=True):
     """A training job ended without a model."""
 
-    pipeline: str
-    model_name: str
+    pipeline: Id
+    model_name: Id
     reason: str
-    trigger_event_id: str | None = None
-    submission_id: str | None = None
+    trigger_event_id: Id | None = None
+    submission_id: Id | None = None
 
     def key(self) -> str:
         return self.model_name
@@ -186,9 +198,9 @@ class TrainingFailed(Event, frozen=True, kw_only=True):
 class ModelPromoted(Event, frozen=True, kw_only=True):
     """The gate passed: `champion` now points at `model_version`."""
 
-    model_name: str
-    model_version: str
-    previous_version: str | None = None
+    model_name: Id
+    model_version: Version
+    previous_version: Version | None = None
     metrics: dict[str, float] = {}
 
     def key(self) -> str:
@@ -198,8 +210,8 @@ class ModelPromoted(Event, frozen=True, kw_only=True):
 class ModelRejected(Event, frozen=True, kw_only=True):
     """The gate failed; the reasons say which rule."""
 
-    model_name: str
-    model_version: str
+    model_name: Id
+    model_version: Version
     reasons: tuple[str, ...]
 
     def key(self) -> str:
@@ -209,9 +221,9 @@ class ModelRejected(Event, frozen=True, kw_only=True):
 class ModelRolledBack(Event, frozen=True, kw_only=True):
     """`champion` went back to an earlier version."""
 
-    model_name: str
-    from_version: str
-    to_version: str
+    model_name: Id
+    from_version: Version
+    to_version: Version
     reason: str = ""
 
     def key(self) -> str:

@@ -18,7 +18,7 @@ import msgspec
 
 from streams.config import Feature, RecordSchema
 from streams.errors import DecodeError, ErrorKind
-from streams.events import EVENT_TYPES, AwareDatetime, Event
+from streams.events import EVENT_TYPES, AwareDatetime, Event, RequestId
 
 __all__ = ["DEFAULT_MAX_BYTES", "RecordCodec", "RequestCodec", "decode_event", "decode_events", "encode_event"]
 
@@ -152,7 +152,7 @@ class RequestCodec:
         self.schema = schema
         self.max_bytes = max_bytes
         self.max_records = max_records
-        fields: list[Any] = [("request_id", str | None, None)]
+        fields: list[Any] = [("request_id", RequestId | None, None)]
         required = [(f.name, _feature_type(f)) for f in schema.features if not f.nullable]
         optional = [(f.name, _feature_type(f) | None, None) for f in schema.features if f.nullable]
         self.type = msgspec.defstruct(
@@ -272,6 +272,8 @@ def _explain_validation(message: str) -> DecodeError:
         if "1.7976931348623157e+308" in text:
             return DecodeError(ErrorKind.NON_FINITE, f"{where}number too large to be finite", field)
         return DecodeError(ErrorKind.OUT_OF_RANGE, f"{where}{_lower(text)}", field)
+    if text.startswith("Expected `str` matching regex") or text.startswith("Expected `str` of length"):
+        return DecodeError(ErrorKind.INVALID_FIELD, f"{where}{_lower(text)}", field)
     if text.startswith("Expected") or text.startswith("Invalid RFC3339"):
         return DecodeError(ErrorKind.WRONG_TYPE, f"{where}{_lower(text)}", field)
     return DecodeError(ErrorKind.INVALID, f"{where}{text}", field)

@@ -15,6 +15,7 @@ from jobs.controller import (
     ControllerStats,
     JobOutcome,
     JobTemplate,
+    entrypoint_argv,
     outcome_event,
     parse_result,
     run_controller,
@@ -93,3 +94,88 @@ def test_a_duplicated_request_starts_one_job_and_the_outcome_is_published(
     (done,) = events
     assert isinstance(done, TrainingCompleted) and done.model_version == "7"
     assert done.submission_id == request.event_id == done.trigger_event_id
+
+
+def test_the_entrypoint_is_quoted_arguments_and_refuses_ids_that_bypassed_decoding(tmp_path: Path) -> None:
+    import shlex
+    from datetime import datetime, timezone
+
+    job = JobTemplate(ROOT, tmp_path / "my jobs; rm -rf ~", {}, "/opt/py $HOME/python", "jobs.retrain")
+    since = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    good = RetrainRequested(event_id="abc-1", pipeline="demo", cause="x; id #", data_start=since, drift_event_id="d_2")
+    argv = entrypoint_argv(good, job)
+    assert shlex.split(shlex.join(argv)) == argv  # what the shell sees is exactly this list
+    assert argv[:5] == ["/opt/py $HOME/python", "-m", "jobs.retrain", "--trigger-event-id", "abc-1"]
+    assert "x; id #" not in shlex.join(argv)  # free text never reaches the command line
+    for field in ("event_id", "drift_event_id"):
+        # msgspec checks patterns on decode only: an event built in code is checked here again
+        hostile = RetrainRequested(pipeline="demo", cause="c", **{field: "x --help; id > FILE; #"})  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=field):
+            entrypoint_argv(hostile, job)
+
+
+class _FlakyJobs:
+    """The real Jobs API, except that it answers one submission id as Ray did for an id with `/`."""
+
+    def __init__(self, address: str, refuse: str) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        self._real = JobSubmissionClient(address)
+        self.refuse = refuse
+
+    def submit_job(self, **kwargs: Any) -> str:
+        if kwargs["submission_id"] == self.refuse:
+            raise RuntimeError("Request failed with status code 500: Internal Server Error")
+        return str(self._real.submit_job(**kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.mark.integration
+def test_hostile_and_failing_requests_go_to_the_dlq_and_the_controller_goes_on(
+    config: PipelineConfig, topics: Topics, tmp_path: Path, jobs_address: str
+) -> None:
+    import json
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streams.kafka import client_options
+    from streams.serde import encode_event
+
+    marker = tmp_path / "owned"
+    stop, stats = threading.Event(), ControllerStats()
+    job = JobTemplate(ROOT, tmp_path / "jobs", {}, sys.executable, "tests.job_echo")
+    failing = deterministic_id(config.name, "refused")
+    args = (config, jobs_address, job, stop, stats, lambda address: _FlakyJobs(address, failing))
+    thread = threading.Thread(target=run_controller, args=args, daemon=True)
+    thread.start()
+    hostile = json.loads(encode_event(RetrainRequested(pipeline=config.name, cause="drift")))
+    hostile["event_id"] = f"x --help; id > {marker}; #"
+    good = RetrainRequested(event_id=deterministic_id(config.name, "good"), pipeline=config.name, cause="$(id)")
+    try:
+        with Producer(config.kafka) as producer:
+            producer.send(topics.retrain, json.dumps(hostile).encode(), key=config.name)
+            producer.send_event(topics.retrain, RetrainRequested(event_id=failing, pipeline=config.name, cause="c"))
+            producer.send_event(topics.retrain, good)
+            producer.flush()
+        events = _models_events(config, topics, 1)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert stats.submitted == [good.event_id] and stats.dead_lettered == [failing]
+    (done,) = events
+    assert isinstance(done, TrainingCompleted) and done.submission_id == good.event_id
+    assert not marker.exists()
+    consumer = KafkaConsumer(**client_options(config.kafka), enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topics.dlq, p) for p in consumer.partitions_for_topic(topics.dlq) or ()]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        dead = [r for batch in consumer.poll(timeout_ms=5000).values() for r in batch]
+    finally:
+        consumer.close()
+    kinds = sorted(dict(r.headers)["driftloop.error"].decode() for r in dead)
+    assert kinds == ["invalid_field", "unprocessable"]
+    reasons = " ".join(dict(r.headers)["driftloop.reason"].decode() for r in dead)
+    assert "status code 500" in reasons and "event_id" in reasons

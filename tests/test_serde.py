@@ -311,3 +311,35 @@ def test_validate_rejects_bad_mappings_before_they_are_sent(codec: RecordCodec) 
     with pytest.raises(DecodeError) as caught:
         codec.encode({**GOOD, "plan": "platinum"})
     assert caught.value.kind is ErrorKind.UNKNOWN_CATEGORY
+
+
+SHELL_METACHARACTERS = [";", "|", "&", "$", "`", "(", ")", "<", ">", "\\", '"', "'", "*", "?", "[", "]",
+                        "{", "}", "~", "#", "!", "=", "%", " ", "\t", "\n", "/", "..", "\x00"]  # fmt: skip
+# Every id field of every event type that can carry one: each reaches a command line, a path or a tag.
+ID_FIELDS = sorted(
+    {(name, f) for name, cls in EVENT_TYPES.items() for f in cls.__struct_fields__}
+    & {(n, f) for n in EVENT_TYPES for f in ("event_id", "request_id", "pipeline", "model_name", "drift_event_id",
+                                           "trigger_event_id", "submission_id", "run_id", "model_version",
+                                           "previous_version", "from_version", "to_version")}
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(("event_type", "field"), ID_FIELDS)
+def test_every_id_field_refuses_every_shell_metacharacter(event_type: str, field: str) -> None:
+    (event,) = [e for e in sample_events() if type(e).__name__ == event_type]
+    data = json.loads(encode_event(event))
+    good = str(data.get(field) or "1")
+    for char in SHELL_METACHARACTERS:
+        data[field] = f"{good}{char}id>/tmp/owned"
+        err = event_error(json.dumps(data).encode())
+        assert (err.kind, err.field) == (ErrorKind.INVALID_FIELD, field), (char, err)
+    data[field] = "a" * 129  # too long
+    assert event_error(json.dumps(data).encode()).kind is ErrorKind.INVALID_FIELD
+
+
+def test_the_issues_hostile_retrain_event_is_refused() -> None:
+    data = json.loads(encode_event(RetrainRequested(pipeline="demo", cause="drift")))
+    data["event_id"] = "x --help; id > FILE; #"
+    err = event_error(json.dumps(data).encode())
+    assert (err.kind, err.field) == (ErrorKind.INVALID_FIELD, "event_id")
+    assert ErrorKind.INVALID_FIELD.value == "invalid_field"

@@ -8,6 +8,7 @@ the DLQ writes are acknowledged. A crash at any point re-delivers, never skips.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -36,6 +37,7 @@ __all__ = [
     "bootstrap_servers",
     "client_options",
     "dead_letter",
+    "dlq_copy",
     "ensure_topics",
     "new_consumer",
     "topic_id",
@@ -151,6 +153,7 @@ class Producer:
 
     def __init__(self, kafka: KafkaSettings, client_id: str = "driftloop") -> None:
         settings = kafka.producer
+        self.max_request_size = max(kafka.max_record_bytes * 2, 1024 * 1024)
         try:
             self._producer = KafkaProducer(
                 **client_options(kafka),
@@ -161,7 +164,7 @@ class Producer:
                 batch_size=settings.batch_size,
                 max_block_ms=settings.max_block_ms,
                 delivery_timeout_ms=settings.delivery_timeout_ms,
-                max_request_size=max(kafka.max_record_bytes * 2, 1024 * 1024),
+                max_request_size=self.max_request_size,
             )
         except KafkaError as err:
             raise _unreachable(kafka, err) from err
@@ -268,19 +271,52 @@ def dead_letter(producer: Producer, dlq_topic: str, dead: Sequence[tuple[Any, De
     """Send rejected records to the DLQ with their original bytes and reason headers; flush.
 
     Returns only when the DLQ copies are acknowledged, so the caller may then move past them.
+    A record too big to copy whole (within the producer's request limit, with its key, headers
+    and `DLQ_OVERHEAD` for ours) goes truncated to its first `TRUNCATED_BYTES`, with its size and SHA-256 in
+    the headers: a poison pill must never make the DLQ write, and so the consumer, fail.
     """
     kinds = Counter(error.kind.value for _, error in dead)
     log.warning("%d records to %s: %s", len(dead), dlq_topic, dict(kinds))
     for record, error in dead:
         log.info("%s/%d@%d to DLQ: %s", record.topic, record.partition, record.offset, error)
-        headers = [(k, v) for k, v in (record.headers or []) if not k.startswith("driftloop.")]
-        headers += [
-            (KIND_HEADER, error.kind.value.encode()),
-            (REASON_HEADER, str(error.message).encode("utf-8", "replace")),
-            (SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode()),
-        ]
-        producer.send(dlq_topic, record.value if record.value is not None else b"", record.key, headers)
+        value, key, headers = dlq_copy(record, error, producer.max_request_size - DLQ_OVERHEAD)
+        producer.send(dlq_topic, value, key, headers)
     producer.flush()
+
+
+TRUNCATED_BYTES = 64 * 1024
+DLQ_OVERHEAD = 16 * 1024  # our headers (the reason is cut at 4,000 characters) and the batch framing
+SIZE_HEADER = "driftloop.size"
+DIGEST_HEADER = "driftloop.sha256"
+TRUNCATED_HEADER = "driftloop.truncated"
+
+
+def dlq_copy(record: Any, error: DecodeError, limit: int) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
+    """The value, key and headers of a record's DLQ copy, within `limit` bytes. Pure."""
+    value = record.value if record.value is not None else b""
+    key = record.key
+    headers = [(k, v) for k, v in (record.headers or []) if not k.startswith("driftloop.")]
+    size = len(value) + len(key or b"") + sum(len(k) + len(v or b"") for k, v in headers)
+    extra: list[tuple[str, bytes]] = []
+    if size > limit:
+        extra = [
+            (TRUNCATED_HEADER, b"1"),
+            (SIZE_HEADER, str(len(value)).encode()),
+            (DIGEST_HEADER, hashlib.sha256(value).hexdigest().encode()),
+        ]
+        value = value[:TRUNCATED_BYTES]
+        if key is not None and len(key) > 1024:
+            extra.append(("driftloop.key_sha256", hashlib.sha256(key).hexdigest().encode()))
+            key = key[:1024]
+        if sum(len(k) + len(v or b"") for k, v in headers) > TRUNCATED_BYTES:
+            headers = []  # the source offset still finds the original
+    headers += [
+        (KIND_HEADER, error.kind.value.encode()),
+        (REASON_HEADER, str(error.message)[:4000].encode("utf-8", "replace")),
+        (SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        *extra,
+    ]
+    return value, key, headers
 
 
 @dataclass(frozen=True)

@@ -268,3 +268,41 @@ def test_generated_stream_survives_a_trip_through_kafka(config: PipelineConfig, 
     assert len(got) == 300
     first = codec.decode(codec.encode(rows[0].record))
     assert got[rows[0].record["record_id"]] == codec.to_dict(first)
+
+
+def test_a_record_too_big_to_copy_goes_to_the_dlq_truncated_and_the_consumer_goes_on(
+    config: PipelineConfig, topics: Topics
+) -> None:
+    """A poison pill (3 MB, past the DLQ producer's 2 MB request limit) must not stop the loop."""
+    import hashlib
+
+    from kafka import KafkaProducer
+
+    codec = RecordCodec(config.schema, config.kafka.max_record_bytes)
+    huge = json.dumps({**GOOD, "record_id": "x" * 3_000_000}).encode()
+    big = KafkaProducer(**client_options(config.kafka), max_request_size=8 * 1024 * 1024)
+    try:
+        for payload in (
+            codec.encode({**GOOD, "record_id": "before"}),
+            huge,
+            codec.encode({**GOOD, "record_id": "after"}),
+        ):
+            big.send(topics.records, payload, partition=0)
+        big.flush()
+    finally:
+        big.close()
+    seen: list[str] = []
+    consumer = StreamConsumer(
+        config.kafka, [topics.records], codec.decode_batch, lambda b: seen.extend(v.record_id for v in b.values),
+        group_id=f"{config.name}.g", dlq_topic=topics.dlq,
+    )  # fmt: skip
+    stats = consumer.run(max_records=3, idle_timeout_s=10)
+    assert seen == ["before", "after"] and stats.dead_lettered == 1
+    (dead,) = read_all(config, topics.dlq, 1)
+    headers = dict(dead.headers)  # type: ignore[attr-defined]
+    assert headers["driftloop.error"] == b"oversized" and headers["driftloop.truncated"] == b"1"
+    assert int(headers["driftloop.size"]) == len(huge)
+    assert headers["driftloop.sha256"].decode() == hashlib.sha256(huge).hexdigest()
+    assert headers["driftloop.source"].decode() == f"{topics.records}/0/1"
+    assert huge.startswith(dead.value) and 0 < len(dead.value) < len(huge)  # type: ignore[attr-defined]
+    assert committed(config, topics.records, f"{config.name}.g")[0] == 3

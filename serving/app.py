@@ -248,6 +248,8 @@ class ModelServer:
             "predictions_logged": self.log.sent,
             "predictions_buffered": self.log.buffered,
             "predictions_dropped": self.log.dropped,
+            "prediction_log_alive": self.log.alive,
+            "prediction_log_producers_replaced": self.log.replaced,
         }
 
     @api.get("/v1/model")

@@ -51,6 +51,10 @@ class PredictionLog:
             lambda k: BulkProducer(k, client_id=f"{topic}.serve", max_messages=capacity, timeout_s=timeout_s)
         )
         self._producer: BulkProducer | None = None
+        self._retired_sent = 0  # counts of producers replaced after a fatal error
+        self._retired_dropped = 0
+        self.replaced = 0
+        self.errors = 0  # iterations of the log thread that failed (each counted in `dropped`)
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         if kafka is not None:
             self._thread.start()
@@ -85,12 +89,18 @@ class PredictionLog:
     def sent(self) -> int:
         """Predictions the broker acknowledged."""
         producer = self._producer
-        return producer.delivered if producer is not None else 0
+        return self._retired_sent + (producer.delivered if producer is not None else 0)
 
     @property
     def dropped(self) -> int:
         producer = self._producer
-        return self._dropped + (producer.rejected + producer.failed if producer is not None else 0)
+        current = producer.rejected + producer.failed if producer is not None else 0
+        return self._dropped + self._retired_dropped + current
+
+    @property
+    def alive(self) -> bool:
+        """The log thread runs (health reports it: a dead thread logs nothing)."""
+        return self.kafka is None or self._thread.is_alive()
 
     def _take(self) -> list[PredictionLogged]:
         with self._lock:
@@ -112,6 +122,9 @@ class PredictionLog:
         ]  # fmt: skip
 
     def _run(self) -> None:
+        """Hand buffered predictions to the producer. Nothing ends this loop but `close`: a record
+        that cannot be sent is dropped and counted; a producer in librdkafka's fatal state (after
+        an outage longer than `timeout_s`) is replaced, what it still held counted as dropped."""
         assert self.kafka is not None
         while not self._stop.is_set():
             if self._producer is None:
@@ -121,13 +134,39 @@ class PredictionLog:
                     log.warning("prediction log: no producer (%s); retrying in 1s", err)
                     self._stop.wait(1.0)
                     continue
-            items = self._take()
-            if not items:
-                self._producer.serve(0.05)
-                continue
-            for event in items:
-                self._producer.produce(self.topic, encode_event(event), event.request_id.encode())
-            self._producer.serve(0)
+            producer = self._producer
+            items: list[PredictionLogged] = []
+            try:
+                if producer.fatal is not None:
+                    self._replace(producer)
+                    continue
+                items = self._take()
+                if not items:
+                    producer.serve(0.05)
+                    continue
+                for i, event in enumerate(items):
+                    try:
+                        producer.produce(self.topic, encode_event(event), event.request_id.encode())
+                    except DriftloopError:
+                        self._dropped += len(items) - i
+                        raise
+                    except Exception:  # this event alone (it could not be encoded)
+                        log.exception("prediction log: event %s dropped", event.request_id[:64])
+                        self._dropped += 1
+                producer.serve(0)
+            except Exception as err:
+                self.errors += 1
+                log.warning("prediction log: %s; going on", err)
+                self._stop.wait(0.2)
+
+    def _replace(self, producer: BulkProducer) -> None:
+        log.warning("prediction log: replacing the producer after a fatal error (%s)", producer.fatal)
+        with contextlib.suppress(Exception):
+            producer.close(0)
+        self._retired_sent += producer.delivered
+        self._retired_dropped += producer.rejected + producer.failed + producer.in_flight
+        self.replaced += 1
+        self._producer = None
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Send what is buffered (within `timeout_s`), then stop."""

@@ -28,6 +28,23 @@ __all__ = ["BulkProducer", "rdkafka_options"]
 
 log = logging.getLogger(__name__)
 
+# Delivery errors after which this producer can deliver nothing more. Once records time out in
+# flight, librdkafka bumps the idempotent producer's epoch; Tansu 0.6 then answers every later
+# produce PRODUCER_FENCED (seen after a 10 s outage with a 3 s timeout), while a new producer works.
+_DEAD_PRODUCER = frozenset(
+    getattr(KafkaError, name)
+    for name in (
+        "PRODUCER_FENCED",
+        "INVALID_PRODUCER_EPOCH",
+        "OUT_OF_ORDER_SEQUENCE_NUMBER",
+        "UNKNOWN_PRODUCER_ID",
+        "INVALID_PRODUCER_ID_MAPPING",
+        "_FENCED",
+        "_FATAL",
+    )  # fmt: skip
+    if hasattr(KafkaError, name)
+)
+
 
 def rdkafka_options(kafka: KafkaSettings) -> dict[str, Any]:
     """The connection settings of `kafka` in librdkafka's names (secrets come from the environment)."""
@@ -59,6 +76,7 @@ class BulkProducer:
         self.produced = 0
         self.rejected = 0
         self.failed = 0
+        self.fatal: str | None = None  # librdkafka's fatal error, if it hit one: this producer is done
         self._lock = threading.Lock()
         options = rdkafka_options(kafka) | {
             "client.id": client_id,
@@ -71,6 +89,7 @@ class BulkProducer:
             "message.max.bytes": max(kafka.max_record_bytes * 2, 1024 * 1024),
             "delivery.report.only.error": True,  # success costs no callback; failures are counted
             "on_delivery": self._delivered,
+            "error_cb": self._error,
             "logger": log,
         }
         try:
@@ -82,16 +101,34 @@ class BulkProducer:
         if err is not None:
             with self._lock:
                 self.failed += 1
+            if err.fatal() or err.code() in _DEAD_PRODUCER:
+                self.fatal = self.fatal or f"{err.name()}: {err.str()}"
+
+    def _error(self, err: KafkaError) -> None:
+        # An idempotent producer whose records timed out while the broker was away can end in a
+        # fatal state: every later produce fails. The owner sees `fatal` and makes a new producer.
+        # (`err` is librdkafka's; an error event has no delivery of its own to count.)
+        if err.fatal():
+            self.fatal = str(err)
+            log.warning("the producer hit a fatal error and must be replaced: %s", err)
 
     def produce(self, topic: str, value: bytes, key: bytes | None = None) -> bool:
-        """Queue one record; False (and counted as rejected) when the bounded queue is full."""
+        """Queue one record; False (and counted as rejected) when the bounded queue is full or the
+        record cannot be sent at all (too large, say); `BrokerError` when the producer is dead."""
         try:
             self._producer.produce(topic, value, key)
         except BufferError:
             self.rejected += 1
             return False
         except KafkaException as err:
-            raise BrokerError(f"cannot produce to {topic}: {err}") from err
+            error = err.args[0] if err.args and isinstance(err.args[0], KafkaError) else None
+            if error is not None and error.fatal():
+                self.fatal = str(error)
+            if self.fatal is not None or error is None:
+                raise BrokerError(f"cannot produce to {topic}: {err}") from err
+            self.rejected += 1  # this record alone (MSG_SIZE_TOO_LARGE, ...): counted, not raised
+            log.warning("a record for %s was refused: %s", topic, err)
+            return False
         self.produced += 1
         return True
 

@@ -41,7 +41,7 @@ _DEAD_PRODUCER = frozenset(
         "INVALID_PRODUCER_ID_MAPPING",
         "_FENCED",
         "_FATAL",
-    )  # fmt: skip
+    )
     if hasattr(KafkaError, name)
 )
 

@@ -343,3 +343,27 @@ def test_the_issues_hostile_retrain_event_is_refused() -> None:
     err = event_error(json.dumps(data).encode())
     assert (err.kind, err.field) == (ErrorKind.INVALID_FIELD, "event_id")
     assert ErrorKind.INVALID_FIELD.value == "invalid_field"
+
+
+def test_request_ids_are_limited_where_requests_are_decoded(demo_config: PipelineConfig) -> None:
+    from streams.serde import RequestCodec
+
+    codec = RequestCodec(demo_config.schema, max_bytes=8 * 1024 * 1024)
+    record = {f.name: _value(f) for f in demo_config.schema.features}
+    assert (
+        codec.decode(json.dumps({**record, "request_id": "order-17:a.b_c"}).encode())[0].request_id == "order-17:a.b_c"
+    )
+    for bad in ("r" * 3_000_000, "a" * 129, "", "../x", "a/b", "x; id", "x\\ny"):
+        with pytest.raises(DecodeError) as caught:
+            codec.decode(json.dumps({**record, "request_id": bad}).encode())
+        assert (caught.value.kind, caught.value.field) == (ErrorKind.INVALID_FIELD, "request_id"), bad[:20]
+
+
+def _value(feature: object) -> object:
+    kind = getattr(feature, "type")
+    if kind == "category":
+        return getattr(feature, "categories")[0]
+    if kind == "bool":
+        return True
+    low = getattr(feature, "min")
+    return int(low or 0) if kind == "int" else float(low or 0.0)

@@ -169,6 +169,12 @@ def test_predictions_match_the_model_evaluated_offline_and_bad_requests_are_refu
     assert post(url, None, raw=b"[" + b",".join([b"{}"] * 10) + b"]").status_code == 422
     huge = post(url, None, raw=b'{"pad": "' + b"x" * (5 * 1024 * 1024) + b'"}')
     assert huge.status_code == 413
+    for request_id in ("r" * 3_000_000, "a/../b", "x; id", "", "a" * 129):  # a 3 MB id killed the log thread
+        refused = post(url, {**record, "request_id": request_id})
+        assert refused.status_code in (413, 422), request_id[:20]
+        if refused.status_code == 422:
+            assert refused.json()["detail"]["kind"] == "invalid_field", refused.json()
+    assert post(url, {**record, "request_id": "order-17:a.b_c"}).status_code == 200
     info = requests.get(f"{url}/v1/model", headers={"x-api-key": KEY}, timeout=10).json()
     assert info["version"] == "1" and info["alias"] == "champion" and info["lineage"]["run_id"]
 

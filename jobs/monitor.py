@@ -259,7 +259,9 @@ class Monitor:
             if drifted
             else None
         )
-        decision = self._decide(WindowResult(len(pairs), drifted, ended, window_id, started, event))
+        decision = self._decide(
+            WindowResult(len(pairs), drifted, ended, window_id, started, event, kinds=("performance",))
+        )
         summary = {
             "kind": "performance",
             "start": started.isoformat(),
@@ -317,7 +319,14 @@ class Monitor:
                 statistics=tuple(stats),
                 kind=kind,
             )
-        decision = self._decide(WindowResult(w.size, bool(drifted_features), w.ended, w.window_id(), w.started, event))
+        drifted_kinds: list[Literal["data", "prediction"]] = []
+        if any(f != PREDICTION for f in drifted_features):
+            drifted_kinds.append("data")
+        if PREDICTION in drifted_features:
+            drifted_kinds.append("prediction")
+        result = WindowResult(w.size, bool(drifted_features), w.ended, w.window_id(), w.started, event,
+                              kinds=("data", "prediction"), drifted_kinds=tuple(drifted_kinds))  # fmt: skip
+        decision = self._decide(result)
         commit = {key: span[1] for key, span in w.offsets.items()} | dict(self._labels_next)
         summary = {
             "kind": "data",

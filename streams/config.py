@@ -61,6 +61,7 @@ INLINE = "\x00inline"  # marks the field a shorthand value stands for (see Featu
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _NOT_FROM_YAML = {"yaml": False}
+DriftKind = Literal["data", "prediction", "performance"]
 Problem = tuple[str, str, object]  # (key relative to the section, expected, found)
 
 
@@ -555,11 +556,17 @@ class RetrainSettings:
     max_per_hour: int = 4
     train_rows: int = 6000  # the newest rows the retraining job trains on
     job_timeout_s: float = 900.0
+    # Which drift kinds count towards a retrain, each with its own streak of `consecutive`
+    # windows; `any`: one kind's streak retrains, `all`: every listed kind's streak at once.
+    triggers: tuple[DriftKind, ...] = ("data", "prediction", "performance")
+    combine: Literal["any", "all"] = "any"
 
     def problems(self) -> Iterator[Problem]:
         for name in ("min_window", "consecutive", "max_per_hour", "train_rows"):
             if getattr(self, name) < 1:
                 yield name, "an integer >= 1", getattr(self, name)
+        if not self.triggers or len(set(self.triggers)) != len(self.triggers):
+            yield "triggers", "a non-empty list of distinct drift kinds", list(self.triggers)
         for name in ("cooldown_s", "job_timeout_s"):
             if not getattr(self, name) >= 0:
                 yield name, "a number >= 0", getattr(self, name)

@@ -1,4 +1,4 @@
-"""The retrain policy, table-tested: window size, streaks, cooldown, the hourly cap, ids."""
+"""The retrain policy, table-tested: window size, streaks per drift kind, triggers, cooldown, the hourly cap, ids."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_decisions(windows: list[tuple[int, bool, float]], expected: list[bool])
 
 
 def test_the_request_id_is_the_same_for_the_same_window_and_differs_otherwise() -> None:
-    state = PolicyState(streak=1)
+    state = PolicyState(streaks={"data": 1})
     a = decide("p", SETTINGS, state, WindowResult(500, True, T0, "records/0:0-500"))
     b = decide("p", SETTINGS, state, WindowResult(500, True, T0 + timedelta(seconds=5), "records/0:0-500"))
     c = decide("p", SETTINGS, state, WindowResult(500, True, T0, "records/0:500-1000"))
@@ -61,3 +61,70 @@ def test_the_request_id_is_the_same_for_the_same_window_and_differs_otherwise() 
 
 def test_consecutive_one_retrains_on_the_first_drifted_window() -> None:
     assert run([(500, True, 0)], RetrainSettings(min_window=1, consecutive=1, cooldown_s=0)) == [True]
+
+
+D, P, PERF = ("data",), ("prediction",), ("performance",)
+DATA_WINDOW = ("data", "prediction")
+
+
+def run_kinds(windows: list[tuple[tuple[str, ...], tuple[str, ...]]], **settings: object) -> list[bool]:
+    """Feed (kinds measured, kinds drifted) windows, a minute apart; which ones asked for a retrain."""
+    config = RetrainSettings(min_window=100, consecutive=2, cooldown_s=0, max_per_hour=100, **settings)  # type: ignore[arg-type]
+    state, out = PolicyState(), []
+    for i, (kinds, drifted) in enumerate(windows):
+        result = WindowResult(500, bool(drifted), T0 + timedelta(minutes=i), f"w{i}", T0 + timedelta(minutes=i),
+                              kinds=kinds, drifted_kinds=drifted)  # type: ignore[arg-type]  # fmt: skip
+        d = decide("p", config, state, result)
+        state = d.state
+        out.append(d.retrain)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("windows", "settings", "expected"),
+    [
+        # the defect: healthy performance windows between drifted data windows reset the one streak,
+        # so while labels flowed data drift never retrained. Each kind now keeps its own streak.
+        ([(DATA_WINDOW, D), (PERF, ()), (DATA_WINDOW, D)], {}, [False, False, True]),
+        # a healthy data window does reset the data streak
+        ([(DATA_WINDOW, D), (DATA_WINDOW, ()), (DATA_WINDOW, D)], {}, [False, False, False]),
+        # a data window that measured no prediction drift resets the prediction streak, not performance
+        ([(PERF, PERF), (DATA_WINDOW, ()), (PERF, PERF)], {}, [False, False, True]),
+        # two kinds that each drifted once are no streak of either
+        ([(DATA_WINDOW, D), (DATA_WINDOW, P)], {}, [False, False]),
+        # class-mix change: the prediction kind alone
+        ([(DATA_WINDOW, P), (DATA_WINDOW, P)], {}, [False, True]),
+        # a kind that is not a trigger never retrains, however long its streak
+        ([(DATA_WINDOW, P)] * 3, {"triggers": ("performance", "data")}, [False, False, False]),
+        ([(PERF, PERF), (PERF, PERF)], {"triggers": ("data",)}, [False, False]),
+        # all: every listed kind's streak at once
+        (
+            [(DATA_WINDOW, D), (DATA_WINDOW, D), (PERF, PERF), (PERF, PERF)],
+            {"triggers": ("performance", "data"), "combine": "all"},
+            [False, False, False, True],
+        ),
+        (
+            [(PERF, PERF), (PERF, PERF), (DATA_WINDOW, ()), (DATA_WINDOW, D)],
+            {"triggers": ("performance", "data"), "combine": "all"},
+            [False, False, False, False],
+        ),
+        # after a retrain every streak starts again
+        ([(DATA_WINDOW, D), (DATA_WINDOW, D), (DATA_WINDOW, D), (DATA_WINDOW, D)], {}, [False, True, False, True]),
+    ],
+)
+def test_streaks_per_kind_and_triggers(
+    windows: list[tuple[tuple[str, ...], tuple[str, ...]]], settings: dict[str, object], expected: list[bool]
+) -> None:
+    assert run_kinds(windows, **settings) == expected
+
+
+def test_the_data_window_starts_at_the_earliest_triggering_streak() -> None:
+    config = RetrainSettings(min_window=1, consecutive=2, cooldown_s=0)
+    state = PolicyState()
+    windows = [(D, 0), (PERF, 1), (D, 2)]
+    for i, (kinds, minute) in enumerate(windows):
+        at = T0 + timedelta(minutes=minute)
+        d = decide("p", config, state, WindowResult(10, True, at, f"w{i}", at, kinds=kinds))  # type: ignore[arg-type]
+        state = d.state
+    assert d.retrain and d.request is not None and d.request.data_start == T0
+    assert "2 consecutive drifted data windows" in d.reason

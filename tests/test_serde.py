@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from streams.config import PipelineConfig, RecordSchema
+from streams.config import Feature, PipelineConfig, RecordSchema
 from streams.errors import DecodeError, ErrorKind
 from streams.events import (
     EVENT_TYPES,
@@ -359,11 +359,11 @@ def test_request_ids_are_limited_where_requests_are_decoded(demo_config: Pipelin
         assert (caught.value.kind, caught.value.field) == (ErrorKind.INVALID_FIELD, "request_id"), bad[:20]
 
 
-def _value(feature: object) -> object:
-    kind = getattr(feature, "type")
+def _value(feature: Feature) -> object:
+    kind = feature.type
     if kind == "category":
-        return getattr(feature, "categories")[0]
+        return feature.categories[0]
     if kind == "bool":
         return True
-    low = getattr(feature, "min")
+    low = feature.min
     return int(low or 0) if kind == "int" else float(low or 0.0)

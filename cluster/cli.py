@@ -192,8 +192,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--address", default=None, help="the Ray Jobs API URL (default: RAY_ADDRESS)")
     submit.add_argument(
-        "--python", default=None, help="interpreter that replaces a leading `python` (default: the cluster's)"
+        "--python",
+        default=None,
+        help="interpreter that replaces a leading `python` (default: the stack's for the stack's cluster, this one "
+        "for a cluster on this machine, else the cluster's)",
     )
+    submit.add_argument(
+        "--state-dir", type=Path, default=STACK_DIR, help="a stack from `driftloop up` (default: %(default)s)"
+    )  # fmt: skip
     submit.add_argument(
         "--env", action="append", default=[], metavar="NAME", help="forward this variable's value to the job"
     )
@@ -577,10 +583,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cluster.submit import jobs_address, submit
+    from cluster.stack import load_state
+    from cluster.submit import default_python, jobs_address, submit
 
     command = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     address = jobs_address(args.address)
+    if args.python is None:
+        stack = load_state(args.state_dir)
+        args.python = default_python(address, stack.ray_jobs if stack else None, stack.python if stack else None)
     print(f"[submit] to {address}: {' '.join(command)}", file=sys.stderr)
     result = submit(
         address, command, python=args.python, forward_env=args.env, submission_id=args.submission_id,

@@ -58,6 +58,7 @@ class Stack:
     ray_temp_dir: str = ""  # short: Ray's socket paths must fit in 107 bytes
     serve: str = ""
     api_key_file: str = ""  # empty when the key came from DRIFTLOOP_API_KEY
+    python: str = ""  # the interpreter `up` ran with: the stack's jobs run with it (`driftloop submit`)
     pids: dict[str, int] = field(default_factory=dict)
     actors: list[str] = field(default_factory=list)
     started_at: float = 0.0
@@ -184,7 +185,8 @@ def up(
     if not port_free(serve_port):
         raise DriftloopError(f"port {serve_port} (for Serve) is in use: pass --serve-port with a free one")
     state_dir.mkdir(parents=True, exist_ok=True)
-    stack = Stack(config=str(config_path.resolve()), state_dir=str(state_dir.resolve()), started_at=time.time())
+    stack = Stack(config=str(config_path.resolve()), state_dir=str(state_dir.resolve()), started_at=time.time(),
+                  python=sys.executable)  # fmt: skip
     env = dict(os.environ)
     bin_dir = Path(sys.executable).parent
     try:

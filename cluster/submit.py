@@ -21,11 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from jobs.controller import EXCLUDES, TERMINAL, job_status
 from streams.errors import ConfigError, DriftloopError
 
-__all__ = ["Submission", "jobs_address", "submit"]
+__all__ = ["Submission", "default_python", "jobs_address", "submit"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +55,22 @@ def jobs_address(given: str | None, env: dict[str, str] | None = None) -> str:
             address,
         )  # fmt: skip
     return address.rstrip("/")
+
+
+def default_python(address: str, stack_jobs: str | None, stack_python: str | None) -> str | None:
+    """The interpreter a leading `python` becomes when `--python` is not given. Pure.
+
+    The stack's (the one `driftloop up` ran with) when `address` is the stack's Jobs API; this
+    interpreter when the cluster is on this machine (a loopback address: it can run it);
+    otherwise None, the cluster's own `python`. Without this, a job on the local stack ran the
+    system `python`, which has none of driftloop's dependencies (ModuleNotFoundError).
+    """
+    if stack_jobs and stack_python and address.rstrip("/") == stack_jobs.rstrip("/"):
+        return stack_python
+    host = urlsplit(address).hostname or ""
+    if host == "localhost" or host == "::1" or host.startswith("127."):
+        return sys.executable
+    return None
 
 
 def entrypoint_of(command: Sequence[str], python: str | None) -> str:

@@ -71,9 +71,14 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
         assert parts["mlflow"]["champion"] is None
         assert parts["serve"]["ok"] and parts["serve"]["status"] == "no_model", parts["serve"]
 
+        # As the README writes it: no --python, RAY_ADDRESS exported, the venv not on PATH. The job
+        # runs the interpreter `up` recorded (the system `python` has none of our dependencies).
+        assert saved["python"] == sys.executable
+        bare_path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                                    if Path(d).resolve() != Path(sys.executable).parent.resolve())  # fmt: skip
         submitted = driftloop(
-            "submit", "--address", exports["RAY_ADDRESS"], "--python", sys.executable, "--",
-            "python", "-m", "tests.job_echo", "--trigger-event-id", "stack-1", timeout=300,
+            "submit", "--state-dir", str(state), "--", "python", "-m", "tests.job_echo", "--trigger-event-id",
+            "stack-1", env={"RAY_ADDRESS": exports["RAY_ADDRESS"], "PATH": bare_path}, timeout=300,
         )  # fmt: skip
         assert submitted.returncode == 0, submitted.stderr[-3000:]
         after = json.loads(driftloop("status", *where, "--json").stdout)

@@ -66,3 +66,15 @@ def test_bad_submissions_are_clear_errors(args: list[str], env: dict[str, str], 
     result = driftloop("submit", *args, env=env, timeout=60)
     assert result.returncode == code, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_python_defaults_to_the_stacks_then_this_machines_then_the_clusters() -> None:
+    import sys
+
+    from cluster.submit import default_python
+
+    stack = "http://127.0.0.1:8265"
+    assert default_python("http://127.0.0.1:8265/", stack, "/stack/venv/bin/python") == "/stack/venv/bin/python"
+    assert default_python("http://127.0.0.1:9999", stack, "/stack/venv/bin/python") == sys.executable
+    assert default_python("http://localhost:8265", None, None) == sys.executable
+    assert default_python("http://head:8265", stack, "/stack/venv/bin/python") is None  # the cluster's own

@@ -4,8 +4,8 @@
 `<state dir>/state.json`:
 - the broker (`driftloop broker`: Tansu on a free loopback port),
 - a Ray head (`ray start --head --block`, token auth on, the dashboard and Jobs API on
-  127.0.0.1, its own temp dir so that its jobs find it and no other cluster; the head's logs
-  stay there, under `ray_temp_dir` in the state),
+  127.0.0.1, its own private temp dir so that its jobs find it and no other cluster; the
+  head's logs stay there, under `ray_temp_dir` in the state, until `down` removes it),
 - an MLflow server (SQLite backend and local artifacts under the state dir, its UI on a
   printed port),
 then the retrain controller and the monitor as detached Ray actors on that head, and the Serve
@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -361,5 +362,7 @@ def down(state_dir: Path, say: Callable[[str], None] = print) -> list[str]:
     if stack is None:
         raise DriftloopError(f"no stack state in {state_dir}: nothing was started with `driftloop up` there")
     stopped = _stop(stack, say)
+    if stack.ray_temp_dir and Path(stack.ray_temp_dir).name.startswith("dl-ray-"):
+        shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)  # Ray's logs and sockets: what up created
     (state_dir / STATE).unlink(missing_ok=True)
     return stopped

@@ -26,12 +26,13 @@ answers 503 `no_model` (with `Retry-After`) and health says `no_model`, until th
 """
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -50,7 +51,9 @@ from streams.kafka import Batch
 from streams.serde import RequestCodec
 from streams.topics import Topics
 
-__all__ = ["API_KEY_ENV", "ModelServer", "app_builder", "build_app"]
+__all__ = ["API_KEY_ENV", "API_KEY_HASH_ENV", "ModelServer", "app_builder", "build_app", "key_hash"]
+
+API_KEY_HASH_ENV = "DRIFTLOOP_API_KEY_SHA256"  # what replicas get instead of the key
 
 WATCH_ENV = "DRIFTLOOP_WATCH_MODELS"  # "0" turns the models-topic watch off
 SMALL_REQUEST = 32  # requests with fewer records are batched with concurrent ones (@serve.batch)
@@ -89,10 +92,7 @@ class ModelServer:
     """One replica: a served model, the request codec and the prediction log."""
 
     def __init__(self, config: PipelineConfig, tracking_uri: str, alias: str = "champion") -> None:
-        key = os.environ.get(API_KEY_ENV)
-        if not key:
-            raise RuntimeError(f"{API_KEY_ENV} is not set: the API key comes from the environment")
-        self._key = key.encode()
+        self._salt, self._digest = _key_check(os.environ)
         self.config = config
         self.alias = alias
         self.registry = ModelRegistry(config, tracking_uri)
@@ -173,7 +173,7 @@ class ModelServer:
         bearer = request.headers.get("authorization", "")
         if not given and bearer.lower().startswith("bearer "):
             given = bearer[7:]
-        return hmac.compare_digest(given.encode(), self._key)
+        return hmac.compare_digest(hashlib.sha256(self._salt + given.encode()).digest(), self._digest)
 
     async def _served(self) -> ServedModel | None:
         """The model; with none yet, look at the registry's alias (at most every NO_MODEL_RECHECK_S)."""
@@ -272,8 +272,9 @@ def build_app(
     challenger: str | None = None,
     api_key: str | None = None,
 ) -> Any:
-    """The Serve application; the API key (`api_key`, else `DRIFTLOOP_API_KEY`) travels to the replicas
-    in their runtime environment."""
+    """The Serve application. The API key (`api_key`, else `DRIFTLOOP_API_KEY`) never travels: the
+    replicas get a salted SHA-256 of it (`DRIFTLOOP_API_KEY_SHA256`) in their runtime environment,
+    which Ray writes to its logs and shows in the dashboard."""
     key = api_key or os.environ.get(API_KEY_ENV)
     if not key:
         raise RuntimeError(f"set {API_KEY_ENV} to the API key clients must send")
@@ -284,7 +285,7 @@ def build_app(
                                           "target_ongoing_requests": s.target_ongoing_requests}}  # fmt: skip
     deployment: Any = ModelServer  # a serve.Deployment once decorated
     return deployment.options(
-        ray_actor_options={"runtime_env": {"env_vars": {API_KEY_ENV: key}}},
+        ray_actor_options={"runtime_env": {"env_vars": {API_KEY_HASH_ENV: key_hash(key)}}},
         user_config=({"version": version} if version else {"alias": alias})
         | ({"challenger": challenger} if challenger else {}),
         max_ongoing_requests=s.max_ongoing_requests,
@@ -293,6 +294,34 @@ def build_app(
         max_surge_percent=s.max_surge_percent,
         **scaling,
     ).bind(config, tracking_uri, alias)
+
+
+def key_hash(key: str, salt: bytes | None = None) -> str:
+    """`salt$sha256(salt + key)` in hex: what a replica needs to check a key, and not the key.
+
+    The key itself must be random (`driftloop up` makes a 192-bit one): a plain hash of a short
+    or guessable key can be searched offline by anyone who reads the logs.
+    """
+    salt = os.urandom(16) if salt is None else salt
+    return f"{salt.hex()}${hashlib.sha256(salt + key.encode()).hexdigest()}"
+
+
+def _key_check(env: Mapping[str, str]) -> tuple[bytes, bytes]:
+    """The salt and digest a replica checks keys against: from the hash, else from the key itself."""
+    hashed = env.get(API_KEY_HASH_ENV)
+    if hashed:
+        salt_hex, sep, digest = hashed.partition("$")
+        try:
+            if sep and len(digest) == 64:
+                return bytes.fromhex(salt_hex), bytes.fromhex(digest)
+        except ValueError:
+            pass
+        raise RuntimeError(f"{API_KEY_HASH_ENV} is not a salt$sha256 pair in hex")
+    key = env.get(API_KEY_ENV)
+    if not key:
+        raise RuntimeError(f"{API_KEY_ENV} is not set: the API key comes from the environment")
+    salt = os.urandom(16)
+    return salt, hashlib.sha256(salt + key.encode()).digest()
 
 
 def app_builder(args: dict[str, str]) -> Any:

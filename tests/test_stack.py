@@ -86,6 +86,10 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
         assert any("tests.job_echo" in j["entrypoint"] and j["status"] == "SUCCEEDED" for j in jobs), jobs
         text = driftloop("status", *where).stdout
         assert "ray     up" in text and "stack   up" in text and "no model promoted yet" in text
+        # The key reached no log: Ray writes each replica's runtime_env (which once held it) there.
+        leaks = [str(p) for base in (Path(ray_dir), state) for p in base.rglob("*")
+                 if p.is_file() and p.name != "api_key" and key.encode() in p.read_bytes()]  # fmt: skip
+        assert not leaks, leaks
     finally:
         downed = driftloop("down", "--state-dir", str(state), timeout=120)
     assert downed.returncode == 0, downed.stderr
@@ -94,6 +98,7 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
     gone = driftloop("down", "--state-dir", str(state))
     assert gone.returncode == 1 and "nothing was started" in gone.stderr
     assert os.path.exists(state / "ray.log"), "the logs stay for a post-mortem"
+    assert not os.path.exists(ray_dir), "down removed Ray's temp dir"
 
 
 def test_up_refuses_bad_input_and_starts_nothing(demo_config: PipelineConfig, tmp_path: Path) -> None:

@@ -26,13 +26,11 @@ def test_status_reports_lag_champion_jobs_events_and_what_is_down(
     from mlflow.tracking import MlflowClient
 
     with Producer(config.kafka) as producer:
-        publish_stream(StreamGenerator(config, seed=1), producer, topics, config.name, 296)
+        # 300 records in large batches: Tansu's ListOffsets under-reports the end of each
+        # partition's last batch, the counts status gives must not (they come from high watermarks)
+        publish_stream(StreamGenerator(config, seed=1), producer, topics, config.name, 300)
         producer.flush()
         codec = RecordCodec(config.schema)
-        for p in range(4):  # a final one-record batch per partition: Tansu's ListOffsets is exact then
-            record = next(StreamGenerator(config, seed=99, id_prefix=f"tail{p}").records(1)).record
-            producer.send(topics.records, codec.encode(record), partition=p)
-            producer.flush()
         producer.send_event(topics.retrain, RetrainRequested(pipeline=config.name, cause="plan moved"))
         producer.flush()
     group = f"{config.name}.monitor"

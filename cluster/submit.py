@@ -24,6 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from jobs.controller import EXCLUDES, TERMINAL, job_status
+from jobs.registry import git_commit
+from streams.config import GIT_COMMIT_ENV
 from streams.errors import ConfigError, DriftloopError
 
 __all__ = ["Submission", "default_python", "jobs_address", "submit"]
@@ -116,7 +118,7 @@ def submit(
     runtime_env = {
         "working_dir": str(working_dir),
         "excludes": EXCLUDES,
-        "env_vars": {name: os.environ[name] for name in forward_env},
+        "env_vars": {GIT_COMMIT_ENV: git_commit(working_dir), **{name: os.environ[name] for name in forward_env}},
     }
     try:
         client.submit_job(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.service import Service
-from streams.config import PipelineConfig, dump_config
+from streams.config import GIT_COMMIT_ENV, PipelineConfig, dump_config
 from streams.errors import DecodeError, ErrorKind, RetryableError
 from streams.events import (
     ID_PATTERN,
@@ -155,7 +155,12 @@ def submit_retrain(
     runtime_env = {
         "working_dir": str(job.working_dir),
         "excludes": EXCLUDES,
-        "env_vars": {CONFIG_ENV: dump_config(config), CAUSE_ENV: request.cause[:1000], **job.env},
+        "env_vars": {
+            CONFIG_ENV: dump_config(config),
+            CAUSE_ENV: request.cause[:1000],
+            GIT_COMMIT_ENV: _code_commit(job.working_dir),
+            **job.env,
+        },
     }
     deadline = time.monotonic() + 120
     while True:
@@ -175,6 +180,13 @@ def submit_retrain(
                 raise
             log.info("the Jobs API is not ready (%s); retrying", err)
             time.sleep(2.0)
+
+
+def _code_commit(working_dir: Path) -> str:
+    """The commit of `working_dir` (the code the job gets), for its MLflow runs: `.git` stays here."""
+    from jobs.registry import git_commit
+
+    return git_commit(working_dir)
 
 
 def _exists(client: Any, submission_id: str) -> bool:

@@ -24,6 +24,7 @@ from streams.errors import ConfigError
 __all__ = [
     "API_KEY_ENV",
     "DATASETS_ROOT_ENV",
+    "GIT_COMMIT_ENV",
     "ConsumerSettings",
     "DatasetSettings",
     "Derived",
@@ -55,6 +56,7 @@ __all__ = [
 
 EMBEDDED = "embedded"
 DATASETS_ROOT_ENV = "DRIFTLOOP_DATASETS_ROOT"  # overrides datasets.root (the local stack sets it)
+GIT_COMMIT_ENV = "DRIFTLOOP_GIT_COMMIT"  # a job's code commit, set by its submitter (`.git` does not travel)
 API_KEY_ENV = "DRIFTLOOP_API_KEY"  # the key Serve's clients send: from the environment only
 RESERVED_COLUMNS = ("topic", "partition", "offset", "timestamp")
 INLINE = "\x00inline"  # marks the field a shorthand value stands for (see FeatureTransform.normalize)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,17 @@ def test_python_defaults_to_the_stacks_then_this_machines_then_the_clusters() ->
     assert default_python("http://127.0.0.1:9999", stack, "/stack/venv/bin/python") == sys.executable
     assert default_python("http://localhost:8265", None, None) == sys.executable
     assert default_python("http://head:8265", stack, "/stack/venv/bin/python") is None  # the cluster's own
+
+
+def test_a_jobs_runs_record_the_commit_its_submitter_passed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from jobs.registry import git_commit
+    from streams.config import GIT_COMMIT_ENV
+
+    monkeypatch.delenv(GIT_COMMIT_ENV, raising=False)
+    assert git_commit(tmp_path) == "unknown"  # no .git there: what a Ray job's working_dir looks like
+    here = git_commit(Path(__file__).parent)
+    assert here != "unknown" and len(here.split("-")[0]) == 40
+    monkeypatch.setenv(GIT_COMMIT_ENV, here)
+    assert git_commit(tmp_path) == here
+    monkeypatch.setenv(GIT_COMMIT_ENV, "$(id)")  # not a commit: ignored
+    assert git_commit(tmp_path) == "unknown"

@@ -6,7 +6,8 @@ Checks, each on its own (one part down does not hide the others):
   (`<pipeline>.monitor`, `<pipeline>.controller`, ...) its lag, the records not yet consumed;
 - **mlflow**: the tracking store answers; the champion (and challenger) versions;
 - **ray**: the Jobs API answers; the jobs running now and the last few that ended;
-- **serve**: the endpoint's `/v1/health` (the version it serves, predictions logged/dropped);
+- **serve**: the endpoint's `/v1/health` (the version it serves, predictions logged/dropped and
+  the drop rate); down when its prediction log has stopped;
 - **events**: the newest events on the drift, retrain and models topics.
 
 `healthy` is true when every part that was asked about answered. The result is a plain dict
@@ -124,7 +125,12 @@ def serve_status(url: str) -> dict[str, Any]:
 
     answer = requests.get(f"{url.rstrip('/')}/v1/health", timeout=5)
     answer.raise_for_status()
-    return {"url": url, **answer.json()}
+    health = answer.json()
+    if health.get("prediction_log_alive") is False:  # serving works, the loop is blind: not healthy
+        raise RuntimeError(f"{url}: the prediction log has stopped (nothing served is logged or monitored)")
+    logged, dropped = int(health.get("predictions_logged") or 0), int(health.get("predictions_dropped") or 0)
+    rate = dropped / (logged + dropped) if logged + dropped else 0.0
+    return {"url": url, **health, "drop_rate": round(rate, 4)}
 
 
 def recent_events(config: PipelineConfig) -> dict[str, Any]:
@@ -197,7 +203,8 @@ def render(status: dict[str, Any]) -> list[str]:
             version = part.get("model_version") or "none (no model promoted yet)"
             lines.append(
                 f"  serve   up    {part['url']}; version {version}, "
-                f"logged {part.get('predictions_logged')}, dropped {part.get('predictions_dropped')}"
+                f"logged {part.get('predictions_logged')}, dropped {part.get('predictions_dropped')} "
+                f"({100 * part.get('drop_rate', 0.0):.1f}%)"
             )
         elif name == "processes":
             lines.append("  stack   up    " + ", ".join(f"{n} pid {pid}" for n, pid in part["pids"].items()))

@@ -79,3 +79,42 @@ def test_status_of_an_unreachable_broker_is_down_not_a_traceback(config: Pipelin
 def test_status_needs_a_config() -> None:
     result = driftloop("status", "--config", "nope.yaml")
     assert result.returncode == 2 and "nope.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_serve_endpoint_whose_prediction_log_stopped_is_not_healthy() -> None:
+    import http.server
+    import threading
+
+    from cluster.status import serve_status, stack_status
+
+    health = {"status": "ok", "model_version": "3", "predictions_logged": 90, "predictions_dropped": 10,
+              "prediction_log_alive": True}  # fmt: skip
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(health).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert serve_status(url)["drop_rate"] == 0.1
+        health["prediction_log_alive"] = False
+        with pytest.raises(RuntimeError, match="prediction log has stopped"):
+            serve_status(url)
+        from streams.config import load_config
+        from tests.conftest import DEMO
+
+        config = load_config(DEMO, env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"})
+        parts = stack_status(config, serve_url=url)["parts"]
+        assert not parts["serve"]["ok"] and "prediction log" in parts["serve"]["error"]
+    finally:
+        server.shutdown()

@@ -308,3 +308,23 @@ def test_a_dataset_version_is_logged_to_mlflow_with_its_kafka_lineage(
     assert source["uri"] == manifest.source_uri()
     assert source["ranges"][0]["topic"] == topics.records
     assert logged.tags[0].value == "training"
+
+
+def test_a_poison_pill_too_big_for_the_dlq_does_not_stop_ingestion(config: PipelineConfig, topics: Topics) -> None:
+    """A 3 MB record: its DLQ copy went over the producer's limit and every ingest failed the same way."""
+    from kafka import KafkaProducer
+
+    from streams.kafka import client_options
+
+    fill(config, topics, per_partition=20)
+    huge = json.dumps({"record_id": "x" * 3_000_000}).encode()
+    big = KafkaProducer(**client_options(config.kafka), max_request_size=8 * 1024 * 1024)
+    try:
+        big.send(topics.records, huge, partition=0).get(timeout=30)
+    finally:
+        big.close()
+    fill(config, topics, per_partition=5)
+    result = ingest(config)
+    assert result.manifest is not None and result.manifest.invalid_by_kind.get("oversized") == 1
+    dead = [r for r in read_all(config, topics.dlq, 1_000) if dict(r.headers).get("driftloop.truncated")]  # type: ignore[attr-defined]
+    assert len(dead) == 1 and len(dead[0].value) < len(huge)  # type: ignore[attr-defined]

@@ -86,6 +86,36 @@ def _predictions(ids: list[str], proba: Any, classes: Sequence[Any], keys: Seque
     ]
 
 
+# Above the deployment: Serve serializes the class when it is decorated, with the module's
+# globals as they are at that moment.
+def key_hash(key: str, salt: bytes | None = None) -> str:
+    """`salt$sha256(salt + key)` in hex: what a replica needs to check a key, and not the key.
+
+    The key itself must be random (`driftloop up` makes a 192-bit one): a plain hash of a short
+    or guessable key can be searched offline by anyone who reads the logs.
+    """
+    salt = os.urandom(16) if salt is None else salt
+    return f"{salt.hex()}${hashlib.sha256(salt + key.encode()).hexdigest()}"
+
+
+def _key_check(env: Mapping[str, str]) -> tuple[bytes, bytes]:
+    """The salt and digest a replica checks keys against: from the hash, else from the key itself."""
+    hashed = env.get(API_KEY_HASH_ENV)
+    if hashed:
+        salt_hex, sep, digest = hashed.partition("$")
+        try:
+            if sep and len(digest) == 64:
+                return bytes.fromhex(salt_hex), bytes.fromhex(digest)
+        except ValueError:
+            pass
+        raise RuntimeError(f"{API_KEY_HASH_ENV} is not a salt$sha256 pair in hex")
+    key = env.get(API_KEY_ENV)
+    if not key:
+        raise RuntimeError(f"{API_KEY_ENV} is not set: the API key comes from the environment")
+    salt = os.urandom(16)
+    return salt, hashlib.sha256(salt + key.encode()).digest()
+
+
 @serve.deployment(max_ongoing_requests=32, max_queued_requests=64, health_check_period_s=5)
 @serve.ingress(api)
 class ModelServer:
@@ -294,34 +324,6 @@ def build_app(
         max_surge_percent=s.max_surge_percent,
         **scaling,
     ).bind(config, tracking_uri, alias)
-
-
-def key_hash(key: str, salt: bytes | None = None) -> str:
-    """`salt$sha256(salt + key)` in hex: what a replica needs to check a key, and not the key.
-
-    The key itself must be random (`driftloop up` makes a 192-bit one): a plain hash of a short
-    or guessable key can be searched offline by anyone who reads the logs.
-    """
-    salt = os.urandom(16) if salt is None else salt
-    return f"{salt.hex()}${hashlib.sha256(salt + key.encode()).hexdigest()}"
-
-
-def _key_check(env: Mapping[str, str]) -> tuple[bytes, bytes]:
-    """The salt and digest a replica checks keys against: from the hash, else from the key itself."""
-    hashed = env.get(API_KEY_HASH_ENV)
-    if hashed:
-        salt_hex, sep, digest = hashed.partition("$")
-        try:
-            if sep and len(digest) == 64:
-                return bytes.fromhex(salt_hex), bytes.fromhex(digest)
-        except ValueError:
-            pass
-        raise RuntimeError(f"{API_KEY_HASH_ENV} is not a salt$sha256 pair in hex")
-    key = env.get(API_KEY_ENV)
-    if not key:
-        raise RuntimeError(f"{API_KEY_ENV} is not set: the API key comes from the environment")
-    salt = os.urandom(16)
-    return salt, hashlib.sha256(salt + key.encode()).digest()
 
 
 def app_builder(args: dict[str, str]) -> Any:

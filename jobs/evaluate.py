@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LOWER_IS_BETTER", "evaluate", "time_split"]
+__all__ = ["BASELINE_METRICS", "LOWER_IS_BETTER", "evaluate", "time_split"]
 
 LOWER_IS_BETTER = frozenset({"log_loss"})
 
@@ -43,7 +43,27 @@ def _binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[Any]) -> dict[str, Any]:
-    """Accuracy, precision/recall/F1 (binary and macro), ROC-AUC, log loss, confusion matrix."""
+    """Accuracy, precision/recall/F1 (binary, macro, weighted and per class), ROC-AUC, log loss, the
+    confusion matrix, and `baseline_<metric>` for every metric the gate accepts: the same metric
+    of the prior predictor (the majority class, with the holdout's class frequencies as its
+    probabilities), which a first model must beat."""
+    report = _metrics(y_true, proba, classes)
+    y = np.asarray(y_true, dtype=np.int64)
+    k = len(classes)
+    prior = np.bincount(y, minlength=k).astype(np.float64) / max(len(y), 1)
+    prior_proba = np.tile(prior + np.arange(k)[::-1] * 1e-12, (len(y), 1))  # ties go to the first class
+    base = _metrics(y, prior_proba, classes)
+    for metric in BASELINE_METRICS:
+        if metric in base:
+            report[f"baseline_{metric}"] = base[metric]
+    return report
+
+
+BASELINE_METRICS = ("accuracy", "f1", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "roc_auc",
+                    "log_loss")  # fmt: skip
+
+
+def _metrics(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[Any]) -> dict[str, Any]:
     y_true = np.asarray(y_true, dtype=np.int64)
     proba = np.asarray(proba, dtype=np.float64)
     k = len(classes)
@@ -58,31 +78,29 @@ def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[Any]) -> d
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
     clipped = np.clip(proba[np.arange(len(y_true)), y_true], 1e-15, 1.0)
     aucs = [_binary_auc(proba[:, c], y_true == c) for c in range(k)]
-    majority = int(np.bincount(y_true, minlength=k).argmax()) if len(y_true) else 0
-    baseline_pred = np.full_like(y_true, majority)
+    names = [c if isinstance(c, int) else str(c) for c in classes]
+    support = actual / actual.sum() if actual.sum() else np.zeros(k)
     report: dict[str, Any] = {
         "n": len(y_true),
-        "classes": [c if isinstance(c, int) else str(c) for c in classes],
+        "classes": names,
         "accuracy": float((y_pred == y_true).mean()) if len(y_true) else float("nan"),
         "precision_macro": float(precision.mean()),
         "recall_macro": float(recall.mean()),
         "f1_macro": float(f1.mean()),
         "roc_auc": aucs[-1] if k == 2 else float(np.nanmean(aucs)),
         "log_loss": float(-np.log(clipped).mean()) if len(y_true) else float("nan"),
+        "f1_weighted": float((f1 * support).sum()),
+        "per_class": {
+            str(name): {
+                "precision": float(precision[c]),
+                "recall": float(recall[c]),
+                "f1": float(f1[c]),
+                "support": int(actual[c]),
+            }
+            for c, name in enumerate(names)
+        },
         "confusion_matrix": confusion.tolist(),
-        "baseline_accuracy": float((baseline_pred == y_true).mean()) if len(y_true) else float("nan"),
-        "baseline_f1_macro": float(_f1_macro_of(y_true, baseline_pred, k)),
     }
     if k == 2:  # the last class is the positive one
         report.update(precision=float(precision[1]), recall=float(recall[1]), f1=float(f1[1]))
     return report
-
-
-def _f1_macro_of(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> float:
-    scores = []
-    for c in range(k):
-        tp = np.sum((y_pred == c) & (y_true == c))
-        p = tp / max(np.sum(y_pred == c), 1)
-        r = tp / max(np.sum(y_true == c), 1)
-        scores.append(0.0 if p + r == 0 else 2 * p * r / (p + r))
-    return float(np.mean(scores))

@@ -147,6 +147,36 @@ def test_metrics_match_scikit_learn() -> None:
     )
 
 
+def test_per_class_weighted_and_baselines_for_every_gate_metric_match_scikit_learn() -> None:
+    from sklearn.dummy import DummyClassifier
+
+    from jobs.evaluate import BASELINE_METRICS
+    from streams.config import GATE_METRICS
+
+    rng = np.random.default_rng(5)
+    labels = rng.choice(4, 600, p=[0.6, 0.2, 0.15, 0.05])  # a dominant class, a rare one
+    proba = rng.dirichlet([1, 1, 1, 1], 600) + np.eye(4)[labels] * 0.5
+    proba /= proba.sum(axis=1, keepdims=True)
+    report = evaluate(labels, proba, ["a", "b", "c", "d"])
+    pred = proba.argmax(axis=1)
+    p, r, f, n = sk.precision_recall_fscore_support(labels, pred, labels=[0, 1, 2, 3], zero_division=0)
+    for c, name in enumerate("abcd"):
+        assert report["per_class"][name] == pytest.approx({"precision": p[c], "recall": r[c], "f1": f[c],
+                                                           "support": n[c]})  # fmt: skip
+    assert report["f1_weighted"] == pytest.approx(sk.f1_score(labels, pred, average="weighted"))
+    assert set(GATE_METRICS) <= set(BASELINE_METRICS), "every metric the gate accepts has a baseline to beat"
+    prior = DummyClassifier(strategy="prior").fit(np.zeros((600, 1)), labels)
+    base_pred, base_proba = prior.predict(np.zeros((600, 1))), prior.predict_proba(np.zeros((600, 1)))
+    assert report["baseline_accuracy"] == pytest.approx(sk.accuracy_score(labels, base_pred))
+    assert report["baseline_f1_macro"] == pytest.approx(sk.f1_score(labels, base_pred, average="macro"))
+    assert report["baseline_precision_macro"] == pytest.approx(
+        sk.precision_score(labels, base_pred, average="macro", zero_division=0)
+    )
+    assert report["baseline_recall_macro"] == pytest.approx(sk.recall_score(labels, base_pred, average="macro"))
+    assert report["baseline_log_loss"] == pytest.approx(sk.log_loss(labels, base_proba), rel=1e-6)
+    assert report["baseline_roc_auc"] == pytest.approx(0.5)
+
+
 def test_the_holdout_is_the_most_recent() -> None:
     times = np.array([5, 1, 4, 2, 3, 9, 7, 8, 6, 0])
     train, holdout = time_split(times, 0.3)
@@ -194,3 +224,16 @@ def test_the_gpu_check_runs_on_the_cpu_too() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout)["ok"] is True
+
+
+@pytest.mark.parametrize(
+    "metric", ["accuracy", "f1", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "log_loss"]
+)
+def test_a_first_model_is_promoted_on_every_metric_the_gate_accepts(metric: str) -> None:
+    """roc_auc, log_loss, precision_macro and recall_macro never promoted a first model: no baseline."""
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 400)
+    p1 = np.clip(y * 0.7 + rng.normal(0.15, 0.15, 400), 0.01, 0.99)
+    report = evaluate(y, np.column_stack([1 - p1, p1]), ["no", "yes"]) | {"holdout": "h"}
+    decision = decide(report, None, GateSettings(primary_metric=metric))  # type: ignore[arg-type]
+    assert decision.promote, decision.reasons

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from jobs.controller import EXCLUDES, TERMINAL, job_status
-from jobs.registry import git_commit
+from jobs.gitinfo import git_commit
 from streams.config import GIT_COMMIT_ENV
 from streams.errors import ConfigError, DriftloopError
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.gitinfo import git_commit
 from jobs.service import Service
 from streams.config import GIT_COMMIT_ENV, PipelineConfig, dump_config
 from streams.errors import DecodeError, ErrorKind, RetryableError
@@ -158,7 +159,7 @@ def submit_retrain(
         "env_vars": {
             CONFIG_ENV: dump_config(config),
             CAUSE_ENV: request.cause[:1000],
-            GIT_COMMIT_ENV: _code_commit(job.working_dir),
+            GIT_COMMIT_ENV: git_commit(job.working_dir),  # `.git` stays out of the job's working_dir
             **job.env,
         },
     }
@@ -180,13 +181,6 @@ def submit_retrain(
                 raise
             log.info("the Jobs API is not ready (%s); retrying", err)
             time.sleep(2.0)
-
-
-def _code_commit(working_dir: Path) -> str:
-    """The commit of `working_dir` (the code the job gets), for its MLflow runs: `.git` stays here."""
-    from jobs.registry import git_commit
-
-    return git_commit(working_dir)
 
 
 def _exists(client: Any, submission_id: str) -> bool:

@@ -17,9 +17,6 @@ import contextlib
 import fcntl
 import json
 import math
-import os
-import re
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs.gate import Decision, decide
+from jobs.gitinfo import git_commit
 from jobs.lineage import log_dataset_version
-from streams.config import GIT_COMMIT_ENV, GateSettings, PipelineConfig
+from streams.config import GateSettings, PipelineConfig
 from streams.datasets import Window
 from streams.errors import DriftloopError
 from streams.events import Event, ModelPromoted, ModelRejected, ModelRolledBack
@@ -45,24 +43,6 @@ def tracking_uri(config: PipelineConfig, run_dir: Path) -> str:
         return config.mlflow.tracking_uri
     run_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
-
-
-_COMMIT = re.compile(r"^[0-9a-f]{7,64}(-dirty)?$")
-
-
-def git_commit(cwd: Path | None = None) -> str:
-    """The commit of the code that runs: `DRIFTLOOP_GIT_COMMIT` (a job's submitter), else git's in `cwd`."""
-    given = os.environ.get(GIT_COMMIT_ENV, "")
-    if _COMMIT.match(given):
-        return given
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True,
-                             cwd=cwd)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
-                               cwd=cwd).stdout  # fmt: skip
-        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 @dataclass(frozen=True)

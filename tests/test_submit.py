@@ -82,7 +82,7 @@ def test_python_defaults_to_the_stacks_then_this_machines_then_the_clusters() ->
 
 
 def test_a_jobs_runs_record_the_commit_its_submitter_passed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from jobs.registry import git_commit
+    from jobs.gitinfo import git_commit
     from streams.config import GIT_COMMIT_ENV
 
     monkeypatch.delenv(GIT_COMMIT_ENV, raising=False)

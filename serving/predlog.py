@@ -54,7 +54,6 @@ class PredictionLog:
         self._retired_sent = 0  # counts of producers replaced after a fatal error
         self._retired_dropped = 0
         self.replaced = 0
-        self.errors = 0  # iterations of the log thread that failed (each counted in `dropped`)
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         if kafka is not None:
             self._thread.start()
@@ -135,7 +134,6 @@ class PredictionLog:
                     self._stop.wait(1.0)
                     continue
             producer = self._producer
-            items: list[PredictionLogged] = []
             try:
                 if producer.fatal is not None:
                     self._replace(producer)
@@ -154,8 +152,7 @@ class PredictionLog:
                         log.exception("prediction log: event %s dropped", event.request_id[:64])
                         self._dropped += 1
                 producer.serve(0)
-            except Exception as err:
-                self.errors += 1
+            except Exception as err:  # what it dropped is counted above
                 log.warning("prediction log: %s; going on", err)
                 self._stop.wait(0.2)
 

@@ -296,9 +296,9 @@ def dlq_copy(record: Any, error: DecodeError, limit: int) -> tuple[bytes, bytes 
     value = record.value if record.value is not None else b""
     key = record.key
     headers = [(k, v) for k, v in (record.headers or []) if not k.startswith("driftloop.")]
-    size = len(value) + len(key or b"") + sum(len(k) + len(v or b"") for k, v in headers)
+    header_bytes = sum(len(k) + len(v or b"") for k, v in headers)
     extra: list[tuple[str, bytes]] = []
-    if size > limit:
+    if len(value) + len(key or b"") + header_bytes > limit:
         extra = [
             (TRUNCATED_HEADER, b"1"),
             (SIZE_HEADER, str(len(value)).encode()),
@@ -308,7 +308,7 @@ def dlq_copy(record: Any, error: DecodeError, limit: int) -> tuple[bytes, bytes 
         if key is not None and len(key) > 1024:
             extra.append(("driftloop.key_sha256", hashlib.sha256(key).hexdigest().encode()))
             key = key[:1024]
-        if sum(len(k) + len(v or b"") for k, v in headers) > TRUNCATED_BYTES:
+        if header_bytes > TRUNCATED_BYTES:
             headers = []  # the source offset still finds the original
     headers += [
         (KIND_HEADER, error.kind.value.encode()),

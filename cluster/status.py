@@ -52,7 +52,7 @@ def kafka_status(config: PipelineConfig) -> dict[str, Any]:
     from kafka import TopicPartition
 
     from streams.kafka import admin_client, new_consumer
-    from streams.kafka_source import high_watermarks
+    from streams.kafka_source import fetch_high_watermarks
 
     topics = Topics(config.name)
     admin = admin_client(config.kafka)
@@ -64,8 +64,7 @@ def kafka_status(config: PipelineConfig) -> dict[str, Any]:
         ]
         # Fetch high watermarks, not ListOffsets: Tansu 0.6 under-reports the end there (it said
         # 5,996 records of 6,000); ingestion counts the same way.
-        ends = {TopicPartition(t, p): end for t in sorted({tp.topic for tp in partitions})
-                for p, end in high_watermarks(config.kafka, t).items()}  # fmt: skip
+        ends = fetch_high_watermarks(consumer, partitions, 10.0) if partitions else {}
         per_topic: dict[str, int] = {}
         for tp, end in ends.items():
             per_topic[tp.topic] = per_topic.get(tp.topic, 0) + int(end)

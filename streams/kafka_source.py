@@ -35,6 +35,7 @@ __all__ = [
     "KafkaRangeDatasource",
     "RangeRead",
     "arrow_schema",
+    "fetch_high_watermarks",
     "high_watermarks",
     "read_range",
     "split_ranges",
@@ -189,19 +190,26 @@ def high_watermarks(kafka: KafkaSettings, topic: str, timeout_s: float = 10.0) -
             time.sleep(0.1)
             partitions = consumer.partitions_for_topic(topic)
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        starts, ends = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
-        for tp in tps:
-            # Fetching from the (under-reported) ListOffsets end returns the true high watermark.
-            consumer.seek(tp, max(ends[tp] - 1, starts[tp]))
-        while any(consumer.highwater(tp) is None for tp in tps):
-            if time.monotonic() > deadline:
-                missing = [tp.partition for tp in tps if consumer.highwater(tp) is None]
-                raise BrokerError(f"no high watermark for {topic} partitions {missing} within {timeout_s:g}s")
-            consumer.poll(timeout_ms=200, max_records=1)
-        return {tp.partition: int(consumer.highwater(tp)) for tp in tps}
+        found = fetch_high_watermarks(consumer, tps, max(deadline - time.monotonic(), 0.0))
+        return {tp.partition: end for tp, end in found.items()}
     finally:
         consumer.close()
+
+
+def fetch_high_watermarks(consumer: Any, tps: list[TopicPartition], timeout_s: float) -> dict[TopicPartition, int]:
+    """The high watermark of each of `tps`, from fetch responses, with `consumer` (it is reassigned)."""
+    consumer.assign(tps)
+    starts, ends = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+    for tp in tps:
+        # Fetching from the (under-reported) ListOffsets end returns the true high watermark.
+        consumer.seek(tp, max(ends[tp] - 1, starts[tp]))
+    deadline = time.monotonic() + timeout_s
+    while any(consumer.highwater(tp) is None for tp in tps):
+        if time.monotonic() > deadline:
+            missing = [f"{tp.topic}/{tp.partition}" for tp in tps if consumer.highwater(tp) is None]
+            raise BrokerError(f"no high watermark for {', '.join(missing)} within {timeout_s:g}s")
+        consumer.poll(timeout_ms=200, max_records=1)
+    return {tp: int(consumer.highwater(tp)) for tp in tps}
 
 
 def split_ranges(ranges: Iterable[OffsetRange], max_records: int) -> list[OffsetRange]:

@@ -90,7 +90,7 @@ def produce(config: PipelineConfig, topic: str, count: int) -> int:
     codec = RecordCodec(config.schema)
     with Producer(config.kafka, client_id="bench") as producer:
         for row in StreamGenerator(config, seed=1).records(count):
-            producer.send(topic, codec.encode(row.record), key=row.record[config.schema.entity_id])
+            producer.send(topic, codec.encode(row.record), key=row.key(config.schema))
         producer.flush()
         tail = StreamGenerator(config, seed=2, id_prefix="tail").records(config.kafka.partitions)
         for p in range(config.kafka.partitions):  # a final one-record batch per partition

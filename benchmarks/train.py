@@ -48,7 +48,7 @@ def prepared(config: PipelineConfig, rows: int) -> tuple[Any, ...]:
     names = [f.name for f in schema][:-4]
     table = pa.Table.from_pylist(records, schema=pa.schema([schema.field(n) for n in names]))
     ds = ray.data.from_arrow(table)
-    train_raw, holdout_raw, _ = split_by_time(ds, config.schema.timestamp, config.model.holdout_fraction)
+    train_raw, holdout_raw, _ = split_by_time(ds, config.schema.event_time, config.model.holdout_fraction)
     train_raw = train_raw.materialize()
     features = fit_pipeline(train_raw, config.schema, config.features)
     to_inputs = features.batch_fn()

@@ -69,9 +69,25 @@ def _parser() -> argparse.ArgumentParser:
     broker.add_argument("--storage", default="memory://tansu/", help="Tansu storage engine URL (default: %(default)s)")
     broker.set_defaults(func=cmd_broker)
 
-    produce = sub.add_parser("produce", help="stream generated labeled records (with drift) into Kafka")
+    init = sub.add_parser("init", help="write a pipeline config inferred from a data file (CSV, Parquet, JSON Lines)")
+    init.add_argument("--from", dest="source", type=Path, required=True, help="the data file")
+    init.add_argument("--label", required=True, help="the column to predict")
+    init.add_argument("--name", default=None, help="the pipeline's name (default: from the file's name)")
+    init.add_argument("--id", dest="record_id", default=None, help="the column that names each record, if any")
+    init.add_argument("--time", dest="timestamp", default=None, help="the event-time column, if any")
+    init.add_argument("--entity", dest="entity_id", default=None, help="the column of entity ids (the Kafka key)")
+    init.add_argument("--out", type=Path, default=None, help="where the config goes (default: configs/<name>.yaml)")
+    init.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    init.set_defaults(func=cmd_init)
+
+    produce = sub.add_parser(
+        "produce", help="stream records into Kafka: generated ones (with drift), or a file's rows (--from)"
+    )
     _config_arg(produce)
-    produce.add_argument("--records", type=_positive_int, required=True, help="how many records to send")
+    produce.add_argument("--from", dest="source", type=Path, default=None, help="send this file's rows (CSV, Parquet, "
+                         "JSON Lines), converted losslessly to the schema's types")  # fmt: skip
+    produce.add_argument("--limit", type=_positive_int, default=None, help="with --from: send at most this many rows")
+    produce.add_argument("--records", type=_positive_int, default=None, help="how many records to generate")
     produce.add_argument("--drift-at", type=_non_negative_int, default=None, help="index of the first drifted record")
     produce.add_argument(
         "--scenario", choices=SCENARIOS, default="covariate", help="kind of drift (default: %(default)s)"
@@ -290,10 +306,71 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    import re
+
+    from streams.files import infer_config, read_table
+
+    name = args.name or re.sub(r"[^A-Za-z0-9_-]+", "-", args.source.stem).strip("-")[:100] or "pipeline"
+    out = args.out or Path("configs") / f"{name}.yaml"
+    if out.exists() and not args.force:
+        raise ConfigError("<command line>", "--out", "a path that does not exist yet (or --force)", str(out))
+    table = read_table(args.source)
+    inferred = infer_config(
+        table, label=args.label, name=name, record_id=args.record_id, timestamp=args.timestamp,
+        entity_id=args.entity_id, source=str(args.source),
+    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(inferred.text, encoding="utf-8")
+    width = max(len(c) for c, _ in inferred.columns)
+    print(f"{args.source}: {table.num_rows} rows, {table.num_columns} columns")
+    for column, what in inferred.columns:
+        print(f"  {column:<{width}}  {what}")
+    for note in inferred.notes:
+        print(f"note: {note}")
+    print(f"wrote {out} (pipeline {name!r}); check its ranges and categories, then:")
+    print(f"  driftloop run {out} --from {args.source}")
+    return 0
+
+
+def _produce_file(args: argparse.Namespace, config: PipelineConfig, topics: Topics) -> int:
+    from streams.files import file_records, read_table
+    from streams.publish import publish_file
+
+    table = read_table(args.source)
+    total = min(table.num_rows, args.limit or table.num_rows)
+    with (
+        Producer(config.kafka, client_id=f"{config.name}.producer") as producer,
+        bar(total, f"producing {args.source} to {topics.records}", unit="rows") as shown,
+    ):
+        stats = publish_file(
+            file_records(table, config.schema), config.schema, producer, topics, config.name, str(args.source),
+            rate=args.rate, label_delay=args.label_delay, limit=args.limit,
+            progress=lambda sent: shown.update(sent - shown.n),
+        )  # fmt: skip
+    print(
+        f"sent {stats.records} rows of {args.source} to {topics.records} in {stats.seconds:.1f}s "
+        f"({stats.records / max(stats.seconds, 1e-9):,.0f}/s); labels: {stats.labels}; "
+        f"refused: {len(stats.rejected)} (to {topics.dlq})"
+    )
+    for index, err in stats.rejected[:5]:
+        print(f"  {args.source}: row {index + 1}: {err}", file=sys.stderr)
+    if stats.rejected:
+        more = f" ({len(stats.rejected) - 5} more)" if len(stats.rejected) > 5 else ""
+        print(f"driftloop: error: {len(stats.rejected)} rows disagree with {args.config}{more}; each is on "
+              f"{topics.dlq} with its reason", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
     config = _connected(load_config(args.config))
+    if (args.source is None) == (args.records is None):
+        raise ConfigError("<command line>", "--records/--from", "one of --records N or --from FILE", None)
     topics = Topics(config.name)
     ensure_topics(config.kafka, topics.all())
+    if args.source is not None:
+        return _produce_file(args, config, topics)
     generator = StreamGenerator(
         config,
         seed=args.seed,

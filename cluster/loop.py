@@ -318,7 +318,7 @@ def _send_traffic(
             return "timeout"
         index = options.bootstrap_records + traffic.sent  # this batch's first record
         batch = list(generator.records(options.batch))
-        body = [{"request_id": r.record[schema.record_id], **{n: r.record[n] for n in names}} for r in batch]
+        body = [{"request_id": r.id, **{n: r.record[n] for n in names}} for r in batch]
         try:
             answer = session.post(f"{url}/v1/predict", json=body, headers=headers, timeout=30)
             ok = answer.status_code == 200
@@ -341,8 +341,8 @@ def _send_traffic(
                 promoted_at_record = index
                 _say(started, "serve", f"now answering with version {version} (record {index})")
         for j, r in enumerate(batch):
-            producer.send(topics.records, codec.encode(r.record), key=str(r.record[schema.entity_id]))
-            labels.append((index + j, str(r.record[schema.record_id]), r.label))
+            producer.send(topics.records, codec.encode(r.record), key=r.key(schema))
+            labels.append((index + j, r.id, r.label))
         while labels and labels[0][0] <= index - options.label_delay:
             _, request_id, label = labels.popleft()
             producer.send_event(

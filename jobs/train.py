@@ -195,7 +195,7 @@ def train_model(
     )
     store = store or DatasetStore(config.datasets.root, config.name)
     started = time.monotonic()
-    event_time = config.schema.timestamp
+    event_time = config.schema.event_time
     if data is None:
         data = store.read(window, event_time)
     train_raw, holdout_raw, holdout_id = split_by_time(data, event_time, settings.holdout_fraction)

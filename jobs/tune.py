@@ -136,8 +136,8 @@ def tune_model(
     store = store or DatasetStore(config.datasets.root, config.name)
     started = time.monotonic()
     if data is None:
-        data = store.read(window, config.schema.timestamp)
-    train_raw, holdout_raw, _ = split_by_time(data, config.schema.timestamp, config.model.holdout_fraction)
+        data = store.read(window, config.schema.event_time)
+    train_raw, holdout_raw, _ = split_by_time(data, config.schema.event_time, config.model.holdout_fraction)
     train_raw = train_raw.materialize()
     features = fit_pipeline(train_raw, config.schema, config.features)
     to_inputs = features.batch_fn()
@@ -266,7 +266,7 @@ def tune_train_and_gate(
         run = registry.client.get_run(registry.client.get_model_version(config.name, champion).run_id or "")
         known = {k: json.loads(v) if v.startswith("[") else v for k, v in run.data.params.items()}
         warm = params_of(_settings_from_params(config.model, known), config.search)
-    data: Any = store.read(window, config.schema.timestamp)
+    data: Any = store.read(window, config.schema.event_time)
     data = data.materialize()  # read once, for both stages
     tuned = tune_model(config, window, out, store=store, warm_start=warm, tracking_uri=registry.uri, data=data)
     trained = train_model(config, window, out, model=tuned.settings(config.model), store=store, data=data)

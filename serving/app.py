@@ -44,7 +44,7 @@ from jobs.registry import ModelRegistry
 from serving.model import ServedModel, load_served_model
 from serving.policy import route
 from serving.predlog import PredictionLog
-from streams.config import API_KEY_ENV, KafkaSettings, PipelineConfig
+from streams.config import API_KEY_ENV, KafkaSettings, PipelineConfig, field_key
 from streams.errors import DecodeError, ErrorKind
 from streams.events import ModelPromoted, ModelRolledBack, new_event_id
 from streams.kafka import Batch
@@ -134,6 +134,7 @@ class ModelServer:
             log.warning("no %r model of %s yet: answering 503 until one is promoted", alias, self.registry.name)
         self.challenger: ServedModel | None = None
         self.max_body = config.serving.max_body_bytes
+        self.keys_of_features = [(f, field_key(f)) for f in config.schema.feature_names]
         self.codec = RequestCodec(
             config.schema, max_bytes=self.max_body, max_records=config.serving.max_records_per_request
         )
@@ -237,8 +238,7 @@ class ModelServer:
         key = records[0].request_id or new_event_id()
         decision = route(key, serving.policy, serving.canary_fraction, challenger is not None)
         model = challenger if decision.answer_with_challenger and challenger is not None else champion
-        names = self.config.schema.feature_names
-        rows = [{f: getattr(r, f) for f in names} for r in records]
+        rows = [{f: getattr(r, k) for f, k in self.keys_of_features} for r in records]
         small = len(rows) < SMALL_REQUEST and serving.batch_max_size > 1
         proba = await self._score((model, rows)) if small else model.predict(rows)
         ids = [r.request_id or (key if i == 0 else new_event_id()) for i, r in enumerate(records)]

@@ -8,6 +8,8 @@ settings can be overridden from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `RAY
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import keyword
 import math
 import re
 import types
@@ -50,6 +52,7 @@ __all__ = [
     "TrackerSettings",
     "TrainingSettings",
     "dump_config",
+    "field_key",
     "load_config",
     "parse_config",
 ]
@@ -58,10 +61,13 @@ EMBEDDED = "embedded"
 DATASETS_ROOT_ENV = "DRIFTLOOP_DATASETS_ROOT"  # overrides datasets.root (the local stack sets it)
 GIT_COMMIT_ENV = "DRIFTLOOP_GIT_COMMIT"  # a job's code commit, set by its submitter (`.git` does not travel)
 API_KEY_ENV = "DRIFTLOOP_API_KEY"  # the key Serve's clients send: from the environment only
-RESERVED_COLUMNS = ("topic", "partition", "offset", "timestamp")
+RESERVED_COLUMNS = ("topic", "partition", "offset", "timestamp")  # Kafka metadata in every dataset
+KAFKA_TIME = "timestamp"  # the Kafka record timestamp: the event time when a schema names none
 INLINE = "\x00inline"  # marks the field a shorthand value stands for (see FeatureTransform.normalize)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
-_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# A column name as users have them: any printable text ("region-centroid-col", "Monthly charges").
+_COLUMN = re.compile(r"^(?=\S)[^\x00-\x1f\x7f]{1,128}(?<=\S)$")
+_COLUMN_EXPECTED = "a column name: 1-128 printable characters, no leading or trailing space"
 _NOT_FROM_YAML = {"yaml": False}
 DriftKind = Literal["data", "prediction", "performance"]
 Problem = tuple[str, str, object]  # (key relative to the section, expected, found)
@@ -164,8 +170,8 @@ class Feature:
         return self.type in ("float", "int")
 
     def problems(self) -> Iterator[Problem]:
-        if not _FIELD.match(self.name):
-            yield "name", "an identifier (letters, digits, _)", self.name
+        if not _COLUMN.match(self.name):
+            yield "name", _COLUMN_EXPECTED, self.name
         if self.type == "category":
             if len(self.categories) < 2:
                 yield "categories", "at least two categories", list(self.categories)
@@ -193,8 +199,8 @@ class LabelSpec:
     classes: tuple[str | int, ...]
 
     def problems(self) -> Iterator[Problem]:
-        if not _FIELD.match(self.name):
-            yield "name", "an identifier (letters, digits, _)", self.name
+        if not _COLUMN.match(self.name):
+            yield "name", _COLUMN_EXPECTED, self.name
         if len(self.classes) < 2:
             yield "classes", "at least two classes", list(self.classes)
         if len(set(self.classes)) != len(self.classes):
@@ -203,16 +209,37 @@ class LabelSpec:
             yield "classes", "classes all strings or all integers", list(self.classes)
 
 
+def field_key(name: str) -> str:
+    """The Python name that stands for a column inside a record type (the wire keeps `name`).
+
+    An identifier is its own key; any other name ("region-centroid-col", "a b") gets a stable one
+    made from it, so no two names share a key.
+    """
+    if name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("_"):
+        return name
+    stem = re.sub(r"\W", "_", name, flags=re.ASCII).strip("_")[:40] or "col"
+    return f"c_{stem}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 @dataclass(frozen=True)
 class RecordSchema:
-    """The shape of a record on the `records` topic; the record codec is generated from it."""
+    """The shape of a record on the `records` topic; the record codec is generated from it.
 
-    entity_id: str
-    timestamp: str
+    `record_id`, `entity_id` and `timestamp` are optional: without a record id a record is named
+    by its place in Kafka (topic, partition, offset), without an entity id it is keyed by its
+    record id, and without a timestamp the Kafka record's timestamp is its event time.
+    `coerce: true` lets the record codec convert losslessly where a value's JSON type differs from
+    the field's (numeric strings, integral floats into int fields, epoch or ISO times without a zone
+    as UTC, "" as missing in a nullable field); `driftloop produce --from` always does.
+    """
+
     label: LabelSpec
     features: tuple[Feature, ...] = field(metadata={"keyed_by": "name"})
-    record_id: str = "record_id"
+    record_id: str | None = "record_id"
+    entity_id: str | None = None
+    timestamp: str | None = None
     unknown_fields: Literal["reject", "ignore"] = "reject"
+    coerce: bool = False
 
     def feature(self, name: str) -> Feature:
         for feature in self.features:
@@ -227,22 +254,34 @@ class RecordSchema:
     @property
     def columns(self) -> tuple[str, ...]:
         """Every field of a record, in a stable order."""
-        return (self.record_id, self.entity_id, self.timestamp, *self.feature_names, self.label.name)
+        ids = tuple(c for c in (self.record_id, self.entity_id, self.timestamp) if c is not None)
+        return (*ids, *self.feature_names, self.label.name)
+
+    @property
+    def event_time(self) -> str:
+        """The dataset column that holds each record's event time."""
+        return self.timestamp or KAFKA_TIME
 
     def problems(self) -> Iterator[Problem]:
         if not self.features:
             yield "features", "at least one feature", {}
         for key in ("record_id", "entity_id", "timestamp"):
-            if not _FIELD.match(getattr(self, key)):
-                yield key, "an identifier (letters, digits, _)", getattr(self, key)
+            value = getattr(self, key)
+            if value is not None and not _COLUMN.match(value):
+                yield key, _COLUMN_EXPECTED + " (or null)", value
         for name in self.columns:
             if name in RESERVED_COLUMNS:
                 yield "features", f"no column named {name!r} (reserved for Kafka metadata)", name
-        seen: set[str] = set()
+        if "request_id" in self.feature_names:
+            yield "features", "no feature named 'request_id' (a prediction request's own field)", "request_id"
+        seen: dict[str, str] = {}
         for name in self.columns:
             if name in seen:
                 yield "features", f"distinct names for every column ({name!r} is used twice)", name
-            seen.add(name)
+            seen[name] = name
+        keys = [field_key(n) for n in self.columns]
+        if len(set(keys)) != len(keys):  # e.g. "c_a_<hash>" written as a name of its own
+            yield "features", "column names that do not collide with another's internal name", list(self.columns)
 
 
 @dataclass(frozen=True)
@@ -344,8 +383,8 @@ class Derived:
     inputs: tuple[str, ...]
 
     def problems(self) -> Iterator[Problem]:
-        if not _FIELD.match(self.name):
-            yield "name", "an identifier (letters, digits, _)", self.name
+        if not _COLUMN.match(self.name):
+            yield "name", _COLUMN_EXPECTED, self.name
         if len(self.inputs) != 2:
             yield "inputs", "two feature names", list(self.inputs)
 

@@ -47,6 +47,12 @@ class GeneratedRecord:
     record: dict[str, Any]
     label: str | int
     drifted: bool
+    id: str = ""  # the record's id (also when the schema has no record_id column: labels join on it)
+
+    def key(self, schema: RecordSchema) -> str | None:
+        """The Kafka key: the entity id, else the record id."""
+        value = self.record.get(schema.entity_id) if schema.entity_id is not None else None
+        return str(value) if value is not None else (self.id or None)
 
 
 @dataclass(frozen=True)
@@ -147,11 +153,14 @@ class StreamGenerator:
     def _row(self, index: int, x: dict[str, np.ndarray], i: int, y: int, entity: int, drifted: bool) -> GeneratedRecord:
         schema = self.schema
         stamp = self.start_time + self.interval * index
-        record: dict[str, Any] = {
-            schema.record_id: f"{self.id_prefix}-{index}",
-            schema.entity_id: f"e{entity}",
-            schema.timestamp: stamp.isoformat().replace("+00:00", "Z"),
-        }
+        ident = f"{self.id_prefix}-{index}"
+        record: dict[str, Any] = {}
+        if schema.record_id is not None:
+            record[schema.record_id] = ident
+        if schema.entity_id is not None:
+            record[schema.entity_id] = f"e{entity}"
+        if schema.timestamp is not None:
+            record[schema.timestamp] = stamp.isoformat().replace("+00:00", "Z")
         for feature in schema.features:
             value = x[feature.name][i]
             if feature.type == "category":
@@ -165,7 +174,7 @@ class StreamGenerator:
         label = self.classes[y]
         if not self.unlabeled:
             record[schema.label.name] = label
-        return GeneratedRecord(index, record, label, drifted)
+        return GeneratedRecord(index, record, label, drifted, ident)
 
     def _sample_x(self, rng: np.random.Generator, n: int, drifted_from: int) -> dict[str, np.ndarray]:
         covariate = self.scenario == "covariate"

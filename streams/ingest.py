@@ -50,7 +50,7 @@ def _write_piece(config: PipelineConfig, piece: OffsetRange, root: str, folder: 
     store = DatasetStore(root, config.name)
     with store.fs.open_output_stream(posixpath.join(folder, name)) as out:
         out.write(data)
-    times = read.table[config.schema.timestamp]
+    times = read.table[config.schema.event_time]
     bounds: dict[str, Any] = pc.min_max(times).as_py() if len(times) else {"min": None, "max": None}
     return DataFile(
         path=name,

@@ -24,7 +24,7 @@ from kafka.errors import OffsetOutOfRangeError
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from streams.config import KafkaSettings, RecordSchema
+from streams.config import KafkaSettings, RecordSchema, field_key
 from streams.errors import BrokerError, DecodeError, IncompleteRead
 from streams.events import OffsetRange
 from streams.kafka import Producer, dead_letter, new_consumer
@@ -53,11 +53,13 @@ METADATA_COLUMNS = (
 def arrow_schema(schema: RecordSchema) -> pa.Schema:
     """The Arrow schema of a decoded record batch: the record's columns, then Kafka metadata."""
     label_type = pa.int64() if isinstance(schema.label.classes[0], int) else pa.string()
-    fields = [
-        pa.field(schema.record_id, pa.string(), nullable=False),
-        pa.field(schema.entity_id, pa.string(), nullable=False),
-        pa.field(schema.timestamp, pa.timestamp("us", tz="UTC"), nullable=False),
-    ]
+    fields = []
+    if schema.record_id is not None:
+        fields.append(pa.field(schema.record_id, pa.string(), nullable=False))
+    if schema.entity_id is not None:
+        fields.append(pa.field(schema.entity_id, pa.string(), nullable=False))
+    if schema.timestamp is not None:
+        fields.append(pa.field(schema.timestamp, pa.timestamp("us", tz="UTC"), nullable=False))
     types = {"float": pa.float64(), "int": pa.int64(), "bool": pa.bool_(), "category": pa.string()}
     fields += [pa.field(f.name, types[f.type], nullable=f.nullable) for f in schema.features]
     fields.append(pa.field(schema.label.name, label_type, nullable=True))
@@ -71,7 +73,8 @@ def to_table(
     """Decoded records (and their Kafka records) as one Arrow table of `arrow` schema."""
     columns: list[Any] = []
     for name in schema.columns:
-        column = [getattr(v, name) for v in values]
+        key = field_key(name)
+        column = [getattr(v, key) for v in values]
         if name == schema.entity_id:
             column = [str(c) for c in column]
         columns.append(column)

@@ -1,25 +1,32 @@
-"""Publishing the generated stream: records at a rate, delayed labels, optional bad records.
+"""Publishing a stream: the generated one (records at a rate, delayed labels, optional bad
+records), or a user's file (`publish_file`).
 
-A thin adapter between the pure `StreamGenerator` and a `Producer`; the clock is injected.
+Thin adapters between the pure sources (`StreamGenerator`, `streams.files.file_records`) and a
+`Producer`; the clock is injected.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from streams.events import LabelObserved, deterministic_id
+from streams.config import RecordSchema
+from streams.errors import DecodeError
+from streams.events import LabelObserved, deterministic_id, utcnow
 from streams.generator import StreamGenerator, corrupt
-from streams.kafka import Producer
+from streams.kafka import Producer, dead_letter
 from streams.serde import RecordCodec
 from streams.topics import Topics
 
-__all__ = ["PublishStats", "publish_stream"]
+__all__ = ["FileRow", "PublishStats", "publish_file", "publish_stream", "row_id"]
 
 
 @dataclass
@@ -29,6 +36,7 @@ class PublishStats:
     malformed: int = 0
     malformed_kinds: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    rejected: list[tuple[int, DecodeError]] = field(default_factory=list)  # (row, why): file rows sent to the DLQ
 
 
 def publish_stream(
@@ -72,7 +80,7 @@ def publish_stream(
             ahead = row.index / rate - (clock() - started)
             if ahead > 0:
                 sleep(ahead)
-        key = str(row.record[schema.entity_id])
+        key = row.key(schema)
         if bad_fraction and bad_rng.random() < bad_fraction:
             payload, kind = corrupt(row.record, schema, bad_rng)
             stats.malformed += 1
@@ -82,7 +90,7 @@ def publish_stream(
         producer.send(topics.records, payload, key=key)
         stats.records += 1
         if label_delay is not None:
-            pending.append((str(row.record[schema.record_id]), row.label, row.index))
+            pending.append((row.id, row.label, row.index))
             while pending and pending[0][2] <= row.index - label_delay:
                 send_label(*pending.popleft())
         if progress is not None and stats.records % 100 == 0:
@@ -99,3 +107,98 @@ def publish_stream(
 def interval_for(rate: float | None) -> timedelta:
     """Event-time spacing that matches a send rate (10 ms when unthrottled)."""
     return timedelta(seconds=1 / rate) if rate else timedelta(milliseconds=10)
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """A file's row as the DLQ writes it: where it came from (the file and row) and its JSON."""
+
+    topic: str  # "file:<path>": the DLQ's source header names the file and the row
+    offset: int
+    value: bytes
+    partition: int = 0
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def row_id(source: str, index: int) -> str:
+    """The id of a file's row when the file has no id column: stable for the file's name and row."""
+    return deterministic_id("file", Path(source).name, str(index))[:24]
+
+
+def publish_file(
+    rows: Iterable[tuple[int, dict[str, Any]]],
+    schema: RecordSchema,
+    producer: Producer,
+    topics: Topics,
+    pipeline: str,
+    source: str,
+    *,
+    rate: float | None = None,
+    label_delay: int | None = None,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> PublishStats:
+    """Send a file's rows as records (at most `rate` per second; labels `label_delay` rows later).
+
+    A row its schema refuses goes to the DLQ as JSON, with the reason and `file:<path>/0/<row>` as
+    its source, and is counted in `stats.rejected`: nothing is lost, and one bad row does not stop
+    the rest. Returns once everything is acknowledged.
+    """
+    codec = RecordCodec(schema)
+    stats = PublishStats()
+    pending: deque[tuple[str, Any, int]] = deque()
+    dead: list[tuple[FileRow, DecodeError]] = []
+    started = clock()
+    label_name = schema.label.name
+
+    def send_labels(upto: int) -> None:
+        while pending and pending[0][2] <= upto:
+            request_id, label, _ = pending.popleft()
+            event = LabelObserved(
+                event_id=deterministic_id(pipeline, "label", request_id),
+                occurred_at=utcnow(),
+                request_id=request_id,
+                pipeline=pipeline,
+                label=label,
+            )
+            producer.send_event(topics.labels, event)
+            stats.labels += 1
+
+    for index, record in rows:
+        if limit is not None and stats.records + len(stats.rejected) >= limit:
+            break
+        if rate:
+            ahead = (stats.records + len(stats.rejected)) / rate - (clock() - started)
+            if ahead > 0:
+                sleep(ahead)
+        ident = str(record[schema.record_id]) if schema.record_id and schema.record_id in record else None
+        try:
+            payload = codec.encode(record)
+        except DecodeError as err:
+            text = json.dumps(record, default=str, ensure_ascii=False).encode()
+            dead.append((FileRow(topic=f"file:{source}", offset=index, value=text), err))
+            stats.rejected.append((index, err))
+            if len(dead) >= 500:
+                dead_letter(producer, topics.dlq, dead)
+                dead.clear()
+            continue
+        entity = record.get(schema.entity_id) if schema.entity_id else None
+        key = str(entity) if entity is not None else ident
+        producer.send(topics.records, payload, key=key)
+        stats.records += 1
+        if label_delay is not None and ident is not None and record.get(label_name) is not None:
+            pending.append((ident, record[label_name], index))
+            send_labels(index - label_delay)
+        if progress is not None and stats.records % 100 == 0:
+            progress(stats.records)
+    if dead:
+        dead_letter(producer, topics.dlq, dead)
+    send_labels(1 << 62)
+    producer.flush()
+    if progress is not None:
+        progress(stats.records)
+    stats.seconds = clock() - started
+    return stats

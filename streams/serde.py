@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from streams.config import Feature, RecordSchema
+from streams.coerce import coerce_record
+from streams.config import Feature, RecordSchema, field_key
 from streams.errors import DecodeError, ErrorKind
 from streams.events import EVENT_TYPES, AwareDatetime, Event, RequestId
 
@@ -91,7 +92,10 @@ class RecordCodec:
 
     The record type is generated from the schema: numbers carry their ranges, categories
     their allowed values, the label its classes (and may be absent: unlabeled records),
-    the timestamp must be RFC 3339 with a timezone.
+    the timestamp must be RFC 3339 with a timezone. A column whose name is not an identifier
+    is an attribute named `field_key(name)` (`attribute`); on the wire it keeps its name.
+    With `schema.coerce`, a record that fails only because of a value's JSON type is converted
+    losslessly (`streams.coerce`) and checked again; the fast path stays one msgspec pass.
     """
 
     def __init__(self, schema: RecordSchema, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
@@ -99,6 +103,12 @@ class RecordCodec:
         self.max_bytes = max_bytes
         self.type = _record_type(schema)
         self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(self.type)
+        self._coerce = schema.coerce
+
+    @staticmethod
+    def attribute(name: str) -> str:
+        """The attribute of a decoded record that holds column `name`."""
+        return field_key(name)
 
     def decode(self, data: bytes) -> Any:
         """One record as an instance of the generated (frozen) record type."""
@@ -106,7 +116,19 @@ class RecordCodec:
         try:
             return self._decoder.decode(data)
         except (msgspec.DecodeError, UnicodeDecodeError) as err:
+            if self._coerce and isinstance(err, msgspec.ValidationError):
+                return self._coerced(data, err)
             raise _explain(err, data) from None
+
+    def _coerced(self, data: bytes, err: Exception) -> Any:
+        """The slow path of `coerce`: the payload as plain JSON, converted, then checked strictly."""
+        try:
+            plain = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            raise _explain(err, data) from None
+        if not isinstance(plain, dict):
+            raise _explain(err, data) from None
+        return self.validate(coerce_record(self.schema, plain))
 
     def decode_batch(self, payloads: Iterable[bytes | None]) -> list[Any]:
         """Decode many payloads; each result is a record or the `DecodeError` that rejected it."""
@@ -120,7 +142,13 @@ class RecordCodec:
             try:
                 out.append(decode(data))
             except (msgspec.DecodeError, UnicodeDecodeError) as err:
-                out.append(_explain(err, data))
+                if self._coerce and isinstance(err, msgspec.ValidationError):
+                    try:
+                        out.append(self._coerced(data, err))
+                    except DecodeError as bad:
+                        out.append(bad)
+                else:
+                    out.append(_explain(err, data))
         return out
 
     def validate(self, record: Mapping[str, Any]) -> Any:
@@ -137,7 +165,8 @@ class RecordCodec:
         return _encoder.encode(record)
 
     def to_dict(self, record: Any) -> dict[str, Any]:
-        return msgspec.structs.asdict(record)
+        """A decoded record as a mapping of column name (as on the wire) to value."""
+        return {name: getattr(record, field_key(name)) for name in self.schema.columns}
 
 
 class RequestCodec:
@@ -153,13 +182,14 @@ class RequestCodec:
         self.max_bytes = max_bytes
         self.max_records = max_records
         fields: list[Any] = [("request_id", RequestId | None, None)]
-        required = [(f.name, _feature_type(f)) for f in schema.features if not f.nullable]
-        optional = [(f.name, _feature_type(f) | None, None) for f in schema.features if f.nullable]
+        required = [(field_key(f.name), _feature_type(f)) for f in schema.features if not f.nullable]
+        optional = [(field_key(f.name), _feature_type(f) | None, None) for f in schema.features if f.nullable]
         self.type = msgspec.defstruct(
             "PredictRequest",
             [*required, *optional, *fields],
             frozen=True,
             forbid_unknown_fields=schema.unknown_fields == "reject",
+            rename=_renames(f.name for f in schema.features),
         )
         request: Any = self.type
         self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(request | list[request])
@@ -181,26 +211,34 @@ class RequestCodec:
         return records
 
 
+def _renames(names: Iterable[str]) -> dict[str, str] | None:
+    renamed = {field_key(n): n for n in names if field_key(n) != n}
+    return renamed or None
+
+
 def _record_type(schema: RecordSchema) -> type:
     label: Any = Literal.__getitem__(schema.label.classes)  # the classes become a Literal type
-    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [
-        (schema.record_id, str),
-        (schema.entity_id, str | Annotated[int, _INT64]),
-        (schema.timestamp, AwareDatetime),
-    ]
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    if schema.record_id is not None:
+        fields.append((field_key(schema.record_id), str))
+    if schema.entity_id is not None:
+        fields.append((field_key(schema.entity_id), str | Annotated[int, _INT64]))
+    if schema.timestamp is not None:
+        fields.append((field_key(schema.timestamp), AwareDatetime))
     optional: list[tuple[str, Any, Any]] = []
     for feature in schema.features:
         tp = _feature_type(feature)
         if feature.nullable:
-            optional.append((feature.name, tp | None, None))
+            optional.append((field_key(feature.name), tp | None, None))
         else:
-            fields.append((feature.name, tp))
-    optional.append((schema.label.name, label | None, None))
+            fields.append((field_key(feature.name), tp))
+    optional.append((field_key(schema.label.name), label | None, None))
     return msgspec.defstruct(
         "Record",
         [*fields, *optional],
         frozen=True,
         forbid_unknown_fields=schema.unknown_fields == "reject",
+        rename=_renames(schema.columns),
     )
 
 

@@ -37,6 +37,7 @@ def config_file(tmp_path: Path, config: PipelineConfig) -> Path:
 
 COMMANDS = [
     "broker",
+    "init",
     "produce",
     "consume",
     "ingest",

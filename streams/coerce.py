@@ -92,17 +92,22 @@ def coerce_time(value: Any) -> Any:
     return value
 
 
+def _integral(value: float) -> bool:
+    """A float that is a whole number a float holds exactly (beyond 2**53 it may not be the one written)."""
+    return math.isfinite(value) and value.is_integer() and abs(value) <= 2**53
+
+
 def _as_int(value: Any) -> Any:
     if isinstance(value, bool):
         return value
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+    if isinstance(value, float) and _integral(value):
         return int(value)
     if isinstance(value, str):
         text = value.strip()
         if _INT.match(text):
             return int(text)
         number = _as_float(text)
-        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+        if isinstance(number, float) and _integral(number):
             return int(number)
     return value
 
@@ -132,7 +137,7 @@ def _as_bool(value: Any) -> Any:
 def _as_category(categories: tuple[str, ...], value: Any) -> Any:
     if isinstance(value, (str, bool)):
         return value
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+    if isinstance(value, float) and _integral(value):
         value = int(value)
     text = str(value)
     return text if text in categories else value
@@ -145,12 +150,12 @@ def _coerce_class(classes: tuple[str | int, ...], value: Any) -> Any:
 
 
 def _as_text(value: Any) -> Any:
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+    if isinstance(value, float) and _integral(value):
         value = int(value)
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _as_entity(value: Any) -> Any:
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+    if isinstance(value, float) and _integral(value):
         return int(value)
     return value

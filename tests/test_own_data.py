@@ -1,0 +1,289 @@
+"""A user's own data: files of real-world shape in, a config inferred, rows coerced and streamed.
+
+Fixtures are built from data scikit-learn ships (breast cancer: 30 columns, binary; wine:
+3 classes) and written the way users' files are: names with spaces and dashes, numbers as
+text, missing values, no entity id, event times years in the past.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from streams.coerce import coerce_record, coerce_time
+from streams.config import Feature, LabelSpec, PipelineConfig, RecordSchema, field_key, parse_config
+from streams.errors import ConfigError, DecodeError, DriftloopError, ErrorKind
+from streams.files import file_records, infer_config, read_table
+from streams.serde import RecordCodec, RequestCodec
+from tests.test_cli import driftloop
+
+
+def cancer_csv(path: Path, missing: float = 0.03, seed: int = 0) -> Path:
+    """scikit-learn's breast cancer set as a CSV: odd names, quoted numbers, gaps, old times."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    rng = random.Random(seed)
+    names = [n.replace(" ", "-") if i % 2 else n for i, n in enumerate(data.feature_names)]
+    with path.open("w", newline="") as f:
+        out = csv.writer(f, quoting=csv.QUOTE_NONNUMERIC)
+        out.writerow([*names, "diagnosis", "seen at"])
+        for i, (x, y) in enumerate(zip(data.data, data.target, strict=True)):
+            row: list[Any] = ["" if rng.random() < missing else f"{v:.5g}" for v in x]  # text, as csv gives
+            out.writerow([*row, ["malignant", "benign"][y], f"2011-03-{1 + i % 28:02d} 10:{i % 60:02d}:00"])
+    return path
+
+
+def wine_parquet(path: Path) -> Path:
+    """scikit-learn's wine set (3 classes, integer labels) as Parquet, ids as integers, ints as floats."""
+    from sklearn.datasets import load_wine
+
+    data = load_wine()
+    columns: dict[str, Any] = {"row id": list(range(len(data.target)))}
+    for i, name in enumerate(data.feature_names):
+        columns[name.replace("/", "-")] = data.data[:, i].tolist()
+    columns["class"] = [float(c) for c in data.target]  # what pandas makes of an int column with gaps
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+# --- names and optional ids ------------------------------------------------------------------------
+
+
+def odd_schema(**extra: Any) -> RecordSchema:
+    return RecordSchema(
+        label=LabelSpec("the class", ("a", "b")),
+        features=(Feature("region-centroid-col", "float", 0, 10), Feature("class", "int", 0, 5, nullable=True)),
+        **extra,
+    )
+
+
+def test_any_column_name_round_trips_with_its_own_name_on_the_wire() -> None:
+    schema = odd_schema(record_id=None)
+    codec = RecordCodec(schema)
+    record = {"region-centroid-col": 1.5, "class": 2, "the class": "b"}
+    decoded = codec.decode(codec.encode(record))
+    assert codec.to_dict(decoded) == record
+    assert json.loads(codec.encode(record)) == record, "the wire keeps the names as given"
+    assert getattr(decoded, field_key("region-centroid-col")) == 1.5
+    assert field_key("class") != "class" and field_key("class").isidentifier(), "a keyword gets a key of its own"
+    err = pytest.raises(DecodeError, codec.decode, b'{"region-centroid-col": 11, "the class": "a"}').value
+    assert (err.kind, err.field) == (ErrorKind.OUT_OF_RANGE, "region-centroid-col")
+    requests = RequestCodec(schema).decode(b'[{"region-centroid-col": 2.0, "request_id": "r1"}]')
+    assert getattr(requests[0], field_key("region-centroid-col")) == 2.0 and requests[0].request_id == "r1"
+
+
+def test_record_id_entity_and_time_are_optional() -> None:
+    codec = RecordCodec(odd_schema(record_id=None))
+    assert codec.decode(b'{"region-centroid-col": 3, "the class": "a"}')
+    with_ids = RecordCodec(odd_schema(record_id="id", entity_id="who", timestamp="when"))
+    err = pytest.raises(DecodeError, with_ids.decode, b'{"region-centroid-col": 3, "the class": "a"}').value
+    assert err.kind is ErrorKind.MISSING_FIELD
+    assert odd_schema(record_id=None).event_time == "timestamp", "Kafka's timestamp is the event time"
+    assert odd_schema(timestamp="when").event_time == "when"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("", "a column name"), (" lead", "a column name"), ("tab\there", "a column name"),
+     ("offset", "reserved for Kafka metadata"), ("request_id", "a prediction request's own field")],
+)  # fmt: skip
+def test_column_names_that_cannot_work_are_config_errors(name: str, message: str) -> None:
+    text = f"""
+name: p
+schema:
+  label: {{name: y, classes: [0, 1]}}
+  features:
+    {json.dumps(name)}: {{type: float}}
+"""
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text, env={})
+
+
+# --- coercion --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("feature", "value", "expected"),
+    [
+        (Feature("n", "int"), "50", 50),
+        (Feature("n", "int"), " -3 ", -3),
+        (Feature("n", "int"), 50.0, 50),
+        (Feature("n", "int"), "50.0", 50),
+        (Feature("n", "int"), 50.5, 50.5),  # not lossless: left for the codec to refuse
+        (Feature("n", "int"), "5e300", "5e300"),
+        (Feature("x", "float"), "1.25", 1.25),
+        (Feature("x", "float"), "nan", "nan"),
+        (Feature("x", "float"), "inf", "inf"),
+        (Feature("x", "float", nullable=True), "", None),
+        (Feature("x", "float", nullable=True), "NA", None),
+        (Feature("x", "float"), "", ""),  # not nullable: stays, and is refused
+        (Feature("b", "bool"), "yes", True),
+        (Feature("b", "bool"), "0", False),
+        (Feature("b", "bool"), 1, True),
+        (Feature("b", "bool"), 2, 2),
+        (Feature("c", "category", categories=("1", "2")), 1, "1"),
+        (Feature("c", "category", categories=("1", "2")), 2.0, "2"),
+        (Feature("c", "category", categories=("1", "2")), 3, 3),
+    ],
+)
+def test_coercion_converts_only_what_it_can_convert_losslessly(feature: Feature, value: Any, expected: Any) -> None:
+    schema = RecordSchema(label=LabelSpec("y", (0, 1)), features=(feature,), record_id=None)
+    got = coerce_record(schema, {feature.name: value})[feature.name]
+    assert got == expected and type(got) is type(expected)
+
+
+def test_times_from_epoch_seconds_and_iso_text_without_a_zone_are_utc() -> None:
+    utc = datetime(2011, 3, 1, 10, 0, tzinfo=timezone.utc)
+    assert coerce_time(utc.timestamp()) == utc
+    assert coerce_time(str(int(utc.timestamp()))) == utc
+    assert coerce_time("2011-03-01 10:00:00") == utc
+    assert coerce_time("2011-03-01T11:00:00+01:00") == utc
+    assert coerce_time("last tuesday") == "last tuesday"
+
+
+def test_the_codec_coerces_only_when_the_schema_says_so() -> None:
+    payload = b'{"region-centroid-col": "1.5", "class": 2.0, "the class": "a"}'
+    strict = RecordCodec(odd_schema(record_id=None))
+    assert pytest.raises(DecodeError, strict.decode, payload).value.kind is ErrorKind.WRONG_TYPE
+    lax = RecordCodec(odd_schema(record_id=None, coerce=True))
+    assert lax.to_dict(lax.decode(payload)) == {"region-centroid-col": 1.5, "class": 2, "the class": "a"}
+    batch = lax.decode_batch([payload, b'{"region-centroid-col": "x", "the class": "a"}', b"[1]"])
+    assert not isinstance(batch[0], DecodeError)
+    assert isinstance(batch[1], DecodeError) and batch[1].field == "region-centroid-col"
+    assert isinstance(batch[2], DecodeError)
+
+
+# --- init: a config from a file -------------------------------------------------------------------
+
+
+def test_init_infers_a_config_that_reads_the_file_it_came_from(tmp_path: Path) -> None:
+    table = read_table(cancer_csv(tmp_path / "cancer.csv"))
+    inferred = infer_config(table, label="diagnosis", name="cancer", timestamp="seen at", source="cancer.csv")
+    config = inferred.config
+    schema = config.schema
+    assert schema.label.classes == ("benign", "malignant")
+    assert len(schema.features) == 30 and schema.record_id is None and schema.entity_id is None
+    assert "mean-texture" in schema.feature_names and "mean radius" in schema.feature_names
+    assert all(f.type == "float" and f.nullable for f in schema.features), "gaps make columns nullable"
+    assert parse_config(inferred.text, env={}) == config, "what init writes reads back as it is"
+    codec = RecordCodec(schema)
+    rows = list(file_records(table, schema))
+    assert len(rows) == 569
+    decoded = [codec.decode(codec.encode(r)) for _, r in rows]  # every row is accepted
+    first = codec.to_dict(decoded[0])
+    assert first["seen at"] == datetime(2011, 3, 1, 10, 0, tzinfo=timezone.utc)
+    assert first["diagnosis"] == "malignant"
+
+
+def test_init_on_parquet_with_integer_classes_and_an_id_column(tmp_path: Path) -> None:
+    table = read_table(wine_parquet(tmp_path / "wine.parquet"))
+    config = infer_config(table, label="class", name="wine", record_id="row id").config
+    assert config.schema.label.classes == (0, 1, 2) and config.schema.record_id == "row id"
+    assert config.schema.feature("magnesium").type == "int", "integral floats make an int feature"
+    codec = RecordCodec(config.schema)
+    for _, record in file_records(table, config.schema):
+        assert isinstance(record["row id"], str) and record["class"] in (0, 1, 2)
+        codec.encode(record)
+
+
+def test_init_leaves_out_free_text_and_makes_categories_of_few_values(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    lines = [{"plan": ["basic", "gold"][i % 2], "note": f"free text {i}", "n": i, "ok": i % 3 == 0, "y": i % 2}
+             for i in range(200)]  # fmt: skip
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    inferred = infer_config(read_table(path), label="y", name="mixed")
+    schema = inferred.config.schema
+    assert schema.feature("plan").categories == ("basic", "gold") and schema.feature("ok").type == "bool"
+    assert "note" not in schema.feature_names and schema.unknown_fields == "ignore"
+    assert any("note" in n for n in inferred.notes)
+
+
+@pytest.mark.parametrize(
+    ("content", "label", "message"),
+    [
+        ("a,y\n", "y", "no rows"),
+        ("a,y\n1,0\n2,0\n", "y", "at least two classes"),
+        ("a,y\n1,0\n2,1\n", "nope", "a column of the file"),
+        ("a,y\n1,0.5\n2,1\n", "y", "regression"),
+        ("offset,y\n1,0\n2,1\n", "y", "rename the column"),
+    ],
+)
+def test_init_bad_input_is_a_clear_error(tmp_path: Path, content: str, label: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises((ConfigError, DriftloopError), match=message):
+        infer_config(read_table(path), label=label, name="bad")
+
+
+def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "x.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DriftloopError, match=r"x\.parquet: not a readable parquet file"):
+        read_table(tmp_path / "x.parquet")
+    with pytest.raises(DriftloopError, match="no such file"):
+        read_table(tmp_path / "missing.csv")
+    with pytest.raises(DriftloopError, match="unknown file type"):
+        read_table(tmp_path / "data.xlsx")
+
+
+# --- the commands, on a real broker -------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_init_then_produce_from_the_file_sends_every_row_and_dead_letters_the_bad_ones(
+    config: PipelineConfig, broker: str, tmp_path: Path
+) -> None:
+    source = cancer_csv(tmp_path / "cancer data.csv")
+    out = tmp_path / "cancer.yaml"
+    made = driftloop("init", "--from", str(source), "--label", "diagnosis", "--time", "seen at",
+                     "--name", config.name, "--out", str(out))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "mean-texture" in made.stdout and "label, 2 classes" in made.stdout and str(out) in made.stdout
+    again = driftloop("init", "--from", str(source), "--label", "diagnosis", "--out", str(out))
+    assert again.returncode == 2 and "--force" in again.stderr, "init never overwrites a config unasked"
+
+    env = {"KAFKA_BOOTSTRAP_SERVERS": broker}
+    sent = driftloop("produce", "--config", str(out), "--from", str(source), env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert "sent 569 rows" in sent.stdout and "refused: 0" in sent.stdout
+    consumed = driftloop("consume", "--config", str(out), "--idle-timeout", "3", "--print", env=env)
+    assert consumed.returncode == 0, consumed.stderr
+    rows = [json.loads(line) for line in consumed.stdout.splitlines()]
+    assert len(rows) == 569 and {r["diagnosis"] for r in rows} == {"benign", "malignant"}
+    assert all(r["seen at"].startswith("2011-03-") for r in rows)
+
+    # rows that disagree with the config: each to the DLQ with its reason, the rest sent, exit 1
+    bad = tmp_path / "bad.csv"
+    text = source.read_text().splitlines()
+    text[3] = text[3].replace('"malignant"', '"unknown"').replace('"benign"', '"unknown"')
+    fields = text[5].split(",")
+    fields[0] = '"9999"'
+    text[5] = ",".join(fields)
+    bad.write_text("\n".join(text) + "\n")
+    refused = driftloop("produce", "--config", str(out), "--from", str(bad), "--limit", "10", env=env)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "sent 8 rows" in refused.stdout and "refused: 2" in refused.stdout
+    assert "row 3: " in refused.stderr and "diagnosis" in refused.stderr
+    assert "row 5: " in refused.stderr and "mean radius" in refused.stderr and "Traceback" not in refused.stderr
+
+    from kafka import KafkaConsumer
+
+    from streams.topics import Topics
+
+    consumer = KafkaConsumer(Topics(config.name).dlq, bootstrap_servers=broker, auto_offset_reset="earliest",
+                             consumer_timeout_ms=5000)  # fmt: skip
+    dead = list(consumer)
+    consumer.close()
+    assert len(dead) == 2
+    headers = [dict(m.headers) for m in dead]
+    assert {h["driftloop.error"] for h in headers} == {b"unknown_category", b"out_of_range"}
+    assert {h["driftloop.source"].decode() for h in headers} == {f"file:{bad}/0/2", f"file:{bad}/0/4"}
+    assert json.loads(dead[0].value)["diagnosis"] in ("unknown", "malignant", "benign"), "the row itself, as JSON"

@@ -39,6 +39,7 @@ from streams.events import (
     TrainingFailed,
     deterministic_id,
 )
+from streams.topics import Topics
 
 __all__ = [
     "RESULT_MARK",
@@ -135,7 +136,11 @@ def entrypoint_argv(request: RetrainRequested, job: JobTemplate) -> list[str]:
             raise ValueError(f"RetrainRequested.{name} {value[:80]!r} does not match {ID_PATTERN}")
     argv = [job.python, "-m", job.module, "--trigger-event-id", request.event_id]
     argv += ["--out", str(job.out_root.resolve() / request.event_id)]
-    if request.data_start is not None:
+    records = Topics(request.pipeline).records
+    starts = [f"{r.partition}:{r.start}" for r in request.records if r.topic == records]
+    if starts:  # the drifted data by its offsets; event time only when the request has none
+        argv += ["--from-offsets", ",".join(starts)]
+    elif request.data_start is not None:
         argv += ["--since", request.data_start.isoformat()]
     if request.drift_event_id:
         argv += ["--drift-event-id", request.drift_event_id]
@@ -238,7 +243,6 @@ def run_controller(
     """Consume retrain requests until `stop`; submit, follow, publish."""
     from streams.kafka import Batch, Producer, StreamConsumer, dead_letter, ensure_topics
     from streams.serde import decode_events
-    from streams.topics import Topics
 
     if client_factory is None:
         from ray.job_submission import JobSubmissionClient

@@ -31,6 +31,7 @@ in memory and start empty after a restart; the policy's streak and cooldown too.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -79,6 +80,7 @@ class _DataWindow:
     started: datetime | None = None
     ended: datetime | None = None
     size: int = 0
+    records_from: tuple[OffsetRange, ...] = ()  # the records topic when the window opened
 
     def add(self, event: PredictionLogged, topic: str, partition: int, offset: int, positive: str) -> None:
         for name, value in event.features.items():
@@ -178,7 +180,26 @@ class Monitor:
         self._window = _DataWindow()
         self._perf: list[tuple[str, str]] = []
         self._perf_started: datetime | None = None
+        self._perf_records: tuple[OffsetRange, ...] = ()
         self._labels_next: dict[tuple[str, int], int] = {}
+        self.records_position: tuple[OffsetRange, ...] = ()  # the records topic's ends, as last seen
+
+    def note_records(self, position: tuple[OffsetRange, ...]) -> None:
+        """Where the records topic stands now (its high watermarks as empty ranges); the I/O part
+        tells the core before each batch, and a window remembers it from when it opened."""
+        self.records_position = position
+
+    def _records_window(self, opened: tuple[OffsetRange, ...]) -> tuple[OffsetRange, ...]:
+        now = {(r.topic, r.partition): r.end for r in self.records_position}
+        return tuple(
+            OffsetRange(
+                topic=r.topic,
+                partition=r.partition,
+                start=r.start,
+                end=max(r.start, now.get((r.topic, r.partition), r.start)),
+            )
+            for r in opened
+        )
 
     def set_champion(self, champion: Champion) -> None:
         """A new model is served: compare against its reference from now on, with a fresh streak."""
@@ -199,6 +220,8 @@ class Monitor:
             w = self._window
             if limit is not None and w.started is not None and (event.occurred_at - w.started).total_seconds() >= limit:
                 out.append(self._close_window())
+            if self._window.size == 0:
+                self._window.records_from = self.records_position
             self._window.add(event, topic, partition, offset, self.positive)
             joined = self.join.add_prediction(event.request_id, str(event.prediction), event.occurred_at)
             if joined is not None:
@@ -217,15 +240,19 @@ class Monitor:
         return out
 
     def _add_joined(self, pair: tuple[str, str], at: datetime) -> list[Outcome]:
+        if not self._perf:
+            self._perf_records = self.records_position
         self._perf.append(pair)
         self._perf_started = self._perf_started or at
         if len(self._perf) < self.settings.performance_window:
             return []
-        pairs, started = self._perf, self._perf_started
+        pairs, started, records = self._perf, self._perf_started, self._records_window(self._perf_records)
         self._perf, self._perf_started = [], None
-        return [self._performance(pairs, started, at)]
+        return [self._performance(pairs, started, at, records)]
 
-    def _performance(self, pairs: list[tuple[str, str]], started: datetime, ended: datetime) -> Outcome:
+    def _performance(
+        self, pairs: list[tuple[str, str]], started: datetime, ended: datetime, records: tuple[OffsetRange, ...] = ()
+    ) -> Outcome:
         predicted = np.array([p for p, _ in pairs])
         truth = np.array([t for _, t in pairs])
         accuracy = float((predicted == truth).mean())
@@ -255,12 +282,13 @@ class Monitor:
                 offsets=(),
                 statistics=stats,
                 kind="performance",
+                records=records,
             )
             if drifted
             else None
         )
         decision = self._decide(
-            WindowResult(len(pairs), drifted, ended, window_id, started, event, kinds=("performance",))
+            WindowResult(len(pairs), drifted, ended, window_id, started, event, kinds=("performance",), records=records)
         )
         summary = {
             "kind": "performance",
@@ -304,6 +332,7 @@ class Monitor:
             )
 
         drifted_features = [f.name for f in report.features if f.drifted]
+        records = self._records_window(w.records_from)
         kind: Literal["data", "prediction"] = "prediction" if drifted_features == [PREDICTION] else "data"
         assert w.started is not None and w.ended is not None
         event = None
@@ -318,6 +347,7 @@ class Monitor:
                 offsets=w.ranges(),
                 statistics=tuple(stats),
                 kind=kind,
+                records=records,
             )
         drifted_kinds: list[Literal["data", "prediction"]] = []
         if any(f != PREDICTION for f in drifted_features):
@@ -325,7 +355,8 @@ class Monitor:
         if PREDICTION in drifted_features:
             drifted_kinds.append("prediction")
         result = WindowResult(w.size, bool(drifted_features), w.ended, w.window_id(), w.started, event,
-                              kinds=("data", "prediction"), drifted_kinds=tuple(drifted_kinds))  # fmt: skip
+                              kinds=("data", "prediction"), drifted_kinds=tuple(drifted_kinds),
+                              records=records)  # fmt: skip
         decision = self._decide(result)
         commit = {key: span[1] for key, span in w.offsets.items()} | dict(self._labels_next)
         summary = {
@@ -409,10 +440,12 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
     checked = time.monotonic()
     producer = Producer(config.kafka, client_id=f"{config.name}.monitor")
     consumer: StreamConsumer
+    position = RecordsPosition(config.kafka, topics.records)
 
     def handle(batch: Batch) -> None:
         nonlocal checked
         assert monitor is not None
+        monitor.note_records(position.now())
         if time.monotonic() - checked > 2.0:  # follow promotions and rollbacks
             checked = time.monotonic()
             current = registry.alias("champion")
@@ -467,6 +500,48 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
         consumer.run()
     finally:
         producer.close()
+        position.close()
+
+
+class RecordsPosition:
+    """The records topic's high watermarks, read at most once per `every_s` (a fetch per partition).
+
+    An unreachable broker keeps the last answer: the monitor goes on, and a retrain then starts
+    its data at most that much later.
+    """
+
+    def __init__(self, kafka: Any, topic: str, every_s: float = 1.0) -> None:
+        self.kafka, self.topic, self.every_s = kafka, topic, every_s
+        self._consumer: Any = None
+        self._last: tuple[OffsetRange, ...] = ()
+        self._at = -math.inf
+
+    def now(self) -> tuple[OffsetRange, ...]:
+        if time.monotonic() - self._at < self.every_s:
+            return self._last
+        self._at = time.monotonic()
+        from kafka import TopicPartition
+
+        from streams.kafka import new_consumer
+        from streams.kafka_source import fetch_high_watermarks
+
+        try:
+            if self._consumer is None:
+                self._consumer = new_consumer(self.kafka, group_id=None)
+            partitions = self._consumer.partitions_for_topic(self.topic) or set()
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            ends = fetch_high_watermarks(self._consumer, tps, timeout_s=5.0) if tps else {}
+        except Exception as err:  # the broker is away: keep the last position (and say so)
+            log.warning("records topic %s: no high watermarks (%s); keeping the last ones", self.topic, err)
+            return self._last
+        self._last = tuple(
+            OffsetRange(topic=tp.topic, partition=tp.partition, start=end, end=end) for tp, end in sorted(ends.items())
+        )
+        return self._last
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
 
 
 class MonitorService(Service):

@@ -15,7 +15,9 @@ healthy performance window no longer hides data drift while labels flow). Rules,
 4. at most `max_per_hour` requests in any hour (a broken upstream cannot retrain forever).
 
 The request's data window starts where the earliest triggering streak's first drifted window
-started, so the retraining job can learn from the drifted data only.
+started, so the retraining job can learn from the drifted data only: as Kafka offsets of the
+records topic (`records`: where it stood when that window opened, to where it stands now), and
+as event time (`data_start`, kept for users who configure time windows).
 
 A decision to retrain carries a deterministic event id derived from the pipeline and the
 offsets of the window that tipped it, so the same window replayed (a monitor restarted before
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from streams.config import DriftKind, RetrainSettings
-from streams.events import DriftDetected, RetrainRequested, deterministic_id
+from streams.events import DriftDetected, OffsetRange, RetrainRequested, deterministic_id
 
 __all__ = ["Decision", "PolicyState", "WindowResult", "decide"]
 
@@ -46,6 +48,7 @@ class WindowResult:
     event: DriftDetected | None = None
     kinds: tuple[DriftKind, ...] = ("data",)
     drifted_kinds: tuple[DriftKind, ...] | None = None  # None: all of `kinds` when `drifted`
+    records: tuple[OffsetRange, ...] = ()  # the records topic, from the window's open to its close
 
     @property
     def drifted_in(self) -> tuple[DriftKind, ...]:
@@ -58,6 +61,7 @@ class WindowResult:
 class PolicyState:
     streaks: Mapping[str, int] = field(default_factory=dict)  # drifted windows in a row, per kind
     streak_started: Mapping[str, datetime] = field(default_factory=dict)  # where each streak began
+    streak_records: Mapping[str, tuple[OffsetRange, ...]] = field(default_factory=dict)  # ... in the records topic
     last_request_at: datetime | None = None
     recent_requests: tuple[datetime, ...] = field(default=())
 
@@ -74,17 +78,20 @@ def decide(pipeline: str, settings: RetrainSettings, state: PolicyState, window:
     """The decision for `window`, given what came before (`state`)."""
     if window.size < settings.min_window:
         return Decision(False, f"window of {window.size} < min_window {settings.min_window}", state)
-    streaks, started = dict(state.streaks), dict(state.streak_started)
+    streaks, started, positions = dict(state.streaks), dict(state.streak_started), dict(state.streak_records)
     drifted = window.drifted_in
     for kind in window.kinds:
         if kind in drifted:
             streaks[kind] = streaks.get(kind, 0) + 1
             if window.started_at is not None:
                 started.setdefault(kind, window.started_at)
+            if window.records:
+                positions.setdefault(kind, window.records)
         else:
             streaks.pop(kind, None)
             started.pop(kind, None)
-    state = replace(state, streaks=streaks, streak_started=started)
+            positions.pop(kind, None)
+    state = replace(state, streaks=streaks, streak_started=started, streak_records=positions)
     if not drifted:
         return Decision(False, "no drift", state)
     ready = [k for k in settings.triggers if streaks.get(k, 0) >= settings.consecutive]
@@ -116,5 +123,20 @@ def decide(pipeline: str, settings: RetrainSettings, state: PolicyState, window:
         data_start=min(starts) if starts else None,
         data_end=now,
         drift_event_id=window.event.event_id if window.event is not None else None,
+        records=records_since([positions[k] for k in ready if k in positions], window.records),
     )
-    return Decision(True, cause, PolicyState({}, {}, now, (*recent, now)), request)
+    return Decision(True, cause, PolicyState(last_request_at=now, recent_requests=(*recent, now)), request)
+
+
+def records_since(starts: list[tuple[OffsetRange, ...]], now: tuple[OffsetRange, ...]) -> tuple[OffsetRange, ...]:
+    """Per partition of the records topic: from the earliest streak's start to where it is now."""
+    begin: dict[tuple[str, int], int] = {}
+    for ranges in starts:
+        for r in ranges:
+            key = (r.topic, r.partition)
+            begin[key] = min(begin.get(key, r.start), r.start)
+    end = {(r.topic, r.partition): r.end for r in now}
+    return tuple(
+        OffsetRange(topic=t, partition=p, start=a, end=max(a, end.get((t, p), a)))
+        for (t, p), a in sorted(begin.items())
+    )

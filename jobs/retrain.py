@@ -3,8 +3,10 @@
 A Ray job entrypoint (the controller submits it; `ray job submit -- python -m jobs.retrain
 --config configs/demo.yaml` works too). The config comes from `--config` or, as the
 controller sends it, from `DRIFTLOOP_CONFIG_YAML`. Training uses the newest
-`retrain.train_rows` rows (from `--since` on, when given), so a model retrained after drift
-learns the world as it is now; the gate compares it with the champion on the same recent
+`retrain.train_rows` rows from the records topic's offsets where the drift began (`--from-offsets`,
+what the monitor's request carries) or, given only a time, from `--since`; so a model retrained
+after drift learns the world as it is now, whatever the records' event times say. When that
+holds fewer than `retrain.min_window` rows, it trains on the newest rows of all; the gate compares it with the champion on the same recent
 holdout. The last line printed is `DRIFTLOOP_RESULT {json}`: what the controller reports.
 """
 
@@ -17,11 +19,15 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobs.controller import CAUSE_ENV, CONFIG_ENV, RESULT_MARK
 from streams.config import PipelineConfig, load_config, parse_config
 from streams.errors import DriftloopError
 from streams.progress import enabled
+
+if TYPE_CHECKING:
+    from streams.datasets import DatasetStore, Window
 
 __all__ = ["main"]
 
@@ -35,12 +41,47 @@ def _config(path: Path | None) -> PipelineConfig:
     return parse_config(text, source=f"${CONFIG_ENV}")
 
 
+def _offsets(text: str) -> dict[int, int]:
+    pairs = [part.split(":") for part in text.split(",")]
+    if not all(len(p) == 2 and p[0].isdigit() and p[1].isdigit() for p in pairs):
+        raise ValueError(text)
+    return {int(p): int(o) for p, o in pairs}
+
+
+def _window(
+    store: DatasetStore, config: PipelineConfig, rows: int, since: datetime | None, records_from: dict[int, int] | None
+) -> Window:
+    """The drifted data (from the request's offsets, or its time), newest `rows`; when that holds
+    fewer than `retrain.min_window` rows, the newest `rows` of all (and it says so)."""
+    from streams.events import OffsetRange
+    from streams.topics import Topics
+
+    topic = Topics(config.name).records
+    ranges = [OffsetRange(topic=topic, partition=p, start=o, end=o) for p, o in sorted((records_from or {}).items())]
+    window = store.window(since=since, last_rows=rows, records_from=ranges or None)
+    if records_from or since is not None:
+        found = store.rows_in(window, config.schema.event_time) if window.manifests else 0
+        where = f"offsets {','.join(f'{p}:{o}' for p, o in sorted(records_from.items()))}" if records_from else (
+            f"event time {since.isoformat() if since else ''}")  # fmt: skip
+        if found >= config.retrain.min_window:
+            print(f"[data] {found} rows since the drift began ({where}); training on the newest {rows} of them")
+            return window
+        print(f"[data] only {found} rows since the drift began ({where}, fewer than retrain.min_window "
+              f"{config.retrain.min_window}): training on the newest {rows} rows of all")  # fmt: skip
+        window = store.window(last_rows=rows)
+    print(f"[data] {len(window.manifests)} dataset versions, training on the newest {rows} rows")
+    return window
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.retrain", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="job directory (default: runs/retrain-<time>)")
     parser.add_argument("--trigger-event-id", default=None, help="the RetrainRequested event this job answers")
     parser.add_argument("--since", default=None, help="train on rows from this ISO time on (and the newest rows)")
+    parser.add_argument(
+        "--from-offsets", default=None, metavar="P:OFFSET,...", help="train on the records from these offsets on"
+    )
     parser.add_argument("--drift-event-id", default=None, help="the DriftDetected event behind the request")
     parser.add_argument("--rows", type=int, default=None, help="newest rows to train on (default retrain.train_rows)")
     args = parser.parse_args(argv)
@@ -48,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         since = datetime.fromisoformat(args.since) if args.since else None
     except ValueError:
         parser.error(f"--since must be an ISO 8601 time, not {args.since!r}")
+    try:
+        records_from = _offsets(args.from_offsets) if args.from_offsets else None
+    except ValueError:
+        parser.error(f"--from-offsets must be PARTITION:OFFSET[,PARTITION:OFFSET...], not {args.from_offsets!r}")
     config = _config(args.config)
     rows = args.rows or config.retrain.train_rows
     if rows < 1:
@@ -72,11 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         if ingested.manifest is not None:
             m = ingested.manifest
             print(f"[ingest] version {m.version_id}: {m.rows} rows ({'new' if ingested.created else 'existing'})")
-        window = store.window(since=since, last_rows=rows)
+        window = _window(store, config, rows, since, records_from)
         if not window.manifests:
             print(f"no data to train on in {config.datasets.root}/{config.name}", file=sys.stderr)
             return 1
-        print(f"[data] {len(window.manifests)} dataset versions, training on the newest {rows} rows")
         registry = ModelRegistry(config, tracking_uri(config, out), artifact_root=out / "mlartifacts",
                                  lock_dir=out.parent / "locks")  # fmt: skip
         summary = tune_train_and_gate(config, window, out, store, registry, args.trigger_event_id)

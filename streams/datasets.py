@@ -21,10 +21,11 @@ import hashlib
 import json
 import posixpath
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -119,16 +120,41 @@ def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
 
 @dataclass(frozen=True)
 class Window:
-    """The versions a training window selects, and the event-time bounds to keep within them."""
+    """The versions a training window selects, and the bounds to keep within them.
+
+    `records_from` (partition -> first offset) keeps the records from those offsets of the
+    records topic on; `last_rows` the newest rows by offset (per partition, in proportion to
+    what each holds): both by Kafka's order, never by a clock. `since`/`until` bound event time,
+    for users who ask for time windows.
+    """
 
     manifests: tuple[Manifest, ...]
     since: datetime | None = None
     until: datetime | None = None
     last_rows: int | None = None
+    records_from: Mapping[int, int] | None = None
 
     @property
     def rows(self) -> int:
         return sum(m.rows for m in self.manifests)
+
+
+def _shares(rows: int, counts: Any) -> list[int]:
+    """`rows` split in proportion to `counts`, whole numbers that add up to `rows` (largest remainders)."""
+    quotas = rows * counts / counts.sum()
+    shares = np.floor(quotas).astype(int)
+    for i in np.argsort(-(quotas - shares), kind="stable")[: rows - int(shares.sum())]:
+        shares[i] += 1
+    return [int(x) for x in shares]
+
+
+def _any(masks: list[Any], length: int) -> Any:
+    if not masks:
+        return pa.array([False] * length)
+    mask = masks[0]
+    for more in masks[1:]:
+        mask = pc.or_(mask, more)
+    return mask
 
 
 class DatasetStore:
@@ -204,11 +230,16 @@ class DatasetStore:
         since: datetime | None = None,
         until: datetime | None = None,
         last_rows: int | None = None,
+        records_from: Sequence[OffsetRange] | None = None,
     ) -> Window:
-        """Select versions by id, by event time (`since` <= t < `until`), or by the newest rows."""
+        """Select versions by id, by records-topic offsets (`records_from`: from each range's start
+        on), by event time (`since` <= t < `until`), and/or by the newest rows (by offset)."""
+        starts = {r.partition: r.start for r in records_from} if records_from else None
         if version_ids is not None:
-            return Window(tuple(self.get(v) for v in version_ids), since, until)
+            return Window(tuple(self.get(v) for v in version_ids), since, until, None, starts)
         chosen = self.versions()
+        if starts is not None:
+            chosen = [m for m in chosen if any(r.end > starts.get(r.partition, r.end) for r in m.ranges)]
         if since is not None or until is not None:
             chosen = [
                 m
@@ -224,55 +255,96 @@ class DatasetStore:
                     break
                 picked.append(manifest)
             chosen = list(reversed(picked))
-        return Window(tuple(chosen), since, until, last_rows)
+        return Window(tuple(chosen), since, until, last_rows, starts)
+
+    def rows_in(self, window: Window, event_time: str) -> int:
+        """How many rows `read(window)` gives (reads only the partition, offset and time columns)."""
+        paths = [p for m in window.manifests for p in self.files(m)]
+        return len(self._kept(paths, window, event_time)) if paths else 0
 
     def read(self, window: Window, event_time: str) -> object:
-        """The window as one Ray Dataset (`event_time` is the schema's timestamp column)."""
+        """The window as one Ray Dataset (`event_time`: the schema's event-time column)."""
         import ray.data
 
         paths = [p for m in window.manifests for p in self.files(m)]
         if not paths:
             raise ValueError(f"the window selects no data in {self.root}/{self.pipeline}")
         ds = ray.data.read_parquet(paths, filesystem=self.fs)
+        if window.since is None and window.until is None and window.last_rows is None and not window.records_from:
+            return ds
+        floors = self._floors(paths, window, event_time)
         since, until = window.since, window.until
-        if window.last_rows is not None:
-            # The newest rows, as a time cutoff read from the event-time column alone: a filter,
-            # not a distributed sort (ties at the cutoff may add a few rows).
-            cutoff = self._newest_cutoff(paths, event_time, window.last_rows, since, until)
-            if cutoff is not None:
-                since = cutoff if since is None or cutoff > since else since
-        if since is not None or until is not None:
 
-            def keep(batch: pa.Table) -> pa.Table:
-                times = batch[event_time]
-                masks = []
-                if since is not None:
-                    masks.append(pc.greater_equal(times, pa.scalar(since, times.type)))
-                if until is not None:
-                    masks.append(pc.less(times, pa.scalar(until, times.type)))
-                mask = masks[0] if len(masks) == 1 else pc.and_(masks[0], masks[1])
-                return batch.filter(mask)
+        def keep(batch: pa.Table) -> pa.Table:
+            masks = []
+            if floors is not None:
+                partitions, offsets = batch["partition"], batch["offset"]
+                masks.append(
+                    _any(
+                        [
+                            pc.and_(pc.equal(partitions, p), pc.greater_equal(offsets, floor))
+                            for p, floor in floors.items()
+                        ],
+                        len(batch),
+                    )
+                )
+            times = batch[event_time]
+            if since is not None:
+                masks.append(pc.greater_equal(times, pa.scalar(since, times.type)))
+            if until is not None:
+                masks.append(pc.less(times, pa.scalar(until, times.type)))
+            mask = masks[0]
+            for more in masks[1:]:
+                mask = pc.and_(mask, more)
+            return batch.filter(mask)
 
-            ds = ds.map_batches(keep, batch_format="pyarrow")
-        return ds
+        return ds.map_batches(keep, batch_format="pyarrow")
 
-    def _newest_cutoff(
-        self, paths: Sequence[str], event_time: str, rows: int, since: datetime | None, until: datetime | None
-    ) -> datetime | None:
-        """The event time from which on the window (within since/until) holds its newest `rows` rows."""
+    def _kept(self, paths: Sequence[str], window: Window, event_time: str) -> pa.Table:
+        """(partition, offset) of the rows within the window's offsets and event-time bounds."""
         import pyarrow.dataset as pads
 
-        times = pads.dataset(list(paths), filesystem=self.fs, format="parquet").to_table(columns=[event_time])
-        values = times.column(event_time).combine_chunks()
-        if since is not None:
-            values = values.filter(pc.greater_equal(values, pa.scalar(since, values.type)))
-        if until is not None:
-            values = values.filter(pc.less(values, pa.scalar(until, values.type)))
-        if len(values) <= rows:
-            return None
-        ordered = np.sort(values.cast(pa.int64()).to_numpy(zero_copy_only=False))
-        cutoff: datetime = pa.scalar(int(ordered[len(ordered) - rows]), pa.int64()).cast(values.type).as_py()
-        return cutoff
+        table = pads.dataset(list(paths), filesystem=self.fs, format="parquet").to_table(
+            columns=["partition", "offset", event_time]
+        )
+        masks = []
+        if window.records_from:
+            masks.append(
+                _any(
+                    [
+                        pc.and_(pc.equal(table["partition"], p), pc.greater_equal(table["offset"], start))
+                        for p, start in window.records_from.items()
+                    ],
+                    len(table),
+                )
+            )
+        times = table[event_time]
+        if window.since is not None:
+            masks.append(pc.greater_equal(times, pa.scalar(window.since, times.type)))
+        if window.until is not None:
+            masks.append(pc.less(times, pa.scalar(window.until, times.type)))
+        for mask in masks:
+            table = table.filter(mask)
+        return table
+
+    def _floors(self, paths: Sequence[str], window: Window, event_time: str) -> dict[int, int] | None:
+        """Per partition, the first offset the window keeps: from `records_from` and the newest rows."""
+        floors = dict(window.records_from) if window.records_from else None
+        if window.last_rows is None:
+            return floors
+        kept = self._kept(paths, window, event_time)
+        total = len(kept)
+        if total <= window.last_rows:
+            return floors
+        floors = {}
+        partitions = kept["partition"].to_numpy()
+        offsets = kept["offset"].to_numpy()
+        keys = np.unique(partitions)
+        counts = np.array([(partitions == p).sum() for p in keys])
+        for p, share in zip(keys, _shares(window.last_rows, counts), strict=True):
+            mine = np.sort(offsets[partitions == p])  # the newest `share` rows of each partition
+            floors[int(p)] = int(mine[len(mine) - share]) if share else int(mine[-1]) + 1
+        return floors
 
     # --- writing ---------------------------------------------------------------------------
 

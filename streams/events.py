@@ -145,6 +145,9 @@ class DriftDetected(Event, frozen=True, kw_only=True):
     offsets: tuple[OffsetRange, ...]
     statistics: tuple[FeatureDrift, ...]
     kind: Literal["data", "prediction", "performance"] = "data"
+    # Where the records topic stood when the window opened and when it closed: the records that
+    # came in beside the window's predictions (what a retrain learns from; see jobs.policy).
+    records: tuple[OffsetRange, ...] = ()
 
     def key(self) -> str:
         return self.pipeline
@@ -162,6 +165,9 @@ class RetrainRequested(Event, frozen=True, kw_only=True):
     data_start: AwareDatetime | None = None
     data_end: AwareDatetime | None = None
     drift_event_id: Id | None = None
+    # The records topic's offsets from where the drift began to the request: the data to retrain
+    # on, by offsets, not by event time (which a replay, a backfill or a skewed clock makes wrong).
+    records: tuple[OffsetRange, ...] = ()
 
     def key(self) -> str:
         return self.pipeline

@@ -179,3 +179,22 @@ def test_hostile_and_failing_requests_go_to_the_dlq_and_the_controller_goes_on(
     assert kinds == ["invalid_field", "unprocessable"]
     reasons = " ".join(dict(r.headers)["driftloop.reason"].decode() for r in dead)
     assert "status code 500" in reasons and "event_id" in reasons
+
+
+def test_the_entrypoint_passes_the_drifted_records_by_offset_not_by_time(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    from streams.events import OffsetRange
+
+    job = JobTemplate(ROOT, tmp_path, {}, "python", "jobs.retrain")
+    records = (
+        OffsetRange(topic="demo.records", partition=0, start=120, end=300),
+        OffsetRange(topic="demo.records", partition=3, start=7, end=9),
+        OffsetRange(topic="other.records", partition=1, start=5, end=6),  # not this pipeline's: left out
+    )
+    since = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    argv = entrypoint_argv(RetrainRequested(pipeline="demo", cause="c", data_start=since, records=records), job)
+    assert argv[argv.index("--from-offsets") + 1] == "0:120,3:7"
+    assert "--since" not in argv, "event time is not the window when offsets are known"
+    timed = entrypoint_argv(RetrainRequested(pipeline="demo", cause="c", data_start=since), job)
+    assert timed[timed.index("--since") + 1] == since.isoformat() and "--from-offsets" not in timed

@@ -214,6 +214,37 @@ def test_windows_by_id_time_and_recent_rows(config: PipelineConfig, topics: Topi
     assert len(timed.manifests) >= 1
 
 
+def test_windows_by_records_offsets_and_newest_rows_by_offset_whatever_the_event_times(
+    config: PipelineConfig, topics: Topics
+) -> None:
+    """A retrain's data is the records from the offsets where drift began: no clock decides it."""
+    valid = fill(config, topics, per_partition=60)
+    store = DatasetStore(config.datasets.root, config.name)
+    first = ingest(config, store).manifest
+    valid_more = fill(config, topics, per_partition=40)  # offsets 60..99 of each partition
+    second = ingest(config, store).manifest
+    assert first is not None and second is not None
+    ts = config.schema.event_time
+    starts = {0: 70, 1: 30, 2: 100, 3: 0}  # partition 2: nothing from there on
+    ranges = [OffsetRange(topic=topics.records, partition=p, start=o, end=o) for p, o in starts.items()]
+    window = store.window(records_from=ranges)
+    assert [m.version_id for m in window.manifests] == [first.version_id, second.version_id]
+    every = {p: valid[p] | {o + 60 for o in valid_more[p]} for p in valid}
+    expected = {(p, o) for p, offsets in every.items() for o in offsets if o >= starts[p]}
+    got = {(r["partition"], r["offset"]) for r in store.read(window, ts).take_all()}  # type: ignore[attr-defined]
+    assert got == expected and store.rows_in(window, ts) == len(expected)
+    only_new = store.window(records_from=[OffsetRange(topic=topics.records, partition=0, start=60, end=60)])
+    assert [m.version_id for m in only_new.manifests] == [second.version_id], "versions before the offsets: skipped"
+
+    newest = store.window(records_from=ranges, last_rows=60)
+    rows = store.read(newest, ts).take_all()  # type: ignore[attr-defined]
+    assert len(rows) == 60, "each partition's share, in proportion"
+    for p in (0, 1, 3):
+        mine = sorted(o for q, o in expected if q == p)
+        kept = sorted(r["offset"] for r in rows if r["partition"] == p)
+        assert kept == mine[len(mine) - len(kept) :], "the newest rows are the highest offsets"
+
+
 def test_training_and_serving_transforms_give_identical_outputs(config: PipelineConfig, topics: Topics) -> None:
     fill(config, topics, per_partition=300)
     store = DatasetStore(config.datasets.root, config.name)

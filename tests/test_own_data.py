@@ -75,7 +75,9 @@ def test_any_column_name_round_trips_with_its_own_name_on_the_wire() -> None:
     assert json.loads(codec.encode(record)) == record, "the wire keeps the names as given"
     assert getattr(decoded, field_key("region-centroid-col")) == 1.5
     assert field_key("class") != "class" and field_key("class").isidentifier(), "a keyword gets a key of its own"
-    err = pytest.raises(DecodeError, codec.decode, b'{"region-centroid-col": 11, "the class": "a"}').value
+    with pytest.raises(DecodeError) as caught:
+        codec.decode(b'{"region-centroid-col": 11, "the class": "a"}')
+    err = caught.value
     assert (err.kind, err.field) == (ErrorKind.OUT_OF_RANGE, "region-centroid-col")
     requests = RequestCodec(schema).decode(b'[{"region-centroid-col": 2.0, "request_id": "r1"}]')
     assert getattr(requests[0], field_key("region-centroid-col")) == 2.0 and requests[0].request_id == "r1"
@@ -85,8 +87,9 @@ def test_record_id_entity_and_time_are_optional() -> None:
     codec = RecordCodec(odd_schema(record_id=None))
     assert codec.decode(b'{"region-centroid-col": 3, "the class": "a"}')
     with_ids = RecordCodec(odd_schema(record_id="id", entity_id="who", timestamp="when"))
-    err = pytest.raises(DecodeError, with_ids.decode, b'{"region-centroid-col": 3, "the class": "a"}').value
-    assert err.kind is ErrorKind.MISSING_FIELD
+    with pytest.raises(DecodeError) as caught:
+        with_ids.decode(b'{"region-centroid-col": 3, "the class": "a"}')
+    assert caught.value.kind is ErrorKind.MISSING_FIELD
     assert odd_schema(record_id=None).event_time == "timestamp", "Kafka's timestamp is the event time"
     assert odd_schema(timestamp="when").event_time == "when"
 
@@ -153,7 +156,9 @@ def test_times_from_epoch_seconds_and_iso_text_without_a_zone_are_utc() -> None:
 def test_the_codec_coerces_only_when_the_schema_says_so() -> None:
     payload = b'{"region-centroid-col": "1.5", "class": 2.0, "the class": "a"}'
     strict = RecordCodec(odd_schema(record_id=None))
-    assert pytest.raises(DecodeError, strict.decode, payload).value.kind is ErrorKind.WRONG_TYPE
+    with pytest.raises(DecodeError) as caught:
+        strict.decode(payload)
+    assert caught.value.kind is ErrorKind.WRONG_TYPE
     lax = RecordCodec(odd_schema(record_id=None, coerce=True))
     assert lax.to_dict(lax.decode(payload)) == {"region-centroid-col": 1.5, "class": 2, "the class": "a"}
     batch = lax.decode_batch([payload, b'{"region-centroid-col": "x", "the class": "a"}', b"[1]"])

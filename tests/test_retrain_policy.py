@@ -128,3 +128,29 @@ def test_the_data_window_starts_at_the_earliest_triggering_streak() -> None:
         state = d.state
     assert d.retrain and d.request is not None and d.request.data_start == T0
     assert "2 consecutive drifted data windows" in d.reason
+
+
+def test_the_request_carries_the_records_offsets_from_where_the_drift_began() -> None:
+    """Offsets, not clocks: the records topic as it stood when the first window of the streak opened."""
+    from streams.events import OffsetRange
+
+    def at(*ends: int) -> tuple[OffsetRange, ...]:
+        return tuple(OffsetRange(topic="p.records", partition=i, start=e, end=e) for i, e in enumerate(ends))
+
+    def seen(opened: tuple[OffsetRange, ...], closed: tuple[OffsetRange, ...]) -> tuple[OffsetRange, ...]:
+        return tuple(
+            OffsetRange(topic=a.topic, partition=a.partition, start=a.start, end=b.end)
+            for a, b in zip(opened, closed, strict=True)
+        )
+
+    config = RetrainSettings(min_window=1, consecutive=2, cooldown_s=0)
+    state = PolicyState()
+    old = datetime(1999, 1, 1, tzinfo=timezone.utc)  # event times from a replayed file: no use as a window
+    windows = [(False, at(0, 0), at(40, 50)), (True, at(40, 50), at(90, 95)), (True, at(90, 95), at(130, 150))]
+    for i, (drifted, opened, closed) in enumerate(windows):
+        window = WindowResult(10, drifted, old, f"w{i}", old, records=seen(opened, closed))
+        d = decide("p", config, state, window)
+        state = d.state
+    assert d.retrain and d.request is not None
+    assert [(r.partition, r.start, r.end) for r in d.request.records] == [(0, 40, 130), (1, 50, 150)]
+    assert d.state.streak_records == {}, "a request starts every streak afresh"

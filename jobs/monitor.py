@@ -82,10 +82,13 @@ class _DataWindow:
     size: int = 0
     records_from: tuple[OffsetRange, ...] = ()  # the records topic when the window opened
 
-    def add(self, event: PredictionLogged, topic: str, partition: int, offset: int, positive: str) -> None:
+    def add(self, event: PredictionLogged, topic: str, partition: int, offset: int, positive: str | None) -> None:
         for name, value in event.features.items():
             self.columns.setdefault(name, []).append(value)
-        self.columns.setdefault(PREDICTION, []).append(float(event.probabilities.get(positive, np.nan)))
+        if positive is None:  # more than two classes: the predicted class, so that every class is watched
+            self.columns.setdefault(PREDICTION, []).append(str(event.prediction))
+        else:
+            self.columns.setdefault(PREDICTION, []).append(float(event.probabilities.get(positive, np.nan)))
         span = self.offsets.setdefault((topic, partition), [offset, offset + 1])
         span[1] = offset + 1
         self.started = event.occurred_at if self.started is None else min(self.started, event.occurred_at)
@@ -173,7 +176,7 @@ class Monitor:
         self.config = config
         self.settings = config.monitor
         self.classes = [str(c) for c in config.schema.label.classes]
-        self.positive = self.classes[-1]
+        self.positive = self.classes[-1] if len(self.classes) == 2 else None  # see _DataWindow.add
         self.join = LabelJoin(self.settings.label_ttl_s, self.settings.max_pending)
         self.policy = PolicyState()
         self.champion = champion

@@ -264,7 +264,7 @@ def train_model(
         dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])
     ]
     profile = reference_profile(train_raw.iter_batches(batch_format="numpy"), config.schema)
-    profile["reference"] = drift_reference(train_raw, proba[:, -1], config).to_json()
+    profile["reference"] = drift_reference(train_raw, proba, config).to_json()
     artifact = out / "model"
     save_artifact(
         artifact,
@@ -286,8 +286,12 @@ def train_model(
     )
 
 
-def drift_reference(train_raw: Any, outputs: np.ndarray, config: PipelineConfig) -> Reference:
-    """What the monitor compares windows with: the training features and the model's holdout outputs."""
+def drift_reference(train_raw: Any, proba: np.ndarray, config: PipelineConfig) -> Reference:
+    """What the monitor compares windows with: the training features and the model's holdout outputs.
+
+    The prediction column watches every class: with two classes, the probability of the second
+    (a number); with more, the predicted class (a category, so a shift between any classes shows).
+    """
     from jobs.monitor import PREDICTION
 
     names = config.schema.feature_names
@@ -297,7 +301,12 @@ def drift_reference(train_raw: Any, outputs: np.ndarray, config: PipelineConfig)
             columns[n].append(np.asarray(batch[n]))
     data: dict[str, Any] = {n: np.concatenate(parts) if parts else np.array([]) for n, parts in columns.items()}
     kinds: dict[str, Any] = {f.name: "numeric" if f.numeric else "categorical" for f in config.schema.features}
-    data[PREDICTION], kinds[PREDICTION] = outputs, "numeric"
+    classes = [str(c) for c in config.schema.label.classes]
+    if len(classes) == 2:
+        data[PREDICTION], kinds[PREDICTION] = proba[:, -1], "numeric"
+    else:
+        data[PREDICTION] = np.array([classes[i] for i in np.argmax(proba, axis=1)], dtype=object)
+        kinds[PREDICTION] = "categorical"
     return Reference.from_columns(data, kinds, sample_size=config.monitor.reference_sample, seed=config.model.seed)
 
 

@@ -154,3 +154,48 @@ def test_windows_by_event_time(demo_config: PipelineConfig, window_seconds: floa
     monitor = Monitor(config, champion(config))
     data = [o for o in feed(monitor, predictions(config, 260)) if o.kind == "data"]
     assert [o.summary["size"] for o in data] == [50, 50, 50, 50, 50]
+
+
+def test_prediction_drift_watches_every_class_and_windows_carry_the_records_offsets(
+    demo_config: PipelineConfig,
+) -> None:
+    """Three classes: the mix moves between the first two while the last stays at a third.
+
+    Watching only the last class's probability (as the monitor once did) sees nothing here.
+    """
+    from streams.events import OffsetRange
+
+    label = dataclasses.replace(demo_config.schema.label, classes=("a", "b", "c"))
+    config = small(dataclasses.replace(demo_config, schema=dataclasses.replace(demo_config.schema, label=label)))
+    rng = np.random.default_rng(3)
+    kinds: dict[str, Any] = {f.name: "numeric" if f.numeric else "categorical" for f in config.schema.features}
+    rows = [r.record for r in StreamGenerator(config, seed=1).records(3000)]
+    columns = {n: [r[n] for r in rows] for n in kinds}
+    columns[PREDICTION], kinds[PREDICTION] = rng.choice(["a", "b", "c"], 3000).astype(object), "categorical"
+    monitor = Monitor(config, Champion("1", Reference.from_columns(columns, kinds), {"accuracy": 0.9}))
+
+    def served(n: int, mix: list[float], seed: int) -> list[tuple[PredictionLogged, Any]]:
+        items = predictions(config, n, seed=seed)
+        out = []
+        for event, y in items:
+            guess = str(rng.choice(["a", "b", "c"], p=mix))
+            probabilities = {"a": 0.2, "b": 0.2, "c": 0.6} if guess == "c" else {guess: 0.6, "c": 0.2}
+            out.append((msgspec.structs.replace(event, prediction=guess, probabilities=probabilities), y))
+        return out
+
+    def at(*ends: int) -> tuple[OffsetRange, ...]:
+        return tuple(OffsetRange(topic="p.records", partition=i, start=e, end=e) for i, e in enumerate(ends))
+
+    monitor.note_records(at(100, 200))
+    calm = feed(monitor, served(400, [1 / 3, 1 / 3, 1 / 3], seed=4))
+    assert [o.summary["drifted"] for o in calm] == [False]
+    monitor.note_records(at(150, 260))
+    moved = served(800, [0.6, 1 / 15, 1 / 3], seed=5)
+    first = feed(monitor, moved[:1])  # the window opens here ...
+    monitor.note_records(at(400, 500))
+    outcomes = first + feed(monitor, moved[1:])  # ... and closes later
+    drifted = [o for o in outcomes if o.drift is not None]
+    assert drifted and all(o.drift.kind == "prediction" for o in drifted), [o.summary for o in outcomes]
+    assert [(r.start, r.end) for r in drifted[0].drift.records] == [(150, 400), (260, 500)]
+    request = next(o.retrain for o in outcomes if o.retrain is not None)
+    assert [(r.partition, r.start) for r in request.records] == [(0, 150), (1, 260)]

@@ -33,7 +33,8 @@ def champion(config: PipelineConfig, tmp_path: Path) -> ModelRegistry:
     data = ray.data.from_items(rows, override_num_blocks=2)  # 2,000 rows: not 200 tiny blocks
     features = fit_pipeline(data, config.schema, config.features)
     spec = ModelSpec.from_settings(config.model, features.output_names, list(config.schema.label.classes))
-    reference = drift_reference(data, features.transform_records(rows)[:, 0], config)
+    outputs = features.transform_records(rows)[:, 0]
+    reference = drift_reference(data, np.column_stack([1 - outputs, outputs]), config)
     report = {"holdout": "h", "accuracy": 0.8, "f1_macro": 0.8, "baseline_f1_macro": 0.3, "log_loss": 0.4}
     extra = {"profile.json": json.dumps({"reference": reference.to_json()}), "report.json": json.dumps(report)}
     save_artifact(tmp_path / "m1", spec, build_model(spec), features.to_json(), extra=extra)

@@ -233,7 +233,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--run-dir", type=Path, default=None, help="where logs and state go (default: runs/<time>)")
     run.add_argument("--report", type=Path, default=None, help="also write the run's numbers as JSON here")
-    run.add_argument("--bootstrap-records", type=_positive_int, default=6000, help="records the first model trains on")
+    run.add_argument("--from", dest="source", type=Path, default=None,
+                     help="serve this file's rows (CSV, Parquet, JSON Lines) as the stream")  # fmt: skip
+    run.add_argument("--drift-at", type=_non_negative_int, default=None,
+                     help="with --from: the row where you know the data changes (only the report uses it)")  # fmt: skip
+    run.add_argument("--bootstrap-records", type=_positive_int, default=None,
+                     help="records the first model trains on (default: 6000, or a third of --from's rows)")  # fmt: skip
     run.add_argument("--before-drift", type=_positive_int, default=3000, help="records served before drift starts")
     run.add_argument("--after-promotion", type=_positive_int, default=3000,
                      help="records the new champion serves before the run ends")  # fmt: skip
@@ -344,7 +349,8 @@ def _produce_file(args: argparse.Namespace, config: PipelineConfig, topics: Topi
         bar(total, f"producing {args.source} to {topics.records}", unit="rows") as shown,
     ):
         stats = publish_file(
-            file_records(table, config.schema), config.schema, producer, topics, config.name, str(args.source),
+            file_records(table, config.schema, coerce=False), config.schema, producer, topics, config.name,
+            str(args.source),
             rate=args.rate, label_delay=args.label_delay, limit=args.limit,
             progress=lambda sent: shown.update(sent - shown.n),
         )  # fmt: skip
@@ -704,10 +710,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("streams.kafka").setLevel(logging.ERROR)
     run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.drift_at is not None and args.source is None:
+        raise ConfigError("<command line>", "--drift-at", "--from FILE with it (generated drift: --before-drift)", None)
+    bootstrap = args.bootstrap_records
+    if bootstrap is None and args.source is not None:
+        from streams.files import read_table
+
+        bootstrap = max(1, read_table(args.source).num_rows // 3)
     options = LoopOptions(
-        bootstrap_records=args.bootstrap_records, before_drift=args.before_drift,
+        bootstrap_records=bootstrap or 6000, before_drift=args.before_drift,
         after_promotion=args.after_promotion, rate=args.rate, scenario=args.scenario, seed=args.seed,
-        max_seconds=args.max_seconds, report=args.report,
+        max_seconds=args.max_seconds, report=args.report, source=args.source, drift_at=args.drift_at,
     )  # fmt: skip
     return run_loop(config, run_dir, options)
 

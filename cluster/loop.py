@@ -37,6 +37,7 @@ import requests
 from cluster.lineage import read_events
 from cluster.report import write_html
 from streams.config import API_KEY_ENV, PipelineConfig
+from streams.errors import DriftloopError
 from streams.events import (
     DriftDetected,
     LabelObserved,
@@ -48,10 +49,11 @@ from streams.events import (
     deterministic_id,
     utcnow,
 )
+from streams.files import FileStream, read_table
 from streams.generator import Scenario, StreamGenerator
 from streams.kafka import Producer, ensure_topics
 from streams.progress import bar, say
-from streams.publish import publish_stream
+from streams.publish import publish_file, publish_stream
 from streams.serde import RecordCodec
 from streams.topics import Topics
 
@@ -72,6 +74,8 @@ class LoopOptions:
     seed: int = 0
     max_seconds: float = 600.0  # give up (and say so) after this long
     report: Path | None = None
+    source: Path | None = None  # a user's file as the stream (`run --from`): its rows instead of the generator's
+    drift_at: int | None = None  # with `source`: the row where the user knows the data changes (for the report)
 
 
 @dataclass
@@ -116,6 +120,19 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
     from jobs.registry import ModelRegistry
     from serving.app import build_app
 
+    stream: FileStream | None = None
+    if options.source is not None:  # read (and refuse) the file before anything starts
+        table = read_table(options.source)
+        if not 0 < options.bootstrap_records < table.num_rows:
+            raise DriftloopError(
+                f"{options.source}: {table.num_rows} rows; the first model needs --bootstrap-records "
+                f"({options.bootstrap_records}) and some rows to serve after them"
+            )
+        live = options.bootstrap_records
+        changed = options.drift_at if options.drift_at is not None and options.drift_at >= live else None
+        replay = changed if changed is not None else live + (table.num_rows - live) // 2
+        stream = FileStream(table, config.schema, str(options.source), start=live, drift_at=options.drift_at,
+                            replay_from=replay)  # fmt: skip
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -157,17 +174,24 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
         try:
             drift_at = options.bootstrap_records + options.before_drift
             interval = timedelta(seconds=1 / options.rate)  # event time keeps pace with the wall clock
-            history = StreamGenerator(
-                config,
-                seed=options.seed,
-                start_time=utcnow() - interval * options.bootstrap_records,
-                interval=interval,
-                id_prefix=f"r{options.seed}-boot",
-            )
             codec = RecordCodec(config.schema, config.kafka.max_record_bytes)
             with Producer(config.kafka, client_id=f"{config.name}.run") as producer:
-                publish_stream(history, producer, topics, config.name, options.bootstrap_records)
-                _say(started, "produce", f"{options.bootstrap_records} labeled records for the first model")
+                if stream is not None:
+                    drift_at = options.drift_at if options.drift_at is not None else -1
+                    sent = publish_file(stream.head(options.bootstrap_records), config.schema, producer, topics,
+                                        config.name, str(options.source))  # fmt: skip
+                    refused = f"; {len(sent.rejected)} refused (on {topics.dlq})" if sent.rejected else ""
+                    _say(started, "produce", f"the file's first {sent.records} rows for the first model{refused}")
+                else:
+                    history = StreamGenerator(
+                        config,
+                        seed=options.seed,
+                        start_time=utcnow() - interval * options.bootstrap_records,
+                        interval=interval,
+                        id_prefix=f"r{options.seed}-boot",
+                    )
+                    publish_stream(history, producer, topics, config.name, options.bootstrap_records)
+                    _say(started, "produce", f"{options.bootstrap_records} labeled records for the first model")
                 bootstrap = RetrainRequested(
                     event_id=deterministic_id(config.name, "bootstrap", run_dir.name),
                     pipeline=config.name,
@@ -199,7 +223,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
                     for i in range(config.monitor.actors)
                 ]
                 _say(started, "monitor", f"{len(monitors)} actor(s) watching predictions and delayed labels")
-                generator = StreamGenerator(
+                generator: Any = stream or StreamGenerator(
                     config,
                     seed=options.seed + 1,
                     scenario=options.scenario,
@@ -317,8 +341,15 @@ def _send_traffic(
         if time.monotonic() > deadline:
             return "timeout"
         index = options.bootstrap_records + traffic.sent  # this batch's first record
+        replaying = getattr(generator, "cycle", 0) > 0  # a file served again: its records are on the topic already
         batch = list(generator.records(options.batch))
-        body = [{"request_id": r.id, **{n: r.record[n] for n in names}} for r in batch]
+        if not batch:
+            producer.flush()
+            return "stream ended"
+        if getattr(generator, "cycle", 0) > 0 and not replaying:
+            again = getattr(generator, "replay_from", 0)
+            _say(started, "replay", f"the file ended; serving its rows from {again} again")
+        body = [{"request_id": r.id, **{n: r.record[n] for n in names if n in r.record}} for r in batch]
         try:
             answer = session.post(f"{url}/v1/predict", json=body, headers=headers, timeout=30)
             ok = answer.status_code == 200
@@ -341,8 +372,10 @@ def _send_traffic(
                 promoted_at_record = index
                 _say(started, "serve", f"now answering with version {version} (record {index})")
         for j, r in enumerate(batch):
-            producer.send(topics.records, codec.encode(r.record), key=r.key(schema))
-            labels.append((index + j, r.id, r.label))
+            if not replaying:
+                producer.send(topics.records, codec.encode(r.record), key=r.key(schema))
+            if r.label is not None:
+                labels.append((index + j, r.id, r.label))
         while labels and labels[0][0] <= index - options.label_delay:
             _, request_id, label = labels.popleft()
             producer.send_event(
@@ -358,7 +391,8 @@ def _send_traffic(
         traffic.sent += len(batch)
         shown.update(len(batch))
         if index < drift_at <= index + len(batch):
-            _say(started, "drift", f"{options.scenario} drift starts at record {drift_at}")
+            what = "the file changes" if options.source else f"{options.scenario} drift starts"
+            _say(started, "drift", f"{what} at record {drift_at}")
         if promoted_at_record is not None and index + len(batch) - promoted_at_record >= options.after_promotion:
             producer.flush()
             return "promoted"
@@ -371,7 +405,9 @@ def _send_traffic(
             _say(
                 started,
                 "traffic",
-                f"{traffic.sent} records, accuracy (last 500) {sum(recent) / max(len(recent), 1):.3f}; monitor: "
+                f"{traffic.sent} records, accuracy (last 500) {sum(recent) / max(len(recent), 1):.3f}"
+                + (f", {traffic.failed} requests FAILED" if traffic.failed else "")
+                + "; monitor: "
                 f"{len(windows)} windows, {stats['drift_events']} drifted, {stats['retrain_requests']} retrains"
                 + (f"; last {last['kind']} window {'DRIFTED' if last['drifted'] else 'ok'}" if last else ""),
             )

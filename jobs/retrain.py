@@ -6,8 +6,9 @@ controller sends it, from `DRIFTLOOP_CONFIG_YAML`. Training uses the newest
 `retrain.train_rows` rows from the records topic's offsets where the drift began (`--from-offsets`,
 what the monitor's request carries) or, given only a time, from `--since`; so a model retrained
 after drift learns the world as it is now, whatever the records' event times say. When that
-holds fewer than `retrain.min_window` rows, it trains on the newest rows of all; the gate compares it with the champion on the same recent
-holdout. The last line printed is `DRIFTLOOP_RESULT {json}`: what the controller reports.
+holds fewer than `retrain.min_window` rows, it trains on the newest rows of all. The gate
+compares it with the champion on the same recent holdout. The last line printed is
+`DRIFTLOOP_RESULT {json}`: what the controller reports.
 """
 
 from __future__ import annotations

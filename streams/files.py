@@ -21,6 +21,7 @@ ones the user names):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,18 @@ import pyarrow.compute as pc
 from streams.coerce import coerce_record, coerce_time
 from streams.config import RESERVED_COLUMNS, PipelineConfig, RecordSchema, parse_config
 from streams.errors import ConfigError, DriftloopError
+from streams.events import REQUEST_ID_PATTERN
 
-__all__ = ["MAX_CATEGORIES", "MAX_CLASSES", "Inferred", "file_records", "infer_config", "read_table"]
+__all__ = [
+    "MAX_CATEGORIES",
+    "MAX_CLASSES",
+    "FileStream",
+    "Inferred",
+    "coerce_file_row",
+    "file_records",
+    "infer_config",
+    "read_table",
+]
 
 MAX_CATEGORIES = 50  # distinct text values above which a column is not a category
 MAX_CLASSES = 100  # distinct label values above which the label is not a classification target
@@ -165,8 +176,11 @@ def infer_config(
     return Inferred(text, config, notes, columns)
 
 
-def file_records(table: pa.Table, schema: RecordSchema, batch_rows: int = 4096) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(row number, record) for every row, converted losslessly to the schema's types (`streams.coerce`).
+def file_records(
+    table: pa.Table, schema: RecordSchema, batch_rows: int = 4096, coerce: bool = True
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number, record) for every row; with `coerce`, converted losslessly to the schema's types
+    (`streams.coerce`; without, the caller converts the rows the codec refuses, as `publish_file` does).
 
     Columns the schema does not know stay in the record (the codec refuses or ignores them as
     `schema.unknown_fields` says); missing values are left out, as the record codec expects.
@@ -175,10 +189,15 @@ def file_records(table: pa.Table, schema: RecordSchema, batch_rows: int = 4096) 
     for batch in table.to_batches(max_chunksize=batch_rows):
         for row in batch.to_pylist():
             record = {k: v for k, v in row.items() if v is not None}
-            if schema.timestamp is not None and schema.timestamp in record:
-                record[schema.timestamp] = coerce_time(record[schema.timestamp])
-            yield index, coerce_record(schema, record)
+            yield index, coerce_file_row(schema, record) if coerce else record
             index += 1
+
+
+def coerce_file_row(schema: RecordSchema, record: dict[str, Any]) -> dict[str, Any]:
+    """A file's row converted losslessly to the schema's types (its time column too)."""
+    if schema.timestamp is not None and schema.timestamp in record:
+        record = {**record, schema.timestamp: coerce_time(record[schema.timestamp])}
+    return coerce_record(schema, record)
 
 
 def _classes(column: pa.ChunkedArray, label: str, source: str) -> list[Any]:
@@ -270,3 +289,62 @@ def _round(value: float) -> float | int:
     if value.is_integer() and abs(value) < 2**53:
         return int(value)
     return float(f"{value:.6g}")
+
+
+class FileStream:
+    """A file's rows as the loop's stream (`driftloop run --from`): the same interface as
+    `StreamGenerator.records`, so the loop serves a user's file as it serves generated data.
+
+    Rows are handed out in file order from `start`. When the file runs out, `replay` says what
+    happens: the rows from `replay_from` on are served again (a "cycle"; each replayed row gets a
+    request id of its own, `<id>.r<cycle>`, so its label joins its own prediction), until the
+    caller stops; `cycle` counts the rounds. `drift_at` marks the rows the user knows changed.
+    """
+
+    def __init__(
+        self,
+        table: pa.Table,
+        schema: RecordSchema,
+        source: str,
+        *,
+        start: int = 0,
+        drift_at: int | None = None,
+        replay_from: int | None = None,
+    ) -> None:
+        from streams.publish import row_id
+
+        self.schema = schema
+        self.rows = [r for _, r in file_records(table, schema)]
+        self.drift_at = drift_at
+        self.position = start
+        self.replay_from = replay_from if replay_from is not None else start
+        self.cycle = 0
+        ids = schema.record_id
+        usable = re.compile(REQUEST_ID_PATTERN.replace("{0,127}", "{0,100}"))  # room for the cycle's suffix
+        self._ids = [
+            str(r[ids]) if ids and ids in r and usable.match(str(r[ids])) else row_id(source, i)
+            for i, r in enumerate(self.rows)
+        ]  # a request id must match REQUEST_ID_PATTERN: a row whose own id does not is named by its number
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def records(self, n: int) -> Iterator[Any]:
+        from streams.generator import GeneratedRecord
+
+        label = self.schema.label.name
+        for _ in range(n):
+            if self.position >= len(self.rows):
+                if self.replay_from >= len(self.rows):
+                    return
+                self.position, self.cycle = self.replay_from, self.cycle + 1
+            i = self.position
+            self.position += 1
+            record = self.rows[i]
+            ident = self._ids[i] if self.cycle == 0 else f"{self._ids[i]}.r{self.cycle}"
+            drifted = self.drift_at is not None and i >= self.drift_at
+            yield GeneratedRecord(i, record, record.get(label), drifted, ident)
+
+    def head(self, n: int) -> list[tuple[int, dict[str, Any]]]:
+        """The first `n` rows, numbered: what the first model trains on."""
+        return list(enumerate(self.rows[:n]))

@@ -45,7 +45,7 @@ class GeneratedRecord:
 
     index: int
     record: dict[str, Any]
-    label: str | int
+    label: str | int | None  # None: a file row without its label
     drifted: bool
     id: str = ""  # the record's id (also when the schema has no record_id column: labels join on it)
 

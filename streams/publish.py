@@ -21,6 +21,7 @@ import numpy as np
 from streams.config import RecordSchema
 from streams.errors import DecodeError
 from streams.events import LabelObserved, deterministic_id, utcnow
+from streams.files import coerce_file_row
 from streams.generator import StreamGenerator, corrupt
 from streams.kafka import Producer, dead_letter
 from streams.serde import RecordCodec
@@ -60,7 +61,7 @@ def publish_stream(
     codec = RecordCodec(generator.schema)
     schema = generator.schema
     stats = PublishStats()
-    pending: deque[tuple[str, str | int, int]] = deque()
+    pending: deque[tuple[str, Any, int]] = deque()
     bad_rng = np.random.default_rng(generator.seed + 1)
     started = clock()
 
@@ -143,6 +144,9 @@ def publish_file(
 ) -> PublishStats:
     """Send a file's rows as records (at most `rate` per second; labels `label_delay` rows later).
 
+    A row the codec refuses as it is is converted losslessly (`streams.files.coerce_file_row`)
+    and tried again.
+
     A row its schema refuses goes to the DLQ as JSON, with the reason and `file:<path>/0/<row>` as
     its source, and is counted in `stats.rejected`: nothing is lost, and one bad row does not stop
     the rest. Returns once everything is acknowledged.
@@ -174,9 +178,12 @@ def publish_file(
             ahead = (stats.records + len(stats.rejected)) / rate - (clock() - started)
             if ahead > 0:
                 sleep(ahead)
-        ident = str(record[schema.record_id]) if schema.record_id and schema.record_id in record else None
         try:
-            payload = codec.encode(record)
+            try:
+                payload = codec.encode(record)  # the fast path: the row has the schema's types already
+            except DecodeError:
+                record = coerce_file_row(schema, record)
+                payload = codec.encode(record)
         except DecodeError as err:
             text = json.dumps(record, default=str, ensure_ascii=False).encode()
             dead.append((FileRow(topic=f"file:{source}", offset=index, value=text), err))
@@ -185,6 +192,7 @@ def publish_file(
                 dead_letter(producer, topics.dlq, dead)
                 dead.clear()
             continue
+        ident = str(record[schema.record_id]) if schema.record_id and schema.record_id in record else None
         entity = record.get(schema.entity_id) if schema.entity_id else None
         key = str(entity) if entity is not None else ident
         producer.send(topics.records, payload, key=key)

@@ -236,6 +236,8 @@ def test_windows_by_records_offsets_and_newest_rows_by_offset_whatever_the_event
     only_new = store.window(records_from=[OffsetRange(topic=topics.records, partition=0, start=60, end=60)])
     assert [m.version_id for m in only_new.manifests] == [second.version_id], "versions before the offsets: skipped"
 
+    everything = store.window(last_rows=10_000)  # more than there is: all of it
+    assert store.read(everything, ts).count() == first.rows + second.rows  # type: ignore[attr-defined]
     newest = store.window(records_from=ranges, last_rows=60)
     rows = store.read(newest, ts).take_all()  # type: ignore[attr-defined]
     assert len(rows) == 60, "each partition's share, in proportion"

@@ -292,3 +292,46 @@ def test_init_then_produce_from_the_file_sends_every_row_and_dead_letters_the_ba
     assert {h["driftloop.error"] for h in headers} == {b"unknown_category", b"out_of_range"}
     assert {h["driftloop.source"].decode() for h in headers} == {f"file:{bad}/0/2", f"file:{bad}/0/4"}
     assert json.loads(dead[0].value)["diagnosis"] in ("unknown", "malignant", "benign"), "the row itself, as JSON"
+
+
+def shifting_csv(path: Path, rows: int = 6000, change_at: int = 4000, seed: int = 0) -> Path:
+    """A 3-class file with a dominant class whose labels flip between two classes from `change_at` on
+    (a concept change, which also moves the class mix), written as users' files are: names with
+    spaces and dashes, numbers as quoted text, gaps, no entity id, event times in 2009."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=rows, n_features=6, n_informative=4, n_redundant=1, n_classes=3, n_clusters_per_class=1,
+        weights=[0.6, 0.25, 0.15], class_sep=1.6, random_state=seed,
+    )  # fmt: skip
+    names = ["pressure kPa", "flow-rate", "temp C", "vibration-rms", "load %", "age-days"]
+    grades = ["ok", "warn", "fail"]
+    rng = random.Random(seed)
+    with path.open("w", newline="") as f:
+        out = csv.writer(f, quoting=csv.QUOTE_NONNUMERIC)
+        out.writerow(["recorded at", *names, "grade"])
+        for i, (row, label) in enumerate(zip(x, y, strict=True)):
+            if i >= change_at and label in (0, 1):
+                label = 1 - label  # the same inputs now mean the other grade
+            cells = ["" if rng.random() < 0.01 else f"{v:.4f}" for v in row]
+            out.writerow([f"2009-06-01T{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}", *cells, grades[label]])
+    return path
+
+
+def test_a_file_stream_serves_its_rows_then_replays_with_request_ids_of_their_own(tmp_path: Path) -> None:
+    from streams.files import FileStream
+
+    path = tmp_path / "ids.jsonl"
+    ids = ["a b", "ok-1", "x" * 120, "ok-2", "ok-3", "ok-4"]  # a space, and one too long to carry a suffix
+    path.write_text("\n".join(json.dumps({"id": i, "v": n, "y": n % 2}) for n, i in enumerate(ids)))
+    config = infer_config(read_table(path), label="y", name="ids", record_id="id").config
+    stream = FileStream(read_table(path), config.schema, str(path), start=2, drift_at=4, replay_from=4)
+    served = list(stream.records(6))
+    assert [r.index for r in served] == [2, 3, 4, 5, 4, 5] and stream.cycle == 1
+    assert [r.drifted for r in served] == [False, False, True, True, True, True]
+    assert served[1].id == "ok-2" and served[4].id == "ok-3.r1", "a replayed row has an id of its own"
+    assert len({r.id for r in served}) == 6
+    codec = RequestCodec(config.schema)
+    body = json.dumps([{"request_id": r.id, "v": r.record["v"]} for r in served]).encode()
+    assert len(codec.decode(body)) == 6, "every id is a valid request id"
+    assert len(FileStream(read_table(path), config.schema, str(path))._ids[0]) == 24, "'a b' is named by its row"

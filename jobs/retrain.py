@@ -20,7 +20,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from jobs.controller import CAUSE_ENV, CONFIG_ENV, RESULT_MARK
 from streams.config import PipelineConfig, load_config, parse_config
@@ -51,27 +51,30 @@ def _offsets(text: str) -> dict[int, int]:
 
 def _window(
     store: DatasetStore, config: PipelineConfig, rows: int, since: datetime | None, records_from: dict[int, int] | None
-) -> Window:
+) -> tuple[Window, dict[str, Any]]:
     """The drifted data (from the request's offsets, or its time), newest `rows`; when that holds
-    fewer than `retrain.min_window` rows, the newest `rows` of all (and it says so)."""
+    fewer than `retrain.min_window` rows, the newest `rows` of all (and it says so). Also what was
+    chosen, for the job's result."""
     from streams.events import OffsetRange
     from streams.topics import Topics
 
     topic = Topics(config.name).records
     ranges = [OffsetRange(topic=topic, partition=p, start=o, end=o) for p, o in sorted((records_from or {}).items())]
     window = store.window(since=since, last_rows=rows, records_from=ranges or None)
+    chosen: dict[str, Any] = {"from_offsets": records_from, "since": since.isoformat() if since else None}
     if records_from or since is not None:
         found = store.rows_in(window, config.schema.event_time) if window.manifests else 0
         where = f"offsets {','.join(f'{p}:{o}' for p, o in sorted(records_from.items()))}" if records_from else (
             f"event time {since.isoformat() if since else ''}")  # fmt: skip
+        chosen["rows_since_drift"] = found
         if found >= config.retrain.min_window:
             print(f"[data] {found} rows since the drift began ({where}); training on the newest {rows} of them")
-            return window
+            return window, chosen | {"selected_by": "offsets" if records_from else "event time"}
         print(f"[data] only {found} rows since the drift began ({where}, fewer than retrain.min_window "
               f"{config.retrain.min_window}): training on the newest {rows} rows of all")  # fmt: skip
         window = store.window(last_rows=rows)
     print(f"[data] {len(window.manifests)} dataset versions, training on the newest {rows} rows")
-    return window
+    return window, chosen | {"selected_by": "newest rows"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if ingested.manifest is not None:
             m = ingested.manifest
             print(f"[ingest] version {m.version_id}: {m.rows} rows ({'new' if ingested.created else 'existing'})")
-        window = _window(store, config, rows, since, records_from)
+        window, chosen = _window(store, config, rows, since, records_from)
         if not window.manifests:
             print(f"no data to train on in {config.datasets.root}/{config.name}", file=sys.stderr)
             return 1
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except DriftloopError as err:
         print(f"retrain failed: {err}", file=sys.stderr)
         return 1
+    summary["data"] = chosen
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary["trigger_event_id"] = args.trigger_event_id
     print(RESULT_MARK + json.dumps(summary), flush=True)

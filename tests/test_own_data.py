@@ -335,3 +335,68 @@ def test_a_file_stream_serves_its_rows_then_replays_with_request_ids_of_their_ow
     body = json.dumps([{"request_id": r.id, "v": r.record["v"]} for r in served]).encode()
     assert len(codec.decode(body)) == 6, "every id is a valid request id"
     assert len(FileStream(read_table(path), config.schema, str(path))._ids[0]) == 24, "'a b' is named by its row"
+
+
+@pytest.mark.integration
+@pytest.mark.heavy
+@pytest.mark.timeout(1800)
+def test_run_from_a_file_retrains_by_itself_after_the_file_changes_and_recovers(tmp_path: Path) -> None:
+    """`init` then `run --from`: a 3-class file whose labels flip in its last third (times from 2009,
+    names with spaces and dashes, numbers as text, gaps, no ids), through the real broker, Ray,
+    MLflow and Serve. Nothing but the file's rows drives the loop: the monitor sees the change, the
+    policy asks for a retrain on the records since then (by offset: the event times are 17 years
+    old), the gate promotes, and the new champion answers better."""
+    import yaml
+
+    from cluster.broker import free_port
+
+    source = shifting_csv(tmp_path / "machine log.csv", rows=6000, change_at=4000)
+    config_path = tmp_path / "machines.yaml"
+    made = driftloop("init", "--from", str(source), "--label", "grade", "--time", "recorded at",
+                     "--name", "machines", "--out", str(config_path))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    data = yaml.safe_load(config_path.read_text())
+    data["search"] = {"trials": 2, "space": {"learning_rate": {"low": 0.001, "high": 0.02, "log": True}}}
+    data["model"], data["training"] = {"epochs": 5}, {"workers": 1}
+    data["serving"] = {"port": free_port()}
+    data["retrain"]["job_timeout_s"] = 1200  # a loaded CI machine is slow
+    config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    run_dir, report_file = tmp_path / "run", tmp_path / "report.json"
+    result = driftloop(
+        "run", str(config_path), "--from", str(source), "--drift-at", "4000", "--rate", "100",
+        "--after-promotion", "1000", "--run-dir", str(run_dir), "--report", str(report_file), "--max-seconds", "1500",
+        timeout=1600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(report_file.read_text())
+    assert report["drift_injected_at_record"] == 4000
+    assert 4000 < report["drift_detected_at_record"] < 6000, report["timeline"]
+    assert report["retrain_submission_id"] and report["promoted_version"] == "2"
+    assert report["failed_requests"] == 0 and report["requests_sent"] > 100
+    assert report["accuracy_after_drift_before_retrain"] < report["accuracy_before_drift"] - 0.2
+    assert report["accuracy_after_promotion"] > report["accuracy_after_drift_before_retrain"] + 0.2
+    assert report["lineage"]["trigger_event_id"] == report["retrain_submission_id"]
+    assert [j["status"] for j in report["jobs"]] == ["SUCCEEDED", "SUCCEEDED"]
+    assert "=== driftloop run: promoted" in result.stdout
+    page = (run_dir / "report.html").read_text()
+    assert page.count("<svg") == 3 and "drift detected" in page
+
+    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+    where = ["--config", str(config_path), "--tracking-uri", uri, "--datasets-root", str(run_dir / "datasets")]
+    shown = driftloop("lineage", "machines@champion", *where, "--json")
+    assert shown.returncode == 0, shown.stderr
+    trail = json.loads(shown.stdout)
+    assert trail["version"] == "2" and "champion" in trail["aliases"] and trail["gate"]["decision"] == "passed"
+    assert trail["retrain"]["request_id"] == report["retrain_submission_id"] and trail["retrain"]["drift_event_id"]
+    assert trail["datasets"] and trail["datasets"][0]["ranges"]
+    assert trail["kafka"].startswith("kafka://machines.records")
+    assert trail["run"]["params"] and trail["run"]["metrics"]
+    text = driftloop("lineage", "machines@1", *where)
+    assert text.returncode == 0 and "bootstrap" in text.stdout
+    missing = driftloop("lineage", "machines@nope", *where)
+    assert missing.returncode == 1 and "no alias 'nope'" in missing.stderr and "Traceback" not in missing.stderr
+    # the retrain learned from the records since the change, found by offset, not by their 2009 times
+    data = report["jobs"][1]["summary"]["data"]
+    assert data["selected_by"] == "offsets" and data["rows_since_drift"] >= 1000, data
+    assert data["from_offsets"] and data["since"] is None

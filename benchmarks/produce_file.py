@@ -2,7 +2,8 @@
 
 Ours: `driftloop produce --from`'s path (`read_table` + `file_records` + `publish_file`: every
 row validated against the schema by the record codec, converted where it must be, refused rows
-to the DLQ, labels none). Peer: what a user writes by hand: `pyarrow.parquet.read_table` +
+to the DLQ, labels none; records through librdkafka with back-pressure, idempotent, acks=all,
+every one acknowledged before the end). Peer: what a user writes by hand: `pyarrow.parquet.read_table` +
 `to_pylist` + `json.dumps` per row + kafka-python's `KafkaProducer.send` (no validation), with
 the same client settings (acks=all, idempotence, linger, batch size). The file is the demo
 schema's generated stream (1,000,000 rows full, 200,000 quick), written once; both sides read it
@@ -36,7 +37,9 @@ from streams.config import PipelineConfig, load_config  # noqa: E402
 from streams.files import file_records, read_table  # noqa: E402
 from streams.generator import StreamGenerator  # noqa: E402
 from streams.kafka import Producer, ensure_topics  # noqa: E402
+from streams.kafka_source import high_watermarks  # noqa: E402
 from streams.publish import publish_file  # noqa: E402
+from streams.rdkafka import BulkProducer  # noqa: E402
 from streams.topics import Topics  # noqa: E402
 
 
@@ -57,9 +60,13 @@ def write_file(config: PipelineConfig, path: Path, rows: int) -> None:
 def ours(config: PipelineConfig, path: Path, topics: Topics) -> tuple[float, int]:
     started = time.perf_counter()
     table = read_table(path)
+    settings = config.kafka.producer
+    bulk = BulkProducer(config.kafka, client_id="bench-ours", timeout_s=settings.delivery_timeout_ms / 1000,
+                        linger_ms=settings.linger_ms)  # fmt: skip
     with Producer(config.kafka, client_id="bench-ours") as producer:
         stats = publish_file(file_records(table, config.schema, coerce=False), config.schema, producer, topics,
-                             config.name, str(path))  # fmt: skip
+                             config.name, str(path), bulk=bulk)  # fmt: skip
+    bulk.close()
     return stats.records / (time.perf_counter() - started), len(stats.rejected)
 
 
@@ -108,6 +115,9 @@ def main() -> int:
             rate, refused = ours(config, path, topics)
             if refused:
                 raise SystemExit(f"ours refused {refused} rows of a valid file")
+            on_topic = sum(high_watermarks(config.kafka, topics.records).values())
+            if on_topic != rows:
+                raise SystemExit(f"ours left {on_topic} records on {topics.records}, not {rows}")
             runs["ours"].append(rate)
             runs["peer"].append(peer(config, path, f"bench-file-peer-{i}"))
             print(f"round {i + 1}/{rounds}: ours {runs['ours'][-1]:,.0f} rows/s, peer {runs['peer'][-1]:,.0f} rows/s",

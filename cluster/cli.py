@@ -344,6 +344,11 @@ def _produce_file(args: argparse.Namespace, config: PipelineConfig, topics: Topi
 
     table = read_table(args.source)
     total = min(table.num_rows, args.limit or table.num_rows)
+    from streams.rdkafka import BulkProducer
+
+    settings = config.kafka.producer
+    bulk = BulkProducer(config.kafka, client_id=f"{config.name}.file", timeout_s=settings.delivery_timeout_ms / 1000,
+                        linger_ms=settings.linger_ms)  # fmt: skip
     with (
         Producer(config.kafka, client_id=f"{config.name}.producer") as producer,
         bar(total, f"producing {args.source} to {topics.records}", unit="rows") as shown,
@@ -352,8 +357,9 @@ def _produce_file(args: argparse.Namespace, config: PipelineConfig, topics: Topi
             file_records(table, config.schema, coerce=False), config.schema, producer, topics, config.name,
             str(args.source),
             rate=args.rate, label_delay=args.label_delay, limit=args.limit,
-            progress=lambda sent: shown.update(sent - shown.n),
+            progress=lambda sent: shown.update(sent - shown.n), bulk=bulk,
         )  # fmt: skip
+    bulk.close()
     print(
         f"sent {stats.records} rows of {args.source} to {topics.records} in {stats.seconds:.1f}s "
         f"({stats.records / max(stats.seconds, 1e-9):,.0f}/s); labels: {stats.labels}; "

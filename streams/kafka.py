@@ -170,6 +170,7 @@ class Producer:
             raise _unreachable(kafka, err) from err
         self.buffer_bytes = settings.buffer_bytes
         self.max_block_s = settings.max_block_ms / 1000
+        self.delivery_timeout_s = settings.delivery_timeout_ms / 1000
         self.sent = 0
         self.failed = 0
         self._pending_bytes = 0

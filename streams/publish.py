@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 
 from streams.config import RecordSchema
-from streams.errors import DecodeError
+from streams.errors import BrokerError, DecodeError
 from streams.events import LabelObserved, deterministic_id, utcnow
 from streams.files import coerce_file_row
 from streams.generator import StreamGenerator, corrupt
 from streams.kafka import Producer, dead_letter
+from streams.rdkafka import BulkProducer
 from streams.serde import RecordCodec
 from streams.topics import Topics
 
@@ -139,6 +140,7 @@ def publish_file(
     label_delay: int | None = None,
     limit: int | None = None,
     progress: Callable[[int], None] | None = None,
+    bulk: BulkProducer | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> PublishStats:
@@ -149,12 +151,15 @@ def publish_file(
 
     A row its schema refuses goes to the DLQ as JSON, with the reason and `file:<path>/0/<row>` as
     its source, and is counted in `stats.rejected`: nothing is lost, and one bad row does not stop
-    the rest. Returns once everything is acknowledged.
+    the rest. With `bulk` (librdkafka, several times kafka-python's rate) the records go through it,
+    waiting while its queue is full; labels and DLQ copies go through `producer`. Returns once
+    everything is acknowledged, or raises `BrokerError` saying how many records were not.
     """
     codec = RecordCodec(schema)
     stats = PublishStats()
     pending: deque[tuple[str, Any, int]] = deque()
     dead: list[tuple[FileRow, DecodeError]] = []
+    block_s = producer.max_block_s
     started = clock()
     label_name = schema.label.name
 
@@ -195,7 +200,10 @@ def publish_file(
         ident = str(record[schema.record_id]) if schema.record_id and schema.record_id in record else None
         entity = record.get(schema.entity_id) if schema.entity_id else None
         key = str(entity) if entity is not None else ident
-        producer.send(topics.records, payload, key=key)
+        if bulk is not None:
+            bulk.send(topics.records, payload, key.encode() if key is not None else None, max_block_s=block_s)
+        else:
+            producer.send(topics.records, payload, key=key)
         stats.records += 1
         if label_delay is not None and ident is not None and record.get(label_name) is not None:
             pending.append((ident, record[label_name], index))
@@ -206,6 +214,13 @@ def publish_file(
         dead_letter(producer, topics.dlq, dead)
     send_labels(1 << 62)
     producer.flush()
+    if bulk is not None:
+        left = bulk.flush(producer.delivery_timeout_s)
+        if left or bulk.failed:
+            raise BrokerError(
+                f"{left + bulk.failed} of {stats.records} records to {topics.records} were not acknowledged "
+                "(the broker's log says why)"
+            )
     if progress is not None:
         progress(stats.records)
     stats.seconds = clock() - started

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -131,6 +132,23 @@ class BulkProducer:
             return False
         self.produced += 1
         return True
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, max_block_s: float = 10.0) -> None:
+        """Queue one record, waiting (up to `max_block_s`) while the bounded queue is full: back-pressure,
+        for a producer that must lose nothing. `BrokerError` when it cannot be queued."""
+        deadline = time.monotonic() + max_block_s
+        while True:
+            try:
+                self._producer.produce(topic, value, key)
+            except BufferError:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"the producer's queue stayed full for {max_block_s:g}s") from None
+                self._producer.poll(0.05)
+                continue
+            except KafkaException as err:
+                raise BrokerError(f"cannot produce to {topic}: {err}") from err
+            self.produced += 1
+            return
 
     def serve(self, timeout_s: float = 0.0) -> None:
         """Run delivery callbacks (failures are counted there)."""

@@ -43,6 +43,7 @@ format: install
 bench: install
 	mkdir -p runs/bench
 	$(PY) benchmarks/stream_throughput.py --quick --json runs/bench/stream_throughput.json
+	$(PY) benchmarks/produce_file.py --quick --json runs/bench/produce_file.json
 	$(PY) benchmarks/ingest.py --quick --json runs/bench/ingest.json
 	$(PY) benchmarks/train.py --quick --json runs/bench/train.json
 	$(PY) benchmarks/tune.py --quick --json runs/bench/tune.json

@@ -31,7 +31,6 @@ in memory and start empty after a restart; the policy's streak and cooldown too.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -507,44 +506,41 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
 
 
 class RecordsPosition:
-    """The records topic's high watermarks, read at most once per `every_s` (a fetch per partition).
+    """The records topic's high watermarks, as fresh as about `every_s`, without blocking the monitor.
 
-    An unreachable broker keeps the last answer: the monitor goes on, and a retrain then starts
-    its data at most that much later.
+    A thread reads them (from fetch responses, with a new consumer each time: a reused one
+    answers the high watermark of its last fetch, which can be long stale) and `now()` returns
+    the latest answer at once. An unreachable broker keeps the last answer (and says so in the
+    log): the monitor goes on, and a retrain then starts its data a little later.
     """
 
     def __init__(self, kafka: Any, topic: str, every_s: float = 1.0) -> None:
         self.kafka, self.topic, self.every_s = kafka, topic, every_s
-        self._consumer: Any = None
         self._last: tuple[OffsetRange, ...] = ()
-        self._at = -math.inf
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="records-position", daemon=True)
+        self._thread.start()
 
     def now(self) -> tuple[OffsetRange, ...]:
-        if time.monotonic() - self._at < self.every_s:
-            return self._last
-        self._at = time.monotonic()
-        from kafka import TopicPartition
-
-        from streams.kafka import new_consumer
-        from streams.kafka_source import fetch_high_watermarks
-
-        try:
-            if self._consumer is None:
-                self._consumer = new_consumer(self.kafka, group_id=None)
-            partitions = self._consumer.partitions_for_topic(self.topic) or set()
-            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-            ends = fetch_high_watermarks(self._consumer, tps, timeout_s=5.0) if tps else {}
-        except Exception as err:  # the broker is away: keep the last position (and say so)
-            log.warning("records topic %s: no high watermarks (%s); keeping the last ones", self.topic, err)
-            return self._last
-        self._last = tuple(
-            OffsetRange(topic=tp.topic, partition=tp.partition, start=end, end=end) for tp, end in sorted(ends.items())
-        )
         return self._last
 
+    def _run(self) -> None:
+        from streams.kafka_source import high_watermarks
+
+        while not self._stop.is_set():
+            try:
+                ends = high_watermarks(self.kafka, self.topic, timeout_s=5.0)
+            except Exception as err:  # the broker is away: keep the last position
+                log.warning("records topic %s: no high watermarks (%s); keeping the last ones", self.topic, err)
+            else:
+                self._last = tuple(
+                    OffsetRange(topic=self.topic, partition=p, start=end, end=end) for p, end in sorted(ends.items())
+                )
+            self._stop.wait(self.every_s)
+
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 class MonitorService(Service):

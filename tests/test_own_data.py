@@ -400,3 +400,36 @@ def test_run_from_a_file_retrains_by_itself_after_the_file_changes_and_recovers(
     data = report["jobs"][1]["summary"]["data"]
     assert data["selected_by"] == "offsets" and data["rows_since_drift"] >= 1000, data
     assert data["from_offsets"] and data["since"] is None
+
+
+@pytest.mark.integration
+def test_the_monitor_follows_the_records_topic_end_as_records_arrive(config: PipelineConfig, topics: Any) -> None:
+    """What a retrain's offsets come from: fresh within about a second, never the first answer kept."""
+    import time
+
+    from jobs.monitor import RecordsPosition
+    from streams.kafka import Producer
+
+    def send(n: int) -> None:
+        with Producer(config.kafka) as producer:
+            for i in range(n):
+                producer.send(topics.records, b"{}", key=str(i))
+
+    def total_within(position: RecordsPosition, expected: int, seconds: float = 15) -> int:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            found = sum(r.end for r in position.now())
+            if found == expected:
+                return found
+            time.sleep(0.2)
+        return sum(r.end for r in position.now())
+
+    send(10)
+    position = RecordsPosition(config.kafka, topics.records, every_s=0.5)
+    try:
+        assert total_within(position, 10) == 10
+        send(25)
+        assert total_within(position, 35) == 35, "the position moves on as the topic grows"
+        assert {r.partition for r in position.now()} == set(range(config.kafka.partitions))
+    finally:
+        position.close()

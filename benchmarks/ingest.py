@@ -169,8 +169,8 @@ def main() -> int:
             kafka = dataclasses.replace(base.kafka, bootstrap_servers=broker.bootstrap)
             datasets = dataclasses.replace(base.datasets, root=str(work), max_records_per_task=250_000)
             config = dataclasses.replace(base, name="bench", kafka=kafka, datasets=datasets)
-            topic = Topics(config.name).records
-            ensure_topics(kafka, Topics(config.name).all())
+            topic = Topics.of(config).records
+            ensure_topics(kafka, Topics.of(config).all())
             total = produce(config, topic, count)
             record_bytes = round(
                 statistics.mean(

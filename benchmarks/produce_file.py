@@ -110,7 +110,7 @@ def main() -> int:
             config = dataclasses.replace(
                 base, name=f"bench-file-{i}", kafka=dataclasses.replace(base.kafka, bootstrap_servers=broker.bootstrap)
             )
-            topics = Topics(config.name)
+            topics = Topics.of(config)
             ensure_topics(config.kafka, [*topics.all(), f"bench-file-peer-{i}"])
             rate, refused = ours(config, path, topics)
             if refused:

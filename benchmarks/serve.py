@@ -147,7 +147,7 @@ def main() -> int:
             config = dataclasses.replace(
                 base, name="bench", kafka=dataclasses.replace(base.kafka, bootstrap_servers=broker.bootstrap)
             )
-            ensure_topics(config.kafka, Topics(config.name).all())
+            ensure_topics(config.kafka, Topics.of(config).all())
             rows = [r.record for r in StreamGenerator(config, seed=1).records(4000)]
             features = fit_pipeline(ray.data.from_items(rows), config.schema, config.features)
             x, y = features.transform_records(rows), features.encode_labels([r["churned"] for r in rows])

@@ -379,7 +379,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     config = _connected(load_config(args.config))
     if (args.source is None) == (args.records is None):
         raise ConfigError("<command line>", "--records/--from", "one of --records N or --from FILE", None)
-    topics = Topics(config.name)
+    topics = Topics.of(config)
     ensure_topics(config.kafka, topics.all())
     if args.source is not None:
         return _produce_file(args, config, topics)
@@ -418,7 +418,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_consume(args: argparse.Namespace) -> int:
     config = _connected(load_config(args.config))
-    topics = Topics(config.name)
+    topics = Topics.of(config)
     ensure_topics(config.kafka, [topics.records, topics.dlq])
     codec = RecordCodec(config.schema, config.kafka.max_record_bytes)
 
@@ -463,7 +463,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     config = _connected(load_config(args.config))
     if args.root:
         config = dataclasses.replace(config, datasets=dataclasses.replace(config.datasets, root=args.root))
-    topics = Topics(config.name)
+    topics = Topics.of(config)
     ensure_topics(config.kafka, [topics.records, topics.dlq])
     store = DatasetStore(config.datasets.root, config.name)
     stop = threading.Event()
@@ -564,7 +564,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         rolled_from, to = registry.rollback(args.reason)
         print("no Kafka configured: serving replicas learn of it on their next deploy", file=sys.stderr)
     else:
-        topic = Topics(config.name).models
+        topic = Topics.of(config).models
         ensure_topics(config.kafka, [topic])
         with Producer(config.kafka, client_id=f"{config.name}.rollback") as producer:
             rolled_from, to = registry.rollback(args.reason, publish=lambda e: producer.send_event(topic, e))

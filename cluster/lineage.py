@@ -104,7 +104,7 @@ def read_events(config: PipelineConfig) -> list[Any]:
     from streams.serde import decode_events
     from streams.topics import Topics
 
-    topics = Topics(config.name)
+    topics = Topics.of(config)
     seen: list[Any] = []
 
     def keep(batch: Batch) -> None:

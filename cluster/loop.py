@@ -148,7 +148,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
         config = dataclasses.replace(
             config.connected_to(tracking_uri=uri), datasets=dataclasses.replace(config.datasets, root=root)
         )
-        topics = Topics(config.name)
+        topics = Topics.of(config)
         ensure_topics(config.kafka, topics.all())
         registry = ModelRegistry(
             config, uri, artifact_root=run_dir / "mlartifacts", lock_dir=run_dir / "jobs" / "locks"

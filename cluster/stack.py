@@ -278,7 +278,7 @@ def _start_services(stack: Stack, config: PipelineConfig, api_key: str, serve_po
     config = config.connected_to(stack.kafka, stack.mlflow)
     datasets = dataclasses.replace(config.datasets, root=stack.env()[DATASETS_ROOT_ENV])
     config = dataclasses.replace(config, datasets=datasets)
-    ensure_topics(config.kafka, Topics(config.name).all())
+    ensure_topics(config.kafka, Topics.of(config).all())
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # `up` prints its own lines
     ray.init(address=stack.ray_gcs, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     try:

@@ -54,7 +54,7 @@ def kafka_status(config: PipelineConfig) -> dict[str, Any]:
     from streams.kafka import admin_client, new_consumer
     from streams.kafka_source import fetch_high_watermarks
 
-    topics = Topics(config.name)
+    topics = Topics.of(config)
     admin = admin_client(config.kafka)
     consumer = new_consumer(config.kafka)
     try:

@@ -123,7 +123,7 @@ def outcome_event(config: PipelineConfig, request_id: str, outcome: JobOutcome) 
     )
 
 
-def entrypoint_argv(request: RetrainRequested, job: JobTemplate) -> list[str]:
+def entrypoint_argv(request: RetrainRequested, job: JobTemplate, records_topic: str | None = None) -> list[str]:
     """The job's command as an argv list. Pure.
 
     Ray Jobs runs an entrypoint through a shell, so it is built with `shlex.join` from this list:
@@ -136,7 +136,7 @@ def entrypoint_argv(request: RetrainRequested, job: JobTemplate) -> list[str]:
             raise ValueError(f"RetrainRequested.{name} {value[:80]!r} does not match {ID_PATTERN}")
     argv = [job.python, "-m", job.module, "--trigger-event-id", request.event_id]
     argv += ["--out", str(job.out_root.resolve() / request.event_id)]
-    records = Topics(request.pipeline).records
+    records = records_topic or Topics(request.pipeline).records
     starts = [f"{r.partition}:{r.start}" for r in request.records if r.topic == records]
     if starts:  # the drifted data by its offsets; event time only when the request has none
         argv += ["--from-offsets", ",".join(starts)]
@@ -155,7 +155,7 @@ def submit_retrain(
 ) -> bool:
     """Submit the job for `request`; False when a job with its id already exists (a duplicate)."""
     submission_id = request.event_id
-    entrypoint = shlex.join(entrypoint_argv(request, job))
+    entrypoint = shlex.join(entrypoint_argv(request, job, Topics.of(config).records))
     if _exists(client, submission_id):
         return False
     runtime_env = {
@@ -249,7 +249,7 @@ def run_controller(
 
         client_factory = JobSubmissionClient
     client = client_factory(address)
-    topics = Topics(config.name)
+    topics = Topics.of(config)
     ensure_topics(config.kafka, [topics.retrain, topics.models, topics.dlq])
     producer = Producer(config.kafka, client_id=f"{config.name}.controller")
     lock = threading.Lock()

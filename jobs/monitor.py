@@ -424,10 +424,10 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
     """Consume predictions and labels until `stop`; publish drift and retrain events."""
     from jobs.registry import ModelRegistry
     from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
-    from streams.serde import decode_events
+    from streams.serde import LabelRecordCodec, decode_events, events_or_label_records
     from streams.topics import Topics
 
-    topics = Topics(config.name)
+    topics = Topics.of(config)
     ensure_topics(config.kafka, [topics.predictions, topics.labels, topics.drift, topics.retrain, topics.dlq])
     registry = ModelRegistry(config, tracking_uri)
     monitor: Monitor | None = None
@@ -482,10 +482,13 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
                 if o.commit:
                     consumer.commit(o.commit)
 
+    decoder: Any = decode_events
+    if config.topics.labels_format == "record":
+        decoder = events_or_label_records(LabelRecordCodec(config.schema, config.name, config.kafka.max_record_bytes))
     consumer = StreamConsumer(
         config.kafka,
         [topics.predictions, topics.labels],
-        decode_events,
+        decoder,
         handle,
         group_id=f"{config.name}.monitor",
         dlq_topic=topics.dlq,

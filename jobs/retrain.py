@@ -58,7 +58,7 @@ def _window(
     from streams.events import OffsetRange
     from streams.topics import Topics
 
-    topic = Topics(config.name).records
+    topic = Topics.of(config).records
     ranges = [OffsetRange(topic=topic, partition=p, start=o, end=o) for p, o in sorted((records_from or {}).items())]
     window = store.window(since=since, last_rows=rows, records_from=ranges or None)
     chosen: dict[str, Any] = {"from_offsets": records_from, "since": since.isoformat() if since else None}

@@ -305,7 +305,7 @@ def _promote_and_publish(registry: Any, version: str, config: PipelineConfig, ch
     from streams.kafka import Producer, ensure_topics
     from streams.topics import Topics
 
-    topic = Topics(config.name).models
+    topic = Topics.of(config).models
     ensure_topics(config.kafka, [topic])
     with Producer(config.kafka, client_id=f"{config.name}.gate") as producer:
         return registry.promote(

@@ -139,7 +139,7 @@ class ModelServer:
             config.schema, max_bytes=self.max_body, max_records=config.serving.max_records_per_request
         )
         kafka = None if config.kafka.embedded else config.kafka
-        topics = Topics(config.name)
+        topics = Topics.of(config)
         serving = config.serving
         self.log = PredictionLog(
             kafka, topics.predictions, capacity=serving.log_capacity, timeout_s=serving.log_timeout_s

@@ -49,6 +49,7 @@ __all__ = [
     "SearchSettings",
     "ServingSettings",
     "Step",
+    "TopicSettings",
     "TrackerSettings",
     "TrainingSettings",
     "dump_config",
@@ -684,6 +685,40 @@ class MlflowSettings:
     tracking_uri: str | None = None
 
 
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    """Topic names: each defaults to `<pipeline>.<kind>`; name one to attach to a topic that exists.
+
+    `labels_format: record` reads labels as users have them, plain records of the record id and
+    the label (`{"<schema.record_id>": "r-1", "<label>": "yes"}`; `request_id` when the schema has
+    no record id), beside the `LabelObserved` events that are always understood.
+    """
+
+    records: str | None = None
+    predictions: str | None = None
+    labels: str | None = None
+    drift: str | None = None
+    retrain: str | None = None
+    models: str | None = None
+    dlq: str | None = None
+    labels_format: Literal["event", "record"] = "event"
+
+    def named(self) -> dict[str, str]:
+        """The topics this config names (kind -> name)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "labels_format" and v is not None}
+
+    def problems(self) -> Iterator[Problem]:
+        for kind, name in self.named().items():
+            if not _TOPIC.match(name) or name in (".", ".."):
+                yield kind, "a Kafka topic name (1-249 letters, digits, '.', '_', '-')", name
+        names = list(self.named().values())
+        if len(set(names)) != len(names):
+            yield "topics", "a different topic for each kind", names
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """One pipeline, as read from `configs/<name>.yaml`."""
@@ -691,6 +726,7 @@ class PipelineConfig:
     name: str
     schema: RecordSchema
     kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
     generator: GeneratorSettings = GeneratorSettings()
     features: FeatureSettings = FeatureSettings()
     datasets: DatasetSettings = DatasetSettings()

@@ -40,7 +40,7 @@ class IngestResult:
 
 def _write_piece(config: PipelineConfig, piece: OffsetRange, root: str, folder: str) -> DataFile:
     """Read one piece and write it as one Parquet file (runs as a Ray task)."""
-    topics = Topics(config.name)
+    topics = Topics.of(config)
     settings = config.datasets
     read = read_range(config.kafka, piece, config.schema, dlq_topic=topics.dlq, timeout_s=settings.read_timeout_s)
     sink = pa.BufferOutputStream()
@@ -95,7 +95,7 @@ def ingest_ranges(
 def ingest(config: PipelineConfig, store: DatasetStore | None = None) -> IngestResult:
     """Ingest from the end of the last version up to the current high watermarks."""
     store = store or DatasetStore(config.datasets.root, config.name)
-    topic = Topics(config.name).records
+    topic = Topics.of(config).records
     incarnation = topic_id(config.kafka, topic)
     ranges = store.next_ranges(topic, high_watermarks(config.kafka, topic), incarnation)
     return ingest_ranges(config, store, ranges, topic_ids={topic: incarnation} if incarnation else None)

@@ -19,9 +19,27 @@ import msgspec
 from streams.coerce import coerce_record
 from streams.config import Feature, RecordSchema, field_key
 from streams.errors import DecodeError, ErrorKind
-from streams.events import EVENT_TYPES, AwareDatetime, Event, RequestId
+from streams.events import (
+    EVENT_TYPES,
+    REQUEST_ID_PATTERN,
+    AwareDatetime,
+    Event,
+    LabelObserved,
+    RequestId,
+    deterministic_id,
+    utcnow,
+)
 
-__all__ = ["DEFAULT_MAX_BYTES", "RecordCodec", "RequestCodec", "decode_event", "decode_events", "encode_event"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "LabelRecordCodec",
+    "RecordCodec",
+    "RequestCodec",
+    "decode_event",
+    "decode_events",
+    "encode_event",
+    "events_or_label_records",
+]
 
 DEFAULT_MAX_BYTES = 1024 * 1024
 _INT64 = msgspec.Meta(ge=-(2**63), le=2**63 - 1)
@@ -209,6 +227,74 @@ class RequestCodec:
                 ErrorKind.OVERSIZED, f"{len(records)} records exceed the limit of {self.max_records} per request"
             )
         return records
+
+
+class LabelRecordCodec:
+    """Labels as users have them: a plain record of the id and the label, read as a `LabelObserved`.
+
+    `{"<schema.record_id>": "r-1", "<label>": "yes"}` (the id field is `request_id` when the
+    schema has none); other fields are ignored. The id must be a valid request id and the label
+    one of the classes; with `schema.coerce`, `"1"` is class `1`. The event's time is when it was
+    read (a plain record has none).
+    """
+
+    def __init__(self, schema: RecordSchema, pipeline: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.pipeline = pipeline
+        self.max_bytes = max_bytes
+        self.id_field = schema.record_id or "request_id"
+        self._id_key, self._label_key = field_key(self.id_field), field_key(schema.label.name)
+        label: Any = Literal.__getitem__(schema.label.classes)
+        self.type = msgspec.defstruct(
+            "LabelRecord",
+            [(self._id_key, str | Annotated[int, _INT64]), (self._label_key, label)],
+            frozen=True,
+            rename=_renames([self.id_field, schema.label.name]),
+        )
+        self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(self.type, strict=not schema.coerce)
+        self._id = re.compile(REQUEST_ID_PATTERN)
+
+    def decode(self, data: bytes) -> LabelObserved:
+        _check_size(data, self.max_bytes)
+        try:
+            record = self._decoder.decode(data)
+        except (msgspec.DecodeError, UnicodeDecodeError) as err:
+            raise _explain(err, data) from None
+        ident = str(getattr(record, self._id_key))
+        if not self._id.match(ident):
+            raise DecodeError(
+                ErrorKind.INVALID_FIELD,
+                f"field {self.id_field!r}: {ident[:80]!r} is not a valid request id",
+                self.id_field,
+            )
+        return LabelObserved(
+            event_id=deterministic_id(self.pipeline, "label", ident),
+            occurred_at=utcnow(),
+            request_id=ident,
+            pipeline=self.pipeline,
+            label=getattr(record, self._label_key),
+        )
+
+
+def events_or_label_records(codec: LabelRecordCodec, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+    """A batch decoder for topics that carry events and, on the labels topic, plain label records:
+    a payload without an event `type` is read as a label record (and refused with that reason)."""
+
+    def decode(payloads: Iterable[bytes | None]) -> list[Any]:
+        out: list[Any] = []
+        for data in payloads:
+            try:
+                out.append(decode_event(data, max_bytes))  # type: ignore[arg-type]
+            except DecodeError as err:
+                if err.kind is ErrorKind.MISSING_FIELD and err.field == "type":
+                    try:
+                        out.append(codec.decode(data))  # type: ignore[arg-type]
+                    except DecodeError as plain:
+                        out.append(plain)
+                else:
+                    out.append(err)
+        return out
+
+    return decode
 
 
 def _renames(names: Iterable[str]) -> dict[str, str] | None:

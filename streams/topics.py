@@ -1,8 +1,13 @@
-"""Topic names: one namespace per pipeline, `<pipeline>.<topic>` (DESIGN.md, "Topics and events")."""
+"""Topic names: one namespace per pipeline, `<pipeline>.<topic>` (docs/design.md, "Topics and
+events"), unless the config's `topics` names one (a topic that exists already)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streams.config import PipelineConfig
 
 __all__ = ["TOPICS", "Topics"]
 
@@ -14,10 +19,19 @@ class Topics:
     """The topics of one pipeline namespace; tests give each test its own namespace."""
 
     namespace: str
+    named: tuple[tuple[str, str], ...] = ()  # (kind, name): the topics a config names
+
+    @classmethod
+    def of(cls, config: PipelineConfig) -> Topics:
+        """The topics of a pipeline: its `topics` settings, else `<name>.<kind>`."""
+        return cls(config.name, tuple(sorted(config.topics.named().items())))
 
     def name(self, topic: str) -> str:
         if topic not in TOPICS:
             raise ValueError(f"unknown topic {topic!r}; known: {', '.join(TOPICS)}")
+        for kind, name in self.named:
+            if kind == topic:
+                return name
         return f"{self.namespace}.{topic}"
 
     def all(self) -> tuple[str, ...]:

@@ -124,3 +124,40 @@ def test_the_monitor_command_watches_in_the_foreground_and_reports(
 
     missing = driftloop("monitor", "--config", path, env=env)
     assert missing.returncode == 2 and "mlflow.tracking_uri" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_monitor_joins_labels_sent_as_plain_records_on_a_topic_of_the_users_own(
+    config: PipelineConfig, tmp_path: Path
+) -> None:
+    """`topics.labels` names an existing topic and `labels_format: record` reads `{"record_id": .., "churned": ..}`."""
+    from streams.config import TopicSettings
+    from streams.kafka import ensure_topics
+
+    labels_topic = f"{config.name}-crm-labels"
+    config = dataclasses.replace(
+        config,
+        topics=TopicSettings(labels=labels_topic, labels_format="record"),
+        monitor=dataclasses.replace(config.monitor, performance_window=200),
+    )
+    topics = Topics.of(config)
+    ensure_topics(config.kafka, topics.all())
+    assert topics.labels == labels_topic
+    registry = champion(config, tmp_path)
+    publish(config, topics, 0, 400)
+    with Producer(config.kafka) as producer:
+        for r in StreamGenerator(config, seed=5, id_prefix="live").records(400):
+            plain = {"record_id": r.record["record_id"], "churned": r.label}
+            producer.send(labels_topic, json.dumps(plain).encode(), key=r.record["record_id"])
+        producer.send(labels_topic, b'{"record_id": "x", "churned": "maybe"}', key="x")  # to the DLQ
+        producer.flush()
+    actor = ray.remote(MonitorService).options(max_restarts=0, num_cpus=0).remote(config, registry.uri)
+    deadline = time.monotonic() + 90
+    stats = ray.get(actor.stats.remote())
+    while time.monotonic() < deadline and len([w for w in stats["windows"] if w["kind"] == "performance"]) < 2:
+        time.sleep(0.5)
+        stats = ray.get(actor.stats.remote())
+    ray.get(actor.stop.remote())
+    performance = [w for w in stats["windows"] if w["kind"] == "performance"]
+    assert len(performance) == 2 and all(w["size"] == 200 for w in performance), stats["windows"]
+    assert stats["labels"] == 400
+    assert performance[0]["accuracy"] == 1.0, "each plain label joined its own prediction (the 'model' was right)"

@@ -21,8 +21,9 @@ import pytest
 from streams.coerce import coerce_record, coerce_time
 from streams.config import Feature, LabelSpec, PipelineConfig, RecordSchema, field_key, parse_config
 from streams.errors import ConfigError, DecodeError, DriftloopError, ErrorKind
+from streams.events import LabelObserved
 from streams.files import file_records, infer_config, read_table
-from streams.serde import RecordCodec, RequestCodec
+from streams.serde import RecordCodec, RequestCodec, encode_event
 from tests.test_cli import driftloop
 
 
@@ -433,3 +434,55 @@ def test_the_monitor_follows_the_records_topic_end_as_records_arrive(config: Pip
         assert {r.partition for r in position.now()} == set(range(config.kafka.partitions))
     finally:
         position.close()
+
+
+# --- topics of your own, labels as plain records ----------------------------------------------------
+
+
+def test_topic_names_come_from_the_config_when_it_names_them() -> None:
+    from streams.topics import Topics
+
+    text = """
+name: churn
+topics: {records: crm.customers.v2, labels: crm.churn-labels, labels_format: record}
+schema:
+  label: {name: churned, classes: ["no", "yes"]}
+  features: {tenure: {type: int}}
+"""
+    config = parse_config(text, env={})
+    topics = Topics.of(config)
+    assert (topics.records, topics.labels, topics.predictions) == ("crm.customers.v2", "crm.churn-labels",
+                                                                   "churn.predictions")  # fmt: skip
+    assert len(set(topics.all())) == 7
+    for bad, message in (("records: 'a b'", "a Kafka topic name"), ("{records: x, labels: x}", "a different topic")):
+        wrong = text.replace("{records: crm.customers.v2, labels: crm.churn-labels, labels_format: record}", bad)
+        with pytest.raises(ConfigError, match=message):
+            parse_config(wrong.replace("topics: records:", "topics:\n  records:"), env={})
+
+
+def test_labels_as_plain_records_become_label_events_and_bad_ones_say_why() -> None:
+    from streams.serde import LabelRecordCodec, events_or_label_records
+
+    schema = RecordSchema(label=LabelSpec("is fraud", (0, 1)), features=(Feature("amount", "float"),),
+                          record_id="txn id", coerce=True)  # fmt: skip
+    decode = events_or_label_records(LabelRecordCodec(schema, "fraud"))
+    event = LabelObserved(request_id="t-9", pipeline="fraud", label=1)
+    got = decode([
+        b'{"txn id": "t-1", "is fraud": 1, "note": "extra fields are ignored"}',
+        b'{"txn id": 42, "is fraud": "0"}',  # an integer id; coerce: "0" is class 0
+        encode_event(event),  # events are still understood
+        b'{"txn id": "t-2", "is fraud": 7}',
+        b'{"txn id": "t 3", "is fraud": 1}',
+        b'{"is fraud": 1}',
+        b'{"type": "LabelObserved"}',  # an event that is broken stays an event error
+    ])  # fmt: skip
+    assert isinstance(got[0], LabelObserved) and (got[0].request_id, got[0].label) == ("t-1", 1)
+    assert isinstance(got[1], LabelObserved) and (got[1].request_id, got[1].label) == ("42", 0)
+    assert got[0].event_id == LabelRecordCodec(schema, "fraud").decode(b'{"txn id": "t-1", "is fraud": 1}').event_id
+    assert isinstance(got[2], LabelObserved) and got[2].request_id == "t-9"
+    assert [(e.kind, e.field) for e in got[3:6]] == [
+        (ErrorKind.UNKNOWN_CATEGORY, "is fraud"),
+        (ErrorKind.INVALID_FIELD, "txn id"),
+        (ErrorKind.MISSING_FIELD, "txn id"),
+    ]
+    assert isinstance(got[6], DecodeError) and got[6].field != "txn id"

@@ -169,63 +169,6 @@ def test_produce_then_consume_with_drift_labels_and_bad_records(
 
 
 @pytest.mark.integration
-@pytest.mark.heavy
-@pytest.mark.timeout(1800)
-def test_run_closes_the_loop_drift_retrain_promotion_recovery(demo_config: PipelineConfig, tmp_path: Path) -> None:
-    """`driftloop run`, smaller: its own broker, Ray head, MLflow, Serve, monitor and controller."""
-    import dataclasses
-
-    from cluster.broker import free_port
-    from streams.config import dump_config
-
-    small = dataclasses.replace(
-        demo_config,
-        search=dataclasses.replace(demo_config.search, trials=2),
-        model=dataclasses.replace(demo_config.model, epochs=3),
-        training=dataclasses.replace(demo_config.training, workers=1),
-        retrain=dataclasses.replace(demo_config.retrain, job_timeout_s=1200),  # a loaded CI machine is slow
-        serving=dataclasses.replace(demo_config.serving, port=free_port()),
-    )
-    path = tmp_path / "small.yaml"
-    path.write_text(dump_config(small))
-    run_dir, report_file = tmp_path / "run", tmp_path / "report.json"
-    result = driftloop(
-        "run", str(path), "--bootstrap-records", "3000", "--before-drift", "1500", "--after-promotion", "1000",
-        "--rate", "100", "--run-dir", str(run_dir), "--report", str(report_file), "--max-seconds", "1500",
-        timeout=1600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(report_file.read_text())
-    assert report["drift_injected_at_record"] == 4500
-    assert report["drift_injected_at_record"] < report["drift_detected_at_record"] < 4500 + 3000
-    assert report["drift_event_kind"] == "performance"  # concept drift: the inputs do not move
-    assert report["retrain_submission_id"] and report["promoted_version"] == "2"
-    assert report["failed_requests"] == 0 and report["requests_sent"] > 100
-    assert report["loop_latency_s"] > 0
-    assert report["accuracy_after_drift_before_retrain"] < report["accuracy_before_drift"] - 0.2
-    assert report["accuracy_after_promotion"] > report["accuracy_after_drift_before_retrain"] + 0.2
-    assert report["lineage"]["trigger_event_id"] == report["retrain_submission_id"]
-    assert [j["status"] for j in report["jobs"]] == ["SUCCEEDED", "SUCCEEDED"]
-    page = (run_dir / "report.html").read_text()
-    assert page.count("<svg") == 3 and "drift detected" in page
-    assert "=== driftloop run: promoted" in result.stdout
-
-    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
-    where = ["--config", str(path), "--tracking-uri", uri, "--datasets-root", str(run_dir / "datasets")]
-    shown = driftloop("lineage", "demo@champion", *where, "--json")
-    assert shown.returncode == 0, shown.stderr
-    trail = json.loads(shown.stdout)
-    assert trail["version"] == "2" and "champion" in trail["aliases"] and trail["gate"]["decision"] == "passed"
-    assert trail["retrain"]["request_id"] == report["retrain_submission_id"] and trail["retrain"]["drift_event_id"]
-    assert trail["datasets"] and trail["datasets"][0]["ranges"] and trail["kafka"].startswith("kafka://demo.records")
-    assert trail["run"]["params"] and trail["run"]["metrics"]
-    text = driftloop("lineage", "demo@1", *where)
-    assert text.returncode == 0 and "bootstrap" in text.stdout
-    missing = driftloop("lineage", "demo@nope", *where)
-    assert missing.returncode == 1 and "no alias 'nope'" in missing.stderr and "Traceback" not in missing.stderr
-
-
-@pytest.mark.integration
 def test_ingest_prints_what_it_read_per_partition_and_is_idempotent(
     config: PipelineConfig, broker: str, tmp_path: Path, ray_session: str
 ) -> None:

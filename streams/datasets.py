@@ -148,12 +148,32 @@ def _shares(rows: int, counts: Any) -> list[int]:
     return [int(x) for x in shares]
 
 
-def _any(masks: list[Any], length: int) -> Any:
+def _mask(
+    table: pa.Table,
+    floors: Mapping[int, int] | None,
+    since: datetime | None,
+    until: datetime | None,
+    event_time: str,
+) -> Any:
+    """The rows of `table` at or past their partition's floor offset and within [since, until); None: all."""
+    masks = []
+    if floors is not None:
+        partitions, offsets = table["partition"], table["offset"]
+        ours = [pc.and_(pc.equal(partitions, p), pc.greater_equal(offsets, floor)) for p, floor in floors.items()]
+        mask = ours[0] if ours else pa.array([False] * len(table))
+        for more in ours[1:]:
+            mask = pc.or_(mask, more)
+        masks.append(mask)
+    times = table[event_time]
+    if since is not None:
+        masks.append(pc.greater_equal(times, pa.scalar(since, times.type)))
+    if until is not None:
+        masks.append(pc.less(times, pa.scalar(until, times.type)))
     if not masks:
-        return pa.array([False] * length)
+        return None
     mask = masks[0]
     for more in masks[1:]:
-        mask = pc.or_(mask, more)
+        mask = pc.and_(mask, more)
     return mask
 
 
@@ -278,27 +298,8 @@ class DatasetStore:
             return ds  # the window holds no more than its newest rows: all of them
 
         def keep(batch: pa.Table) -> pa.Table:
-            masks = []
-            if floors is not None:
-                partitions, offsets = batch["partition"], batch["offset"]
-                masks.append(
-                    _any(
-                        [
-                            pc.and_(pc.equal(partitions, p), pc.greater_equal(offsets, floor))
-                            for p, floor in floors.items()
-                        ],
-                        len(batch),
-                    )
-                )
-            times = batch[event_time]
-            if since is not None:
-                masks.append(pc.greater_equal(times, pa.scalar(since, times.type)))
-            if until is not None:
-                masks.append(pc.less(times, pa.scalar(until, times.type)))
-            mask = masks[0]
-            for more in masks[1:]:
-                mask = pc.and_(mask, more)
-            return batch.filter(mask)
+            mask = _mask(batch, floors, since, until, event_time)
+            return batch if mask is None else batch.filter(mask)
 
         return ds.map_batches(keep, batch_format="pyarrow")
 
@@ -309,25 +310,8 @@ class DatasetStore:
         table = pads.dataset(list(paths), filesystem=self.fs, format="parquet").to_table(
             columns=["partition", "offset", event_time]
         )
-        masks = []
-        if window.records_from:
-            masks.append(
-                _any(
-                    [
-                        pc.and_(pc.equal(table["partition"], p), pc.greater_equal(table["offset"], start))
-                        for p, start in window.records_from.items()
-                    ],
-                    len(table),
-                )
-            )
-        times = table[event_time]
-        if window.since is not None:
-            masks.append(pc.greater_equal(times, pa.scalar(window.since, times.type)))
-        if window.until is not None:
-            masks.append(pc.less(times, pa.scalar(window.until, times.type)))
-        for mask in masks:
-            table = table.filter(mask)
-        return table
+        mask = _mask(table, window.records_from, window.since, window.until, event_time)
+        return table if mask is None else table.filter(mask)
 
     def _floors(self, paths: Sequence[str], window: Window, event_time: str) -> dict[int, int] | None:
         """Per partition, the first offset the window keeps: from `records_from` and the newest rows."""

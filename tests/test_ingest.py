@@ -233,6 +233,10 @@ def test_windows_by_records_offsets_and_newest_rows_by_offset_whatever_the_event
     expected = {(p, o) for p, offsets in every.items() for o in offsets if o >= starts[p]}
     got = {(r["partition"], r["offset"]) for r in store.read(window, ts).take_all()}  # type: ignore[attr-defined]
     assert got == expected and store.rows_in(window, ts) == len(expected)
+    assert first.min_event_time is not None
+    early = first.min_event_time  # every row: offsets and a time bound together keep the offsets' rows
+    both = store.window(records_from=ranges, since=early)
+    assert store.rows_in(both, ts) == len(expected)
     only_new = store.window(records_from=[OffsetRange(topic=topics.records, partition=0, start=60, end=60)])
     assert [m.version_id for m in only_new.manifests] == [second.version_id], "versions before the offsets: skipped"
 

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jobs.policy import Decision, PolicyState, WindowResult, decide
+from jobs.policy import Decision, PolicyState, WindowResult, decide, records_since
 from jobs.service import Service
 from streams.config import PipelineConfig
 from streams.drift import Reference, compare
@@ -192,16 +192,8 @@ class Monitor:
         self.records_position = position
 
     def _records_window(self, opened: tuple[OffsetRange, ...]) -> tuple[OffsetRange, ...]:
-        now = {(r.topic, r.partition): r.end for r in self.records_position}
-        return tuple(
-            OffsetRange(
-                topic=r.topic,
-                partition=r.partition,
-                start=r.start,
-                end=max(r.start, now.get((r.topic, r.partition), r.start)),
-            )
-            for r in opened
-        )
+        """The records topic from where it stood when a window opened to where it stands now."""
+        return records_since([opened], self.records_position)
 
     def set_champion(self, champion: Champion) -> None:
         """A new model is served: compare against its reference from now on, with a fresh streak."""

@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from streams.config import DriftKind, RetrainSettings
 from streams.events import DriftDetected, OffsetRange, RetrainRequested, deterministic_id
 
-__all__ = ["Decision", "PolicyState", "WindowResult", "decide"]
+__all__ = ["Decision", "PolicyState", "WindowResult", "decide", "records_since"]
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ class RecordCodec:
     The record type is generated from the schema: numbers carry their ranges, categories
     their allowed values, the label its classes (and may be absent: unlabeled records),
     the timestamp must be RFC 3339 with a timezone. A column whose name is not an identifier
-    is an attribute named `field_key(name)` (`attribute`); on the wire it keeps its name.
+    is an attribute named `field_key(name)`; on the wire it keeps its name.
     With `schema.coerce`, a record that fails only because of a value's JSON type is converted
     losslessly (`streams.coerce`) and checked again; the fast path stays one msgspec pass.
     """
@@ -122,11 +122,6 @@ class RecordCodec:
         self.type = _record_type(schema)
         self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(self.type)
         self._coerce = schema.coerce
-
-    @staticmethod
-    def attribute(name: str) -> str:
-        """The attribute of a decoded record that holds column `name`."""
-        return field_key(name)
 
     def decode(self, data: bytes) -> Any:
         """One record as an instance of the generated (frozen) record type."""
@@ -280,18 +275,14 @@ def events_or_label_records(codec: LabelRecordCodec, max_bytes: int = DEFAULT_MA
     a payload without an event `type` is read as a label record (and refused with that reason)."""
 
     def decode(payloads: Iterable[bytes | None]) -> list[Any]:
-        out: list[Any] = []
-        for data in payloads:
-            try:
-                out.append(decode_event(data, max_bytes))  # type: ignore[arg-type]
-            except DecodeError as err:
-                if err.kind is ErrorKind.MISSING_FIELD and err.field == "type":
-                    try:
-                        out.append(codec.decode(data))  # type: ignore[arg-type]
-                    except DecodeError as plain:
-                        out.append(plain)
-                else:
-                    out.append(err)
+        payloads = list(payloads)
+        out = decode_events(payloads, max_bytes)
+        for i, result in enumerate(out):
+            if isinstance(result, DecodeError) and result.kind is ErrorKind.MISSING_FIELD and result.field == "type":
+                try:
+                    out[i] = codec.decode(payloads[i])  # type: ignore[arg-type]
+                except DecodeError as plain:
+                    out[i] = plain
         return out
 
     return decode

@@ -27,23 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.coerce import coerce_record, coerce_time
+from streams.coerce import coerce_record
 from streams.config import RESERVED_COLUMNS, PipelineConfig, RecordSchema, parse_config
 from streams.errors import ConfigError, DriftloopError
-from streams.events import REQUEST_ID_PATTERN
+from streams.events import REQUEST_ID_PATTERN, deterministic_id
 
 __all__ = [
     "MAX_CATEGORIES",
     "MAX_CLASSES",
     "FileStream",
     "Inferred",
-    "coerce_file_row",
     "file_records",
     "infer_config",
     "read_table",
+    "row_id",
 ]
 
 MAX_CATEGORIES = 50  # distinct text values above which a column is not a category
@@ -189,22 +190,20 @@ def file_records(
     for batch in table.to_batches(max_chunksize=batch_rows):
         for row in batch.to_pylist():
             record = {k: v for k, v in row.items() if v is not None}
-            yield index, coerce_file_row(schema, record) if coerce else record
+            yield index, coerce_record(schema, record) if coerce else record
             index += 1
 
 
-def coerce_file_row(schema: RecordSchema, record: dict[str, Any]) -> dict[str, Any]:
-    """A file's row converted losslessly to the schema's types (its time column too)."""
-    if schema.timestamp is not None and schema.timestamp in record:
-        record = {**record, schema.timestamp: coerce_time(record[schema.timestamp])}
-    return coerce_record(schema, record)
+def row_id(source: str, index: int) -> str:
+    """The id of a file's row when the file has no id column: stable for the file's name and row."""
+    return deterministic_id("file", Path(source).name, str(index))[:24]
 
 
 def _classes(column: pa.ChunkedArray, label: str, source: str) -> list[Any]:
     values = pc.drop_null(column)
     if pa.types.is_floating(values.type):
         numbers = values.to_numpy(zero_copy_only=False)
-        if not all(math.isfinite(v) and float(v).is_integer() for v in numbers):
+        if not bool(np.all(np.isfinite(numbers) & (numbers == np.floor(numbers)))):
             raise ConfigError(source, "--label", "a column of classes (a regression target is not supported)", label)
         values = values.cast(pa.int64())
     if pa.types.is_boolean(values.type):
@@ -251,13 +250,13 @@ def _feature(column: pa.ChunkedArray) -> tuple[dict[str, Any] | None, list[Any] 
     if not (pa.types.is_integer(tp) or pa.types.is_floating(tp)):
         return None, None, f"a column of type {tp}"
     values = pc.drop_null(column).to_numpy(zero_copy_only=False).astype("float64")
-    finite = values[[math.isfinite(v) for v in values]] if len(values) else values
+    finite = values[np.isfinite(values)]
     if len(finite) < len(values):
         nulls += len(values) - len(finite)
     if not len(finite):
         return None, None, "no values"
     low, high = float(finite.min()), float(finite.max())
-    integral = pa.types.is_integer(tp) or all(float(v).is_integer() for v in finite)
+    integral = pa.types.is_integer(tp) or bool(np.all(finite == np.floor(finite)))
     margin = (high - low) / 2 or max(abs(high) / 2, 1.0)
     lo, hi = low - margin, high + margin
     if low >= 0:
@@ -267,7 +266,8 @@ def _feature(column: pa.ChunkedArray) -> tuple[dict[str, Any] | None, list[Any] 
     spec = {"type": "int" if integral else "float", "min": _round(lo), "max": _round(hi)}
     if nulls:
         spec["nullable"] = True
-    skewed = low >= 0 and high > 0 and float(sorted(finite)[len(finite) // 2]) * 20 < high
+    middle = len(finite) // 2
+    skewed = low >= 0 and high > 0 and float(np.partition(finite, middle)[middle]) * 20 < high
     transform: list[Any] = ["log1p", "standardize"] if skewed else ["standardize"]
     what = f"{spec['type']} in [{spec['min']}, {spec['max']}]" + (", nullable" if nulls else "")
     return spec, transform, what + (", log1p" if skewed else "")
@@ -311,8 +311,6 @@ class FileStream:
         drift_at: int | None = None,
         replay_from: int | None = None,
     ) -> None:
-        from streams.publish import row_id
-
         self.schema = schema
         self.rows = [r for _, r in file_records(table, schema)]
         self.drift_at = drift_at

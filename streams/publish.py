@@ -13,22 +13,21 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from streams.coerce import coerce_record
 from streams.config import RecordSchema
 from streams.errors import BrokerError, DecodeError
 from streams.events import LabelObserved, deterministic_id, utcnow
-from streams.files import coerce_file_row
 from streams.generator import StreamGenerator, corrupt
 from streams.kafka import Producer, dead_letter
 from streams.rdkafka import BulkProducer
 from streams.serde import RecordCodec
 from streams.topics import Topics
 
-__all__ = ["FileRow", "PublishStats", "publish_file", "publish_stream", "row_id"]
+__all__ = ["FileRow", "PublishStats", "publish_file", "publish_stream"]
 
 
 @dataclass
@@ -123,11 +122,6 @@ class FileRow:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-def row_id(source: str, index: int) -> str:
-    """The id of a file's row when the file has no id column: stable for the file's name and row."""
-    return deterministic_id("file", Path(source).name, str(index))[:24]
-
-
 def publish_file(
     rows: Iterable[tuple[int, dict[str, Any]]],
     schema: RecordSchema,
@@ -146,7 +140,7 @@ def publish_file(
 ) -> PublishStats:
     """Send a file's rows as records (at most `rate` per second; labels `label_delay` rows later).
 
-    A row the codec refuses as it is is converted losslessly (`streams.files.coerce_file_row`)
+    A row the codec refuses as it is is converted losslessly (`streams.coerce.coerce_record`)
     and tried again.
 
     A row its schema refuses goes to the DLQ as JSON, with the reason and `file:<path>/0/<row>` as
@@ -187,7 +181,7 @@ def publish_file(
             try:
                 payload = codec.encode(record)  # the fast path: the row has the schema's types already
             except DecodeError:
-                record = coerce_file_row(schema, record)
+                record = coerce_record(schema, record)
                 payload = codec.encode(record)
         except DecodeError as err:
             text = json.dumps(record, default=str, ensure_ascii=False).encode()

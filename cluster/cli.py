@@ -341,11 +341,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 def _produce_file(args: argparse.Namespace, config: PipelineConfig, topics: Topics) -> int:
     from streams.files import file_records, read_table
     from streams.publish import publish_file
+    from streams.rdkafka import BulkProducer
 
     table = read_table(args.source)
     total = min(table.num_rows, args.limit or table.num_rows)
-    from streams.rdkafka import BulkProducer
-
     settings = config.kafka.producer
     bulk = BulkProducer(config.kafka, client_id=f"{config.name}.file", timeout_s=settings.delivery_timeout_ms / 1000,
                         linger_ms=settings.linger_ms)  # fmt: skip
@@ -718,13 +717,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.drift_at is not None and args.source is None:
         raise ConfigError("<command line>", "--drift-at", "--from FILE with it (generated drift: --before-drift)", None)
-    bootstrap = args.bootstrap_records
-    if bootstrap is None and args.source is not None:
-        from streams.files import read_table
-
-        bootstrap = max(1, read_table(args.source).num_rows // 3)
     options = LoopOptions(
-        bootstrap_records=bootstrap or 6000, before_drift=args.before_drift,
+        bootstrap_records=args.bootstrap_records or 0, before_drift=args.before_drift,
         after_promotion=args.after_promotion, rate=args.rate, scenario=args.scenario, seed=args.seed,
         max_seconds=args.max_seconds, report=args.report, source=args.source, drift_at=args.drift_at,
     )  # fmt: skip

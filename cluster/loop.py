@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class LoopOptions:
-    bootstrap_records: int = 6000  # labeled records the first model trains on
+    bootstrap_records: int = 0  # labeled records the first model trains on; 0: 6000, or a third of `source`'s rows
     before_drift: int = 3000  # records served before the drift starts
     after_promotion: int = 3000  # records served by the new champion before the run ends
     rate: float = 250.0  # records per second sent to the endpoint
@@ -123,6 +123,8 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
     stream: FileStream | None = None
     if options.source is not None:  # read (and refuse) the file before anything starts
         table = read_table(options.source)
+        if not options.bootstrap_records:
+            options = dataclasses.replace(options, bootstrap_records=max(1, table.num_rows // 3))
         if not 0 < options.bootstrap_records < table.num_rows:
             raise DriftloopError(
                 f"{options.source}: {table.num_rows} rows; the first model needs --bootstrap-records "
@@ -133,6 +135,8 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
         replay = changed if changed is not None else live + (table.num_rows - live) // 2
         stream = FileStream(table, config.schema, str(options.source), start=live, drift_at=options.drift_at,
                             replay_from=replay)  # fmt: skip
+    elif not options.bootstrap_records:
+        options = dataclasses.replace(options, bootstrap_records=6000)
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

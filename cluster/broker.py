@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,8 +27,26 @@ __all__ = ["EmbeddedBroker", "free_port", "wait_for_kafka"]
 log = logging.getLogger(__name__)
 
 
+PICK_PORTS_FROM = (20000, 32767)  # below Linux's ephemeral range (32768-60999 by default)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port free now, for a server that binds it later (seconds or minutes later).
+
+    Picked at random below the ephemeral range: the kernel hands ports of that range to every
+    outgoing connection and `bind(0)`, so a port chosen there was often taken by the time Serve's
+    HAProxy bound its stats port ("Address already in use" with two Rays on one machine).
+    """
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randint(*PICK_PORTS_FROM)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # that range is full: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

@@ -571,6 +571,9 @@ class MonitorSettings:
     reference_sample: int = 5000  # training values per numeric feature kept in the model's reference
     performance_window: int = 1000  # labelled predictions per accuracy/F1 window
     performance_tolerance: float = 0.05  # accuracy this far below the champion's validation report is drift
+    # ...and only if the drop is more than the window's own noise: the upper end of a one-sided interval at
+    # this confidence (a bootstrap over the window's pairs) is below the report's value
+    performance_confidence: float = 0.99
     label_ttl_s: float = 3600.0  # a prediction waits this long for its label, then is forgotten
     max_pending: int = 200_000  # predictions (and early labels) waiting to be joined, at most
     actors: int = 1  # monitor actors in the consumer group
@@ -586,6 +589,8 @@ class MonitorSettings:
         for name in ("psi_threshold", "performance_tolerance", "label_ttl_s"):
             if not getattr(self, name) > 0:
                 yield name, "a number > 0", getattr(self, name)
+        if not 0.5 <= self.performance_confidence < 1:
+            yield "performance_confidence", "a number in [0.5, 1) (0.5: no allowance)", self.performance_confidence
 
 
 @dataclass(frozen=True)

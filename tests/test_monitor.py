@@ -199,3 +199,33 @@ def test_prediction_drift_watches_every_class_and_windows_carry_the_records_offs
     assert [(r.start, r.end) for r in drifted[0].drift.records] == [(150, 400), (260, 500)]
     request = next(o.retrain for o in outcomes if o.retrain is not None)
     assert [(r.partition, r.start) for r in request.records] == [(0, 150), (1, 260)]
+
+
+def test_a_performance_window_drifts_only_when_its_drop_is_beyond_its_own_noise() -> None:
+    """Windows of 150 labels from a model exactly as good as its validation (85/15 classes): macro F1
+    wanders, and without the noise bound about one window in ten reads as drift; with it, few do, while
+    a real drop is still seen in nearly every window."""
+    from jobs.monitor import window_metrics
+
+    rng = np.random.default_rng(7)
+
+    def window(n: int, recall_fail: float) -> tuple[np.ndarray, np.ndarray]:
+        truth = np.where(rng.random(n) < 0.15, "fail", "ok")
+        right = np.where(truth == "fail", rng.random(n) < recall_fail, rng.random(n) < 0.95)
+        return np.where(right, truth, np.where(truth == "fail", "ok", "fail")), truth
+
+    big = window(200_000, 0.7)
+    expected = {k: v[0] for k, v in window_metrics(*big, ["fail", "ok"], 0.5).items()}
+
+    def drifted(pairs: tuple[np.ndarray, np.ndarray], confidence: float) -> bool:
+        measured = window_metrics(*pairs, ["fail", "ok"], confidence)
+        return any(value < expected[m] - 0.05 and upper < expected[m] for m, (value, upper) in measured.items())
+
+    healthy = [window(150, 0.7) for _ in range(300)]
+    naive = sum(drifted(w, 0.5) for w in healthy) / len(healthy)
+    bounded = sum(drifted(w, 0.99) for w in healthy) / len(healthy)
+    assert naive > 0.08 and bounded < 0.04, (naive, bounded)
+    worse = [window(150, 0.2) for _ in range(100)]  # the model now misses most failures
+    assert sum(drifted(w, 0.99) for w in worse) >= 95
+    same = window(150, 0.7)
+    assert window_metrics(*same, ["fail", "ok"], 0.95) == window_metrics(*same, ["fail", "ok"], 0.95), "seeded"

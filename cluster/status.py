@@ -125,6 +125,8 @@ def serve_status(url: str) -> dict[str, Any]:
     answer = requests.get(f"{url.rstrip('/')}/v1/health", timeout=5)
     answer.raise_for_status()
     health = answer.json()
+    if health.get("status") == "model_refused":  # the endpoint is up, and answers every request 503
+        raise RuntimeError(f"{url}: the model could not be loaded (a refused artifact or the registry away)")
     if health.get("prediction_log_alive") is False:  # serving works, the loop is blind: not healthy
         raise RuntimeError(f"{url}: the prediction log has stopped (nothing served is logged or monitored)")
     logged, dropped = int(health.get("predictions_logged") or 0), int(health.get("predictions_dropped") or 0)

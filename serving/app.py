@@ -79,6 +79,12 @@ def _no_model(name: str) -> JSONResponse:
     return answer
 
 
+def _refused(name: str, reason: str) -> JSONResponse:
+    answer = _error(503, "model_refused", f"the {name!r} model could not be loaded: {reason}")
+    answer.headers["retry-after"] = str(int(NO_MODEL_RECHECK_S))
+    return answer
+
+
 def _predictions(ids: list[str], proba: Any, classes: Sequence[Any], keys: Sequence[str]) -> list[dict[str, Any]]:
     return [
         {"request_id": i, "prediction": classes[w], "probabilities": dict(zip(keys, p, strict=True))}
@@ -127,11 +133,12 @@ class ModelServer:
         self.alias = alias
         self.registry = ModelRegistry(config, tracking_uri)
         self.model: ServedModel | None = None  # None until a model is promoted
+        # Why the alias's model could not be loaded (a refused artifact, an unreachable registry). The
+        # replica starts anyway and answers 503 with the reason at once: a replica that failed to start
+        # would leave no replica, and requests would wait in Serve's proxy for one that never comes.
+        self.refused: str | None = None
         self._checked_at = time.monotonic()
-        try:
-            self.model = load_served_model(config, self.registry, alias=alias)
-        except LookupError:
-            log.warning("no %r model of %s yet: answering 503 until one is promoted", alias, self.registry.name)
+        self._load_alias()
         self.challenger: ServedModel | None = None
         self.max_body = config.serving.max_body_bytes
         self.keys_of_features = [(f, field_key(f)) for f in config.schema.feature_names]
@@ -189,15 +196,14 @@ class ModelServer:
         target = str(version) if version is not None else self.registry.alias(alias)
         self.alias = alias
         if target is not None and (self.model is None or target != self.model.version):
-            self.model = load_served_model(
-                self.config, self.registry, version=target if version is not None else None, alias=alias
-            )
+            # one that cannot be loaded leaves the model served as it was (or none: 503 with the reason)
+            self.model = self._try_load(version=target if version is not None else None, alias=alias) or self.model
         if self.config.serving.policy != "none":
             wanted = user_config.get("challenger") or self.registry.alias("challenger")
             if wanted is None or self.model is None or str(wanted) == self.model.version:
                 self.challenger = None
             elif self.challenger is None or self.challenger.version != str(wanted):
-                self.challenger = load_served_model(self.config, self.registry, version=str(wanted))
+                self.challenger = self._try_load(version=str(wanted))
 
     def _authorised(self, request: Request) -> bool:
         given = request.headers.get("x-api-key") or ""
@@ -206,17 +212,39 @@ class ModelServer:
             given = bearer[7:]
         return hmac.compare_digest(hashlib.sha256(self._salt + given.encode()).digest(), self._digest)
 
+    def _try_load(self, version: str | None = None, alias: str | None = None) -> ServedModel | None:
+        """Load a version (or what an alias points at); None when it cannot be, with the reason in
+        `refused` (a tampered artifact, the registry away). Never raises: a replica that failed to
+        start or to reconfigure would leave requests waiting for one that never comes."""
+        try:
+            loaded = load_served_model(self.config, self.registry, version=version, alias=alias or self.alias)
+        except LookupError:
+            log.warning("no %r model of %s yet: answering 503 until one is promoted", self.alias, self.registry.name)
+            self.refused = None
+            return None
+        except Exception as err:
+            self.refused = f"{type(err).__name__}: {str(err)[:300]}"
+            log.error("a model of %s was not loaded (%s): %s", self.registry.name, version or alias, self.refused)
+            return None
+        self.refused = None
+        return loaded
+
+    def _load_alias(self) -> ServedModel | None:
+        """Load what the alias points at, unless the watch loaded a model meanwhile."""
+        loaded = self._try_load()
+        if self.model is None and loaded is not None:
+            self.model = loaded
+        return self.model
+
     async def _served(self) -> ServedModel | None:
         """The model; with none yet, look at the registry's alias (at most every NO_MODEL_RECHECK_S)."""
         if self.model is None and time.monotonic() - self._checked_at >= NO_MODEL_RECHECK_S:
             self._checked_at = time.monotonic()
-            try:
-                loaded = await asyncio.to_thread(load_served_model, self.config, self.registry, alias=self.alias)
-            except LookupError:
-                return None
-            if self.model is None:  # the watch may have loaded one meanwhile
-                self.model = loaded
+            await asyncio.to_thread(self._load_alias)
         return self.model
+
+    def _unavailable(self) -> JSONResponse:
+        return _refused(self.registry.name, self.refused) if self.refused else _no_model(self.registry.name)
 
     @api.post("/v1/predict")
     async def predict(self, request: Request) -> Response:
@@ -233,7 +261,7 @@ class ModelServer:
             return _error(status, err.kind.value, err.message, err.field)
         champion, challenger = await self._served(), self.challenger  # one pair for the whole request
         if champion is None:
-            return _no_model(self.registry.name)
+            return self._unavailable()
         serving = self.config.serving
         key = records[0].request_id or new_event_id()
         decision = route(key, serving.policy, serving.canary_fraction, challenger is not None)
@@ -270,10 +298,11 @@ class ModelServer:
 
     @api.get("/v1/health")
     async def health(self) -> dict[str, Any]:
-        """200 while the replica runs; `status` is `no_model` until a model is promoted."""
+        """200 while the replica runs; `status` is `no_model` until a model is promoted, `model_refused`
+        while the alias's model cannot be loaded (the reason is for callers with the key: /v1/predict)."""
         model = await self._served()
         return {
-            "status": "ok" if model is not None else "no_model",
+            "status": "ok" if model is not None else "model_refused" if self.refused else "no_model",
             "model_version": model.version if model is not None else None,
             "predictions_logged": self.log.sent,
             "predictions_buffered": self.log.buffered,
@@ -288,7 +317,7 @@ class ModelServer:
             return _error(401, "unauthorized", "a valid API key is required (x-api-key or Authorization: Bearer)")
         m = await self._served()
         if m is None:
-            return _no_model(self.registry.name)
+            return self._unavailable()
         info: dict[str, Any] = {"name": m.name, "version": m.version, "alias": m.alias, "kind": m.spec.kind}
         info |= {"classes": list(m.spec.classes), "inputs": m.features.width, "lineage": m.lineage}
         return JSONResponse(info)

@@ -283,6 +283,38 @@ def test_a_replica_starts_with_no_model_and_promotions_on_the_models_topic_load_
         assert post(url, rows(config, 1)).json()["model"]["version"] == second == "2"
 
 
+def test_a_champion_whose_artifact_was_changed_is_refused_with_503_at_once_until_a_good_one_is_promoted(
+    config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str, artifacts: list[Path]
+) -> None:
+    """The replica refuses the tampered champion but starts: requests get 503 `model_refused` with the
+    reason (they used to wait 40 s and more in Serve's proxy for a replica that never came up), health
+    and `status` say so, and the next promotion of a sound model is picked up by itself."""
+    from cluster.status import serve_status
+
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    registry, _ = champion_registry(config, tmp_path, artifacts)
+    weights = [p for p in (tmp_path / "art").rglob("weights.safetensors")]
+    assert len(weights) == 1
+    weights[0].write_bytes(weights[0].read_bytes()[:-8] + bytes(8))  # the digest beside it is left as it was
+    with serving(build_app(config, registry.uri), config.name, serve_url) as url:
+        health = requests.get(f"{url}/v1/health", timeout=10).json()
+        assert health["status"] == "model_refused" and health["model_version"] is None
+        refused = post(url, rows(config, 1), timeout=10)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        detail = refused.json()["detail"]
+        assert detail["kind"] == "model_refused" and "does not match its recorded SHA-256" in detail["message"]
+        with pytest.raises(RuntimeError, match="could not be loaded"):
+            serve_status(url)
+        version = register_model(registry, artifacts[1], f1=0.9)
+        assert registry.promote(version, config.gate).promote
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and requests.get(f"{url}/v1/health", timeout=10).json()["status"] != "ok":
+            time.sleep(0.5)
+        answer = post(url, rows(config, 1))
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == version
+        assert serve_status(url)["status"] == "ok"
+
+
 def test_a_broker_outage_costs_prediction_logs_not_requests(
     config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str, artifacts: list[Path]
 ) -> None:

@@ -11,6 +11,7 @@ Encoding and decoding live in `streams.serde`.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from datetime import datetime, timezone
 from typing import Annotated, ClassVar, Literal
@@ -61,6 +62,14 @@ def new_event_id() -> str:
 def deterministic_id(*parts: object) -> str:
     """The same parts always give the same id (uuid5), so a replayed event is recognisable."""
     return uuid.uuid5(_NAMESPACE, "\x1f".join(str(p) for p in parts)).hex
+
+
+def row_id(source: str, index: int) -> str:
+    """The request id of a file's row that has no usable id of its own: the file's name (what a
+    request id cannot hold made `_`) and the row's number, `machine_log.csv:17`. Stable for a name
+    and a row, readable, and the same in `produce --from` (its labels) and `run --from` (its requests)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", source.replace("\\", "/").rsplit("/", 1)[-1])[:80]
+    return f"{'_' if name[:1] in ('', '.', '-') else ''}{name}:{index}"
 
 
 def utcnow() -> datetime:

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from streams.coerce import coerce_record
 from streams.config import RESERVED_COLUMNS, PipelineConfig, RecordSchema, parse_config
 from streams.errors import ConfigError, DriftloopError
-from streams.events import REQUEST_ID_PATTERN, deterministic_id
+from streams.events import REQUEST_ID_PATTERN, row_id
 
 __all__ = [
     "MAX_CATEGORIES",
@@ -44,7 +44,6 @@ __all__ = [
     "file_records",
     "infer_config",
     "read_table",
-    "row_id",
 ]
 
 MAX_CATEGORIES = 50  # distinct text values above which a column is not a category
@@ -139,8 +138,9 @@ def infer_config(
             columns.append((column, role))
     if record_id is None:
         notes.append(
-            "no --id: a record is named by its Kafka offsets; labels on the labels topic need an id to join "
-            "(`run --from` uses each row's number in the file)"
+            "no --id: a record is named by its Kafka offsets; `produce --from` names each row's label by the "
+            "file and row (`<file name>:<row>`, e.g. `data.csv:17`), and `run --from` sends its requests with "
+            "those ids: a client of your own must send them as its request ids for its labels to join"
         )
     if timestamp is None:
         notes.append("no --time: each record's Kafka timestamp is its event time")
@@ -192,11 +192,6 @@ def file_records(
             record = {k: v for k, v in row.items() if v is not None}
             yield index, coerce_record(schema, record) if coerce else record
             index += 1
-
-
-def row_id(source: str, index: int) -> str:
-    """The id of a file's row when the file has no id column: stable for the file's name and row."""
-    return deterministic_id("file", Path(source).name, str(index))[:24]
 
 
 def _classes(column: pa.ChunkedArray, label: str, source: str) -> list[Any]:

@@ -8,6 +8,7 @@ Thin adapters between the pure sources (`StreamGenerator`, `streams.files.file_r
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -20,7 +21,7 @@ import numpy as np
 from streams.coerce import coerce_record
 from streams.config import RecordSchema
 from streams.errors import BrokerError, DecodeError
-from streams.events import LabelObserved, deterministic_id, utcnow
+from streams.events import REQUEST_ID_PATTERN, LabelObserved, deterministic_id, row_id, utcnow
 from streams.generator import StreamGenerator, corrupt
 from streams.kafka import Producer, dead_letter
 from streams.rdkafka import BulkProducer
@@ -140,6 +141,10 @@ def publish_file(
 ) -> PublishStats:
     """Send a file's rows as records (at most `rate` per second; labels `label_delay` rows later).
 
+    A label names its row by the row's record id, or, where the file has none (or one that is not a
+    valid request id), by `streams.events.row_id`: `<file name>:<row>`, as `run --from` names its
+    requests.
+
     A row the codec refuses as it is is converted losslessly (`streams.coerce.coerce_record`)
     and tried again.
 
@@ -156,6 +161,7 @@ def publish_file(
     block_s = producer.max_block_s
     started = clock()
     label_name = schema.label.name
+    usable = re.compile(REQUEST_ID_PATTERN)
 
     def send_labels(upto: int) -> None:
         while pending and pending[0][2] <= upto:
@@ -199,8 +205,9 @@ def publish_file(
         else:
             producer.send(topics.records, payload, key=key)
         stats.records += 1
-        if label_delay is not None and ident is not None and record.get(label_name) is not None:
-            pending.append((ident, record[label_name], index))
+        if label_delay is not None and record.get(label_name) is not None:
+            named = ident if ident is not None and usable.match(ident) else row_id(source, index)
+            pending.append((named, record[label_name], index))
             send_labels(index - label_delay)
         if progress is not None and stats.records % 100 == 0:
             progress(stats.records)

@@ -252,6 +252,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
                         started,
                         deadline,
                         monitors,
+                        controller,
                     )
             monitor_stats = _monitor_stats(monitors)
             controller_stats = ray.get(controller.stats.remote())
@@ -276,7 +277,8 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
                 options.report.parent.mkdir(parents=True, exist_ok=True)
                 options.report.write_text(json.dumps(report, indent=2, default=str))
                 print(f"JSON report: {options.report}")
-            return 0 if report["promoted_version"] and report["failed_requests"] == 0 else 1
+            closed = report["promoted_version"] or report["outcome"] == "kept"
+            return 0 if closed and report["failed_requests"] == 0 else 1
         finally:
             for actor in [*monitors, controller]:
                 try:
@@ -329,9 +331,13 @@ def _send_traffic(
     started: float,
     deadline: float,
     monitors: list[Any],
+    controller: Any,
 ) -> str:
     """Send records to the endpoint until the new champion has served `after_promotion` records (a bar
-    at a terminal, `shown`, counts them)."""
+    at a terminal, `shown`, counts them): "promoted". When a retrain's challenger is turned down by the
+    gate and nothing is promoted, the old champion serves as many records again, and the run ends
+    "kept": the loop did its work, and the data's change did not call for a new model."""
+    import ray
 
     schema = config.schema
     names = schema.feature_names
@@ -340,6 +346,7 @@ def _send_traffic(
     labels: deque[tuple[int, str, Any]] = deque()
     begun = time.monotonic()
     promoted_at_record: int | None = None
+    kept_at_record: int | None = None
     last_report = time.monotonic()
     while True:
         if time.monotonic() > deadline:
@@ -400,6 +407,10 @@ def _send_traffic(
         if promoted_at_record is not None and index + len(batch) - promoted_at_record >= options.after_promotion:
             producer.flush()
             return "promoted"
+        kept = promoted_at_record is None and kept_at_record is not None
+        if kept and index + len(batch) - (kept_at_record or 0) >= options.after_promotion:
+            producer.flush()
+            return "kept"
         if time.monotonic() - last_report > 10:
             last_report = time.monotonic()
             recent = traffic.correct[-500:]
@@ -417,9 +428,27 @@ def _send_traffic(
             )
             if stats.get("error"):
                 _say(started, "monitor", f"error: {stats['error']}")
+            if kept_at_record is None and (turned_down := _turned_down(ray.get(controller.stats.remote()))):
+                kept_at_record = index + len(batch)
+                _say(started, "gate", f"kept the champion: {'; '.join(turned_down[0]['reasons'])}")
         ahead = traffic.sent / options.rate - (time.monotonic() - begun)
         if ahead > 0:
             time.sleep(ahead)
+
+
+def _gate(controller: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each finished job's gate decision: the version it registered, promoted or not, and why."""
+    out = []
+    for job in controller["outcomes"]:
+        summary = job.get("summary") or {}
+        if summary.get("version"):
+            out.append({"version": str(summary["version"]), "promoted": bool(summary.get("promoted")),
+                        "reasons": [str(r) for r in summary.get("reasons") or []]})  # fmt: skip
+    return out
+
+
+def _turned_down(controller: dict[str, Any]) -> list[dict[str, Any]]:
+    return [g for g in _gate(controller) if not g["promoted"]]
 
 
 def _monitor_stats(monitors: list[Any]) -> dict[str, Any]:
@@ -498,6 +527,7 @@ def _report(
         "accuracy_after_drift_before_retrain": _accuracy(after_old),
         "accuracy_after_promotion": _accuracy(after_new),
         "monitor": {k: monitor[k] for k in ("drift_events", "retrain_requests", "predictions", "labels")},
+        "gate": _gate(controller),
         "jobs": controller["outcomes"],
         "duplicate_requests": controller["duplicates"],
         "timeline": timeline,

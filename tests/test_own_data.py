@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -257,9 +258,9 @@ def test_init_then_produce_from_the_file_sends_every_row_and_dead_letters_the_ba
     assert again.returncode == 2 and "--force" in again.stderr, "init never overwrites a config unasked"
 
     env = {"KAFKA_BOOTSTRAP_SERVERS": broker}
-    sent = driftloop("produce", "--config", str(out), "--from", str(source), env=env)
+    sent = driftloop("produce", "--config", str(out), "--from", str(source), "--label-delay", "50", env=env)
     assert sent.returncode == 0, sent.stderr
-    assert "sent 569 rows" in sent.stdout and "refused: 0" in sent.stdout
+    assert "sent 569 rows" in sent.stdout and "refused: 0" in sent.stdout and "labels: 569" in sent.stdout
     consumed = driftloop("consume", "--config", str(out), "--idle-timeout", "3", "--print", env=env)
     assert consumed.returncode == 0, consumed.stderr
     rows = [json.loads(line) for line in consumed.stdout.splitlines()]
@@ -288,6 +289,14 @@ def test_init_then_produce_from_the_file_sends_every_row_and_dead_letters_the_ba
                              consumer_timeout_ms=5000)  # fmt: skip
     dead = list(consumer)
     consumer.close()
+    # the file has no id column: each label names its row by the file and the row, as `run --from` does
+    consumer = KafkaConsumer(Topics(config.name).labels, bootstrap_servers=broker, auto_offset_reset="earliest",
+                             consumer_timeout_ms=5000)  # fmt: skip
+    labels = [json.loads(m.value) for m in consumer]
+    consumer.close()
+    assert len(labels) == 569 and labels[0]["type"] == "LabelObserved"
+    assert {e["request_id"] for e in labels} == {f"cancer_data.csv:{i}" for i in range(569)}
+    assert labels[3]["label"] in ("malignant", "benign")
     assert len(dead) == 2
     headers = [dict(m.headers) for m in dead]
     assert {h["driftloop.error"] for h in headers} == {b"unknown_category", b"out_of_range"}
@@ -319,6 +328,30 @@ def shifting_csv(path: Path, rows: int = 6000, change_at: int = 4000, seed: int 
     return path
 
 
+def mixing_csv(path: Path, rows: int = 6000, change_at: int = 4000, seed: int = 0) -> Path:
+    """A 2-class file whose class mix turns over from `change_at` on ("fail" from 15 % to 75 %) while
+    each class's inputs keep their distribution (a prior shift, P(x|y) unchanged). The classes
+    overlap, so the best boundary moves with the mix: the old champion misses many failures, and a
+    model trained on the new mix gets them back. Same shape as `shifting_csv`: text numbers, gaps,
+    a category, no ids, old times."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    fail = rng.random(rows) < np.where(np.arange(rows) < change_at, 0.15, 0.75)
+    shift = np.array([0.9, -0.8, 0.7, 0.6, -0.9])  # the classes' means, 2 standard deviations apart
+    x = rng.normal(size=(rows, 5)) + np.outer(fail, shift * 2 / np.linalg.norm(shift))
+    names = ["pressure kPa", "flow-rate", "temp C", "vibration-rms", "load %"]
+    with path.open("w", newline="") as f:
+        out = csv.writer(f, quoting=csv.QUOTE_NONNUMERIC)
+        out.writerow(["recorded at", *names, "line", "grade"])
+        for i in range(rows):
+            cells = ["" if rng.random() < 0.01 else f"{v:.4f}" for v in x[i]]
+            line = "ABC"[int(rng.integers(3))]
+            out.writerow([f"2011-03-0{1 + i // 86400}T{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}", *cells,
+                          line, "fail" if fail[i] else "ok"])  # fmt: skip
+    return path
+
+
 def test_a_file_stream_serves_its_rows_then_replays_with_request_ids_of_their_own(tmp_path: Path) -> None:
     from streams.files import FileStream
 
@@ -335,7 +368,37 @@ def test_a_file_stream_serves_its_rows_then_replays_with_request_ids_of_their_ow
     codec = RequestCodec(config.schema)
     body = json.dumps([{"request_id": r.id, "v": r.record["v"]} for r in served]).encode()
     assert len(codec.decode(body)) == 6, "every id is a valid request id"
-    assert len(FileStream(read_table(path), config.schema, str(path))._ids[0]) == 24, "'a b' is named by its row"
+    assert FileStream(read_table(path), config.schema, str(path))._ids[0] == "ids.jsonl:0", "'a b' is named by its row"
+
+
+def init_and_run(
+    tmp_path: Path, source: Path, name: str, change_at: int
+) -> tuple[Path, Path, subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`driftloop init` on `source` (label `grade`, time `recorded at`), a small search, then
+    `driftloop run --from` it: the config, the run's folder, the process and its JSON report."""
+    import yaml
+
+    from cluster.broker import free_port
+
+    config_path = tmp_path / f"{name}.yaml"
+    made = driftloop("init", "--from", str(source), "--label", "grade", "--time", "recorded at",
+                     "--name", name, "--out", str(config_path))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    data = yaml.safe_load(config_path.read_text())
+    data["search"] = {"trials": 2, "space": {"learning_rate": {"low": 0.001, "high": 0.02, "log": True}}}
+    data["model"], data["training"] = {"epochs": 5}, {"workers": 1}
+    data["serving"] = {"port": free_port()}
+    data["retrain"]["job_timeout_s"] = 1200  # a loaded CI machine is slow
+    config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    run_dir, report_file = tmp_path / "run", tmp_path / "report.json"
+    result = driftloop(
+        "run", str(config_path), "--from", str(source), "--drift-at", str(change_at), "--rate", "100",
+        "--after-promotion", "1000", "--run-dir", str(run_dir), "--report", str(report_file), "--max-seconds", "1500",
+        timeout=1600,
+    )  # fmt: skip
+    report = json.loads(report_file.read_text()) if report_file.exists() else {}
+    return config_path, run_dir, result, report
 
 
 @pytest.mark.integration
@@ -347,30 +410,9 @@ def test_run_from_a_file_retrains_by_itself_after_the_file_changes_and_recovers(
     MLflow and Serve. Nothing but the file's rows drives the loop: the monitor sees the change, the
     policy asks for a retrain on the records since then (by offset: the event times are 17 years
     old), the gate promotes, and the new champion answers better."""
-    import yaml
-
-    from cluster.broker import free_port
-
     source = shifting_csv(tmp_path / "machine log.csv", rows=6000, change_at=4000)
-    config_path = tmp_path / "machines.yaml"
-    made = driftloop("init", "--from", str(source), "--label", "grade", "--time", "recorded at",
-                     "--name", "machines", "--out", str(config_path))  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    data = yaml.safe_load(config_path.read_text())
-    data["search"] = {"trials": 2, "space": {"learning_rate": {"low": 0.001, "high": 0.02, "log": True}}}
-    data["model"], data["training"] = {"epochs": 5}, {"workers": 1}
-    data["serving"] = {"port": free_port()}
-    data["retrain"]["job_timeout_s"] = 1200  # a loaded CI machine is slow
-    config_path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-    run_dir, report_file = tmp_path / "run", tmp_path / "report.json"
-    result = driftloop(
-        "run", str(config_path), "--from", str(source), "--drift-at", "4000", "--rate", "100",
-        "--after-promotion", "1000", "--run-dir", str(run_dir), "--report", str(report_file), "--max-seconds", "1500",
-        timeout=1600,
-    )  # fmt: skip
+    config_path, run_dir, result, report = init_and_run(tmp_path, source, "machines", change_at=4000)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(report_file.read_text())
     assert report["drift_injected_at_record"] == 4000
     assert 4000 < report["drift_detected_at_record"] < 6000, report["timeline"]
     assert report["retrain_submission_id"] and report["promoted_version"] == "2"

@@ -21,6 +21,7 @@ __all__ = [
     "cpus_needed",
     "haproxy_available",
     "haproxy_ingress",
+    "private_temp_dir",
     "serve_ingress_env",
     "start_local",
 ]
@@ -116,6 +117,17 @@ def haproxy_ingress() -> bool:
     return value == "1"
 
 
+def private_temp_dir() -> str:
+    """A temp dir for one Ray cluster, inside a folder (`dl-ray-*`, mode 0700) that only this user
+    can enter. Ray makes its temp dir and session folders world-writable (0777), writes its logs
+    (the runtime env agent's among them) 0644 and opens HAProxy's admin socket at mode 666, level
+    admin: any local user could read the logs or reroute Serve's traffic. Behind the 0700 parent
+    none of it can be reached. Short (`/tmp/dl-ray-XXXXXXXX/r`): HAProxy's socket paths must fit."""
+    import tempfile
+
+    return os.path.join(tempfile.mkdtemp(prefix="dl-ray-"), "r")
+
+
 def serve_ingress_env(temp_dir: str) -> dict[str, str]:
     """The environment a Ray head needs for Serve's HAProxy ingress (`{}` where `haproxy_ingress` says no).
 
@@ -178,18 +190,17 @@ def start_local(**options: Any) -> Any:
       dir's `ray_current_cluster`, which only `ray start` writes; without it Ray picks any
       cluster it finds running on the machine, and a retrain job ran on a test session's
       cluster instead of its own. Each cluster gets a temp dir of its own (`_temp_dir`, unless
-      the caller gives one) holding its own address.
+      the caller gives one) holding its own address, where no other local user can reach it
+      (`private_temp_dir`).
     Serve on the cluster uses HAProxy where `haproxy_ingress` says so (`serve_ingress_env`, set in
     this process's environment, which the raylet and its workers inherit).
     """
-    import tempfile
-
     import ray
     from ray._private import parameter
 
     from cluster.broker import free_port
 
-    options.setdefault("_temp_dir", tempfile.mkdtemp(prefix="ray-"))
+    options.setdefault("_temp_dir", private_temp_dir())
     os.environ.update(serve_ingress_env(options["_temp_dir"]))  # the raylet and its workers inherit it
 
     original = parameter.RayParams.__init__

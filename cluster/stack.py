@@ -30,7 +30,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -176,7 +175,7 @@ def up(
 ) -> Stack:
     """Start the stack (see the module docstring); on any failure, stop what was started."""
     from cluster.broker import free_port
-    from cluster.ray_runtime import cpus_needed, haproxy_ingress, serve_ingress_env
+    from cluster.ray_runtime import cpus_needed, haproxy_ingress, private_temp_dir, serve_ingress_env
 
     haproxy_ingress()  # a bad DRIFTLOOP_SERVE_HAPROXY fails here, before anything starts
     existing = load_state(state_dir)
@@ -220,7 +219,7 @@ def up(
         ray_env = {**env, **stack.env(), "RAY_AUTH_MODE": "token"}  # its jobs and actors use the stack
         ray_env.pop("RAY_ADDRESS", None)
         log = state_dir / "ray.log"
-        stack.ray_temp_dir = temp_dir = tempfile.mkdtemp(prefix="dl-ray-")  # short: socket paths
+        stack.ray_temp_dir = temp_dir = private_temp_dir()  # short (socket paths), and only ours to enter
         ray_env.update(serve_ingress_env(temp_dir))
         command = [
             str(bin_dir / "ray"),
@@ -362,7 +361,10 @@ def down(state_dir: Path, say: Callable[[str], None] = print) -> list[str]:
     if stack is None:
         raise DriftloopError(f"no stack state in {state_dir}: nothing was started with `driftloop up` there")
     stopped = _stop(stack, say)
-    if stack.ray_temp_dir and Path(stack.ray_temp_dir).name.startswith("dl-ray-"):
-        shutil.rmtree(stack.ray_temp_dir, ignore_errors=True)  # Ray's logs and sockets: what up created
+    if stack.ray_temp_dir:  # Ray's logs and sockets: what up created (the private parent, or an older flat one)
+        made = Path(stack.ray_temp_dir)
+        made = made.parent if made.parent.name.startswith("dl-ray-") else made
+        if made.name.startswith("dl-ray-"):
+            shutil.rmtree(made, ignore_errors=True)
     (state_dir / STATE).unlink(missing_ok=True)
     return stopped

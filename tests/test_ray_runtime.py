@@ -1,4 +1,5 @@
-"""How driftloop sizes and sets up the Ray clusters it starts. Pure: no cluster is started here."""
+"""How driftloop sizes and sets up the Ray clusters it starts. Pure but for the last test, which
+looks at the test session's cluster (started by `start_local`)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,41 @@ def test_a_bad_haproxy_switch_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv(HAPROXY_ENV, value)
     with pytest.raises(DriftloopError, match=f"DRIFTLOOP_SERVE_HAPROXY: expected 0 .* or 1 .*, found '{value}'"):
         serve_ingress_env("/tmp/ray-a")
+
+
+@pytest.mark.integration
+def test_no_other_local_user_can_read_the_clusters_logs_or_reach_its_sockets(ray_session: str) -> None:
+    """Ray leaves its temp dir 0777, its logs 0644 and HAProxy's admin socket 666: the private 0700
+    parent `start_local` puts it in is what keeps another user (here `nobody`) out."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to act as another user")
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    temp_dir, parent = session.parent, session.parent.parent
+    log = session / "logs" / "raylet.out"
+    assert log.stat().st_mode & 0o004, "Ray writes its logs world-readable: only the parent keeps them private"
+    assert temp_dir.stat().st_mode & 0o007 == 0o007, "and its temp dir open to all"
+
+    def read_as_nobody(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["head", "-c", "1", str(path)], user=65534, group=65534, cwd="/",
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+
+    public = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        public.chmod(0o755)
+        copy = public / "raylet.out"
+        shutil.copy(log, copy)
+        copy.chmod(0o644)
+        assert read_as_nobody(copy).returncode == 0, "the same file where others may enter: nobody reads it"
+    finally:
+        shutil.rmtree(public)
+    refused = read_as_nobody(log)
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr, f"nobody read {log}"
+    assert parent.name.startswith("dl-ray-") and parent.stat().st_mode & 0o777 == 0o700
+    assert parent.stat().st_uid == os.geteuid()

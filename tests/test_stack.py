@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -28,6 +29,25 @@ def processes_mentioning(text: str) -> list[str]:
     return [line for line in out.splitlines()[1:] if text in line and "ps -ww" not in line]
 
 
+def listening(pids: Any) -> set[tuple[str, int]]:
+    """The (address, port) pairs that these processes and their descendants listen on (TCP)."""
+    import psutil
+
+    found = set()
+    for pid in pids:
+        try:
+            top = psutil.Process(pid)
+            family = [top, *top.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for process in family:
+            try:
+                found |= {(c.laddr.ip, c.laddr.port) for c in process.net_connections("tcp") if c.status == "LISTEN"}
+            except psutil.Error:
+                continue
+    return found
+
+
 def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineConfig, tmp_path: Path) -> None:
     config = config_file(tmp_path, demo_config)
     state = tmp_path / "stack"
@@ -41,6 +61,12 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
         saved = json.loads((state / "state.json").read_text())
         recorded, ray_dir = saved["pids"], saved["ray_temp_dir"]
         assert set(recorded) == {"broker", "mlflow", "ray"} and all(alive(p) for p in recorded.values())
+        # What the stack chose to listen on (broker, MLflow, the Jobs API, Serve) is on loopback only;
+        # Ray's own gRPC ports listen on every interface in Ray 2.60 (README: ports to keep private).
+        ours = {int(str(saved[k]).rsplit(":", 1)[1].strip("/")) for k in ("kafka", "mlflow", "ray_jobs")} | {serve_port}
+        bound = listening(recorded.values())
+        assert ours <= {port for _, port in bound}, (ours, bound)
+        assert {ip for ip, port in bound if port in ours} == {"127.0.0.1"}, bound
         exports = dict(line[len("export ") :].split("=", 1) for line in upped.stdout.splitlines() if "export " in line)
         assert set(exports) == {"KAFKA_BOOTSTRAP_SERVERS", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DRIFTLOOP_API_KEY",
                                 "DRIFTLOOP_DATASETS_ROOT"}  # fmt: skip

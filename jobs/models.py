@@ -16,7 +16,6 @@ safetensors (a header plus raw tensors: there is no code in it to run). Nothing 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,17 +26,30 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from jobs.artifacts import (
+    DIGESTS,
+    FEATURES,
+    SPEC,
+    WEIGHTS,
+    ArtifactError,
+    artifact_digests,
+    recorded_digests,
+    sha256_file,
+    verify_artifact,
+)
 from streams.config import ModelSettings
-from streams.errors import DriftloopError
 
-__all__ = ["ArtifactError", "ModelSpec", "build_model", "load_artifact", "save_artifact"]
+__all__ = [
+    "ArtifactError",
+    "ModelSpec",
+    "artifact_digests",
+    "build_model",
+    "load_artifact",
+    "save_artifact",
+    "verify_artifact",
+]
 
-SPEC, FEATURES, WEIGHTS, DIGESTS = "spec.json", "features.json", "weights.safetensors", "digests.json"
 FORMAT_VERSION = 1
-
-
-class ArtifactError(DriftloopError):
-    """A model artifact is missing a file, fails its digest, or is not what it claims to be."""
 
 
 @dataclass(frozen=True)
@@ -100,14 +112,6 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_artifact(
     folder: Path, spec: ModelSpec, model: nn.Module, features_json: str, extra: dict[str, str] | None = None
 ) -> dict[str, str]:
@@ -120,28 +124,16 @@ def save_artifact(
     save_file(state, str(folder / WEIGHTS), metadata={"format": "driftloop", "kind": spec.kind})
     for name, text in (extra or {}).items():
         (folder / name).write_text(text)
-    digests = {name: _sha256(folder / name) for name in (SPEC, FEATURES, WEIGHTS, *(extra or {}))}
+    digests = {name: sha256_file(folder / name) for name in (SPEC, FEATURES, WEIGHTS, *(extra or {}))}
     (folder / DIGESTS).write_text(json.dumps(digests, sort_keys=True, indent=2))
     return digests
 
 
 def load_artifact(folder: Path) -> tuple[ModelSpec, nn.Module, str]:
-    """Verify and load an artifact: (spec, model in eval mode, features JSON)."""
-    try:
-        digests: dict[str, Any] = json.loads((folder / DIGESTS).read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{folder} has no {DIGESTS}: not a driftloop model artifact") from None
-    except ValueError as err:
-        raise ArtifactError(f"{folder / DIGESTS} is not valid JSON: {err}") from None
-    for name in (SPEC, FEATURES, WEIGHTS):
-        expected = digests.get(name)
-        if not isinstance(expected, str):
-            raise ArtifactError(f"{DIGESTS} records no digest for {name}")
-        path = folder / name
-        if not path.is_file():
-            raise ArtifactError(f"{folder} is missing {name}")
-        if _sha256(path) != expected:
-            raise ArtifactError(f"{name} does not match its recorded SHA-256: the artifact was changed")
+    """Verify and load an artifact: (spec, model in eval mode, features JSON). A registered version
+    is verified against the registry's record first (`ModelRegistry.download`): `digests.json`
+    beside the files only shows that they were not changed one at a time."""
+    verify_artifact(folder, recorded_digests(folder))
     spec = ModelSpec.from_json((folder / SPEC).read_text())
     try:
         state = load_file(str(folder / WEIGHTS))

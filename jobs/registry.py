@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.artifacts import ArtifactError, artifact_digests, verify_artifact
 from jobs.gate import Decision, decide
 from jobs.gitinfo import git_commit
 from jobs.lineage import log_dataset_version
@@ -35,6 +36,10 @@ __all__ = ["ModelRegistry", "Registered", "git_commit", "tracking_uri"]
 
 CHAMPION, PREVIOUS = "champion", "previous"
 REPORT_TAG = "driftloop.report"
+# Each artifact file's SHA-256, recorded on the model version when it is registered: the artifact
+# store (a bucket, a folder, MLflow's artifact proxy) can be rewritten without touching the registry,
+# so a digests file beside the weights cannot be the only record.
+DIGESTS_TAG = "driftloop.digests"
 
 
 def tracking_uri(config: PipelineConfig, run_dir: Path) -> str:
@@ -116,6 +121,7 @@ class ModelRegistry:
             "driftloop.kafka": ";".join(m.source_uri() for m in window.manifests)[:4900],
             "driftloop.run_id": run_id,
             REPORT_TAG: json.dumps(_compact(report), sort_keys=True),
+            DIGESTS_TAG: json.dumps(artifact_digests(artifact), sort_keys=True),
         }
         if trigger_event_id:
             lineage["driftloop.trigger_event_id"] = trigger_event_id
@@ -144,9 +150,22 @@ class ModelRegistry:
         return dict(json.loads(tags[REPORT_TAG]))
 
     def download(self, version: str, into: Path) -> Path:
-        """The version's artifact folder, downloaded (verify it with jobs.models.load_artifact)."""
-        source = self.client.get_model_version(self.name, version).source
-        return Path(self._mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into)))
+        """The version's artifact folder, downloaded, each file checked against the SHA-256 that the
+        registry recorded at registration (spec, features, weights, report, profile): an
+        `ArtifactError` if any is missing or changed, or if the version has no such record."""
+        registered = self.client.get_model_version(self.name, version)
+        try:
+            digests = json.loads(registered.tags[DIGESTS_TAG])
+        except KeyError:
+            raise ArtifactError(f"version {version} of {self.name!r} has no {DIGESTS_TAG} tag: it was registered "
+                                "without digests (retrain it, or register it again)") from None  # fmt: skip
+        except ValueError as err:
+            raise ArtifactError(f"version {version}'s {DIGESTS_TAG} tag is not JSON: {err}") from None
+        if not isinstance(digests, dict):
+            raise ArtifactError(f"version {version}'s {DIGESTS_TAG} tag is not an object of names and digests")
+        folder = Path(self._mlflow.artifacts.download_artifacts(artifact_uri=registered.source, dst_path=str(into)))
+        verify_artifact(folder, digests, where=f"the registry's record of version {version}")
+        return folder
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:

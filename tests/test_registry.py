@@ -136,3 +136,46 @@ def test_two_racing_promotions_never_leave_the_alias_on_a_version_that_did_not_p
     assert results[best.version] is True
     client = MlflowClient(registry.uri)
     assert client.get_model_version("demo", best.version).tags["driftloop.gate"] == "passed"
+
+
+def test_a_download_is_checked_against_the_digests_the_registry_recorded(
+    registry: ModelRegistry, window: object, tmp_path: Path
+) -> None:
+    """Whoever can rewrite the artifact store can replace the weights and `digests.json` together, or
+    the profile the monitor reads: the registry's own record of each file's SHA-256 catches both."""
+    import hashlib
+
+    from jobs.models import ArtifactError
+
+    spec = ModelSpec("logreg", ("a", "b"), ("no", "yes"))
+    folder = tmp_path / "model"
+    extra = {"report.json": json.dumps(report(0.7)), "profile.json": '{"reference": {}}'}
+    save_artifact(folder, spec, build_model(spec), "{}", extra=extra)
+    version = registry.log_training(folder, {}, [], report(0.7), window).version  # type: ignore[arg-type]
+    load_artifact(registry.download(version, tmp_path / "ok"))  # as registered: loads
+
+    stored = next((tmp_path / "artifacts").rglob("weights.safetensors")).parent
+    sound = {p.name: p.read_bytes() for p in stored.iterdir()}
+
+    def tamper(name: str, data: bytes) -> None:
+        for p in stored.iterdir():
+            p.write_bytes(sound[p.name])
+        (stored / name).write_bytes(data)
+        digests = json.loads(sound["digests.json"])
+        digests[name] = hashlib.sha256(data).hexdigest()  # the file beside it agrees with the change
+        (stored / "digests.json").write_text(json.dumps(digests))
+
+    zero = tmp_path / "zero"
+    save_artifact(zero, spec, build_model(spec), "{}")  # another model's weights, a valid safetensors file
+    tamper("weights.safetensors", (zero / "weights.safetensors").read_bytes())
+    load_artifact(stored)  # the artifact alone cannot tell
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors does not match its SHA-256 in the registry"):
+        registry.download(version, tmp_path / "w")
+    tamper("profile.json", b'{"reference": {"forged": true}}')
+    with pytest.raises(ArtifactError, match=r"profile\.json does not match"):
+        registry.download(version, tmp_path / "p")
+
+    client = MlflowClient(registry.uri)
+    client.delete_model_version_tag(registry.name, version, "driftloop.digests")
+    with pytest.raises(ArtifactError, match=r"no driftloop\.digests tag"):
+        registry.download(version, tmp_path / "t")

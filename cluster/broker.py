@@ -30,16 +30,24 @@ log = logging.getLogger(__name__)
 PICK_PORTS_FROM = (20000, 32767)  # below Linux's ephemeral range (32768-60999 by default)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A loopback port free now, for a server that binds it later (seconds or minutes later).
 
     Picked at random below the ephemeral range: the kernel hands ports of that range to every
     outgoing connection and `bind(0)`, so a port chosen there was often taken by the time Serve's
-    HAProxy bound its stats port ("Address already in use" with two Rays on one machine).
+    HAProxy bound its stats port ("Address already in use" with two Rays on one machine). A port
+    this process handed out already is not handed out again: nothing holds it until its server
+    binds, and eight picks for one cluster drew the same port twice (CI).
     """
     rng = random.SystemRandom()
     for _ in range(100):
         port = rng.randint(*PICK_PORTS_FROM)
+        if port in _HANDED_OUT:
+            continue
+        _HANDED_OUT.add(port)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from streams.config import API_KEY_ENV, PipelineConfig, load_config
+from streams.config import API_KEY_ENV, MLFLOW_PASSWORD_FILE_ENV, PipelineConfig, load_config
 from streams.errors import ConfigError, DriftloopError
 from streams.generator import SCENARIOS, StreamGenerator
 from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
@@ -630,6 +630,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"export {key}={value}")
     if stack.api_key_file:
         print(f"export {API_KEY_ENV}=$(cat {stack.api_key_file})")
+    if stack.mlflow_password_file:  # for MLflow's own tools; driftloop's read the file itself
+        print(f"export MLFLOW_TRACKING_PASSWORD=$(cat {stack.mlflow_password_file})")
     return 0
 
 
@@ -654,6 +656,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
             config = config.connected_to(stack.kafka)
         tracking_uri = args.tracking_uri or stack.mlflow
+        if tracking_uri == stack.mlflow and stack.mlflow_user:  # the stack's credentials, unless given
+            os.environ.setdefault("MLFLOW_TRACKING_USERNAME", stack.mlflow_user)
+            os.environ.setdefault(MLFLOW_PASSWORD_FILE_ENV, stack.mlflow_password_file)
         ray_address = args.address or stack.ray_jobs
         serve_url = args.serve_url or stack.serve or serve_url
     result = stack_status(
@@ -661,6 +666,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         tracking_uri=tracking_uri,
         jobs_address=ray_address if ray_address.startswith(("http://", "https://")) else None,
         serve_url=serve_url,
+        expect_services=bool(stack is not None and stack.actors),
     )
     if stack is not None:
         processes = {name: alive(pid) for name, pid in stack.pids.items()}

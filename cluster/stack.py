@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streams.config import API_KEY_ENV, DATASETS_ROOT_ENV, PipelineConfig
+from streams.config import API_KEY_ENV, DATASETS_ROOT_ENV, MLFLOW_PASSWORD_FILE_ENV, PipelineConfig
 from streams.errors import DriftloopError
 
 __all__ = ["Stack", "down", "load_state", "up"]
@@ -58,6 +58,8 @@ class Stack:
     ray_temp_dir: str = ""  # short: Ray's socket paths must fit in 107 bytes
     serve: str = ""
     api_key_file: str = ""  # empty when the key came from DRIFTLOOP_API_KEY
+    mlflow_user: str = ""  # the MLflow server's admin (basic auth); its password is in mlflow_password_file
+    mlflow_password_file: str = ""
     python: str = ""  # the interpreter `up` ran with: the stack's jobs run with it (`driftloop submit`)
     pids: dict[str, int] = field(default_factory=dict)
     actors: list[str] = field(default_factory=list)
@@ -65,8 +67,11 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         """What a client exports to use the stack (the Ray head's jobs get the same)."""
-        return {"KAFKA_BOOTSTRAP_SERVERS": self.kafka, "RAY_ADDRESS": self.ray_jobs, "MLFLOW_TRACKING_URI": self.mlflow,
-                DATASETS_ROOT_ENV: str(Path(self.state_dir) / "datasets")}  # fmt: skip
+        env = {"KAFKA_BOOTSTRAP_SERVERS": self.kafka, "RAY_ADDRESS": self.ray_jobs, "MLFLOW_TRACKING_URI": self.mlflow,
+               DATASETS_ROOT_ENV: str(Path(self.state_dir) / "datasets")}  # fmt: skip
+        if self.mlflow_user:
+            env |= {"MLFLOW_TRACKING_USERNAME": self.mlflow_user, MLFLOW_PASSWORD_FILE_ENV: self.mlflow_password_file}
+        return env
 
 
 def load_state(state_dir: Path) -> Stack | None:
@@ -143,18 +148,50 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def _api_key(state_dir: Path) -> tuple[str, str]:
-    """The API key and the file it is in: DRIFTLOOP_API_KEY, else a new key in a private file."""
+def _secret(path: Path) -> str:
+    """A new random secret in a file that only this user can read (0600 from its creation)."""
     import secrets
 
+    path.unlink(missing_ok=True)
+    value = secrets.token_urlsafe(32)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(value)
+    return value
+
+
+def _api_key(state_dir: Path) -> tuple[str, str]:
+    """The API key and the file it is in: DRIFTLOOP_API_KEY, else a new key in a private file."""
     if os.environ.get(API_KEY_ENV):
         return os.environ[API_KEY_ENV], ""
     path = state_dir / "api_key"
-    path.unlink(missing_ok=True)
-    key = secrets.token_urlsafe(32)
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
-        handle.write(key)
-    return key, str(path.resolve())
+    return _secret(path), str(path.resolve())
+
+
+MLFLOW_ADMIN = "driftloop"
+
+
+def _mlflow_auth(state_dir: Path) -> dict[str, str]:
+    """MLflow's basic-auth app for the stack's server: its config (users in a SQLite store of its
+    own; an authenticated user who is not the admin may only read), the admin's password in a 0600
+    file, and the environment that hands both to the server (never its command line)."""
+    import configparser
+    import secrets
+
+    import mlflow.server.auth as auth
+
+    shipped = configparser.ConfigParser()
+    shipped.read(Path(auth.__file__).parent / "basic_auth.ini")
+    shipped["mlflow"].update({"default_permission": "READ", "admin_username": MLFLOW_ADMIN,
+                              "database_uri": f"sqlite:///{(state_dir / 'mlflow-auth.db').resolve()}"})  # fmt: skip
+    shipped["mlflow"].pop("admin_password", None)
+    ini = state_dir / "mlflow-auth.ini"
+    with ini.open("w") as handle:
+        shipped.write(handle)
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini.resolve()),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": _secret(state_dir / "mlflow_password"),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32),  # CSRF protection of the UI's forms
+    }
 
 
 def _private_ray_token() -> None:
@@ -200,16 +237,23 @@ def up(
         _wait("the broker", lambda: _kafka_answers(stack.kafka), broker, log, 60)
         say(f"[up] broker      {stack.kafka}")
 
-        # MLflow: SQLite backend, local artifacts, the UI on its port.
+        # MLflow: SQLite backend, local artifacts, the UI on its port, every request authenticated.
         port = free_port()
         log = state_dir / "mlflow.log"
         mlflow = _spawn([str(bin_dir / "mlflow"), "server", "--backend-store-uri",
                                    f"sqlite:///{(state_dir / 'mlflow.db').resolve()}", "--artifacts-destination",
                                    str((state_dir / "mlartifacts").resolve()), "--host", "127.0.0.1", "--port",
-                                   str(port), "--workers", "1"], log, env)  # fmt: skip
+                                   str(port), "--workers", "1", "--app-name", "basic-auth"], log,
+                        {**env, **_mlflow_auth(state_dir)})  # fmt: skip
+        stack.mlflow_user = MLFLOW_ADMIN
+        stack.mlflow_password_file = str((state_dir / "mlflow_password").resolve())
+        # this process's own MLflow clients too (the Ray head's jobs and actors get stack.env())
+        os.environ["MLFLOW_TRACKING_USERNAME"] = MLFLOW_ADMIN
+        os.environ[MLFLOW_PASSWORD_FILE_ENV] = stack.mlflow_password_file
         stack.pids["mlflow"] = mlflow.pid
         stack.mlflow = f"http://127.0.0.1:{port}"
-        _wait("the MLflow server", lambda: _http_ok(f"{stack.mlflow}/health"), mlflow, log, 120)
+        # 300 s: beside two Ray jobs on 2 cores, importing its app took the server over 2 minutes
+        _wait("the MLflow server", lambda: _http_ok(f"{stack.mlflow}/health"), mlflow, log, 300)
         say(f"[up] mlflow      {stack.mlflow} (the UI too)")
 
         # The Ray head: token auth, its own temp dir, the Jobs API on loopback.

@@ -89,9 +89,96 @@ def kafka_status(config: PipelineConfig) -> dict[str, Any]:
         admin.close()
 
 
+SERVICES = ("monitor", "controller")
+STALL_S = 60.0  # a consumer loop that has not polled for this long is stuck
+DLQ_RECENT_S = 900.0  # the DLQ's growth is counted over this long
+
+
+def services_status(config: PipelineConfig, expected: bool, now: float | None = None) -> dict[str, Any]:
+    """The monitor's and controller's heartbeats (the `heartbeats` topic): alive when one came within
+    three intervals, stuck when its loop has not polled for `STALL_S`, and the monitor blind to new
+    records when it has not read the records topic's end for as long. `expected`: the stack started
+    them, so no heartbeat at all is a finding too."""
+    from jobs.service import HEARTBEAT_S
+    from streams.events import ServiceHeartbeat
+    from streams.kafka_source import read_tail
+    from streams.serde import decode_events
+
+    now = time.time() if now is None else now
+    raw = read_tail(config.kafka, Topics.of(config).heartbeats, 200)
+    beats = [e for e in decode_events([r.value for r in raw]) if isinstance(e, ServiceHeartbeat)]
+    newest: dict[tuple[str, str], ServiceHeartbeat] = {}
+    for beat in beats:
+        if beat.pipeline == config.name:
+            key = (beat.service, beat.instance)
+            if key not in newest or beat.occurred_at > newest[key].occurred_at:
+                newest[key] = beat
+    return judge_services(list(newest.values()), expected, now, 3 * HEARTBEAT_S)
+
+
+def judge_services(beats: list[Any], expected: bool, now: float, within_s: float) -> dict[str, Any]:
+    """Each service's state from its instances' newest heartbeats. Pure."""
+    services: dict[str, Any] = {}
+    problems: list[str] = []
+
+    def age(at: Any) -> float | None:
+        return None if at is None else round(now - at.timestamp(), 1)
+
+    for name in SERVICES:
+        mine = sorted((b for b in beats if b.service == name), key=lambda b: b.occurred_at, reverse=True)
+        alive = [b for b in mine if (age(b.occurred_at) or 0.0) <= within_s]
+        if not mine:
+            services[name] = {"state": "never seen"}
+            if expected:
+                problems.append(f"the {name} has sent no heartbeat")
+            continue
+        beat = (alive or mine)[0]
+        entry = {"instances": len(alive), "heartbeat_age_s": age(beat.occurred_at),
+                 "last_poll_age_s": age(beat.last_poll_at), "polled": beat.polled,
+                 "dead_lettered": beat.dead_lettered}  # fmt: skip
+        state = "up"
+        if not alive:
+            state = "gone"
+            problems.append(f"no heartbeat from the {name} for {entry['heartbeat_age_s']:.0f}s")
+        elif beat.waiting_for:
+            state, entry["waiting_for"] = "waiting", beat.waiting_for
+        elif beat.last_poll_at is None or (age(beat.last_poll_at) or 0.0) > STALL_S:
+            state = "stuck"
+            problems.append(f"the {name}'s loop has not polled for {entry['last_poll_age_s'] or '?'}s (it is stuck)")
+        if name == "monitor" and alive and not beat.waiting_for:
+            entry["records_position_age_s"] = age(beat.records_position_at)
+            if beat.records_position_at is None or (age(beat.records_position_at) or 0.0) > STALL_S:
+                state = "blind" if state == "up" else state
+                problems.append("the monitor cannot read the records topic's end: a retrain would start late")
+        if beat.error:
+            entry["error"] = beat.error
+        entry["state"] = state
+        services[name] = entry
+    return {"ok": not problems, "services": services, **({"error": "; ".join(problems)} if problems else {})}
+
+
+def dlq_growth(config: PipelineConfig, now: float | None = None) -> dict[str, Any]:
+    """How many records reached the DLQ in the last `DLQ_RECENT_S` (of its last 5,000 per partition),
+    and why, by the `driftloop.error` header."""
+    from streams.kafka_source import read_tail
+
+    now = time.time() if now is None else now
+    recent = [
+        r for r in read_tail(config.kafka, Topics.of(config).dlq, 5000) if r.timestamp / 1000 >= now - DLQ_RECENT_S
+    ]
+    reasons: dict[str, int] = {}
+    for r in recent:
+        kind = dict(r.headers or []).get("driftloop.error", b"?").decode(errors="replace")
+        reasons[kind] = reasons.get(kind, 0) + 1
+    return {"recent": len(recent), "window_s": DLQ_RECENT_S, "reasons": reasons}
+
+
 def mlflow_status(config: PipelineConfig, tracking_uri: str) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
+    from jobs.registry import use_tracking_credentials
+
+    use_tracking_credentials()
     client = MlflowClient(tracking_uri)
     versions = client.search_model_versions(f"name = '{config.name}'", max_results=1000)
     aliases: dict[str, str] = {}
@@ -165,10 +252,14 @@ def stack_status(
     tracking_uri: str | None = None,
     jobs_address: str | None = None,
     serve_url: str | None = None,
+    expect_services: bool = False,
 ) -> dict[str, Any]:
-    """Each part that can be asked about, asked; see the module docstring."""
+    """Each part that can be asked about, asked; see the module docstring. `expect_services`: the
+    monitor and controller should be running (a stack from `up`), so no heartbeat is a failure."""
     parts: dict[str, Any] = {"kafka": _part(lambda: kafka_status(config))}
     if parts["kafka"]["ok"]:
+        parts["kafka"]["dlq"] = dlq_growth(config)
+        parts["services"] = _part(lambda: services_status(config, expect_services))
         parts["events"] = _part(lambda: recent_events(config))
     if tracking_uri:
         parts["mlflow"] = _part(lambda: mlflow_status(config, tracking_uri))
@@ -192,6 +283,20 @@ def render(status: dict[str, Any]) -> list[str]:
             records = ", ".join(f"{t.split('.')[-1]} {n}" for t, n in part["records"].items())
             lines.append(f"  kafka   up    {part['bootstrap']}; {lag}")
             lines.append(f"                records: {records or 'no topics yet'}")
+            dlq = part.get("dlq")
+            if dlq:
+                why = ", ".join(f"{k} {n}" for k, n in sorted(dlq["reasons"].items()))
+                lines.append(f"                dlq: {dlq['recent']} in the last {dlq['window_s'] / 60:.0f} min"
+                             + (f" ({why})" if why else ""))  # fmt: skip
+        elif name == "services":
+            for service, s in part["services"].items():
+                if s["state"] == "never seen":
+                    lines.append(f"  {service:<7} -     no heartbeat yet (not running here?)")
+                    continue
+                lines.append(
+                    f"  {service:<7} {s['state']:<5} heartbeat {s['heartbeat_age_s']}s ago, last poll "
+                    f"{s['last_poll_age_s']}s ago, {s['polled']} polled, {s['dead_lettered']} to the DLQ"
+                )
         elif name == "mlflow":
             aliases = ", ".join(f"{a}={v}" for a, v in part["aliases"].items()) or "no aliases"
             lines.append(f"  mlflow  up    {part['tracking_uri']}; {part['versions']} versions; {aliases}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.gitinfo import git_commit
-from jobs.service import Service
+from jobs.service import Heartbeat, Service
 from streams.config import GIT_COMMIT_ENV, PipelineConfig, dump_config
 from streams.errors import DecodeError, ErrorKind, RetryableError
 from streams.events import (
@@ -315,9 +315,13 @@ def run_controller(
         consumer.stop()
 
     threading.Thread(target=stop_when_asked, daemon=True).start()
+    beat = Heartbeat(config.kafka, topics.heartbeats, config.name, "controller", lambda: {
+        "last_poll": consumer.last_poll, "polled": consumer.stats.polled,
+        "dead_lettered": consumer.stats.dead_lettered})  # fmt: skip
     try:
         consumer.run()
     finally:
+        beat.close()
         with lock:
             producer.close()
 

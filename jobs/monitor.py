@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jobs.policy import Decision, PolicyState, WindowResult, decide, records_since
-from jobs.service import Service
+from jobs.service import Heartbeat, Service
 from streams.config import PipelineConfig
 from streams.drift import Reference, compare
 from streams.events import (
@@ -447,13 +447,36 @@ class MonitorStats:
 def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event, stats: MonitorStats) -> None:
     """Consume predictions and labels until `stop`; publish drift and retrain events."""
     from jobs.registry import ModelRegistry
-    from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
-    from streams.serde import LabelRecordCodec, decode_events, events_or_label_records
+    from streams.kafka import ensure_topics
     from streams.topics import Topics
 
     topics = Topics.of(config)
     ensure_topics(config.kafka, [topics.predictions, topics.labels, topics.drift, topics.retrain, topics.dlq])
     registry = ModelRegistry(config, tracking_uri)
+    live: dict[str, Any] = {}  # the consumer and the records position, once there is a champion
+
+    def probe() -> dict[str, Any]:
+        consumer, position = live.get("consumer"), live.get("position")
+        if consumer is None or position is None:
+            return {"waiting_for": "a champion to monitor against (none is promoted yet)"}
+        return {"last_poll": consumer.last_poll, "polled": consumer.stats.polled,
+                "dead_lettered": consumer.stats.dead_lettered, "records_position": position.fresh_at}  # fmt: skip
+
+    beat = Heartbeat(config.kafka, topics.heartbeats, config.name, "monitor", probe)
+    try:
+        _monitor_loop(config, registry, stop, stats, topics, live)
+    finally:
+        beat.close()
+
+
+def _monitor_loop(
+    config: PipelineConfig, registry: Any, stop: threading.Event, stats: MonitorStats, topics: Any,
+    live: dict[str, Any],
+) -> None:  # fmt: skip
+    """`run_monitor`'s body: wait for a champion, then consume (what it runs is put in `live`)."""
+    from streams.kafka import Batch, Producer, StreamConsumer
+    from streams.serde import LabelRecordCodec, decode_events, events_or_label_records
+
     monitor: Monitor | None = None
     while monitor is None and not stop.is_set():
         try:
@@ -525,6 +548,7 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
 
     watcher = threading.Thread(target=stop_when_asked, daemon=True)
     watcher.start()
+    live.update(consumer=consumer, position=position)
     try:
         consumer.run()
     finally:
@@ -544,6 +568,7 @@ class RecordsPosition:
     def __init__(self, kafka: Any, topic: str, every_s: float = 1.0) -> None:
         self.kafka, self.topic, self.every_s = kafka, topic, every_s
         self._last: tuple[OffsetRange, ...] = ()
+        self.fresh_at: float | None = None  # wall time of the last answer (the monitor's heartbeat says it)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="records-position", daemon=True)
         self._thread.start()
@@ -563,6 +588,7 @@ class RecordsPosition:
                 self._last = tuple(
                     OffsetRange(topic=self.topic, partition=p, start=end, end=end) for p, end in sorted(ends.items())
                 )
+                self.fresh_at = time.time()
             self._stop.wait(self.every_s)
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from jobs.artifacts import ArtifactError, artifact_digests, verify_artifact
 from jobs.gate import Decision, decide
 from jobs.gitinfo import git_commit
 from jobs.lineage import log_dataset_version
-from streams.config import GateSettings, PipelineConfig
+from streams.config import MLFLOW_PASSWORD_FILE_ENV, GateSettings, PipelineConfig
 from streams.datasets import Window
 from streams.errors import DriftloopError
 from streams.events import Event, ModelPromoted, ModelRejected, ModelRolledBack
@@ -40,6 +40,21 @@ REPORT_TAG = "driftloop.report"
 # store (a bucket, a folder, MLflow's artifact proxy) can be rewritten without touching the registry,
 # so a digests file beside the weights cannot be the only record.
 DIGESTS_TAG = "driftloop.digests"
+
+
+def use_tracking_credentials() -> None:
+    """Give MLflow's client the tracking password from the file `DRIFTLOOP_MLFLOW_PASSWORD_FILE`
+    names, unless `MLFLOW_TRACKING_PASSWORD` is set already. The stack's Ray head, and so its
+    jobs and actors, gets the file's path, never the password itself: Ray logs a runtime env's
+    variables, and a variable on a command line is visible to every local user."""
+    import os
+
+    path = os.environ.get(MLFLOW_PASSWORD_FILE_ENV)
+    if path and not os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        try:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = Path(path).read_text().strip()
+        except OSError as err:
+            raise DriftloopError(f"{MLFLOW_PASSWORD_FILE_ENV}={path}: cannot read the password ({err})") from None
 
 
 def tracking_uri(config: PipelineConfig, run_dir: Path) -> str:
@@ -68,6 +83,7 @@ class ModelRegistry:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        use_tracking_credentials()
         self.config = config
         self.name = config.name
         self.uri = uri

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
 
-__all__ = ["Service"]
+__all__ = ["HEARTBEAT_S", "Heartbeat", "Service"]
+
+HEARTBEAT_S = 5.0  # a service's heartbeat interval; `driftloop status` allows three missed ones
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,67 @@ class Service:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+
+def _at(wall: float | None) -> datetime | None:
+    return None if wall is None else datetime.fromtimestamp(wall, tz=timezone.utc)
+
+
+class Heartbeat:
+    """`ServiceHeartbeat`s for one service, every `every_s`, from a thread and a producer of their own.
+
+    `probe()` gives the loop's state: `last_poll` (wall time), `polled`, `dead_lettered`, and for
+    the monitor `records_position` (wall time of its last fresh look at the records topic's end).
+    A broker that is away costs heartbeats, never the service: a failed send is logged and the
+    next one tried.
+    """
+
+    def __init__(self, kafka: Any, topic: str, pipeline: str, service: str, probe: Callable[[], dict[str, Any]],
+                 every_s: float = HEARTBEAT_S) -> None:  # fmt: skip
+        from streams.events import utcnow
+
+        self.kafka, self.topic, self.pipeline, self.service, self.probe = kafka, topic, pipeline, service, probe
+        self.every_s = every_s
+        self.instance = f"{socket.gethostname()}-{os.getpid()}".replace(".", "-")[-128:]
+        self.started_at = utcnow()
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{service}-heartbeat", daemon=True)
+        self._thread.start()
+
+    def event(self) -> Any:
+        from streams.events import ServiceHeartbeat
+
+        state = self.probe()
+        return ServiceHeartbeat(
+            pipeline=self.pipeline, service=self.service, instance=self.instance,  # type: ignore[arg-type]
+            started_at=self.started_at, last_poll_at=_at(state.get("last_poll")), polled=int(state.get("polled", 0)),
+            dead_lettered=int(state.get("dead_lettered", 0)), records_position_at=_at(state.get("records_position")),
+            error=(str(state["error"])[:1000] if state.get("error") else None),
+            waiting_for=(str(state["waiting_for"])[:200] if state.get("waiting_for") else None),
+        )  # fmt: skip
+
+    def _run(self) -> None:
+        from streams.kafka import Producer, ensure_topics
+
+        producer = None
+        while not self._stop.is_set():
+            try:
+                if producer is None:
+                    ensure_topics(self.kafka, [self.topic])
+                    producer = Producer(self.kafka, client_id=f"{self.pipeline}.{self.service}.heartbeat")
+                producer.send_event(self.topic, self.event())
+                producer.flush()
+                self.sent += 1
+            except Exception as err:  # the broker is away: the next beat tries again
+                log.warning("the %s's heartbeat was not sent (%s)", self.service, err)
+            self._stop.wait(self.every_s)
+        if producer is not None:
+            producer.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
 
 
 def _in_ray_actor() -> bool:

@@ -27,6 +27,7 @@ __all__ = [
     "API_KEY_ENV",
     "DATASETS_ROOT_ENV",
     "GIT_COMMIT_ENV",
+    "MLFLOW_PASSWORD_FILE_ENV",
     "ConsumerSettings",
     "DatasetSettings",
     "Derived",
@@ -60,6 +61,7 @@ __all__ = [
 
 EMBEDDED = "embedded"
 DATASETS_ROOT_ENV = "DRIFTLOOP_DATASETS_ROOT"  # overrides datasets.root (the local stack sets it)
+MLFLOW_PASSWORD_FILE_ENV = "DRIFTLOOP_MLFLOW_PASSWORD_FILE"  # a 0600 file holding the tracking password
 GIT_COMMIT_ENV = "DRIFTLOOP_GIT_COMMIT"  # a job's code commit, set by its submitter (`.git` does not travel)
 API_KEY_ENV = "DRIFTLOOP_API_KEY"  # the key Serve's clients send: from the environment only
 RESERVED_COLUMNS = ("topic", "partition", "offset", "timestamp")  # Kafka metadata in every dataset
@@ -709,6 +711,7 @@ class TopicSettings:
     retrain: str | None = None
     models: str | None = None
     dlq: str | None = None
+    heartbeats: str | None = None
     labels_format: Literal["event", "record"] = "event"
 
     def named(self) -> dict[str, str]:

@@ -32,6 +32,7 @@ __all__ = [
     "OffsetRange",
     "PredictionLogged",
     "RetrainRequested",
+    "ServiceHeartbeat",
     "TrainingCompleted",
     "TrainingFailed",
     "deterministic_id",
@@ -245,6 +246,27 @@ class ModelRolledBack(Event, frozen=True, kw_only=True):
         return self.model_name
 
 
+class ServiceHeartbeat(Event, frozen=True, kw_only=True):
+    """A long-running service (the monitor, the controller) says that it lives, on the `heartbeats`
+    topic every few seconds, from a thread beside its loop: when its consumer loop last polled (a
+    loop that hangs goes on beating with an old `last_poll_at`), and what else it knows of its own
+    health. `driftloop status` reads them."""
+
+    pipeline: Id
+    service: Literal["monitor", "controller"]
+    instance: Id  # host and process
+    started_at: AwareDatetime
+    last_poll_at: AwareDatetime | None = None  # None: its consumer has not polled yet
+    polled: int = 0
+    dead_lettered: int = 0
+    records_position_at: AwareDatetime | None = None  # the monitor: when it last read the records' end
+    error: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
+    waiting_for: Annotated[str, msgspec.Meta(max_length=200)] | None = None  # not started yet, and why
+
+    def key(self) -> str:
+        return f"{self.service}.{self.instance}"
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (
@@ -257,5 +279,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ModelPromoted,
         ModelRejected,
         ModelRolledBack,
+        ServiceHeartbeat,
     )
 }

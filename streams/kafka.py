@@ -389,6 +389,7 @@ class StreamConsumer:
         self.dlq_topic = dlq_topic
         self.retry_on = retry_on
         self.stats = ConsumerStats()
+        self.last_poll: float | None = None  # wall time of the loop's last poll: a heartbeat reports it
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait
         self._own_producer = producer is None and dlq_topic is not None
@@ -448,6 +449,7 @@ class StreamConsumer:
                 if max_records is not None:
                     budget = min(budget, max_records - self.stats.polled)
                 polled = self._consumer.poll(timeout_ms=settings.poll_timeout_ms, max_records=budget)
+                self.last_poll = time.time()
                 if not polled:
                     if not self._consumer.assignment():
                         last_data = time.monotonic()  # still joining the group: not idle yet

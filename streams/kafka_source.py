@@ -38,6 +38,7 @@ __all__ = [
     "fetch_high_watermarks",
     "high_watermarks",
     "read_range",
+    "read_tail",
     "split_ranges",
     "to_table",
 ]
@@ -213,6 +214,28 @@ def fetch_high_watermarks(consumer: Any, tps: list[TopicPartition], timeout_s: f
             raise BrokerError(f"no high watermark for {', '.join(missing)} within {timeout_s:g}s")
         consumer.poll(timeout_ms=200, max_records=1)
     return {tp: int(consumer.highwater(tp)) for tp in tps}
+
+
+def read_tail(kafka: KafkaSettings, topic: str, last: int, timeout_s: float = 10.0) -> list[Any]:
+    """The last `last` records of each partition of `topic` (kafka-python records: `.value`,
+    `.timestamp` in ms), oldest first per partition; [] when the topic does not exist."""
+    consumer = _consumer(kafka)
+    try:
+        if topic not in consumer.topics():
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        ends = fetch_high_watermarks(consumer, tps, timeout_s)
+        starts = consumer.beginning_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, max(starts[tp], ends[tp] - last))
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                out.extend(r for r in records if r.offset < ends[tp])
+        return out
+    finally:
+        consumer.close()
 
 
 def split_ranges(ranges: Iterable[OffsetRange], max_records: int) -> list[OffsetRange]:

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TOPICS", "Topics"]
 
-TOPICS = ("records", "predictions", "labels", "drift", "retrain", "models", "dlq")
+TOPICS = ("records", "predictions", "labels", "drift", "retrain", "models", "dlq", "heartbeats")
 
 
 @dataclass(frozen=True)
@@ -64,3 +64,7 @@ class Topics:
     @property
     def dlq(self) -> str:
         return self.name("dlq")
+
+    @property
+    def heartbeats(self) -> str:
+        return self.name("heartbeats")

@@ -495,7 +495,7 @@ schema:
     topics = Topics.of(config)
     assert (topics.records, topics.labels, topics.predictions) == ("crm.customers.v2", "crm.churn-labels",
                                                                    "churn.predictions")  # fmt: skip
-    assert len(set(topics.all())) == 7
+    assert len(set(topics.all())) == 8
     for bad, message in (("records: 'a b'", "a Kafka topic name"), ("{records: x, labels: x}", "a different topic")):
         wrong = text.replace("{records: crm.customers.v2, labels: crm.churn-labels, labels_format: record}", bad)
         with pytest.raises(ConfigError, match=message):

@@ -112,3 +112,11 @@ def test_no_other_local_user_can_read_the_clusters_logs_or_reach_its_sockets(ray
     assert refused.returncode != 0 and "Permission denied" in refused.stderr, f"nobody read {log}"
     assert parent.name.startswith("dl-ray-") and parent.stat().st_mode & 0o777 == 0o700
     assert parent.stat().st_uid == os.geteuid()
+
+
+def test_free_ports_are_never_handed_out_twice() -> None:
+    """Nothing holds a picked port until its server binds it: two picks of one port collide later."""
+    from cluster.broker import free_port
+
+    picks = [free_port() for _ in range(3000)]  # a quarter of the range: the same port twice is all but certain
+    assert len(set(picks)) == len(picks)

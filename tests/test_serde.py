@@ -21,6 +21,7 @@ from streams.events import (
     OffsetRange,
     PredictionLogged,
     RetrainRequested,
+    ServiceHeartbeat,
     TrainingCompleted,
     TrainingFailed,
     deterministic_id,
@@ -81,6 +82,16 @@ def sample_events() -> list[Event]:
         ModelPromoted(occurred_at=T1, model_name="demo", model_version="4", previous_version="3", metrics={"f1": 0.8}),
         ModelRejected(occurred_at=T1, model_name="demo", model_version="5", reasons=("f1 regressed",)),
         ModelRolledBack(occurred_at=T1, model_name="demo", from_version="5", to_version="4", reason="manual"),
+        ServiceHeartbeat(
+            occurred_at=T1,
+            pipeline="demo",
+            service="monitor",
+            instance="host-1",
+            started_at=T1,
+            last_poll_at=T1,
+            polled=10,
+            records_position_at=T1,
+        ),
     ]
 
 

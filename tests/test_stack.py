@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,26 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
         assert {ip for ip, port in bound if port in ours} == {"127.0.0.1"}, bound
         exports = dict(line[len("export ") :].split("=", 1) for line in upped.stdout.splitlines() if "export " in line)
         assert set(exports) == {"KAFKA_BOOTSTRAP_SERVERS", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DRIFTLOOP_API_KEY",
-                                "DRIFTLOOP_DATASETS_ROOT"}  # fmt: skip
+                                "DRIFTLOOP_DATASETS_ROOT", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                "DRIFTLOOP_MLFLOW_PASSWORD_FILE"}  # fmt: skip
         key_file = state / "api_key"
         assert exports["DRIFTLOOP_API_KEY"] == f"$(cat {key_file.resolve()})", "the key is not printed"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         key = key_file.read_text()
+
+        # MLflow answers only with the stack's credentials (its basic-auth app); the password is in
+        # a 0600 file, printed as $(cat FILE), and on no process's command line.
+        password_file = state / "mlflow_password"
+        assert exports["MLFLOW_TRACKING_PASSWORD"] == f"$(cat {password_file.resolve()})"
+        assert exports["DRIFTLOOP_MLFLOW_PASSWORD_FILE"] == str(password_file.resolve())
+        assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+        password = password_file.read_text()
+        search = f"{saved['mlflow']}/api/2.0/mlflow/experiments/search?max_results=5"
+        assert requests.get(search, timeout=30).status_code == 401
+        assert requests.get(search, auth=("driftloop", "wrong"), timeout=30).status_code == 401
+        assert requests.get(search, auth=(exports["MLFLOW_TRACKING_USERNAME"], password), timeout=30).ok
+        assert requests.get(f"{saved['mlflow']}/health", timeout=30).ok, "health stays open, for probes"
+        assert not processes_mentioning(password)
 
         # Serve is up before any model: 503 no_model (with Retry-After), 401 without the key.
         serve = f"http://127.0.0.1:{serve_port}"
@@ -90,7 +106,15 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
         again = driftloop("up", *where)
         assert again.returncode == 1 and "already up" in again.stderr and "Traceback" not in again.stderr
 
-        before = json.loads(driftloop("status", *where, "--json").stdout)
+        deadline = time.monotonic() + 90  # the monitor's and controller's first heartbeats
+        while True:
+            before = json.loads(driftloop("status", *where, "--json").stdout)
+            if before["parts"]["services"]["ok"] or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        services = before["parts"]["services"]
+        states = {name: s["state"] for name, s in services["services"].items()}
+        assert services["ok"] and states == {"monitor": "waiting", "controller": "up"}, services  # no champion yet
         parts = before["parts"]
         down_parts = {p: parts[p] for p in ("kafka", "mlflow", "ray", "processes") if not parts[p]["ok"]}
         assert not down_parts, down_parts
@@ -113,8 +137,9 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
         text = driftloop("status", *where).stdout
         assert "ray     up" in text and "stack   up" in text and "no model promoted yet" in text
         # The key reached no log: Ray writes each replica's runtime_env (which once held it) there.
-        leaks = [str(p) for base in (Path(ray_dir), state) for p in base.rglob("*")
-                 if p.is_file() and p.name != "api_key" and key.encode() in p.read_bytes()]  # fmt: skip
+        leaks = [str(p) for base in (Path(ray_dir), state) for p in base.rglob("*") if p.is_file()
+                 and p.name not in ("api_key", "mlflow_password")
+                 and (key.encode() in p.read_bytes() or password.encode() in p.read_bytes())]  # fmt: skip
         assert not leaks, leaks
     finally:
         downed = driftloop("down", "--state-dir", str(state), timeout=120)

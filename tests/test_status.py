@@ -118,3 +118,122 @@ def test_a_serve_endpoint_whose_prediction_log_stopped_is_not_healthy() -> None:
         assert not parts["serve"]["ok"] and "prediction log" in parts["serve"]["error"]
     finally:
         server.shutdown()
+
+
+def _beat(service: str, at: float, polled_at: float | None, position_at: float | None = None, instance: str = "h-1"):
+    from datetime import datetime, timezone
+
+    from streams.events import ServiceHeartbeat
+
+    def when(t: float | None) -> datetime | None:
+        return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc)
+
+    return ServiceHeartbeat(
+        occurred_at=when(at),  # type: ignore[arg-type]
+        pipeline="demo",
+        service=service,  # type: ignore[arg-type]
+        instance=instance,
+        started_at=when(at - 100),  # type: ignore[arg-type]
+        last_poll_at=when(polled_at),
+        records_position_at=when(position_at),
+    )
+
+
+@pytest.mark.parametrize(
+    ("beats", "expected", "ok", "states", "says"),
+    [
+        ([("monitor", -2, -1, -1), ("controller", -3, -1, None)], True, True, ("up", "up"), ""),
+        ([], False, True, ("never seen", "never seen"), ""),
+        ([], True, False, ("never seen", "never seen"), "the monitor has sent no heartbeat"),
+        ([("monitor", -40, -40, -40), ("controller", -2, -1, None)], True, False, ("gone", "up"), "no heartbeat from"),
+        ([("monitor", -2, -200, -1), ("controller", -2, -1, None)], True, False, ("stuck", "up"), "not polled for 200"),
+        (
+            [("monitor", -2, -1, -300), ("controller", -2, -1, None)],
+            True,
+            False,
+            ("blind", "up"),
+            "records topic's end",
+        ),
+        ([("monitor", -2, None, -1), ("controller", -2, -1, None)], True, False, ("stuck", "up"), "not polled"),
+    ],
+)
+def test_services_are_judged_by_their_heartbeats(
+    beats: list[tuple[str, float, float | None, float | None]], expected: bool, ok: bool, states: tuple[str, str],
+    says: str,
+) -> None:  # fmt: skip
+    from cluster.status import judge_services
+
+    now = 1_800_000_000.0
+    made = [_beat(s, now + at, None if p is None else now + p, None if q is None else now + q) for s, at, p, q in beats]
+    judged = judge_services(made, expected, now, within_s=15)
+    assert (
+        judged["ok"] is ok
+        and (judged["services"]["monitor"]["state"], judged["services"]["controller"]["state"]) == states
+    )
+    assert says in judged.get("error", "")
+
+
+def test_a_monitor_waiting_for_its_first_champion_is_not_stuck() -> None:
+    import msgspec
+
+    from cluster.status import judge_services
+
+    now = 1_800_000_000.0
+    waiting = msgspec.structs.replace(_beat("monitor", now - 1, None), waiting_for="a champion to monitor against")
+    judged = judge_services([waiting, _beat("controller", now - 1, now - 1)], True, now, within_s=15)
+    assert judged["ok"] and judged["services"]["monitor"]["state"] == "waiting", judged
+
+
+def test_an_old_instance_does_not_hide_a_live_one() -> None:
+    from cluster.status import judge_services
+
+    now = 1_800_000_000.0
+    old, new = _beat("monitor", now - 500, now - 500, now - 500, "old"), _beat("monitor", now - 1, now - 1, now - 1)
+    beats = [old, new, _beat("controller", now - 1, now - 1)]
+    judged = judge_services(beats, True, now, within_s=15)
+    assert judged["ok"] and judged["services"]["monitor"]["instances"] == 1
+
+
+@pytest.mark.integration
+def test_heartbeats_on_the_real_broker_say_a_service_lives_is_stuck_or_is_gone(config: PipelineConfig) -> None:
+    """A `Heartbeat` beside a loop, through the broker, into `status`: up while it beats and polls, stuck
+    when its loop stops polling, gone when the beats stop; the DLQ's recent growth with its reasons."""
+    import time
+
+    from cluster.status import dlq_growth, services_status
+    from jobs.service import Heartbeat
+    from streams.errors import DecodeError, ErrorKind
+    from streams.kafka import dead_letter
+    from streams.publish import FileRow
+
+    topics = Topics.of(config)
+    state = {"last_poll": time.time(), "polled": 7, "dead_lettered": 1, "records_position": time.time()}
+    beat = Heartbeat(config.kafka, topics.heartbeats, config.name, "monitor", lambda: dict(state), every_s=0.5)
+    other = Heartbeat(config.kafka, topics.heartbeats, config.name, "controller",
+                      lambda: {"last_poll": time.time()}, every_s=0.5)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while (beat.sent < 2 or other.sent < 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        found = services_status(config, expected=True)
+        assert found["ok"], found
+        assert found["services"]["monitor"]["polled"] == 7 and found["services"]["monitor"]["state"] == "up"
+        state["last_poll"] = time.time() - 120  # the loop hangs; the heartbeat thread goes on
+        sent = beat.sent
+        while beat.sent < sent + 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stuck = services_status(config, expected=True)
+        assert not stuck["ok"] and stuck["services"]["monitor"]["state"] == "stuck", stuck
+    finally:
+        beat.close()
+        other.close()
+    later = services_status(config, expected=True, now=time.time() + 60)  # no beat for a minute
+    assert not later["ok"] and later["services"]["monitor"]["state"] == "gone"
+
+    with Producer(config.kafka) as producer:
+        rows = [FileRow(topic=topics.records, offset=i, value=b"{") for i in range(3)]
+        bad = [(r, DecodeError(ErrorKind.INVALID_JSON, "not JSON")) for r in rows]
+        dead_letter(producer, topics.dlq, bad)
+        producer.flush()
+    grown = dlq_growth(config)
+    assert grown["recent"] == 3 and grown["reasons"] == {"invalid_json": 3}, grown

@@ -170,7 +170,7 @@ def _api_key(state_dir: Path) -> tuple[str, str]:
 MLFLOW_ADMIN = "driftloop"
 
 
-def _mlflow_auth(state_dir: Path) -> dict[str, str]:
+def _mlflow_auth(state_dir: Path, password_file: Path) -> dict[str, str]:
     """MLflow's basic-auth app for the stack's server: its config (users in a SQLite store of its
     own; an authenticated user who is not the admin may only read), the admin's password in a 0600
     file, and the environment that hands both to the server (never its command line)."""
@@ -189,7 +189,7 @@ def _mlflow_auth(state_dir: Path) -> dict[str, str]:
         shipped.write(handle)
     return {
         "MLFLOW_AUTH_CONFIG_PATH": str(ini.resolve()),
-        "MLFLOW_AUTH_ADMIN_PASSWORD": _secret(state_dir / "mlflow_password"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": _secret(password_file),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32),  # CSRF protection of the UI's forms
     }
 
@@ -240,13 +240,14 @@ def up(
         # MLflow: SQLite backend, local artifacts, the UI on its port, every request authenticated.
         port = free_port()
         log = state_dir / "mlflow.log"
+        password_file = state_dir / "mlflow_password"
         mlflow = _spawn([str(bin_dir / "mlflow"), "server", "--backend-store-uri",
                                    f"sqlite:///{(state_dir / 'mlflow.db').resolve()}", "--artifacts-destination",
                                    str((state_dir / "mlartifacts").resolve()), "--host", "127.0.0.1", "--port",
                                    str(port), "--workers", "1", "--app-name", "basic-auth"], log,
-                        {**env, **_mlflow_auth(state_dir)})  # fmt: skip
+                        {**env, **_mlflow_auth(state_dir, password_file)})  # fmt: skip
         stack.mlflow_user = MLFLOW_ADMIN
-        stack.mlflow_password_file = str((state_dir / "mlflow_password").resolve())
+        stack.mlflow_password_file = str(password_file.resolve())
         # this process's own MLflow clients too (the Ray head's jobs and actors get stack.env())
         os.environ["MLFLOW_TRACKING_USERNAME"] = MLFLOW_ADMIN
         os.environ[MLFLOW_PASSWORD_FILE_ENV] = stack.mlflow_password_file

@@ -150,8 +150,6 @@ def judge_services(beats: list[Any], expected: bool, now: float, within_s: float
             if beat.records_position_at is None or (age(beat.records_position_at) or 0.0) > STALL_S:
                 state = "blind" if state == "up" else state
                 problems.append("the monitor cannot read the records topic's end: a retrain would start late")
-        if beat.error:
-            entry["error"] = beat.error
         entry["state"] = state
         services[name] = entry
     return {"ok": not problems, "services": services, **({"error": "; ".join(problems)} if problems else {})}

@@ -32,7 +32,6 @@ from jobs.artifacts import (
     SPEC,
     WEIGHTS,
     ArtifactError,
-    artifact_digests,
     recorded_digests,
     sha256_file,
     verify_artifact,
@@ -42,11 +41,9 @@ from streams.config import ModelSettings
 __all__ = [
     "ArtifactError",
     "ModelSpec",
-    "artifact_digests",
     "build_model",
     "load_artifact",
     "save_artifact",
-    "verify_artifact",
 ]
 
 FORMAT_VERSION = 1

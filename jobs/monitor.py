@@ -54,6 +54,7 @@ from streams.events import (
     RetrainRequested,
     deterministic_id,
 )
+from streams.topics import Topics
 
 __all__ = ["PREDICTION", "Champion", "LabelJoin", "Monitor", "Outcome", "run_monitor"]
 
@@ -448,7 +449,6 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
     """Consume predictions and labels until `stop`; publish drift and retrain events."""
     from jobs.registry import ModelRegistry
     from streams.kafka import ensure_topics
-    from streams.topics import Topics
 
     topics = Topics.of(config)
     ensure_topics(config.kafka, [topics.predictions, topics.labels, topics.drift, topics.retrain, topics.dlq])
@@ -470,7 +470,7 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
 
 
 def _monitor_loop(
-    config: PipelineConfig, registry: Any, stop: threading.Event, stats: MonitorStats, topics: Any,
+    config: PipelineConfig, registry: Any, stop: threading.Event, stats: MonitorStats, topics: Topics,
     live: dict[str, Any],
 ) -> None:  # fmt: skip
     """`run_monitor`'s body: wait for a champion, then consume (what it runs is put in `live`)."""

@@ -94,7 +94,6 @@ class Heartbeat:
             pipeline=self.pipeline, service=self.service, instance=self.instance,  # type: ignore[arg-type]
             started_at=self.started_at, last_poll_at=_at(state.get("last_poll")), polled=int(state.get("polled", 0)),
             dead_lettered=int(state.get("dead_lettered", 0)), records_position_at=_at(state.get("records_position")),
-            error=(str(state["error"])[:1000] if state.get("error") else None),
             waiting_for=(str(state["waiting_for"])[:200] if state.get("waiting_for") else None),
         )  # fmt: skip
 

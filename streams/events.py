@@ -37,6 +37,8 @@ __all__ = [
     "TrainingFailed",
     "deterministic_id",
     "new_event_id",
+    "request_id_of",
+    "row_id",
     "utcnow",
 ]
 
@@ -63,6 +65,15 @@ def new_event_id() -> str:
 def deterministic_id(*parts: object) -> str:
     """The same parts always give the same id (uuid5), so a replayed event is recognisable."""
     return uuid.uuid5(_NAMESPACE, "\x1f".join(str(p) for p in parts)).hex
+
+
+def request_id_of(value: object, source: str, index: int, room: int = 0) -> str:
+    """A file row's request id: its own id (`value`) where that is a valid request id with `room`
+    characters to spare (for a suffix), else `row_id(source, index)`."""
+    text = None if value is None else str(value)
+    if text is not None and len(text) <= 128 - room and re.match(REQUEST_ID_PATTERN, text):
+        return text
+    return row_id(source, index)
 
 
 def row_id(source: str, index: int) -> str:
@@ -260,7 +271,6 @@ class ServiceHeartbeat(Event, frozen=True, kw_only=True):
     polled: int = 0
     dead_lettered: int = 0
     records_position_at: AwareDatetime | None = None  # the monitor: when it last read the records' end
-    error: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
     waiting_for: Annotated[str, msgspec.Meta(max_length=200)] | None = None  # not started yet, and why
 
     def key(self) -> str:

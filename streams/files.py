@@ -21,7 +21,6 @@ ones the user names):
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import pyarrow.compute as pc
 from streams.coerce import coerce_record
 from streams.config import RESERVED_COLUMNS, PipelineConfig, RecordSchema, parse_config
 from streams.errors import ConfigError, DriftloopError
-from streams.events import REQUEST_ID_PATTERN, row_id
+from streams.events import request_id_of
 
 __all__ = [
     "MAX_CATEGORIES",
@@ -313,11 +312,9 @@ class FileStream:
         self.replay_from = replay_from if replay_from is not None else start
         self.cycle = 0
         ids = schema.record_id
-        usable = re.compile(REQUEST_ID_PATTERN.replace("{0,127}", "{0,100}"))  # room for the cycle's suffix
-        self._ids = [
-            str(r[ids]) if ids and ids in r and usable.match(str(r[ids])) else row_id(source, i)
-            for i, r in enumerate(self.rows)
-        ]  # a request id must match REQUEST_ID_PATTERN: a row whose own id does not is named by its number
+        # a request id must match REQUEST_ID_PATTERN, with room for a replay's `.r<cycle>`: a row whose
+        # own id does not is named by its number
+        self._ids = [request_id_of(r.get(ids) if ids else None, source, i, room=27) for i, r in enumerate(self.rows)]
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -8,7 +8,6 @@ Thin adapters between the pure sources (`StreamGenerator`, `streams.files.file_r
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -21,7 +20,7 @@ import numpy as np
 from streams.coerce import coerce_record
 from streams.config import RecordSchema
 from streams.errors import BrokerError, DecodeError
-from streams.events import REQUEST_ID_PATTERN, LabelObserved, deterministic_id, row_id, utcnow
+from streams.events import LabelObserved, deterministic_id, request_id_of, utcnow
 from streams.generator import StreamGenerator, corrupt
 from streams.kafka import Producer, dead_letter
 from streams.rdkafka import BulkProducer
@@ -161,7 +160,6 @@ def publish_file(
     block_s = producer.max_block_s
     started = clock()
     label_name = schema.label.name
-    usable = re.compile(REQUEST_ID_PATTERN)
 
     def send_labels(upto: int) -> None:
         while pending and pending[0][2] <= upto:
@@ -206,8 +204,7 @@ def publish_file(
             producer.send(topics.records, payload, key=key)
         stats.records += 1
         if label_delay is not None and record.get(label_name) is not None:
-            named = ident if ident is not None and usable.match(ident) else row_id(source, index)
-            pending.append((named, record[label_name], index))
+            pending.append((request_id_of(ident, source, index), record[label_name], index))
             send_labels(index - label_delay)
         if progress is not None and stats.records % 100 == 0:
             progress(stats.records)

@@ -136,6 +136,8 @@ def judge_services(beats: list[Any], expected: bool, now: float, within_s: float
         entry = {"instances": len(alive), "heartbeat_age_s": age(beat.occurred_at),
                  "last_poll_age_s": age(beat.last_poll_at), "polled": beat.polled,
                  "dead_lettered": beat.dead_lettered}  # fmt: skip
+        if beat.resumed:
+            entry["resumed"] = beat.resumed  # what state the monitor took back when it started
         state = "up"
         if not alive:
             state = "gone"
@@ -295,6 +297,8 @@ def render(status: dict[str, Any]) -> list[str]:
                     f"  {service:<7} {s['state']:<5} heartbeat {s['heartbeat_age_s']}s ago, last poll "
                     f"{s['last_poll_age_s']}s ago, {s['polled']} polled, {s['dead_lettered']} to the DLQ"
                 )
+                if s.get("resumed"):
+                    lines.append(f"                at its start: {s['resumed']}")
         elif name == "mlflow":
             aliases = ", ".join(f"{a}={v}" for a, v in part["aliases"].items()) or "no aliases"
             lines.append(f"  mlflow  up    {part['tracking_uri']}; {part['versions']} versions; {aliases}")

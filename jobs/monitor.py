@@ -33,12 +33,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+import zlib
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+import msgspec
 import numpy as np
 
 from jobs.policy import Decision, PolicyState, WindowResult, decide, records_since
@@ -49,14 +51,17 @@ from streams.events import (
     DriftDetected,
     FeatureDrift,
     LabelObserved,
+    MonitorState,
     OffsetRange,
+    PendingSpan,
     PredictionLogged,
     RetrainRequested,
     deterministic_id,
 )
+from streams.serde import encode_event
 from streams.topics import Topics
 
-__all__ = ["PREDICTION", "Champion", "LabelJoin", "Monitor", "Outcome", "run_monitor"]
+__all__ = ["PREDICTION", "Champion", "LabelJoin", "Monitor", "Outcome", "pending_spans", "run_monitor", "span_offsets"]
 
 log = logging.getLogger(__name__)
 
@@ -104,43 +109,65 @@ class _DataWindow:
         return ",".join(f"{r.topic}/{r.partition}:{r.start}-{r.end}" for r in self.ranges())
 
 
+Where = tuple[str, int, int]  # (topic, partition, offset) of a record
+
+
 class LabelJoin:
     """Predictions waiting for their labels (and labels that came first), bounded, with a TTL.
 
     Time is event time (the events' `occurred_at`), so the join is reproducible. When full, the
-    oldest entries go first; `expired` and `evicted` count what was forgotten unjoined.
+    oldest entries go first; `expired` and `evicted` count what was forgotten unjoined. Each entry
+    remembers where its record lies (`where`), so that a snapshot of the monitor's state can name
+    the waiting records by offset instead of copying them (`pending_spans`).
     """
 
     def __init__(self, ttl_s: float, max_pending: int) -> None:
         self.ttl = timedelta(seconds=ttl_s)
         self.max_pending = max_pending
-        self._predictions: OrderedDict[str, tuple[datetime, str]] = OrderedDict()  # id -> (at, predicted)
-        self._labels: OrderedDict[str, tuple[datetime, str]] = OrderedDict()
+        # id -> (at, predicted or label, where)
+        self._predictions: OrderedDict[str, tuple[datetime, str, Where | None]] = OrderedDict()
+        self._labels: OrderedDict[str, tuple[datetime, str, Where | None]] = OrderedDict()
         self.expired = 0
         self.evicted = 0
         self.joined = 0
 
-    def add_prediction(self, request_id: str, predicted: str, at: datetime) -> tuple[str, str] | None:
+    def add_prediction(
+        self, request_id: str, predicted: str, at: datetime, where: Where | None = None
+    ) -> tuple[str, str] | None:
         early = self._labels.pop(request_id, None)
         if early is not None:
             self.joined += 1
             return predicted, early[1]
-        self._predictions[request_id] = (at, predicted)
+        self._predictions[request_id] = (at, predicted, where)
         self._trim(at)
         return None
 
-    def add_label(self, request_id: str, label: str, at: datetime) -> tuple[str, str] | None:
+    def add_label(
+        self, request_id: str, label: str, at: datetime, where: Where | None = None
+    ) -> tuple[str, str] | None:
         waiting = self._predictions.pop(request_id, None)
         if waiting is not None:
             self.joined += 1
             return waiting[1], label
-        self._labels[request_id] = (at, label)
+        self._labels[request_id] = (at, label, where)
         self._trim(at)
         return None
 
     @property
     def pending(self) -> int:
         return len(self._predictions) + len(self._labels)
+
+    def waiting(self) -> Iterator[Where]:
+        """Where the waiting predictions and labels lie (those added with a `where`)."""
+        for table in (self._predictions, self._labels):
+            yield from (entry[2] for entry in table.values() if entry[2] is not None)
+
+    def evict_oldest(self, count: int) -> None:
+        """Forget the `count` oldest waiting entries (counted in `evicted`)."""
+        for _ in range(min(count, self.pending)):
+            table = self._predictions if len(self._predictions) >= len(self._labels) else self._labels
+            table.popitem(last=False)
+            self.evicted += 1
 
     def _trim(self, now: datetime) -> None:
         for table in (self._predictions, self._labels):
@@ -151,10 +178,39 @@ class LabelJoin:
                     self.expired += 1
                 else:
                     break
-        while self.pending > self.max_pending:
-            table = self._predictions if len(self._predictions) >= len(self._labels) else self._labels
-            table.popitem(last=False)
-            self.evicted += 1
+        if self.pending > self.max_pending:
+            self.evict_oldest(self.pending - self.max_pending)
+
+
+def pending_spans(where: Iterable[Where]) -> tuple[PendingSpan, ...]:
+    """The records at `where`, as one span per partition with a bitmap of the offsets. Pure."""
+    by: defaultdict[tuple[str, int], list[int]] = defaultdict(list)
+    for topic, partition, offset in where:
+        by[(topic, partition)].append(offset)
+    spans = []
+    for (topic, partition), offsets in sorted(by.items()):
+        at = np.asarray(offsets, dtype=np.int64)
+        start, end = int(at.min()), int(at.max()) + 1
+        bits = np.zeros(end - start, dtype=bool)
+        bits[at - start] = True
+        bitmap = zlib.compress(np.packbits(bits).tobytes())
+        spans.append(PendingSpan(topic=topic, partition=partition, start=start, end=end, bitmap=bitmap))
+    return tuple(spans)
+
+
+def span_offsets(span: PendingSpan) -> np.ndarray:
+    """The offsets a span's bitmap marks; a bitmap that is not what its span says is a ValueError
+    (the state topic is input like any other: its decompressed size is bounded first). Pure."""
+    size = (span.end - span.start + 7) // 8
+    inflate = zlib.decompressobj()
+    try:
+        raw = inflate.decompress(span.bitmap, size + 1)
+    except zlib.error as err:
+        raise ValueError(f"the bitmap of {span.topic}/{span.partition} is not zlib data: {err}") from None
+    if len(raw) != size or inflate.unconsumed_tail:
+        raise ValueError(f"the bitmap of {span.topic}/{span.partition} is not {size} bytes long")
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=span.end - span.start)
+    return span.start + np.flatnonzero(bits)
 
 
 @dataclass(frozen=True)
@@ -167,6 +223,7 @@ class Outcome:
     retrain: RetrainRequested | None
     decision: str
     commit: dict[tuple[str, int], int] | None = None
+    state: MonitorState | None = None  # what a restarted monitor resumes from, written before `commit`
 
 
 def window_metrics(
@@ -199,10 +256,16 @@ def window_metrics(
 
 
 class Monitor:
-    """The pure core: windows, the label join and the retrain policy."""
+    """The pure core: windows, the label join and the retrain policy.
 
-    def __init__(self, config: PipelineConfig, champion: Champion) -> None:
+    With `keep_state`, each closed data window carries a `MonitorState` (`snapshot`): what the
+    I/O part writes to the state topic before it commits, and what `restore` and `rejoin` take
+    back after a restart.
+    """
+
+    def __init__(self, config: PipelineConfig, champion: Champion, keep_state: bool = False) -> None:
         self.config = config
+        self.keep_state = keep_state
         self.settings = config.monitor
         self.classes = [str(c) for c in config.schema.label.classes]
         self.positive = self.classes[-1] if len(self.classes) == 2 else None  # see _DataWindow.add
@@ -213,7 +276,8 @@ class Monitor:
         self._perf: list[tuple[str, str]] = []
         self._perf_started: datetime | None = None
         self._perf_records: tuple[OffsetRange, ...] = ()
-        self._labels_next: dict[tuple[str, int], int] = {}
+        self._next: dict[tuple[str, int], int] = {}  # per partition read, the next offset: the commit
+        self._resume: dict[tuple[str, int], int] = {}  # offsets below these are in a restored state
         self.records_position: tuple[OffsetRange, ...] = ()  # the records topic's ends, as last seen
 
     def note_records(self, position: tuple[OffsetRange, ...]) -> None:
@@ -239,7 +303,11 @@ class Monitor:
         out: list[Outcome] = []
         limit = self.settings.window_seconds
         for event, topic, partition, offset in items:
+            key = (topic, partition)
+            if offset < self._resume.get(key, 0):
+                continue  # re-read after a restart, but already in the restored state
             if event.variant == "shadow":
+                self._next[key] = offset + 1
                 continue  # the challenger's shadow answers were not served
             w = self._window
             if limit is not None and w.started is not None and (event.occurred_at - w.started).total_seconds() >= limit:
@@ -247,7 +315,9 @@ class Monitor:
             if self._window.size == 0:
                 self._window.records_from = self.records_position
             self._window.add(event, topic, partition, offset, self.positive)
-            joined = self.join.add_prediction(event.request_id, str(event.prediction), event.occurred_at)
+            self._next[key] = offset + 1
+            where = (topic, partition, offset)
+            joined = self.join.add_prediction(event.request_id, str(event.prediction), event.occurred_at, where)
             if joined is not None:
                 out.extend(self._add_joined(joined, event.occurred_at))
             if limit is None and self._window.size >= self.settings.window_size:
@@ -257,8 +327,11 @@ class Monitor:
     def on_labels(self, items: Sequence[tuple[LabelObserved, str, int, int]]) -> list[Outcome]:
         out: list[Outcome] = []
         for event, topic, partition, offset in items:
-            self._labels_next[(topic, partition)] = offset + 1
-            joined = self.join.add_label(event.request_id, str(event.label), event.occurred_at)
+            if offset < self._resume.get((topic, partition), 0):
+                continue
+            self._next[(topic, partition)] = offset + 1
+            where = (topic, partition, offset)
+            joined = self.join.add_label(event.request_id, str(event.label), event.occurred_at, where)
             if joined is not None:
                 out.extend(self._add_joined(joined, event.occurred_at))
         return out
@@ -385,7 +458,7 @@ class Monitor:
                               kinds=("data", "prediction"), drifted_kinds=tuple(drifted_kinds),
                               records=records)  # fmt: skip
         decision = self._decide(result)
-        commit = {key: span[1] for key, span in w.offsets.items()} | dict(self._labels_next)
+        commit = dict(self._next)
         summary = {
             "kind": "data",
             "start": w.started.isoformat(),
@@ -406,12 +479,104 @@ class Monitor:
             },
             "offsets": {f"{t}/{p}": span for (t, p), span in sorted(w.offsets.items())},
         }
-        return Outcome("data", summary, event, decision.request, decision.reason, commit)
+        state = self.snapshot(w.ended) if self.keep_state else None
+        return Outcome("data", summary, event, decision.request, decision.reason, commit, state)
 
     def _decide(self, result: WindowResult) -> Decision:
         decision = decide(self.config.name, self.config.retrain, self.policy, result)
         self.policy = decision.state
         return decision
+
+    def snapshot(self, at: datetime) -> MonitorState:
+        """The state beyond the committed offsets, now (see `MonitorState`). It must fit in one
+        record: while it does not, the oldest waiting entries of the label join are forgotten
+        (counted in `evicted`, and logged)."""
+        cut = tuple(OffsetRange(topic=t, partition=p, start=o, end=o) for (t, p), o in sorted(self._next.items()))
+        name = ",".join(f"{r.topic}/{r.partition}:{r.end}" for r in cut)
+        policy, limit = self.policy, self.config.kafka.max_record_bytes
+        while True:
+            try:
+                pending = pending_spans(self.join.waiting())
+                state = MonitorState(
+                    event_id=deterministic_id(self.config.name, "state", name), occurred_at=at,
+                    pipeline=self.config.name, model_version=self.champion.version, cut=cut,
+                    streaks=dict(policy.streaks), streak_started=dict(policy.streak_started),  # type: ignore[arg-type]
+                    streak_records=dict(policy.streak_records),  # type: ignore[arg-type]
+                    last_request_at=policy.last_request_at, recent_requests=policy.recent_requests,
+                    performance=tuple(self._perf), performance_started=self._perf_started,
+                    performance_records=self._perf_records, pending=pending,
+                    joined=self.join.joined, expired=self.join.expired, evicted=self.join.evicted,
+                )  # fmt: skip
+                if len(encode_event(state)) <= limit:
+                    return state
+            except ValueError:  # a pending span longer than a state may hold
+                pass
+            if not self.join.pending:  # the performance window alone is too big: keep the rest
+                log.warning("the monitor's state is over %d bytes without its performance window", limit)
+                return msgspec.structs.replace(state, performance=(), performance_started=None)
+            dropped = max(1, self.join.pending // 10)
+            log.warning("the monitor's state is over %d bytes: forgetting the %d oldest of %d waiting entries",
+                        limit, dropped, self.join.pending)  # fmt: skip
+            self.join.evict_oldest(dropped)
+
+    def restore(
+        self, state: MonitorState, committed: Mapping[tuple[str, int], int]
+    ) -> tuple[str, tuple[PendingSpan, ...]]:
+        """Take back a snapshot written before a restart, given the offsets the group committed.
+
+        The snapshot is written before its offsets are committed, so it may be ahead of them (a
+        crash in between): what the consumer then re-reads below its cut is skipped. A snapshot
+        behind the commits is stale (someone else consumed since) and is not taken. Returns what
+        was done, in words, and the spans whose marked records go back into the label join
+        (`rejoin`)."""
+        cut = {(r.topic, r.partition): r.end for r in state.cut}
+        if state.pipeline != self.config.name:
+            return f"fresh: the newest state is pipeline {state.pipeline!r}'s", ()
+        behind = sorted(f"{t}/{p}" for (t, p), o in committed.items() if o > cut.get((t, p), 0))
+        if behind:
+            return f"fresh: the newest state is older than the offsets committed on {', '.join(behind)}", ()
+        self._resume, self._next = dict(cut), dict(cut)
+        same_model = state.model_version == self.champion.version
+        self.policy = PolicyState(
+            streaks={str(k): v for k, v in state.streaks.items()} if same_model else {},
+            streak_started={str(k): v for k, v in state.streak_started.items()} if same_model else {},
+            streak_records={str(k): v for k, v in state.streak_records.items()} if same_model else {},
+            last_request_at=state.last_request_at,
+            recent_requests=state.recent_requests,
+        )
+        known = set(self.classes)
+        pairs = [(p, t) for p, t in state.performance if t in known]
+        if same_model and len(pairs) == len(state.performance):
+            self._perf, self._perf_started = pairs, state.performance_started
+            self._perf_records = state.performance_records
+        self.join.joined += state.joined
+        self.join.expired += state.expired
+        self.join.evicted += state.evicted
+        streaks = ", ".join(f"{k} {v}" for k, v in sorted(self.policy.streaks.items())) or "none"
+        note = "" if same_model else f" (streaks and the performance window were for model {state.model_version})"
+        where = ", ".join(f"{t}/{p}:{o}" for (t, p), o in sorted(cut.items()))
+        return (f"restored the state at {where}: streaks {streaks}, {len(self._perf)} labelled predictions "
+                f"of a performance window{note}"), state.pending  # fmt: skip
+
+    def rejoin(
+        self, spans: Sequence[PendingSpan], items: Sequence[tuple[PredictionLogged | LabelObserved, str, int, int]]
+    ) -> list[Outcome]:
+        """Records re-read from a restored state's pending spans: those the bitmaps mark go back
+        into the label join (in event-time order, as the join's time-to-live wants)."""
+        marked = {(s.topic, s.partition): set(span_offsets(s).tolist()) for s in spans}
+        chosen = [i for i in items if i[3] in marked.get((i[1], i[2]), ())]
+        out: list[Outcome] = []
+        for event, topic, partition, offset in sorted(chosen, key=lambda i: i[0].occurred_at):
+            where = (topic, partition, offset)
+            if isinstance(event, PredictionLogged):
+                if event.variant == "shadow":
+                    continue
+                joined = self.join.add_prediction(event.request_id, str(event.prediction), event.occurred_at, where)
+            else:
+                joined = self.join.add_label(event.request_id, str(event.label), event.occurred_at, where)
+            if joined is not None:
+                out.extend(self._add_joined(joined, event.occurred_at))
+        return out
 
 
 def _finite(value: float | None) -> float | None:
@@ -443,6 +608,7 @@ class MonitorStats:
     retrain_requests: int = 0
     predictions: int = 0
     labels: int = 0
+    resumed: str | None = None  # what state the monitor took back at its start, in words
 
 
 def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event, stats: MonitorStats) -> None:
@@ -451,7 +617,8 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
     from streams.kafka import ensure_topics
 
     topics = Topics.of(config)
-    ensure_topics(config.kafka, [topics.predictions, topics.labels, topics.drift, topics.retrain, topics.dlq])
+    ensure_topics(config.kafka, [topics.predictions, topics.labels, topics.drift, topics.retrain, topics.dlq,
+                                 topics.state])  # fmt: skip
     registry = ModelRegistry(config, tracking_uri)
     live: dict[str, Any] = {}  # the consumer and the records position, once there is a champion
 
@@ -459,7 +626,7 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
         consumer, position = live.get("consumer"), live.get("position")
         if consumer is None or position is None:
             return {"waiting_for": "a champion to monitor against (none is promoted yet)"}
-        return {"last_poll": consumer.last_poll, "polled": consumer.stats.polled,
+        return {"last_poll": consumer.last_poll, "polled": consumer.stats.polled, "resumed": stats.resumed,
                 "dead_lettered": consumer.stats.dead_lettered, "records_position": position.fresh_at}  # fmt: skip
 
     beat = Heartbeat(config.kafka, topics.heartbeats, config.name, "monitor", probe)
@@ -473,14 +640,16 @@ def _monitor_loop(
     config: PipelineConfig, registry: Any, stop: threading.Event, stats: MonitorStats, topics: Topics,
     live: dict[str, Any],
 ) -> None:  # fmt: skip
-    """`run_monitor`'s body: wait for a champion, then consume (what it runs is put in `live`)."""
+    """`run_monitor`'s body: wait for a champion, take back the state a previous run left (with
+    one monitor actor), then consume (what it runs is put in `live`)."""
     from streams.kafka import Batch, Producer, StreamConsumer
     from streams.serde import LabelRecordCodec, decode_events, events_or_label_records
 
+    keep_state = config.monitor.actors == 1  # with more, each holds partitions the group may reassign
     monitor: Monitor | None = None
     while monitor is None and not stop.is_set():
         try:
-            monitor = Monitor(config, load_champion(config, registry))
+            monitor = Monitor(config, load_champion(config, registry), keep_state=keep_state)
         except LookupError as err:
             log.info("%s; waiting", err)
             stop.wait(2.0)
@@ -490,6 +659,28 @@ def _monitor_loop(
     producer = Producer(config.kafka, client_id=f"{config.name}.monitor")
     consumer: StreamConsumer
     position = RecordsPosition(config.kafka, topics.records)
+    decoder: Any = decode_events
+    if config.topics.labels_format == "record":
+        decoder = events_or_label_records(LabelRecordCodec(config.schema, config.name, config.kafka.max_record_bytes))
+
+    def publish(outcomes: list[Outcome]) -> None:
+        """Send what the windows decided; with a data window's close, its state, then the commit."""
+        for o in outcomes:
+            if o.drift is not None:
+                producer.send_event(topics.drift, o.drift)
+                stats.drift_events += 1
+            if o.retrain is not None:
+                producer.send_event(topics.retrain, o.retrain)
+                stats.retrain_requests += 1
+                log.info("retrain requested (%s): %s", o.retrain.event_id, o.decision)
+            stats.windows.append(o.summary | {"decision": o.decision, "retrain": o.retrain is not None})
+        commits = [o for o in outcomes if o.commit]
+        if commits:
+            producer.flush()  # the events first: a state or a commit never gets ahead of them
+            if commits[-1].state is not None:
+                producer.send_event(topics.state, commits[-1].state)
+                producer.flush()
+            consumer.commit(commits[-1].commit or {})
 
     def handle(batch: Batch) -> None:
         nonlocal checked
@@ -514,24 +705,8 @@ def _monitor_loop(
                 labels = [i for i in items if isinstance(i[0], LabelObserved)]
                 stats.labels += len(labels)
                 outcomes += monitor.on_labels(labels)
-        for o in outcomes:
-            if o.drift is not None:
-                producer.send_event(topics.drift, o.drift)
-                stats.drift_events += 1
-            if o.retrain is not None:
-                producer.send_event(topics.retrain, o.retrain)
-                stats.retrain_requests += 1
-                log.info("retrain requested (%s): %s", o.retrain.event_id, o.decision)
-            stats.windows.append(o.summary | {"decision": o.decision, "retrain": o.retrain is not None})
-        if any(o.commit for o in outcomes):
-            producer.flush()
-            for o in outcomes:
-                if o.commit:
-                    consumer.commit(o.commit)
+        publish(outcomes)
 
-    decoder: Any = decode_events
-    if config.topics.labels_format == "record":
-        decoder = events_or_label_records(LabelRecordCodec(config.schema, config.name, config.kafka.max_record_bytes))
     consumer = StreamConsumer(
         config.kafka,
         [topics.predictions, topics.labels],
@@ -541,6 +716,18 @@ def _monitor_loop(
         dlq_topic=topics.dlq,
         commit_each_batch=False,
     )
+    try:
+        if keep_state:
+            stats.resumed, outcomes = resume_state(config, monitor, topics, decoder, producer)
+            log.info("monitor state: %s", stats.resumed)
+            publish(outcomes)
+        else:
+            stats.resumed = f"fresh: no state is kept with monitor.actors {config.monitor.actors} > 1"
+    except BaseException:
+        consumer.close()
+        producer.close()
+        position.close()
+        raise
 
     def stop_when_asked() -> None:
         stop.wait()
@@ -554,6 +741,60 @@ def _monitor_loop(
     finally:
         producer.close()
         position.close()
+
+
+def resume_state(
+    config: PipelineConfig, monitor: Monitor, topics: Topics, decoder: Any, producer: Any
+) -> tuple[str, list[Outcome]]:
+    """Take back the newest state on the state topic (see `Monitor.restore`) and re-read the
+    label join's waiting records; returns what was done, in words, and any outcomes. A state
+    record that does not decode goes to the DLQ with its reason and the next newer one is
+    used; an unreachable broker raises (the actor restarts and tries again)."""
+    from streams.kafka import committed_offsets, dead_letter
+    from streams.kafka_source import poll_range, read_tail
+
+    states: list[tuple[tuple[int, int], MonitorState]] = []
+    bad = []
+    for record in read_tail(config.kafka, topics.state, last=4):
+        (value,) = decode_state([record.value], config.kafka.max_record_bytes)
+        if isinstance(value, MonitorState):
+            states.append(((record.timestamp, record.offset), value))
+        elif value is not None:
+            bad.append((record, value))
+    if bad:
+        dead_letter(producer, topics.dlq, bad)
+        producer.flush()
+    if not states:
+        return "fresh: no state on " + topics.state, []
+    _, state = max(states, key=lambda s: s[0])
+    committed = committed_offsets(config.kafka, f"{config.name}.monitor", [topics.predictions, topics.labels])
+    said, spans = monitor.restore(state, committed)
+    items: list[tuple[Any, str, int, int]] = []
+    lost = 0
+    for span in spans:
+        marked = len(span_offsets(span))
+        try:
+            whole = OffsetRange(topic=span.topic, partition=span.partition, start=span.start, end=span.end)
+            for records in poll_range(config.kafka, whole, timeout_s=60.0):
+                for r, v in zip(records, decoder([r.value for r in records]), strict=True):
+                    if isinstance(v, PredictionLogged | LabelObserved):
+                        items.append((v, span.topic, span.partition, r.offset))
+        except Exception as err:  # deleted by retention: those entries are forgotten, and counted
+            log.warning("re-reading the label join's waiting records: %s", err)
+            lost += marked
+    monitor.join.expired += lost
+    outcomes = monitor.rejoin(spans, items)
+    waiting = f"; {monitor.join.pending} predictions and labels wait for their match again" if spans else ""
+    return said + waiting + (f" ({lost} could not be re-read)" if lost else ""), outcomes
+
+
+def decode_state(payloads: list[bytes | None], max_bytes: int) -> list[Any]:
+    """The state topic's records: a `MonitorState`, a `DecodeError` (to the DLQ), or None (another
+    event type, which has no business there but harms nothing)."""
+    from streams.errors import DecodeError
+    from streams.serde import decode_events
+
+    return [v if isinstance(v, MonitorState | DecodeError) else None for v in decode_events(payloads, max_bytes)]
 
 
 class RecordsPosition:
@@ -606,5 +847,5 @@ class MonitorService(Service):
     def stats(self) -> dict[str, Any]:
         s = self._stats
         return {"windows": list(s.windows), "drift_events": s.drift_events, "retrain_requests": s.retrain_requests,
-                "predictions": s.predictions, "labels": s.labels, "error": self.error,
+                "predictions": s.predictions, "labels": s.labels, "error": self.error, "resumed": s.resumed,
                 "running": self.running}  # fmt: skip

@@ -95,6 +95,7 @@ class Heartbeat:
             started_at=self.started_at, last_poll_at=_at(state.get("last_poll")), polled=int(state.get("polled", 0)),
             dead_lettered=int(state.get("dead_lettered", 0)), records_position_at=_at(state.get("records_position")),
             waiting_for=(str(state["waiting_for"])[:200] if state.get("waiting_for") else None),
+            resumed=(str(state["resumed"])[:300] if state.get("resumed") else None),
         )  # fmt: skip
 
     def _run(self) -> None:

@@ -712,6 +712,7 @@ class TopicSettings:
     models: str | None = None
     dlq: str | None = None
     heartbeats: str | None = None
+    state: str | None = None
     labels_format: Literal["event", "record"] = "event"
 
     def named(self) -> dict[str, str]:

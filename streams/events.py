@@ -29,7 +29,9 @@ __all__ = [
     "ModelPromoted",
     "ModelRejected",
     "ModelRolledBack",
+    "MonitorState",
     "OffsetRange",
+    "PendingSpan",
     "PredictionLogged",
     "RetrainRequested",
     "ServiceHeartbeat",
@@ -272,9 +274,59 @@ class ServiceHeartbeat(Event, frozen=True, kw_only=True):
     dead_lettered: int = 0
     records_position_at: AwareDatetime | None = None  # the monitor: when it last read the records' end
     waiting_for: Annotated[str, msgspec.Meta(max_length=200)] | None = None  # not started yet, and why
+    resumed: Annotated[str, msgspec.Meta(max_length=300)] | None = None  # the monitor: what state it resumed
 
     def key(self) -> str:
         return f"{self.service}.{self.instance}"
+
+
+MAX_PENDING_SPAN = 50_000_000  # offsets one pending span of a monitor state may cover (a 6 MB bitmap)
+Kind = Literal["data", "prediction", "performance"]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+ClassName = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class PendingSpan(msgspec.Struct, frozen=True, kw_only=True):
+    """Offsets `[start, end)` of one partition and which of them wait in the monitor's label join:
+    `bitmap` is zlib-compressed, bit `i` (most significant first) for offset `start + i`."""
+
+    topic: str
+    partition: Count
+    start: Count
+    end: Count
+    bitmap: Annotated[bytes, msgspec.Meta(max_length=8 * 1024 * 1024)]
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.end - self.start <= MAX_PENDING_SPAN:
+            raise ValueError(f"a pending span covers 0 to {MAX_PENDING_SPAN} offsets, not {self.end - self.start}")
+
+
+class MonitorState(Event, frozen=True, kw_only=True):
+    """What the monitor knows beyond its committed offsets, as a data window closes (the `state`
+    topic, written before the offsets are committed): the retrain policy's streaks and cooldown,
+    the partly filled performance window, and where the label join's waiting predictions and
+    labels lie (re-read from the topics on a restart, so the state stays small). `cut` gives, per
+    partition of the predictions and labels topics, the next offset: everything before it is
+    accounted for here."""
+
+    pipeline: Id
+    model_version: Version
+    cut: tuple[OffsetRange, ...]
+    streaks: dict[Kind, Count] = {}
+    streak_started: dict[Kind, AwareDatetime] = {}
+    streak_records: dict[Kind, tuple[OffsetRange, ...]] = {}
+    last_request_at: AwareDatetime | None = None
+    recent_requests: Annotated[tuple[AwareDatetime, ...], msgspec.Meta(max_length=10_000)] = ()
+    performance: Annotated[tuple[tuple[ClassName, ClassName], ...], msgspec.Meta(max_length=1_000_000)] = ()
+    performance_started: AwareDatetime | None = None
+    performance_records: tuple[OffsetRange, ...] = ()
+    pending: tuple[PendingSpan, ...] = ()
+    joined: Count = 0
+    expired: Count = 0
+    evicted: Count = 0
+
+    def key(self) -> str:
+        return self.pipeline
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
@@ -290,5 +342,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ModelRejected,
         ModelRolledBack,
         ServiceHeartbeat,
+        MonitorState,
     )
 }

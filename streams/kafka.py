@@ -36,6 +36,7 @@ __all__ = [
     "admin_client",
     "bootstrap_servers",
     "client_options",
+    "committed_offsets",
     "dead_letter",
     "dlq_copy",
     "ensure_topics",
@@ -127,6 +128,21 @@ def ensure_topics(kafka: KafkaSettings, topics: Iterable[str], partitions: int |
     finally:
         admin.close()
     return created
+
+
+def committed_offsets(kafka: KafkaSettings, group_id: str, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """The offsets `group_id` has committed on `topics`, per (topic, partition)."""
+    wanted = set(topics)
+    admin = admin_client(kafka)
+    try:
+        committed = admin.list_group_offsets([group_id]).get(group_id) or {}
+    finally:
+        admin.close()
+    return {
+        (tp.topic, tp.partition): int(meta.offset)
+        for tp, meta in committed.items()
+        if tp.topic in wanted and meta is not None and meta.offset >= 0
+    }
 
 
 def topic_id(kafka: KafkaSettings, topic: str) -> str | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "arrow_schema",
     "fetch_high_watermarks",
     "high_watermarks",
+    "poll_range",
     "read_range",
     "read_tail",
     "split_ranges",
@@ -118,7 +119,6 @@ def read_range(
     """Read exactly `[span.start, span.end)` of one partition (see the module docstring)."""
     codec = RecordCodec(schema, kafka.max_record_bytes)
     arrow = arrow_schema(schema)
-    tp = TopicPartition(span.topic, span.partition)
     tables: list[pa.Table] = []
     bad: list[tuple[Any, DecodeError]] = []
 
@@ -134,6 +134,27 @@ def read_range(
                 good_values.append(result)
         tables.append(to_table(schema, arrow, span.topic, span.partition, good_records, good_values))
 
+    for records in poll_range(kafka, span, timeout_s):
+        convert(records)
+
+    if bad:
+        if dlq_topic is None:
+            raise BrokerError(f"{len(bad)} records in {span} failed to decode and no DLQ topic was given")
+        own = producer is None
+        sink = producer or Producer(kafka, client_id="driftloop-ingest-dlq")
+        try:
+            dead_letter(sink, dlq_topic, bad)
+        finally:
+            if own:
+                sink.close()
+    table = pa.concat_tables(tables).combine_chunks() if tables else arrow.empty_table()
+    return RangeRead(span, table, dict(Counter(err.kind.value for _, err in bad)))
+
+
+def poll_range(kafka: KafkaSettings, span: OffsetRange, timeout_s: float) -> Iterator[list[Any]]:
+    """The raw records of `[span.start, span.end)` of one partition, a poll's worth at a time; an
+    `IncompleteRead` names the offsets that are not there (not yet written, or deleted)."""
+    tp = TopicPartition(span.topic, span.partition)
     consumer = _consumer(kafka)
     try:
         consumer.assign([tp])
@@ -159,23 +180,10 @@ def read_range(
             for batch in polled.values():
                 wanted = [r for r in batch if r.offset < span.end]
                 if wanted:
-                    convert(wanted)
+                    yield wanted
             position = consumer.position(tp)
     finally:
         consumer.close()
-
-    if bad:
-        if dlq_topic is None:
-            raise BrokerError(f"{len(bad)} records in {span} failed to decode and no DLQ topic was given")
-        own = producer is None
-        sink = producer or Producer(kafka, client_id="driftloop-ingest-dlq")
-        try:
-            dead_letter(sink, dlq_topic, bad)
-        finally:
-            if own:
-                sink.close()
-    table = pa.concat_tables(tables).combine_chunks() if tables else arrow.empty_table()
-    return RangeRead(span, table, dict(Counter(err.kind.value for _, err in bad)))
 
 
 def high_watermarks(kafka: KafkaSettings, topic: str, timeout_s: float = 10.0) -> dict[int, int]:

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TOPICS", "Topics"]
 
-TOPICS = ("records", "predictions", "labels", "drift", "retrain", "models", "dlq", "heartbeats")
+TOPICS = ("records", "predictions", "labels", "drift", "retrain", "models", "dlq", "heartbeats", "state")
 
 
 @dataclass(frozen=True)
@@ -68,3 +68,7 @@ class Topics:
     @property
     def heartbeats(self) -> str:
         return self.name("heartbeats")
+
+    @property
+    def state(self) -> str:
+        return self.name("state")

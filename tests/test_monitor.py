@@ -10,10 +10,10 @@ import msgspec
 import numpy as np
 import pytest
 
-from jobs.monitor import PREDICTION, Champion, LabelJoin, Monitor
+from jobs.monitor import PREDICTION, Champion, LabelJoin, Monitor, pending_spans, span_offsets
 from streams.config import PipelineConfig
 from streams.drift import Reference
-from streams.events import LabelObserved, PredictionLogged
+from streams.events import LabelObserved, MonitorState, PendingSpan, PredictionLogged
 from streams.generator import Scenario, StreamGenerator
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
@@ -229,3 +229,104 @@ def test_a_performance_window_drifts_only_when_its_drop_is_beyond_its_own_noise(
     assert sum(drifted(w, 0.99) for w in worse) >= 95
     same = window(150, 0.7)
     assert window_metrics(*same, ["fail", "ok"], 0.95) == window_metrics(*same, ["fail", "ok"], 0.95), "seeded"
+
+
+def addressed(
+    items: list[tuple[PredictionLogged, Any]], start: int, end: int
+) -> list[tuple[PredictionLogged, str, int, int]]:
+    """Predictions `start..end` of a stream on two partitions (item g at partition g % 2, offset g // 2)."""
+    return [(items[g][0], "p.predictions", g % 2, g // 2) for g in range(start, end)]
+
+
+def decisions(outcomes: list[Any]) -> list[tuple[Any, ...]]:
+    return [
+        (o.kind, o.summary["size"], o.summary["drifted"], o.summary.get("f1_macro"), o.summary.get("start"),
+         o.drift and o.drift.event_id, o.retrain and o.retrain.event_id)
+        for o in outcomes
+    ]  # fmt: skip
+
+
+def test_a_restored_state_resumes_the_streak_the_performance_window_and_the_label_join(
+    demo_config: PipelineConfig,
+) -> None:
+    """Killed after its first drifted window: the restarted core, given the snapshot and the records
+    re-read from the committed offsets, decides exactly what an uninterrupted one decides."""
+    from streams.serde import decode_event, encode_event
+
+    config = small(demo_config)
+    items = predictions(config, 1200, "covariate", drift_at=0)
+    ys = labels(items)
+    through = Monitor(config, champion(config), keep_state=True)
+    head = through.on_predictions(addressed(items, 0, 300)) + through.on_labels(ys[:250])  # a performance window
+    head += through.on_predictions(addressed(items, 300, 600))  # window 1 closes at 400, with its state
+    assert [o.kind for o in head] == ["performance", "data"] and head[1].summary["drifted"] and not head[1].retrain
+    cut = head[1].commit
+    assert cut == {("p.predictions", 0): 200, ("p.predictions", 1): 200, ("p.labels", 0): 250}
+    state = decode_event(encode_event(head[1].state))  # as it travels on the state topic
+    assert isinstance(state, MonitorState)
+    assert state.streaks == {"data": 1} and len(state.performance) == 50
+    assert {(r.topic, r.partition): r.end for r in state.cut} == cut
+    tail = through.on_predictions(addressed(items, 600, 1200)) + through.on_labels(ys[250:700])
+    assert sum(1 for o in tail if o.retrain) == 1
+
+    restarted = Monitor(config, champion(config), keep_state=True)
+    said, spans = restarted.restore(state, committed=cut)
+    assert said.startswith("restored") and spans
+    # the I/O part re-reads each span whole; the bitmaps pick predictions 250..399, still unlabelled
+    reread = [i for i in addressed(items, 0, 600) for s in spans if s.partition == i[2] and s.start <= i[3] < s.end]
+    assert restarted.rejoin(spans, reread) == [] and restarted.join.pending == 150
+    # the consumer resumes from offsets committed before the cut: what the state holds is skipped
+    again = restarted.on_predictions(addressed(items, 0, 1200)) + restarted.on_labels(ys[:700])
+    assert decisions(again) == decisions(tail)
+
+    fresh = Monitor(config, champion(config))  # what a restart did before: streak, window and join empty
+    lost = fresh.on_predictions(addressed(items, 400, 1200)) + fresh.on_labels(ys[250:700])
+    late = [o.summary["end"] for o in lost if o.retrain]
+    assert late and late != [o.summary["end"] for o in tail if o.retrain], "the retrain came a window late"
+    assert len([o for o in lost if o.kind == "performance"]) < len([o for o in tail if o.kind == "performance"])
+
+
+def test_a_state_behind_the_committed_offsets_or_of_another_pipeline_is_not_taken(
+    demo_config: PipelineConfig,
+) -> None:
+    config = small(demo_config)
+    items = predictions(config, 400, "covariate", drift_at=0)
+    (closed,) = Monitor(config, champion(config), keep_state=True).on_predictions(addressed(items, 0, 400))
+    assert closed.state is not None
+    ahead = {key: offset + 1 for key, offset in closed.commit.items()}
+    said, spans = Monitor(config, champion(config)).restore(closed.state, committed=ahead)
+    assert said.startswith("fresh: the newest state is older") and spans == ()
+    other = msgspec.structs.replace(closed.state, pipeline="other")
+    assert Monitor(config, champion(config)).restore(other, committed={})[0].startswith("fresh")
+    newer = Monitor(config, Champion("2", champion(config).reference, {"accuracy": 0.9, "f1_macro": 0.9}))
+    said, _ = newer.restore(closed.state, committed={})
+    assert "were for model 1" in said and newer.policy.streaks == {}  # a new champion starts its own streak
+
+
+def test_pending_spans_mark_exact_offsets_and_hostile_bitmaps_are_refused() -> None:
+    import zlib
+
+    where = [("t", 0, 5), ("t", 0, 9), ("t", 1, 0), ("t", 0, 1_000_000)]
+    spans = pending_spans(where)
+    assert [(s.partition, s.start, s.end) for s in spans] == [(0, 5, 1_000_001), (1, 0, 1)]
+    assert span_offsets(spans[0]).tolist() == [5, 9, 1_000_000] and len(spans[0].bitmap) < 1000
+    bomb = PendingSpan(topic="t", partition=0, start=0, end=8, bitmap=zlib.compress(bytes(100_000_000)))
+    with pytest.raises(ValueError, match="not 1 bytes long"):
+        span_offsets(bomb)
+    with pytest.raises(ValueError, match="not zlib data"):
+        span_offsets(PendingSpan(topic="t", partition=0, start=0, end=8, bitmap=b"plain"))
+
+
+def test_a_state_too_big_for_one_record_forgets_the_oldest_waiting_predictions(demo_config: PipelineConfig) -> None:
+    config = small(demo_config, max_pending=100_000)
+    config = dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, max_record_bytes=4096))
+    monitor = Monitor(config, champion(config), keep_state=True)
+    offsets = np.sort(np.random.default_rng(0).choice(1_000_000, size=5000, replace=False))
+    for g, offset in enumerate(offsets):  # scattered waiting records: a bitmap that compresses badly
+        monitor.join.add_prediction(f"r{g}", "yes", T0, ("p.predictions", 0, int(offset)))
+    state = monitor.snapshot(T0)
+    from streams.serde import encode_event
+
+    assert len(encode_event(state)) <= 4096 and 0 < monitor.join.pending < 5000
+    assert monitor.join.evicted == 5000 - monitor.join.pending
+    assert state.evicted == monitor.join.evicted

@@ -20,9 +20,11 @@ from jobs.registry import ModelRegistry
 from jobs.train import drift_reference
 from streams.config import PipelineConfig
 from streams.datasets import Window
-from streams.events import PredictionLogged, utcnow
+from streams.events import LabelObserved, PredictionLogged, RetrainRequested, utcnow
 from streams.generator import StreamGenerator
 from streams.kafka import Producer
+from streams.kafka_source import read_tail
+from streams.serde import decode_events
 from streams.topics import Topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
@@ -46,10 +48,10 @@ def champion(config: PipelineConfig, tmp_path: Path) -> ModelRegistry:
     return registry
 
 
-def publish(config: PipelineConfig, topics: Topics, start: int, count: int) -> None:
+def publish(config: PipelineConfig, topics: Topics, start: int, count: int, drift_at: int | None = None) -> None:
     names = config.schema.feature_names
     with Producer(config.kafka) as producer:
-        for r in StreamGenerator(config, seed=5, id_prefix="live").records(start + count):
+        for r in StreamGenerator(config, seed=5, id_prefix="live", drift_at=drift_at).records(start + count):
             if r.index < start:
                 continue
             event = PredictionLogged(
@@ -103,6 +105,70 @@ def test_a_killed_monitor_resumes_from_its_last_window_without_loss_or_double_co
         assert ranges[0][0] == 0
         total += ranges[-1][1]
     assert total == 2500, "every prediction in exactly one window"
+
+
+def publish_labels(config: PipelineConfig, topics: Topics, start: int, count: int, drift_at: int | None) -> None:
+    """The true labels of the predictions `publish` sent (whose 'model' was always right)."""
+    with Producer(config.kafka) as producer:
+        for r in StreamGenerator(config, seed=5, id_prefix="live", drift_at=drift_at).records(start + count):
+            if r.index >= start:
+                label = LabelObserved(request_id=r.record[config.schema.record_id], pipeline=config.name, label=r.label)
+                producer.send_event(topics.labels, label)
+        producer.flush()
+
+
+def stats_when(actor: Any, done: Any, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = ray.get(actor.stats.remote())
+        assert stats["error"] is None, stats["error"]
+        if done(stats):
+            return stats
+        time.sleep(0.5)
+    raise AssertionError(f"not reached in {timeout}s: {stats}")
+
+
+def kinds(stats: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [w for w in stats["windows"] if w["kind"] == kind]
+
+
+def test_a_monitor_killed_mid_streak_resumes_its_streak_label_join_and_performance_window(
+    config: PipelineConfig, topics: Topics, tmp_path: Path
+) -> None:
+    """Issue 13, item 11: killed after the first of two drifted windows that make a retrain, while
+    150 labelled predictions fill half a performance window and 50 predictions wait for their
+    labels. The restarted monitor still asks for the retrain, once, and every label joins."""
+    monitor = dataclasses.replace(config.monitor, window_size=500, performance_window=300)
+    retrain = dataclasses.replace(config.retrain, consecutive=2, min_window=100, cooldown_s=0)
+    config = dataclasses.replace(config, monitor=monitor, retrain=retrain)
+    registry = champion(config, tmp_path)
+    service: Any = ray.remote(MonitorService)
+    first = service.options(max_restarts=0, num_cpus=0).remote(config, registry.uri)
+    publish(config, topics, 0, 450, drift_at=0)
+    publish_labels(config, topics, 0, 450, drift_at=0)
+    stats_when(first, lambda s: s["predictions"] >= 450 and s["labels"] >= 450)
+    publish(config, topics, 450, 300, drift_at=0)  # the first window closes at 500 predictions
+    before = stats_when(first, lambda s: kinds(s, "data"))
+    time.sleep(2.0)  # it holds the next window's first 250, uncommitted
+    ray.kill(first, no_restart=True)
+    assert [w["drifted"] for w in kinds(before, "data")] == [True] and len(kinds(before, "performance")) == 1
+    assert before["retrain_requests"] == 0
+
+    second = service.options(max_restarts=0, num_cpus=0).remote(config, registry.uri)
+    publish(config, topics, 750, 250, drift_at=0)
+    publish_labels(config, topics, 450, 300, drift_at=0)
+    after = stats_when(second, lambda s: kinds(s, "data") and s["labels"] >= 300 and s["retrain_requests"])
+    time.sleep(3.0)  # anything more it would send
+    after = ray.get(second.stats.remote())
+    ray.get(second.stop.remote())
+
+    assert after["resumed"].startswith("restored the state at"), after["resumed"]
+    assert [w["drifted"] for w in kinds(after, "data")] == [True] and after["retrain_requests"] == 1
+    perf = kinds(before, "performance") + kinds(after, "performance")
+    assert [w["size"] for w in perf] == [300, 300], "all 750 labels joined: two windows, 150 in the third"
+    assert all(w["accuracy"] == 1.0 for w in perf), "each label joined its own prediction"
+    requested = [e for e in decode_events([r.value for r in read_tail(config.kafka, topics.retrain, 100)])]
+    assert len(requested) == 1 and isinstance(requested[0], RetrainRequested)
 
 
 def test_the_monitor_command_watches_in_the_foreground_and_reports(

@@ -24,8 +24,10 @@ Offsets are committed only when a data window closes, after its events are ackno
 only up to the window's last record: a monitor killed mid-window re-reads that window from its
 first record after the restart, so no window is lost or counted twice. Events carry ids derived
 from the window's offsets, so a window re-evaluated after a crash between publish and commit
-repeats the same ids. Known limits: the label join and a partly filled performance window live
-in memory and start empty after a restart; the policy's streak and cooldown too.
+repeats the same ids. What lives beyond the offsets (the policy's streaks and cooldown, a
+partly filled performance window, the label join) is written to the `state` topic at each data
+window's close, before the commit (`Monitor.snapshot`, `resume_state`): a restarted monitor goes
+on as if it had not stopped. With more than one monitor actor no state is kept.
 """
 
 from __future__ import annotations
@@ -763,7 +765,6 @@ def resume_state(
             bad.append((record, value))
     if bad:
         dead_letter(producer, topics.dlq, bad)
-        producer.flush()
     if not states:
         return "fresh: no state on " + topics.state, []
     _, state = max(states, key=lambda s: s[0])

@@ -171,6 +171,34 @@ def test_a_monitor_killed_mid_streak_resumes_its_streak_label_join_and_performan
     assert len(requested) == 1 and isinstance(requested[0], RetrainRequested)
 
 
+def test_junk_on_the_state_topic_goes_to_the_dlq_and_the_newest_good_state_is_taken(
+    config: PipelineConfig, topics: Topics
+) -> None:
+    from jobs.monitor import Monitor, resume_state
+    from streams.kafka import REASON_HEADER
+    from tests.test_monitor import champion as reference_champion
+    from tests.test_monitor import labels, predictions, small
+
+    config = small(config)
+    items = predictions(config, 400, "covariate", drift_at=0)
+    core = Monitor(config, reference_champion(config), keep_state=True)
+    core.on_labels(labels(items))
+    outcomes = core.on_predictions([(e, "p.predictions", 0, i) for i, (e, _) in enumerate(items)])
+    (closed,) = [o for o in outcomes if o.kind == "data"]
+    assert closed.state is not None and closed.state.streaks == {"data": 1}
+    with Producer(config.kafka) as producer:
+        producer.send_event(topics.state, closed.state)
+        producer.send(topics.state, b'{"type": "MonitorState", "pipeline": "$(id)"}', key=config.name)
+        producer.send(topics.state, b"\x00not json", key=config.name)
+        producer.flush()
+        restarted = Monitor(config, reference_champion(config), keep_state=True)
+        said, outcomes = resume_state(config, restarted, topics, decode_events, producer)
+    assert said.startswith("restored the state at") and outcomes == [], said
+    assert restarted.policy.streaks == {"data": 1} and restarted.join.joined == 400
+    dead = read_tail(config.kafka, topics.dlq, 10)
+    assert len(dead) == 2 and all(dict(r.headers).get(REASON_HEADER) for r in dead)
+
+
 def test_the_monitor_command_watches_in_the_foreground_and_reports(
     config: PipelineConfig, topics: Topics, tmp_path: Path, broker: str
 ) -> None:

@@ -59,6 +59,7 @@ WATCH_ENV = "DRIFTLOOP_WATCH_MODELS"  # "0" turns the models-topic watch off
 SMALL_REQUEST = 32  # requests with fewer records are batched with concurrent ones (@serve.batch)
 NO_MODEL_RECHECK_S = 5.0  # a replica with no model asks the registry this often, at most
 log = logging.getLogger(__name__)
+REPLICA = f"{os.uname().nodename}:{os.getpid()}"  # this process, in /v1/health
 
 
 def user_watch_models() -> bool:
@@ -309,6 +310,7 @@ class ModelServer:
             "predictions_dropped": self.log.dropped,
             "prediction_log_alive": self.log.alive,
             "prediction_log_producers_replaced": self.log.replaced,
+            "replica": REPLICA,  # the counts above are this replica's
         }
 
     @api.get("/v1/model")

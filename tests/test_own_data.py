@@ -509,7 +509,7 @@ def test_the_monitor_follows_the_records_topic_end_as_records_arrive(config: Pip
 
 
 def test_topic_names_come_from_the_config_when_it_names_them() -> None:
-    from streams.topics import Topics
+    from streams.topics import TOPICS, Topics
 
     text = """
 name: churn
@@ -522,7 +522,7 @@ schema:
     topics = Topics.of(config)
     assert (topics.records, topics.labels, topics.predictions) == ("crm.customers.v2", "crm.churn-labels",
                                                                    "churn.predictions")  # fmt: skip
-    assert len(set(topics.all())) == 8
+    assert len(set(topics.all())) == len(TOPICS)
     for bad, message in (("records: 'a b'", "a Kafka topic name"), ("{records: x, labels: x}", "a different topic")):
         wrong = text.replace("{records: crm.customers.v2, labels: crm.churn-labels, labels_format: record}", bad)
         with pytest.raises(ConfigError, match=message):

@@ -510,6 +510,10 @@ def _report(
             "run_id": version.run_id,
             **{k.removeprefix("driftloop."): v for k, v in version.tags.items() if k.startswith("driftloop.")},
         }
+    stages = _loop_stages(
+        drift_wall, detected_wall, retrains[0] if retrains else None, promoted[0] if promoted else None, served_new,
+        controller,
+    )  # fmt: skip
     return {
         "outcome": outcome,
         "scenario": options.scenario,
@@ -520,6 +524,7 @@ def _report(
         "first_version": first,
         "promoted_version": new_version,
         "loop_latency_s": round(served_new - drift_wall, 1) if served_new and drift_wall else None,
+        "loop_stages_s": stages,
         "requests_sent": traffic.requests,
         "records_sent": traffic.sent,
         "failed_requests": traffic.failed,
@@ -533,6 +538,29 @@ def _report(
         "timeline": timeline,
         "lineage": lineage,
     }
+
+
+def _loop_stages(
+    drift_wall: float | None,
+    detected_wall: float | None,
+    retrain: RetrainRequested | None,
+    promoted: ModelPromoted | None,
+    served_new: float | None,
+    controller: dict[str, Any],
+) -> dict[str, float] | None:
+    """Where the loop latency went: detect, request, submit and job start, the job's own stages
+    (start, ingest, read, tune, train, register, gate: from its result), swap."""
+    if None in (drift_wall, detected_wall, retrain, promoted, served_new):
+        return None
+    assert drift_wall and detected_wall and retrain and promoted and served_new
+    requested, promoted_at = retrain.occurred_at.timestamp(), promoted.occurred_at.timestamp()
+    job = next((o.get("summary") or {} for o in controller["outcomes"] if o["submission_id"] == retrain.event_id), {})
+    inside = {k: float(v) for k, v in (job.get("stages_s") or {}).items()}
+    stages = {"detect": detected_wall - drift_wall, "request": requested - detected_wall}
+    stages["submit and job start"] = promoted_at - requested - sum(inside.values())
+    stages |= {f"job {k}": v for k, v in inside.items()}
+    stages["swap"] = served_new - promoted_at
+    return {k: round(v, 1) for k, v in stages.items()}
 
 
 def _timeline(events: list[Any]) -> list[dict[str, Any]]:
@@ -587,6 +615,8 @@ def _print_summary(report: dict[str, Any], html: Path, started: float) -> None:
     )
     for key in keys:
         print(f"  {key:<38} {report[key]}")
+        if key == "loop_latency_s" and report.get("loop_stages_s"):
+            print("    " + ", ".join(f"{k} {v:g}" for k, v in report["loop_stages_s"].items()))
     if report["lineage"]:
         print("lineage of the new champion:")
         for k, v in report["lineage"].items():

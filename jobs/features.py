@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from streams.config import Derived, FeatureSettings, RecordSchema, Step
 
@@ -249,8 +250,15 @@ class FeaturePipeline:
         return pipeline
 
 
+def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """An Arrow table as Ray Data's numpy batch format has it (what `map_batches(batch_format=
+    "numpy")` hands a function; Ray converts each column the same way, and a test checks that
+    both give the same arrays), without importing Ray Data."""
+    return {name: table[name].combine_chunks().to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
 def fit_pipeline(dataset: Any, schema: RecordSchema, settings: FeatureSettings) -> FeaturePipeline:
-    """Fit the statistics on a Ray Dataset in one pass.
+    """Fit the statistics on a Ray Dataset (or an Arrow table) in one pass.
 
     Each block is summarised where it lies (`map_batches`: counts, sums of squares, minima,
     value counts, the values quantiles need) and the driver merges the summaries. A global
@@ -260,6 +268,9 @@ def fit_pipeline(dataset: Any, schema: RecordSchema, settings: FeatureSettings) 
     plans = _needs_stats(plan_inputs(schema, settings))
     if not plans:
         return FeaturePipeline(schema, settings, {})
+
+    if isinstance(dataset, pa.Table):  # a small window, read in the job's process: one batch
+        return FeaturePipeline(schema, settings, merge_summaries(plans, [summarise_batch(plans, numpy_batch(dataset))]))
 
     def summarise(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"summary": np.array([json.dumps(summarise_batch(plans, batch))], dtype=object)}

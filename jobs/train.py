@@ -27,8 +27,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.evaluate import evaluate
-from jobs.features import FeaturePipeline, fit_pipeline
-from jobs.loop import load_checkpoint, make_optimizer, run_epoch, save_checkpoint, validate
+from jobs.features import FeaturePipeline, fit_pipeline, numpy_batch
+from jobs.loop import (
+    load_checkpoint,
+    make_optimizer,
+    pick_device,
+    run_epoch,
+    save_checkpoint,
+    train_with_settings,
+    validate,
+)
 from jobs.models import ModelSpec, build_model, predict_proba, save_artifact
 from jobs.profile import reference_profile
 from streams.config import ModelSettings, PipelineConfig
@@ -36,7 +44,7 @@ from streams.datasets import DatasetStore, Window
 from streams.drift import Reference
 from streams.errors import DriftloopError
 
-__all__ = ["TrainResult", "join_ray", "split_by_time", "train_model"]
+__all__ = ["TrainResult", "join_ray", "model_inputs", "read_window", "split_by_time", "train_model"]
 
 
 @dataclass(frozen=True)
@@ -62,12 +70,55 @@ def join_ray(config: PipelineConfig) -> None:
         ray.init(address=config.ray.address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
 
 
-def split_by_time(dataset: Any, event_time: str, holdout_fraction: float) -> tuple[Any, Any, str]:
-    """(train, holdout, holdout id): the holdout is the most recent fraction by event time."""
-    times = dataset.select_columns([event_time]).to_arrow_refs()
-    import ray
+def read_window(store: DatasetStore, window: Window, event_time: str, config: PipelineConfig) -> Any:
+    """The window's rows, read once for every stage: an Arrow table when the job works on it in
+    its own process (`ray.distributed_min_rows`), else a materialized Ray Dataset."""
+    if in_process(None, window, config):
+        return store.read_table(window, event_time)
+    data: Any = store.read(window, event_time)
+    return data.materialize()
 
-    column = pa.concat_arrays([t.column(event_time).combine_chunks() for t in ray.get(times)])
+
+def model_inputs(data: Any, to_inputs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of raw rows (an Arrow table or a Ray Dataset) through a feature transform."""
+    if isinstance(data, pa.Table):
+        out = to_inputs(numpy_batch(data))
+        return out["x"], out.get("y", np.zeros(0, np.int64))
+    return _to_numpy(data.map_batches(to_inputs, batch_format="numpy"))
+
+
+def window_rows(window: Window) -> int:
+    """The most rows a window can hold (before its offset and time bounds are applied)."""
+    return window.rows if window.last_rows is None else min(window.rows, window.last_rows)
+
+
+def in_process(data: Any, window: Window, config: PipelineConfig) -> bool:
+    """Whether the job works on this window in its own process: `data` as read, else its size
+    (a GPU is on a Ray worker: with `training.use_gpu`, never)."""
+    if data is not None:
+        return isinstance(data, pa.Table)
+    return not (config.training.use_gpu or config.ray.distributed(window_rows(window)))
+
+
+def numpy_batches(data: Any) -> Any:
+    """Raw rows (an Arrow table or a Ray Dataset) as numpy batches."""
+    if isinstance(data, pa.Table):
+        return iter([numpy_batch(data)])
+    return data.iter_batches(batch_format="numpy")
+
+
+def split_by_time(dataset: Any, event_time: str, holdout_fraction: float) -> tuple[Any, Any, str]:
+    """(train, holdout, holdout id): the holdout is the most recent fraction by event time.
+
+    `dataset` is an Arrow table (split here) or a Ray Dataset (split lazily, block by block).
+    """
+    if isinstance(dataset, pa.Table):
+        column = dataset.column(event_time).combine_chunks()
+    else:
+        import ray
+
+        times = dataset.select_columns([event_time]).to_arrow_refs()
+        column = pa.concat_arrays([t.column(event_time).combine_chunks() for t in ray.get(times)])
     values = np.sort(column.cast(pa.int64()).to_numpy(zero_copy_only=False))
     if len(values) < 10:
         raise ValueError(f"the window holds {len(values)} rows; at least 10 are needed to train and evaluate")
@@ -81,6 +132,8 @@ def split_by_time(dataset: Any, event_time: str, holdout_fraction: float) -> tup
         return batch.filter(pc.greater_equal(batch[event_time], cutoff))
 
     holdout_id = f"{event_time}>={cutoff.as_py().isoformat()}"
+    if isinstance(dataset, pa.Table):
+        return before(dataset), after(dataset), holdout_id
     return (
         dataset.map_batches(before, batch_format="pyarrow"),
         dataset.map_batches(after, batch_format="pyarrow"),
@@ -184,27 +237,31 @@ def train_model(
     kill_once: dict[str, Any] | None = None,
     data: Any = None,
 ) -> TrainResult:
-    """Train, evaluate and write one model artifact under `out` (see the module docstring)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    """Train, evaluate and write one model artifact under `out` (see the module docstring).
 
+    `data`: the window already read (`read_window`); an Arrow table trains in this process
+    with the plain-torch loop, a Ray Dataset with a TorchTrainer over `training.workers`.
+    """
     settings = model or config.model
     training = config.training
-    check_resources(
-        training.workers * training.cpus_per_worker, training.workers if training.use_gpu else 0, "training"
-    )
     store = store or DatasetStore(config.datasets.root, config.name)
     started = time.monotonic()
     event_time = config.schema.event_time
+    here = in_process(data, window, config)
+    if kill_once and here:
+        raise ValueError("kill_once kills a Ray Train worker: set ray.distributed_min_rows to 0")
+    if not here:
+        check_resources(
+            training.workers * training.cpus_per_worker, training.workers if training.use_gpu else 0, "training"
+        )
     if data is None:
-        data = store.read(window, event_time)
+        data = read_window(store, window, event_time, config)
     train_raw, holdout_raw, holdout_id = split_by_time(data, event_time, settings.holdout_fraction)
-    train_raw = train_raw.materialize()
+    if not here:
+        train_raw, holdout_raw = train_raw.materialize(), holdout_raw.materialize()
     features = fit_pipeline(train_raw, config.schema, config.features)
     to_inputs = features.batch_fn()
-    train = train_raw.map_batches(to_inputs, batch_format="numpy").materialize()
-    holdout_raw = holdout_raw.materialize()
-    x_val, y_val = _to_numpy(holdout_raw.map_batches(to_inputs, batch_format="numpy"))
+    x_val, y_val = model_inputs(holdout_raw, to_inputs)
     spec = ModelSpec.from_settings(settings, features.output_names, list(config.schema.label.classes))
     params = {
         "kind": settings.kind,
@@ -214,9 +271,68 @@ def train_model(
         "batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate,
         "weight_decay": settings.weight_decay,
-        "workers": config.training.workers,
+        "workers": 0 if here else config.training.workers,
+        "trained_in": "the job's process" if here else "Ray Train",
         "use_gpu": config.training.use_gpu,
     }
+    if here:
+        trained, history, train_rows = _train_here(spec, settings, model_inputs(train_raw, to_inputs), (x_val, y_val))
+    else:
+        trained, history, train_rows = _train_with_ray(
+            config, spec, settings, train_raw.map_batches(to_inputs, batch_format="numpy").materialize(),
+            (x_val, y_val), out, kill_once,
+        )  # fmt: skip
+    trained.eval()
+    proba = predict_proba(trained, x_val).numpy()
+    report = evaluate(y_val, proba, list(config.schema.label.classes))
+    report["holdout"] = holdout_id
+    report["datasets"] = [m.version_id for m in window.manifests]
+    profile = reference_profile(numpy_batches(train_raw), config.schema)
+    profile["reference"] = drift_reference(train_raw, proba, config).to_json()
+    artifact = out / "model"
+    save_artifact(
+        artifact,
+        spec,
+        trained,
+        features.to_json(),
+        extra={"report.json": json.dumps(report, indent=2, sort_keys=True), "profile.json": json.dumps(profile)},
+    )
+    return TrainResult(
+        artifact=artifact,
+        spec=spec,
+        report=report,
+        history=history,
+        params=params,
+        train_rows=train_rows,
+        holdout_rows=len(y_val),
+        seconds=time.monotonic() - started,
+        holdout=holdout_raw,
+    )
+
+
+def _train_here(
+    spec: ModelSpec, settings: ModelSettings, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
+) -> tuple[Any, list[dict[str, Any]], int]:
+    """The plain-torch loop in this process, on the CPU: (model, per-epoch history, rows)."""
+    trained = build_model(spec)
+    epochs = train_with_settings(trained, (*train, *val), settings, pick_device(False))
+    history = [{"epoch": e.epoch + 1, "train_loss": e.train_loss, "samples": e.samples, **e.metrics} for e in epochs]
+    return trained, history, len(train[1])
+
+
+def _train_with_ray(
+    config: PipelineConfig,
+    spec: ModelSpec,
+    settings: ModelSettings,
+    train: Any,
+    val: tuple[np.ndarray, np.ndarray],
+    out: Path,
+    kill_once: dict[str, Any] | None,
+) -> tuple[Any, list[dict[str, Any]], int]:
+    """A TorchTrainer (DDP over `training.workers`, checkpointed, restarted on a worker's death)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     run_name = f"{config.name}-train-{int(time.time() * 1000)}"
     loop_config: dict[str, Any] = {
         "spec": spec.to_json(),
@@ -226,8 +342,8 @@ def train_model(
         "learning_rate": settings.learning_rate,
         "weight_decay": settings.weight_decay,
         "bf16": settings.bf16,
-        "x_val": x_val,
-        "y_val": y_val,
+        "x_val": val[0],
+        "y_val": val[1],
         "kill_once": kill_once and {**kill_once, "run_dir": str((out / "ray" / run_name).resolve())},
     }
     trainer = TorchTrainer(
@@ -255,35 +371,10 @@ def train_model(
     trained = build_model(spec)
     with result.checkpoint.as_directory() as folder:
         load_checkpoint(Path(folder), trained, make_optimizer(trained, settings.learning_rate, 0.0))
-    trained.eval()
-    proba = predict_proba(trained, x_val).numpy()
-    report = evaluate(y_val, proba, list(config.schema.label.classes))
-    report["holdout"] = holdout_id
-    report["datasets"] = [m.version_id for m in window.manifests]
     history = [
         dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])
     ]
-    profile = reference_profile(train_raw.iter_batches(batch_format="numpy"), config.schema)
-    profile["reference"] = drift_reference(train_raw, proba, config).to_json()
-    artifact = out / "model"
-    save_artifact(
-        artifact,
-        spec,
-        trained,
-        features.to_json(),
-        extra={"report.json": json.dumps(report, indent=2, sort_keys=True), "profile.json": json.dumps(profile)},
-    )
-    return TrainResult(
-        artifact=artifact,
-        spec=spec,
-        report=report,
-        history=history,
-        params=params,
-        train_rows=train.count(),
-        holdout_rows=len(y_val),
-        seconds=time.monotonic() - started,
-        holdout=holdout_raw,
-    )
+    return trained, history, train.count()
 
 
 def drift_reference(train_raw: Any, proba: np.ndarray, config: PipelineConfig) -> Reference:
@@ -296,7 +387,7 @@ def drift_reference(train_raw: Any, proba: np.ndarray, config: PipelineConfig) -
 
     names = config.schema.feature_names
     columns: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for batch in train_raw.iter_batches(batch_format="numpy"):
+    for batch in numpy_batches(train_raw):
         for n in names:
             columns[n].append(np.asarray(batch[n]))
     data: dict[str, Any] = {n: np.concatenate(parts) if parts else np.array([]) for n, parts in columns.items()}
@@ -320,7 +411,7 @@ def evaluate_artifact(artifact: Path, config: PipelineConfig, holdout: Any, hold
 
     spec, model, features_json = load_artifact(artifact)
     features = FeaturePipeline.from_json(features_json, config.schema, config.features)
-    x, y = _to_numpy(holdout.map_batches(features.batch_fn(), batch_format="numpy"))
+    x, y = model_inputs(holdout, features.batch_fn())
     report = evaluate(y, predict_proba(model, x).numpy(), list(spec.classes))
     report["holdout"] = holdout_id
     return report

@@ -19,18 +19,21 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from jobs.features import fit_pipeline
 from jobs.loop import pick_device, train_with_settings
 from jobs.models import ModelSpec, build_model
-from jobs.train import _to_numpy, check_resources, join_ray, split_by_time
+from jobs.train import check_resources, in_process, join_ray, model_inputs, read_window, split_by_time
 from streams.config import ModelSettings, Param, PipelineConfig, SearchSettings
 from streams.datasets import DatasetStore, Window
 
-__all__ = ["TuneResult", "apply_params", "optuna_space", "params_of", "tune_model"]
+__all__ = ["TuneResult", "apply_params", "optuna_space", "params_of", "search_in_process", "tune_arrays", "tune_model"]
 
 
 @dataclass(frozen=True)
@@ -131,19 +134,28 @@ def tune_model(
     tracking_uri: str | None = None,
     data: Any = None,
 ) -> TuneResult:
-    """Search the config's space on the window (or on `data`, the window already read)."""
-    check_resources(config.search.cpus_per_trial, 0, "a tuning trial")
+    """Search the config's space on the window (or on `data`, the window already read).
+
+    An Arrow table (a window below `ray.distributed_min_rows`) is searched in this
+    process (`search_in_process`), a Ray Dataset with Ray Tune (`tune_arrays`).
+    """
     store = store or DatasetStore(config.datasets.root, config.name)
     started = time.monotonic()
+    # W&B and Comet log through Ray Tune's callbacks: with either on, Ray Tune runs the search.
+    ray_trackers = config.trackers.wandb or config.trackers.comet
+    here = in_process(data, window, config)
+    if not here or ray_trackers:
+        check_resources(config.search.cpus_per_trial, 0, "a tuning trial")
     if data is None:
-        data = store.read(window, config.schema.event_time)
+        data = read_window(store, window, config.schema.event_time, config)
     train_raw, holdout_raw, _ = split_by_time(data, config.schema.event_time, config.model.holdout_fraction)
-    train_raw = train_raw.materialize()
+    if not here:
+        train_raw = train_raw.materialize()
     features = fit_pipeline(train_raw, config.schema, config.features)
     to_inputs = features.batch_fn()
-    arrays = (*_to_numpy(train_raw.map_batches(to_inputs, batch_format="numpy")),
-              *_to_numpy(holdout_raw.map_batches(to_inputs, batch_format="numpy")))  # fmt: skip
-    result = tune_arrays(
+    arrays = (*model_inputs(train_raw, to_inputs), *model_inputs(holdout_raw, to_inputs))
+    search = search_in_process if here and not ray_trackers else tune_arrays
+    result = search(
         config, arrays, features.output_names, out, warm_start=warm_start, seed=seed, tracking_uri=tracking_uri
     )
     return dataclasses.replace(result, seconds=time.monotonic() - started)
@@ -220,6 +232,90 @@ def tune_arrays(
     return TuneResult(dict(best.config or {}), metrics, trials, time.monotonic() - started)
 
 
+def search_in_process(
+    config: PipelineConfig,
+    arrays: tuple[Any, Any, Any, Any],
+    input_names: list[str],
+    out: Path,
+    *,
+    warm_start: dict[str, Any] | None = None,
+    seed: int = 0,
+    tracking_uri: str | None = None,
+) -> TuneResult:
+    """The same search as `tune_arrays` (space, TPE seed, budget, warm start, early stopping by
+    successive halving at the same rungs, one MLflow run per trial) in this process, trial after
+    trial: for windows where a Ray Tune trial actor costs more to start than the trial to run."""
+    import optuna
+
+    del out  # Ray Tune keeps its experiment there; nothing here needs a folder
+    search, base, classes = config.search, config.model, list(config.schema.label.classes)
+    space = optuna_space(search)
+    log_trial = _trial_logger(config, tracking_uri)
+    started = time.monotonic()
+    trials: list[dict[str, Any]] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {name: trial._suggest(name, dist) for name, dist in space.items()}
+        settings = apply_params(base, params)
+        spec = ModelSpec.from_settings(settings, input_names, classes)
+        history: list[dict[str, float]] = []
+
+        def on_epoch(result: Any) -> None:
+            history.append({**result.metrics, "train_loss": result.train_loss, "epoch": result.epoch + 1})
+            trial.report(result.metrics[search.metric], result.epoch + 1)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        try:
+            train_with_settings(build_model(spec), arrays, settings, pick_device(False), on_epoch=on_epoch)
+        finally:
+            last = history[-1] if history else {}
+            trials.append({"params": params, "epochs": int(last.get("epoch", 0)),
+                           **{k: float(last[k]) for k in ("val_loss", "val_accuracy") if k in last}})  # fmt: skip
+            log_trial(params, history)
+        return float(history[-1][search.metric])
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="minimize" if search.mode == "min" else "maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=search.grace_period, reduction_factor=search.reduction_factor
+        ),
+    )
+    if warm_start:
+        study.enqueue_trial(warm_start)
+    study.optimize(objective, n_trials=search.trials)
+    # Like Ray Tune's best result (scope "all"): the best value any trial reported, pruned ones too.
+    sign = 1 if search.mode == "min" else -1
+    best = min((t for t in trials if search.metric in t), key=lambda t: sign * t[search.metric])
+    metrics: dict[str, float] = {k: float(best[k]) for k in ("val_loss", "val_accuracy") if k in best}
+    return TuneResult(dict(best["params"]), metrics, trials, time.monotonic() - started)
+
+
+def _trial_logger(config: PipelineConfig, tracking_uri: str | None) -> Callable[[dict[str, Any], list[Any]], None]:
+    """One MLflow run per trial (params, per-epoch metrics), as Ray Tune's MLflow callback logs them."""
+    if not tracking_uri:
+        return lambda params, history: None
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(config.name)
+    experiment = found.experiment_id if found else client.create_experiment(config.name)
+
+    def log(params: dict[str, Any], history: list[dict[str, float]]) -> None:
+        run = client.create_run(experiment, tags={"driftloop.kind": "tune-trial", "driftloop.search": "in-process"})
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, int(row["epoch"])) for row in history for k, v in row.items() if k != "epoch"
+        ]
+        client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+        client.set_terminated(run.info.run_id)
+
+    return log
+
+
 def main(argv: list[str] | None = None) -> int:
     """Tune, train the best with Ray Train, register the model and run the gate."""
     from jobs.registry import ModelRegistry, tracking_uri
@@ -266,14 +362,19 @@ def tune_train_and_gate(
         run = registry.client.get_run(registry.client.get_model_version(config.name, champion).run_id or "")
         known = {k: json.loads(v) if v.startswith("[") else v for k, v in run.data.params.items()}
         warm = params_of(_settings_from_params(config.model, known), config.search)
-    data: Any = store.read(window, config.schema.event_time)
-    data = data.materialize()  # read once, for both stages
+    clock = _Stages()
+    data = read_window(store, window, config.schema.event_time, config)  # once, for both stages
+    here = isinstance(data, pa.Table)
+    clock.done("read")
     tuned = tune_model(config, window, out, store=store, warm_start=warm, tracking_uri=registry.uri, data=data)
+    clock.done("tune")
     trained = train_model(config, window, out, model=tuned.settings(config.model), store=store, data=data)
+    clock.done("train")
     params = {**trained.params, **{f"tuned.{k}": v for k, v in tuned.best_params.items()}}
     registered = registry.log_training(
         trained.artifact, params, trained.history, trained.report, window, trigger_event_id
     )
+    clock.done("register")
     holdout_id = trained.report["holdout"]
 
     def champion_on_this_holdout(version: str) -> dict[str, Any]:
@@ -281,6 +382,7 @@ def tune_train_and_gate(
             return evaluate_artifact(registry.download(version, Path(folder)), config, trained.holdout, holdout_id)
 
     decision = _promote_and_publish(registry, registered.version, config, champion_on_this_holdout)
+    clock.done("gate")
     summary = {
         "version": registered.version,
         "run_id": registered.run_id,
@@ -290,8 +392,23 @@ def tune_train_and_gate(
         "reasons": decision.reasons,
         "best_params": tuned.best_params,
         "report": {k: trained.report[k] for k in ("accuracy", "f1_macro", "baseline_accuracy")},
+        "ran_in": "the job's process" if here else "Ray Data, Ray Tune and Ray Train",
+        "stages_s": clock.seconds,
     }
     return summary
+
+
+class _Stages:
+    """Seconds per stage of a job, in order."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def done(self, stage: str) -> None:
+        now = time.monotonic()
+        self.seconds[stage] = round(now - self._last, 2)
+        self._last = now
 
 
 def _promote_and_publish(registry: Any, version: str, config: PipelineConfig, champion_report: Any) -> Any:

@@ -459,7 +459,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """Ray Train's scaling and fault tolerance for one training run."""
+    """Ray Train's scaling and fault tolerance for one training run (when it pays: `ray.distributed_min_rows`)."""
 
     workers: int = 2
     use_gpu: bool = False
@@ -680,9 +680,25 @@ class TrackerSettings:
 
 @dataclass(frozen=True)
 class RaySettings:
-    """Where Ray is: None starts or joins a local instance."""
+    """Where Ray is (None starts or joins a local instance), and when its workers pay.
+
+    `distributed_min_rows`: a job reads, ingests, tunes and trains work of fewer rows in its own
+    process (pyarrow, Optuna, plain torch: the same code, transform, search space and loop),
+    because starting Ray tasks, Ray Tune's trial actors and a DDP worker group costs tens of
+    seconds, far more than such work takes. At or above it (and training always with
+    `training.use_gpu`), Ray tasks, Ray Data, Ray Tune and Ray Train do it. 0: always Ray.
+    """
 
     address: str | None = None
+    distributed_min_rows: int = 100_000
+
+    def problems(self) -> Iterator[Problem]:
+        if self.distributed_min_rows < 0:
+            yield "distributed_min_rows", "an integer >= 0 (0: always on Ray's workers)", self.distributed_min_rows
+
+    def distributed(self, rows: int) -> bool:
+        """Whether work of `rows` rows goes to Ray's workers."""
+        return rows >= self.distributed_min_rows
 
 
 @dataclass(frozen=True)

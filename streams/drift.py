@@ -39,12 +39,19 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
-from scipy import special, stats
 
-try:  # scipy's exact two-sample KS distribution for unequal sizes (compiled; no public entry point)
-    from scipy.stats._stats_py import _attempt_exact_2kssamp
-except ImportError:  # pragma: no cover - a future scipy; ks_2samp then uses the asymptotic p-value
-    _attempt_exact_2kssamp = None
+# scipy is imported where a test needs it: a job that only builds a Reference (every training)
+# would otherwise pay about a second of imports for nothing.
+
+
+def _exact_2kssamp() -> Any:
+    """scipy's exact two-sample KS distribution for unequal sizes (compiled; no public entry point)."""
+    try:
+        from scipy.stats._stats_py import _attempt_exact_2kssamp
+    except ImportError:  # pragma: no cover - a future scipy; ks_2samp then uses the asymptotic p-value
+        return None
+    return _attempt_exact_2kssamp
+
 
 __all__ = [
     "PSI_THRESHOLD",
@@ -145,8 +152,9 @@ def _ks_pvalue(n1: int, n2: int, d: float) -> tuple[float, float]:
             asymptotic = _ks_asymptotic(n1, n2, d)
             if min(n1, n2) >= _KS_SHORTCUT_MIN_N and asymptotic < _KS_TINY_P:
                 return d, asymptotic
-            if _attempt_exact_2kssamp is not None:
-                ok, d, p = _attempt_exact_2kssamp(n1, n2, g, d, "two-sided")
+            exact = _exact_2kssamp()
+            if exact is not None:
+                ok, d, p = exact(n1, n2, g, d, "two-sided")
                 if ok:
                     return float(d), float(np.clip(p, 0.0, 1.0))
             return d, asymptotic
@@ -154,6 +162,8 @@ def _ks_pvalue(n1: int, n2: int, d: float) -> tuple[float, float]:
 
 
 def _ks_asymptotic(n1: int, n2: int, d: float) -> float:
+    from scipy import stats
+
     m, n = sorted((float(n1), float(n2)), reverse=True)
     return float(np.clip(stats.kstwo.sf(d, np.round(m * n / (m + n))), 0.0, 1.0))
 
@@ -240,6 +250,8 @@ def js_distance(p: npt.ArrayLike, q: npt.ArrayLike) -> float:
     pa = pa / pa.sum()
     qa = qa / qa.sum()
     m = (pa + qa) / 2.0
+    from scipy import special
+
     js = (float(np.sum(special.rel_entr(pa, m))) + float(np.sum(special.rel_entr(qa, m)))) / math.log(2.0)
     return math.sqrt(max(js, 0.0) / 2.0)
 
@@ -275,6 +287,8 @@ def chi2_test(
     observed = np.stack((ref, cur))
     expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / observed.sum()
     statistic = float(np.sum((observed - expected) ** 2 / expected))
+    from scipy import special
+
     return statistic, float(special.chdtrc(dof, statistic)), dof
 
 

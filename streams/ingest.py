@@ -4,6 +4,8 @@
 of at most `datasets.max_records_per_task` offsets is a Ray task that reads it exactly
 (`read_range`), dead-letters invalid records, and writes one Parquet file named by its
 offsets, so a rerun of the same ranges writes the same bytes. The manifest is committed last.
+Fewer records than `ray.distributed_min_rows` in all are read the same way, piece by piece,
+in the calling process: starting the task workers would cost more than the read.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class IngestResult:
 
 
 def _write_piece(config: PipelineConfig, piece: OffsetRange, root: str, folder: str) -> DataFile:
-    """Read one piece and write it as one Parquet file (runs as a Ray task)."""
+    """Read one piece and write it as one Parquet file (a Ray task, or in the caller for small ingests)."""
     topics = Topics.of(config)
     settings = config.datasets
     read = read_range(config.kafka, piece, config.schema, dlq_topic=topics.dlq, timeout_s=settings.read_timeout_s)
@@ -83,7 +85,10 @@ def ingest_ranges(
         return IngestResult(existing, False, tuple(ranges))
     attempt = store.new_attempt(ranges)
     pieces = split_ranges(ranges, config.datasets.max_records_per_task)
-    files = ray.get([_write_piece_task.remote(config, piece, store.root, attempt) for piece in pieces])
+    if config.ray.distributed(sum(r.count for r in ranges)):
+        files = ray.get([_write_piece_task.remote(config, piece, store.root, attempt) for piece in pieces])
+    else:  # fewer records than ray.distributed_min_rows: piece by piece here, no task worker to start
+        files = [_write_piece(config, piece, store.root, attempt) for piece in pieces]
     if before_commit is not None:
         before_commit(attempt)
     manifest = store.commit(ranges, attempt, files, arrow_schema(config.schema), topic_ids=topic_ids)

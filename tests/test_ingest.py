@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from jobs.features import fit_pipeline
+from jobs.features import fit_pipeline, numpy_batch
+from jobs.train import model_inputs
 from streams.config import PipelineConfig
 from streams.datasets import DatasetStore
 from streams.errors import DriftloopError, IncompleteRead
@@ -20,7 +21,8 @@ from streams.events import OffsetRange
 from streams.generator import StreamGenerator, corrupt
 from streams.ingest import ingest, ingest_ranges
 from streams.kafka import Producer
-from streams.kafka_source import KafkaRangeDatasource, high_watermarks
+from streams.kafka_datasource import KafkaRangeDatasource
+from streams.kafka_source import high_watermarks
 from streams.serde import RecordCodec
 from streams.topics import Topics
 from tests.test_kafka import read_all
@@ -58,9 +60,16 @@ def rows_of(store: DatasetStore, manifest_id: str) -> list[tuple[int, int]]:
     return out
 
 
-def test_exact_ranges_across_partitions_and_read_tasks(config: PipelineConfig, topics: Topics) -> None:
+@pytest.mark.parametrize("distributed_min_rows", [0, 100_000], ids=["ray-tasks", "in-process"])
+def test_exact_ranges_across_partitions_and_read_tasks(
+    config: PipelineConfig, topics: Topics, distributed_min_rows: int
+) -> None:
     valid = fill(config, topics)
-    config = dataclasses.replace(config, datasets=dataclasses.replace(config.datasets, max_records_per_task=60))
+    config = dataclasses.replace(
+        config,
+        datasets=dataclasses.replace(config.datasets, max_records_per_task=60),
+        ray=dataclasses.replace(config.ray, distributed_min_rows=distributed_min_rows),
+    )
     store = DatasetStore(config.datasets.root, config.name)
     ranges = [
         OffsetRange(topic=topics.records, partition=0, start=10, end=300),
@@ -245,10 +254,27 @@ def test_windows_by_records_offsets_and_newest_rows_by_offset_whatever_the_event
     newest = store.window(records_from=ranges, last_rows=60)
     rows = store.read(newest, ts).take_all()  # type: ignore[attr-defined]
     assert len(rows) == 60, "each partition's share, in proportion"
+    for chosen in (window, both, only_new, everything, newest):  # a small window, read in the job's process
+        here = store.read_table(chosen, ts)
+        there = store.read(chosen, ts).take_all()  # type: ignore[attr-defined]
+        assert sorted(zip(here["partition"].to_pylist(), here["offset"].to_pylist(), strict=True)) == sorted(
+            (r["partition"], r["offset"]) for r in there
+        ), "read_table keeps exactly the rows Ray Data's read keeps"
     for p in (0, 1, 3):
         mine = sorted(o for q, o in expected if q == p)
         kept = sorted(r["offset"] for r in rows if r["partition"] == p)
         assert kept == mine[len(mine) - len(kept) :], "the newest rows are the highest offsets"
+
+
+def _close(a: object, b: object) -> bool:
+    """Equal JSON values, floats to 1e-9 relative."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, int | float) and isinstance(b, int | float) and a == pytest.approx(b, rel=1e-9)
+    return a == b
 
 
 def test_training_and_serving_transforms_give_identical_outputs(config: PipelineConfig, topics: Topics) -> None:
@@ -284,6 +310,25 @@ def test_training_and_serving_transforms_give_identical_outputs(config: Pipeline
 
     restored = type(pipeline).from_json(pipeline.to_json(), config.schema, config.features)
     assert np.array_equal(restored.transform_records(records), served_batch)
+
+    # A small window, worked on in the job's process: the same statistics, the same inputs.
+    table = store.read_table(store.window(version_ids=[manifest.version_id]), config.schema.timestamp)
+    from ray.data.block import BlockAccessor
+
+    ours, rays = numpy_batch(table), BlockAccessor.for_block(table).to_batch_format("numpy")
+    assert ours.keys() == rays.keys()
+    for name in ours:
+        assert ours[name].dtype == rays[name].dtype, name
+        assert np.array_equal(ours[name], rays[name], equal_nan=ours[name].dtype.kind == "f"), name
+    expected_here = np.stack([trained[r] for r in table["record_id"].to_pylist()])
+    x, _ = model_inputs(table, pipeline.batch_fn())
+    assert np.array_equal(x, expected_here), "the same statistics give exactly the same inputs"
+    local = fit_pipeline(table, config.schema, config.features)
+    assert local.output_names == pipeline.output_names
+    # One batch against Ray's blocks: sums in another order may differ in the last bit.
+    assert _close(json.loads(local.to_json()), json.loads(pipeline.to_json()))
+    x, _ = model_inputs(table, local.batch_fn())
+    assert np.allclose(x, expected_here, rtol=1e-6, atol=1e-6)
 
 
 def test_ray_read_kafka_reads_the_same_records_as_ours(config: PipelineConfig, topics: Topics) -> None:

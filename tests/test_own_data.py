@@ -443,6 +443,12 @@ def test_run_from_a_file_retrains_by_itself_after_the_file_changes_and_recovers(
     data = report["jobs"][1]["summary"]["data"]
     assert data["selected_by"] == "offsets" and data["rows_since_drift"] >= 1000, data
     assert data["from_offsets"] and data["since"] is None
+    # where the loop's time went: the stages, the job's own among them, add up to the latency
+    stages = report["loop_stages_s"]
+    assert list(stages)[:3] == ["detect", "request", "submit and job start"] and list(stages)[-1] == "swap"
+    assert {"job ingest", "job read", "job tune", "job train", "job register", "job gate"} <= set(stages)
+    assert sum(stages.values()) == pytest.approx(report["loop_latency_s"], abs=0.05 * len(stages) + 0.1)
+    assert report["jobs"][1]["summary"]["ran_in"] == "the job's process", "6,000 rows: below ray.distributed_min_rows"
 
 
 # The class-mix loop runs in this file, after the concept-change one, on purpose: under xdist's

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from jobs.models import load_artifact, predict_proba
-from jobs.train import evaluate_artifact, load_features, train_model
+from jobs.train import evaluate_artifact, load_features, split_by_time, train_model
 from streams.config import PipelineConfig
 from streams.datasets import DatasetStore
 from streams.generator import StreamGenerator
@@ -28,7 +29,11 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_the_model_beats_the_bas
     with Producer(config.kafka) as producer:
         publish_stream(StreamGenerator(config, seed=1), producer, topics, config.name, 6000)
     assert ingest(config).manifest is not None
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, epochs=3, batch_size=128))
+    config = dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, epochs=3, batch_size=128),
+        ray=dataclasses.replace(config.ray, distributed_min_rows=0),  # Ray Train, whatever the size
+    )
     store = DatasetStore(config.datasets.root, config.name)
     marker = tmp_path / "killed"
     result = train_model(
@@ -56,12 +61,43 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_the_model_beats_the_bas
     assert np.mean(proba.argmax(axis=1) == labels) > report["baseline_accuracy"]
 
 
+def test_a_small_window_trains_in_the_jobs_process_and_judges_alike(
+    config: PipelineConfig, topics: Topics, tmp_path: Path
+) -> None:
+    """Below ray.distributed_min_rows: no Ray Train worker group, the same loop, transform and report."""
+    with Producer(config.kafka) as producer:
+        publish_stream(StreamGenerator(config, seed=3), producer, topics, config.name, 3000)
+    assert ingest(config).manifest is not None
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, epochs=3))
+    store = DatasetStore(config.datasets.root, config.name)
+    window = store.window()
+    assert not config.ray.distributed(window.rows)
+    result = train_model(config, window, tmp_path / "out", store=store)
+
+    assert result.params["trained_in"] == "the job's process" and result.params["workers"] == 0
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and "val_loss" in result.history[-1]
+    report = result.report
+    assert report["accuracy"] > report["baseline_accuracy"] + 0.15
+    assert result.train_rows + result.holdout_rows == 3000
+    held = store.read(window, config.schema.event_time)  # the Ray Data path judges it the same way
+    _, holdout, holdout_id = split_by_time(held, config.schema.event_time, config.model.holdout_fraction)
+    assert holdout_id == report["holdout"]
+    again = evaluate_artifact(result.artifact, config, holdout, holdout_id)
+    for metric in ("accuracy", "f1_macro", "roc_auc", "log_loss"):
+        assert again[metric] == pytest.approx(report[metric], abs=1e-6)
+    with pytest.raises(ValueError, match="distributed_min_rows"):
+        train_model(config, window, tmp_path / "again", store=store, kill_once={"epoch": 1, "marker": "x"})
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"training": {"workers": 64}}, r"training needs 64 CPUs and 0 GPUs, but the Ray cluster has \d+ CPUs"),
+        (
+            {"training": {"workers": 64}, "ray": {"distributed_min_rows": 0}},
+            r"training needs 64 CPUs and 0 GPUs, but the Ray cluster has \d+ CPUs",
+        ),
         ({"training": {"use_gpu": True, "workers": 1}}, "training needs 1 CPUs and 1 GPUs"),
-        ({"search": {"cpus_per_trial": 16.0}}, "a tuning trial needs 16 CPUs"),
+        ({"search": {"cpus_per_trial": 16.0}, "ray": {"distributed_min_rows": 0}}, "a tuning trial needs 16 CPUs"),
     ],
 )
 def test_impossible_resources_fail_at_once_with_a_clear_error(
@@ -92,6 +128,7 @@ def test_impossible_resources_fail_at_once_with_a_clear_error(
             "low < high",
         ),
         ({"training": {"workers": 0}}, "training.workers", "an integer >= 1"),
+        ({"ray": {"distributed_min_rows": -1}}, "ray.distributed_min_rows", "an integer >= 0"),
     ],
 )
 def test_bad_training_configs(yaml_change: dict[str, dict[str, object]], key: str, expected: str) -> None:
@@ -107,6 +144,31 @@ def test_bad_training_configs(yaml_change: dict[str, dict[str, object]], key: st
     with pytest.raises(ConfigError) as caught:
         parse_config(yaml.safe_dump(data), source="p.yaml", env={})
     assert caught.value.key == key and expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("rows", "min_rows", "use_gpu", "expected"),
+    [
+        (6000, 100_000, False, True),  # small: the job's own process
+        (100_000, 100_000, False, False),  # at the threshold: Ray's workers
+        (6000, 0, False, False),  # 0: always Ray
+        (6000, 100_000, True, False),  # a GPU is on a Ray worker
+    ],
+)
+def test_where_a_window_is_worked_on(rows: int, min_rows: int, use_gpu: bool, expected: bool) -> None:
+    from jobs.train import in_process
+    from streams.config import RaySettings, TrainingSettings, load_config
+    from streams.datasets import Window
+    from tests.conftest import DEMO
+
+    config = load_config(DEMO)
+    config = dataclasses.replace(
+        config, ray=RaySettings(distributed_min_rows=min_rows), training=TrainingSettings(use_gpu=use_gpu)
+    )
+    manifest = type("M", (), {"rows": rows * 2})()
+    window = Window((manifest,), last_rows=rows)  # type: ignore[arg-type]  # the newest `rows` of twice as many
+    assert in_process(None, window, config) is expected
+    assert in_process(pa.table({"a": [1]}), window, config) is True, "data already read decides"
 
 
 def test_the_reference_profile_describes_the_training_data(demo_config: PipelineConfig) -> None:

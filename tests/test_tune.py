@@ -77,3 +77,19 @@ def test_a_tuned_model_clearly_beats_the_majority_baseline_and_each_trial_is_tra
     assert all("val_loss" in r.data.metrics for r in runs)
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 4
     assert len(list((tmp_path / "comet").glob("*.zip"))) == 4
+
+    # The same search in the job's process (a small window, no W&B or Comet): same budget, same
+    # warm start, each trial an MLflow run, a model as good.
+    config = dataclasses.replace(config, trackers=TrackerSettings())
+    here_uri = f"sqlite:///{tmp_path / 'mlflow-here.db'}"
+    here = tune_model(config, store.window(), tmp_path / "here", store=store, warm_start=warm, tracking_uri=here_uri)
+    assert len(here.trials) == 4 and here.trials[0]["params"] == warm
+    assert all(1 <= t["epochs"] <= 3 for t in here.trials)
+    assert here.best_metrics["val_accuracy"] > majority + 0.15
+    client = MlflowClient(here_uri)
+    experiment = client.get_experiment_by_name(config.name)
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 4 and all(r.data.tags.get("driftloop.search") == "in-process" for r in runs)
+    assert all("val_loss" in r.data.metrics for r in runs)
+    assert not (tmp_path / "here" / "ray").exists(), "no Ray Tune experiment"

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -314,10 +315,12 @@ def main() -> int:
             windows.note(monitor, instance)
 
             health: dict[str, Any] = {}
+            ask = lambda _: requests.get(f"{url}/v1/health", timeout=10).json()  # noqa: E731
             for _ in range(120):  # each live replica's own counts (a killed replica's are gone with it)
-                for _ in range(20):
-                    h = requests.get(f"{url}/v1/health", timeout=10).json()
-                    health[h["replica"]] = h
+                # Side by side, so that Serve's router (which prefers an idle replica) spreads them.
+                with ThreadPoolExecutor(8) as pool:
+                    for h in pool.map(ask, range(32)):
+                        health[h["replica"]] = h
                 if not any(h["predictions_buffered"] for h in health.values()):
                     break  # every prediction handed to the log is delivered or dropped
                 time.sleep(1.0)

@@ -560,14 +560,15 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     registry = ModelRegistry(config, uri)
     if config.kafka.embedded:
-        rolled_from, to = registry.rollback(args.reason)
+        done = registry.rollback(args.reason)
         print("no Kafka configured: serving replicas learn of it on their next deploy", file=sys.stderr)
     else:
         topic = Topics.of(config).models
         ensure_topics(config.kafka, [topic])
         with Producer(config.kafka, client_id=f"{config.name}.rollback") as producer:
-            rolled_from, to = registry.rollback(args.reason, publish=lambda e: producer.send_event(topic, e))
-    print(f"{config.name}: champion {rolled_from} -> {to}")
+            done = registry.rollback(args.reason, publish=lambda e: producer.send_event(topic, e))
+    assert done is not None  # without only_from, a rollback happens or raises
+    print(f"{config.name}: champion {done[0]} -> {done[1]}")
     return 0
 
 

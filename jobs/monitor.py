@@ -78,6 +78,19 @@ class Champion:
     version: str
     reference: Reference
     report: Mapping[str, Any]
+    # After a promotion: the version it replaced and that version's validation report, which the
+    # new champion's first live windows are held to (see `RollbackSettings`). None: no probation.
+    previous: str | None = None
+    previous_report: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """A champion on probation lost to the version it replaced: point `champion` back at it."""
+
+    from_version: str
+    to_version: str
+    reason: str
 
 
 @dataclass
@@ -126,32 +139,34 @@ class LabelJoin:
     def __init__(self, ttl_s: float, max_pending: int) -> None:
         self.ttl = timedelta(seconds=ttl_s)
         self.max_pending = max_pending
-        # id -> (at, predicted or label, where)
-        self._predictions: OrderedDict[str, tuple[datetime, str, Where | None]] = OrderedDict()
-        self._labels: OrderedDict[str, tuple[datetime, str, Where | None]] = OrderedDict()
+        # id -> (at, predicted or label, where, the model version that predicted)
+        self._predictions: OrderedDict[str, tuple[datetime, str, Where | None, str | None]] = OrderedDict()
+        self._labels: OrderedDict[str, tuple[datetime, str, Where | None, str | None]] = OrderedDict()
         self.expired = 0
         self.evicted = 0
         self.joined = 0
 
     def add_prediction(
-        self, request_id: str, predicted: str, at: datetime, where: Where | None = None
-    ) -> tuple[str, str] | None:
+        self, request_id: str, predicted: str, at: datetime, where: Where | None = None, version: str | None = None
+    ) -> tuple[str, str, str | None] | None:
+        """A prediction (by model `version`); (predicted, label, version) when its label came first."""
         early = self._labels.pop(request_id, None)
         if early is not None:
             self.joined += 1
-            return predicted, early[1]
-        self._predictions[request_id] = (at, predicted, where)
+            return predicted, early[1], version
+        self._predictions[request_id] = (at, predicted, where, version)
         self._trim(at)
         return None
 
     def add_label(
         self, request_id: str, label: str, at: datetime, where: Where | None = None
-    ) -> tuple[str, str] | None:
+    ) -> tuple[str, str, str | None] | None:
+        """A label; (predicted, label, version) when its prediction is waiting."""
         waiting = self._predictions.pop(request_id, None)
         if waiting is not None:
             self.joined += 1
-            return waiting[1], label
-        self._labels[request_id] = (at, label, where)
+            return waiting[1], label, waiting[3]
+        self._labels[request_id] = (at, label, where, None)
         self._trim(at)
         return None
 
@@ -226,6 +241,7 @@ class Outcome:
     decision: str
     commit: dict[tuple[str, int], int] | None = None
     state: MonitorState | None = None  # what a restarted monitor resumes from, written before `commit`
+    rollback: Rollback | None = None  # the champion on probation lost: roll back (before any retrain)
 
 
 def window_metrics(
@@ -281,6 +297,14 @@ class Monitor:
         self._next: dict[tuple[str, int], int] = {}  # per partition read, the next offset: the commit
         self._resume: dict[tuple[str, int], int] = {}  # offsets below these are in a restored state
         self.records_position: tuple[OffsetRange, ...] = ()  # the records topic's ends, as last seen
+        self.other_versions = 0  # joined pairs of another model version than the champion, left out
+        self._start_probation()
+
+    def _start_probation(self) -> None:
+        on = self.config.rollback.enabled and self.champion.previous_report is not None
+        self._probation = self.config.rollback.probation_windows if on else 0  # performance windows left
+        self._losing: list[str] = []  # the evidence of the windows lost in a row
+        self._rolled_back = False  # this champion was rolled back: until the swap, its windows count for nothing
 
     def note_records(self, position: tuple[OffsetRange, ...]) -> None:
         """Where the records topic stands now (its high watermarks as empty ranges); the I/O part
@@ -298,6 +322,7 @@ class Monitor:
             self.policy = PolicyState(
                 last_request_at=self.policy.last_request_at, recent_requests=self.policy.recent_requests
             )
+            self._start_probation()
             self._perf, self._perf_started = [], None
 
     def on_predictions(self, items: Sequence[tuple[PredictionLogged, str, int, int]]) -> list[Outcome]:
@@ -319,7 +344,9 @@ class Monitor:
             self._window.add(event, topic, partition, offset, self.positive)
             self._next[key] = offset + 1
             where = (topic, partition, offset)
-            joined = self.join.add_prediction(event.request_id, str(event.prediction), event.occurred_at, where)
+            joined = self.join.add_prediction(
+                event.request_id, str(event.prediction), event.occurred_at, where, event.model_version
+            )
             if joined is not None:
                 out.extend(self._add_joined(joined, event.occurred_at))
             if limit is None and self._window.size >= self.settings.window_size:
@@ -338,7 +365,12 @@ class Monitor:
                 out.extend(self._add_joined(joined, event.occurred_at))
         return out
 
-    def _add_joined(self, pair: tuple[str, str], at: datetime) -> list[Outcome]:
+    def _add_joined(self, joined: tuple[str, str, str | None], at: datetime) -> list[Outcome]:
+        predicted, truth, version = joined
+        if version is not None and version != self.champion.version:
+            self.other_versions += 1  # another model's answer (before a swap, or a canary's): not this one's record
+            return []
+        pair = (predicted, truth)
         if not self._perf:
             self._perf_records = self.records_position
         self._perf.append(pair)
@@ -370,6 +402,7 @@ class Monitor:
             for expected in [float(self.champion.report.get(metric, float("nan")))]
         )
         drifted = any(s.drifted for s in stats)
+        rollback, losing = self._judge_probation(measured, started, ended)
         window_id = f"performance:{self.champion.version}:{started.isoformat()}:{len(pairs)}"
         event = (
             DriftDetected(
@@ -387,9 +420,13 @@ class Monitor:
             if drifted
             else None
         )
+        before = self.policy
         decision = self._decide(
             WindowResult(len(pairs), drifted, ended, window_id, started, event, kinds=("performance",), records=records)
         )
+        if losing:  # a champion losing its probation is rolled back, not retrained: this window does not count
+            self.policy = before
+            decision = Decision(False, "the champion on probation is losing to the previous one: no retrain", before)
         summary = {
             "kind": "performance",
             "start": started.isoformat(),
@@ -402,8 +439,40 @@ class Monitor:
             "f1_macro_upper": measured["f1_macro"][1],
             "expected_accuracy": expected_acc,
             "drifted": drifted,
+            "probation": {"losing": len(self._losing), "windows_left": self._probation} if losing or rollback else None,
         }
-        return Outcome("performance", summary, event, decision.request, decision.reason)
+        reason = rollback.reason if rollback else decision.reason
+        return Outcome("performance", summary, event, decision.request, reason, rollback=rollback)
+
+    def _judge_probation(
+        self, measured: Mapping[str, tuple[float, float]], started: datetime, ended: datetime
+    ) -> tuple[Rollback | None, bool]:
+        """On probation, hold a performance window to the previous champion's validation report:
+        (the rollback, when `rollback.consecutive` windows in a row lost; whether this one lost)."""
+        previous, champion = self.champion.previous_report, self.champion
+        if self._rolled_back:
+            return None, True
+        if self._probation <= 0 or previous is None or champion.previous is None:
+            return None, False
+        self._probation -= 1
+        tolerance = self.settings.performance_tolerance
+        lost = [
+            f"{metric} {value:.3f} (at most {upper:.3f}) against {float(previous[metric]):.3f}"
+            for metric, (value, upper) in measured.items()
+            if metric in previous and value < float(previous[metric]) - tolerance and upper < float(previous[metric])
+        ]
+        if not lost:
+            self._losing = []
+            return None, False
+        self._losing.append(f"{started.isoformat()}..{ended.isoformat()}: {', '.join(lost)}")
+        if len(self._losing) < self.config.rollback.consecutive:
+            return None, True
+        reason = (
+            f"version {champion.version} on probation lost {len(self._losing)} live performance windows in a row "
+            f"to version {champion.previous}'s validation report (tolerance {tolerance}): " + "; ".join(self._losing)
+        )
+        self._probation, self._losing, self._rolled_back = 0, [], True
+        return Rollback(champion.version, champion.previous, reason[:2000]), True
 
     def _close_window(self) -> Outcome:
         w, self._window = self._window, _DataWindow()
@@ -573,7 +642,9 @@ class Monitor:
             if isinstance(event, PredictionLogged):
                 if event.variant == "shadow":
                     continue
-                joined = self.join.add_prediction(event.request_id, str(event.prediction), event.occurred_at, where)
+                joined = self.join.add_prediction(
+                    event.request_id, str(event.prediction), event.occurred_at, where, event.model_version
+                )
             else:
                 joined = self.join.add_label(event.request_id, str(event.label), event.occurred_at, where)
             if joined is not None:
@@ -600,7 +671,31 @@ def load_champion(config: PipelineConfig, registry: Any, version: str | None = N
         report = json.loads((path / "report.json").read_text())
     if "reference" not in profile:
         raise ValueError(f"model version {chosen} has no drift reference in its profile (trained before monitoring?)")
-    return Champion(str(chosen), Reference.from_json(profile["reference"]), report)
+    previous, previous_report = _probation_of(registry, str(chosen))
+    return Champion(str(chosen), Reference.from_json(profile["reference"]), report, previous, previous_report)
+
+
+def _probation_of(registry: Any, version: str) -> tuple[str | None, Mapping[str, Any] | None]:
+    """The version `version` replaced and its validation report, when `version` came by a
+    promotion (not by a rollback: the `previous` alias then names a version rolled back from)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from jobs.registry import PREVIOUS, ROLLED_BACK_TAG
+
+    previous = registry.alias(PREVIOUS)
+    if previous is None or previous == version:
+        return None, None
+    try:
+        if registry.client.get_model_version(registry.name, previous).tags.get(ROLLED_BACK_TAG):
+            return None, None
+        with tempfile.TemporaryDirectory() as folder:
+            report = json.loads((registry.download(previous, Path(folder)) / "report.json").read_text())
+    except Exception as err:  # no probation rather than no monitor: say so
+        log.warning("no probation for version %s: version %s's report cannot be read: %s", version, previous, err)
+        return None, None
+    return str(previous), report
 
 
 @dataclass
@@ -611,6 +706,7 @@ class MonitorStats:
     predictions: int = 0
     labels: int = 0
     resumed: str | None = None  # what state the monitor took back at its start, in words
+    rollbacks: int = 0  # champions on probation it rolled back
 
 
 def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event, stats: MonitorStats) -> None:
@@ -620,7 +716,7 @@ def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event
 
     topics = Topics.of(config)
     ensure_topics(config.kafka, [topics.predictions, topics.labels, topics.drift, topics.retrain, topics.dlq,
-                                 topics.state])  # fmt: skip
+                                 topics.state, topics.models])  # fmt: skip
     registry = ModelRegistry(config, tracking_uri)
     live: dict[str, Any] = {}  # the consumer and the records position, once there is a champion
 
@@ -665,12 +761,25 @@ def _monitor_loop(
     if config.topics.labels_format == "record":
         decoder = events_or_label_records(LabelRecordCodec(config.schema, config.name, config.kafka.max_record_bytes))
 
+    def rollback(decided: Rollback) -> None:
+        """Point `champion` back (only if the losing version still holds it); ModelRolledBack on the models topic."""
+        done = registry.rollback(
+            decided.reason, publish=lambda e: producer.send_event(topics.models, e), only_from=decided.from_version
+        )
+        if done is None:
+            log.info("no rollback of %s: it is no longer the champion", decided.from_version)
+            return
+        stats.rollbacks += 1
+        log.warning("rolled back %s -> %s: %s", done[0], done[1], decided.reason)
+
     def publish(outcomes: list[Outcome]) -> None:
         """Send what the windows decided; with a data window's close, its state, then the commit."""
         for o in outcomes:
             if o.drift is not None:
                 producer.send_event(topics.drift, o.drift)
                 stats.drift_events += 1
+            if o.rollback is not None:
+                rollback(o.rollback)
             if o.retrain is not None:
                 producer.send_event(topics.retrain, o.retrain)
                 stats.retrain_requests += 1
@@ -849,4 +958,4 @@ class MonitorService(Service):
         s = self._stats
         return {"windows": list(s.windows), "drift_events": s.drift_events, "retrain_requests": s.retrain_requests,
                 "predictions": s.predictions, "labels": s.labels, "error": self.error, "resumed": s.resumed,
-                "running": self.running}  # fmt: skip
+                "rollbacks": s.rollbacks, "running": self.running}  # fmt: skip

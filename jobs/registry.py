@@ -35,6 +35,7 @@ from streams.events import Event, ModelPromoted, ModelRejected, ModelRolledBack
 __all__ = ["ModelRegistry", "Registered", "git_commit", "tracking_uri"]
 
 CHAMPION, PREVIOUS = "champion", "previous"
+ROLLED_BACK_TAG = "driftloop.rolled_back"  # on a version rolled back from: why
 REPORT_TAG = "driftloop.report"
 # Each artifact file's SHA-256, recorded on the model version when it is registered: the artifact
 # store (a bucket, a folder, MLflow's artifact proxy) can be rewritten without touching the registry,
@@ -239,14 +240,21 @@ class ModelRegistry:
                 publish(ModelRejected(model_name=self.name, model_version=version, reasons=decision.reasons))
         return decision
 
-    def rollback(self, reason: str = "", publish: Callable[[Event], None] | None = None) -> tuple[str, str]:
-        """Point `champion` back at `previous` (and `previous` at the version rolled back from)."""
+    def rollback(
+        self, reason: str = "", publish: Callable[[Event], None] | None = None, only_from: str | None = None
+    ) -> tuple[str, str] | None:
+        """Point `champion` back at `previous` (and `previous` at the version rolled back from,
+        tagged `driftloop.rolled_back` with the reason). With `only_from`: only while that version
+        is the champion (None otherwise: someone else moved it first)."""
         with self._lock():
             champion, previous = self.alias(CHAMPION), self.alias(PREVIOUS)
+            if only_from is not None and champion != only_from:
+                return None
             if champion is None or previous is None:
                 raise DriftloopError(f"model {self.name!r} has no previous version to roll back to")
             self.client.set_registered_model_alias(self.name, CHAMPION, previous)
             self.client.set_registered_model_alias(self.name, PREVIOUS, champion)
+            self.client.set_model_version_tag(self.name, champion, ROLLED_BACK_TAG, reason[:5000] or "rolled back")
         if publish is not None:
             publish(ModelRolledBack(model_name=self.name, from_version=champion, to_version=previous, reason=reason))
         return champion, previous

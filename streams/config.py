@@ -596,6 +596,29 @@ class MonitorSettings:
 
 
 @dataclass(frozen=True)
+class RollbackSettings:
+    """A newly promoted champion on probation: rolled back by itself when live traffic says so.
+
+    For its first `probation_windows` performance windows, each is also compared with the
+    previous champion's validation report: `consecutive` windows in a row below it by more than
+    `monitor.performance_tolerance` (and more than the window's noise, as performance drift is
+    judged) make the monitor point `champion` back at the previous version and publish
+    `ModelRolledBack` with the evidence. While the new champion is losing, its windows do not
+    count towards a retrain. A version rolled back to is not on probation.
+    """
+
+    enabled: bool = True
+    probation_windows: int = 4
+    consecutive: int = 2
+
+    def problems(self) -> Iterator[Problem]:
+        if self.consecutive < 1:
+            yield "consecutive", "an integer >= 1", self.consecutive
+        if self.probation_windows < self.consecutive:
+            yield "probation_windows", f"an integer >= consecutive ({self.consecutive})", self.probation_windows
+
+
+@dataclass(frozen=True)
 class RetrainSettings:
     """When drift turns into a retraining job (see jobs.policy), and what it trains on."""
 
@@ -762,6 +785,7 @@ class PipelineConfig:
     serving: ServingSettings = ServingSettings()
     monitor: MonitorSettings = MonitorSettings()
     retrain: RetrainSettings = RetrainSettings()
+    rollback: RollbackSettings = RollbackSettings()
     search: SearchSettings = SearchSettings(space=(Param(name="learning_rate", low=0.0005, high=0.02, log=True),))
     ray: RaySettings = RaySettings()
     mlflow: MlflowSettings = MlflowSettings()

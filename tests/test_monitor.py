@@ -143,7 +143,7 @@ def test_the_label_join_is_bounded_and_forgets_after_its_ttl() -> None:
         join.add_prediction(f"r{i}", "yes", T0)
     assert join.pending == 3 and join.evicted == 2
     assert join.add_label("r0", "yes", T0) is None  # evicted: kept as an early label instead
-    assert join.add_label("r4", "no", T0) == ("yes", "no")
+    assert join.add_label("r4", "no", T0) == ("yes", "no", None)
     join.add_prediction("late", "no", T0 + timedelta(seconds=30))
     assert join.expired >= 1 and join.pending == 1
 
@@ -330,3 +330,71 @@ def test_a_state_too_big_for_one_record_forgets_the_oldest_waiting_predictions(d
     assert len(encode_event(state)) <= 4096 and 0 < monitor.join.pending < 5000
     assert monitor.join.evicted == 5000 - monitor.join.pending
     assert state.evicted == monitor.join.evicted
+
+
+def on_probation(config: PipelineConfig) -> Champion:
+    """Version 2, just promoted over version 1; both validated at 0.9."""
+    base = champion(config)
+    return Champion("2", base.reference, base.report, previous="1", previous_report={"accuracy": 0.9, "f1_macro": 0.9})
+
+
+def performance(monitor: Monitor, items: list[tuple[PredictionLogged, Any]]) -> list[Any]:
+    """The performance windows of `items`, answered by the monitor's champion."""
+    version = monitor.champion.version
+    items = [(msgspec.structs.replace(e, model_version=version), y) for e, y in items]
+    feed(monitor, items)
+    return [o for o in monitor.on_labels(labels(items)) if o.kind == "performance"]
+
+
+@pytest.mark.parametrize(
+    ("case", "rollback_at", "retrain_at"),
+    [
+        ("losing", 1, None),  # the second losing window rolls back; neither counted towards a retrain
+        ("healthy", None, None),
+        ("disabled", None, 1),  # rollback.enabled false: the drop is performance drift, and a retrain
+        ("after probation", None, 3),  # 2 healthy windows use up a probation of 2, then it drifts: retrain
+    ],
+)
+def test_a_champion_on_probation_that_loses_to_the_previous_one_is_rolled_back_not_retrained(
+    demo_config: PipelineConfig, case: str, rollback_at: int | None, retrain_at: int | None
+) -> None:
+    config = small(demo_config)
+    probation = 2 if case == "after probation" else 4
+    config = dataclasses.replace(
+        config, rollback=dataclasses.replace(config.rollback, enabled=case != "disabled", probation_windows=probation)
+    )
+    monitor = Monitor(config, on_probation(config))
+    drift_at = {"losing": 0, "healthy": None, "disabled": 0, "after probation": 400}[case]
+    items = predictions(config, 800, "concept", drift_at=drift_at)  # right 90 % of the time, 50 % once drifted
+    perf = performance(monitor, items)
+    assert len(perf) == 4
+    rolled = [i for i, o in enumerate(perf) if o.rollback is not None]
+    retrained = [i for i, o in enumerate(perf) if o.retrain is not None]
+    assert rolled == ([rollback_at] if rollback_at is not None else [])
+    if rollback_at is None:
+        assert retrained[:1] == ([retrain_at] if retrain_at is not None else [])
+    if rollback_at is not None:
+        decided = perf[rollback_at].rollback
+        assert (decided.from_version, decided.to_version) == ("2", "1")
+        assert "lost 2 live performance windows in a row" in decided.reason and "against 0.900" in decided.reason
+        assert perf[0].summary["probation"] == {"losing": 1, "windows_left": 3}
+        assert not [i for i in retrained if i <= rollback_at], "a losing champion on probation is rolled back"
+        assert all(o.rollback is None for o in perf[rollback_at + 1 :]), "one rollback"
+
+
+def test_a_version_rolled_back_to_is_not_on_probation(demo_config: PipelineConfig) -> None:
+    config = small(demo_config)
+    monitor = Monitor(config, on_probation(config))
+    monitor.set_champion(champion(config))  # version 1 again, as a rollback leaves it: no previous report
+    perf = performance(monitor, predictions(config, 800, "concept", drift_at=0))
+    assert all(o.rollback is None for o in perf) and any(o.retrain is not None for o in perf)
+
+
+def test_a_performance_window_holds_only_the_champions_own_answers(demo_config: PipelineConfig) -> None:
+    """Answers of the version before a swap (or a canary's), labelled after it, are not the champion's record."""
+    config = small(demo_config)
+    monitor = Monitor(config, champion(config))
+    items = predictions(config, 800, "concept", drift_at=0)  # right half the time: a drop, were it counted
+    feed(monitor, [(msgspec.structs.replace(e, model_version="0"), y) for e, y in items])
+    perf = [o for o in monitor.on_labels(labels(items)) if o.kind == "performance"]
+    assert perf == [] and monitor.other_versions == 800

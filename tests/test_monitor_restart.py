@@ -255,3 +255,58 @@ def test_the_monitor_joins_labels_sent_as_plain_records_on_a_topic_of_the_users_
     assert len(performance) == 2 and all(w["size"] == 200 for w in performance), stats["windows"]
     assert stats["labels"] == 400
     assert performance[0]["accuracy"] == 1.0, "each plain label joined its own prediction (the 'model' was right)"
+
+
+def test_a_promoted_champion_that_loses_live_to_the_previous_one_is_rolled_back_by_the_monitor(
+    config: PipelineConfig, topics: Topics, tmp_path: Path
+) -> None:
+    """Issue 19, item 3: version 2 validated as well as version 1, then answers wrongly 60 % of the
+    time. Its first live performance windows lose to version 1's report: the monitor points
+    `champion` back at 1, publishes ModelRolledBack with the evidence, and asks for no retrain."""
+    from jobs.registry import ROLLED_BACK_TAG
+    from streams.events import ModelRolledBack
+
+    monitor = dataclasses.replace(config.monitor, window_size=400, performance_window=200)
+    # Performance only: these made-up answers' probabilities drift from any reference.
+    retrain = dataclasses.replace(
+        config.retrain, consecutive=2, min_window=100, cooldown_s=0, triggers=("performance",)
+    )
+    config = dataclasses.replace(config, monitor=monitor, retrain=retrain)
+    registry = champion(config, tmp_path)
+    report = {"holdout": "h", "accuracy": 0.8, "f1_macro": 0.8, "baseline_f1_macro": 0.3, "log_loss": 0.4}
+    second = registry.log_training(tmp_path / "m1", {}, [], report, Window(())).version
+    registry.client.set_registered_model_alias(config.name, "previous", "1")  # as a promotion leaves them
+    registry.client.set_registered_model_alias(config.name, "champion", second)
+
+    names, classes = config.schema.feature_names, list(config.schema.label.classes)
+    with Producer(config.kafka) as producer:
+        for r in StreamGenerator(config, seed=5, id_prefix="bad").records(800):
+            wrong = r.index % 5 < 3
+            guess = next(c for c in classes if c != r.label) if wrong else r.label
+            producer.send_event(topics.predictions, PredictionLogged(
+                request_id=r.record[config.schema.record_id], occurred_at=utcnow(), pipeline=config.name,
+                model_name=config.name, model_version=second, features={n: r.record[n] for n in names},
+                prediction=guess, probabilities={"no": 0.5, "yes": 0.5},
+            ))  # fmt: skip
+            label = LabelObserved(request_id=r.record[config.schema.record_id], pipeline=config.name, label=r.label)
+            producer.send_event(topics.labels, label)
+        producer.flush()
+    service: Any = ray.remote(MonitorService)
+    actor = service.options(max_restarts=0, num_cpus=0).remote(config, registry.uri)
+    stats = stats_when(actor, lambda s: s["rollbacks"] >= 1 and len(kinds(s, "performance")) >= 4)
+    time.sleep(3.0)  # anything more it would send
+    stats = ray.get(actor.stats.remote())
+    ray.get(actor.stop.remote())
+
+    assert stats["rollbacks"] == 1
+    assert registry.alias("champion") == "1" and registry.alias("previous") == second
+    tag = registry.client.get_model_version(config.name, second).tags[ROLLED_BACK_TAG]
+    assert f"version {second} on probation lost 2 live performance windows" in tag
+    events = decode_events([r.value for r in read_tail(config.kafka, topics.models, 10)])
+    (rolled,) = [e for e in events if isinstance(e, ModelRolledBack)]
+    assert (rolled.from_version, rolled.to_version) == (second, "1") and "against 0.800" in rolled.reason
+    retrains = decode_events([r.value for r in read_tail(config.kafka, topics.retrain, 10)])
+    assert not retrains, f"rolled back, not retrained: {[getattr(e, 'cause', e) for e in retrains]} {stats['windows']}"
+    perf = kinds(stats, "performance")
+    assert [w["model_version"] for w in perf[:2]] == [second, second] and not any(w["retrain"] for w in perf)
+    assert "lost 2 live performance windows" in perf[1]["decision"]

@@ -676,13 +676,16 @@ def load_champion(config: PipelineConfig, registry: Any, version: str | None = N
 
 
 def _probation_of(registry: Any, version: str) -> tuple[str | None, Mapping[str, Any] | None]:
-    """The version `version` replaced and its validation report, when `version` came by a
-    promotion (not by a rollback: the `previous` alias then names a version rolled back from)."""
+    """The version `version` replaced and the bar its probation holds it to, when `version`
+    came by a promotion (not by a rollback: `previous` then names a version rolled back from).
+    The bar is what the gate measured: the previous champion on the new one's holdout, the same
+    recent data (after a drift, the old version's own report is a bar the world no longer
+    allows); without that record, the previous version's own validation report."""
     import json
     import tempfile
     from pathlib import Path
 
-    from jobs.registry import PREVIOUS, ROLLED_BACK_TAG
+    from jobs.registry import PREVIOUS, PREVIOUS_SEEN_TAG, ROLLED_BACK_TAG
 
     previous = registry.alias(PREVIOUS)
     if previous is None or previous == version:
@@ -690,6 +693,11 @@ def _probation_of(registry: Any, version: str) -> tuple[str | None, Mapping[str,
     try:
         if registry.client.get_model_version(registry.name, previous).tags.get(ROLLED_BACK_TAG):
             return None, None
+        seen = registry.client.get_model_version(registry.name, version).tags.get(PREVIOUS_SEEN_TAG)
+        if seen:
+            bar = json.loads(seen)
+            if isinstance(bar, dict) and all(isinstance(v, int | float) for v in bar.values()):
+                return str(previous), bar
         with tempfile.TemporaryDirectory() as folder:
             report = json.loads((registry.download(previous, Path(folder)) / "report.json").read_text())
     except Exception as err:  # no probation rather than no monitor: say so

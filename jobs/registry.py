@@ -36,6 +36,7 @@ __all__ = ["ModelRegistry", "Registered", "git_commit", "tracking_uri"]
 
 CHAMPION, PREVIOUS = "champion", "previous"
 ROLLED_BACK_TAG = "driftloop.rolled_back"  # on a version rolled back from: why
+PREVIOUS_SEEN_TAG = "driftloop.previous_on_holdout"  # on a promoted version: the champion it beat, on its holdout
 REPORT_TAG = "driftloop.report"
 # Each artifact file's SHA-256, recorded on the model version when it is registered: the artifact
 # store (a bucket, a folder, MLflow's artifact proxy) can be rewritten without touching the registry,
@@ -222,6 +223,11 @@ class ModelRegistry:
                 self.client.set_registered_model_alias(self.name, CHAMPION, version)
                 if champion is not None:
                     self.client.set_registered_model_alias(self.name, PREVIOUS, champion)
+                if champion_seen is not None:  # what a rollback's probation holds the new champion to
+                    seen = {
+                        k: float(champion_seen[k]) for k in ("accuracy", "f1_macro") if _number(champion_seen.get(k))
+                    }
+                    self.client.set_model_version_tag(self.name, version, PREVIOUS_SEEN_TAG, json.dumps(seen))
             self.client.set_model_version_tag(
                 self.name, version, "driftloop.gate", "passed" if decision.promote else "rejected"
             )

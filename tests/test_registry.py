@@ -92,6 +92,8 @@ def test_first_model_promoted_over_the_baseline_then_a_worse_one_rejected(
     assert (registry.alias("champion"), registry.alias("previous")) == (better.version, first.version)
     assert [type(e) for e in events] == [ModelPromoted, ModelRejected, ModelPromoted]
     assert isinstance(events[2], ModelPromoted) and events[2].previous_version == first.version
+    seen = registry.client.get_model_version(registry.name, better.version).tags["driftloop.previous_on_holdout"]
+    assert json.loads(seen)["f1_macro"] == pytest.approx(report(0.70)["f1_macro"]), "the bar a probation holds it to"
     other_holdout = registry.log_training(artifact, {}, [], report(0.9, holdout="h2"), window)  # type: ignore[arg-type]
     assert not registry.promote(other_holdout.version, GATE).promote
 
@@ -112,6 +114,11 @@ def test_rollback_returns_to_the_previous_version(registry: ModelRegistry, artif
     (event,) = events
     assert isinstance(event, ModelRolledBack) and (event.from_version, event.to_version, event.reason) == (
         second.version, first.version, "bad canary")  # fmt: skip
+    assert (
+        registry.client.get_model_version(registry.name, second.version).tags["driftloop.rolled_back"] == "bad canary"
+    )
+    assert registry.rollback("again", only_from=second.version) is None, "not the champion any more: nothing moves"
+    assert registry.alias("champion") == first.version
 
 
 def test_two_racing_promotions_never_leave_the_alias_on_a_version_that_did_not_pass(

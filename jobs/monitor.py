@@ -32,12 +32,13 @@ on as if it had not stopped. With more than one monitor actor no state is kept.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
 import zlib
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -297,6 +298,9 @@ class Monitor:
         self._next: dict[tuple[str, int], int] = {}  # per partition read, the next offset: the commit
         self._resume: dict[tuple[str, int], int] = {}  # offsets below these are in a restored state
         self.records_position: tuple[OffsetRange, ...] = ()  # the records topic's ends, as last seen
+        # where the records topic stood at an event time (the I/O part's RecordsPosition.at): a window
+        # opens at its first prediction's position, not at the moment a lagging monitor reads it
+        self.records_at: Callable[[datetime], tuple[OffsetRange, ...]] | None = None
         self.other_versions = 0  # joined pairs of another model version than the champion, left out
         self._start_probation()
 
@@ -310,6 +314,11 @@ class Monitor:
         """Where the records topic stands now (its high watermarks as empty ranges); the I/O part
         tells the core before each batch, and a window remembers it from when it opened."""
         self.records_position = position
+
+    def _position(self, at: datetime) -> tuple[OffsetRange, ...]:
+        """The records topic's ends when an event of time `at` happened (as last seen, without a lookup)."""
+        found = self.records_at(at) if self.records_at is not None else ()
+        return found or self.records_position
 
     def _records_window(self, opened: tuple[OffsetRange, ...]) -> tuple[OffsetRange, ...]:
         """The records topic from where it stood when a window opened to where it stands now."""
@@ -340,7 +349,7 @@ class Monitor:
             if limit is not None and w.started is not None and (event.occurred_at - w.started).total_seconds() >= limit:
                 out.append(self._close_window())
             if self._window.size == 0:
-                self._window.records_from = self.records_position
+                self._window.records_from = self._position(event.occurred_at)
             self._window.add(event, topic, partition, offset, self.positive)
             self._next[key] = offset + 1
             where = (topic, partition, offset)
@@ -372,7 +381,7 @@ class Monitor:
             return []
         pair = (predicted, truth)
         if not self._perf:
-            self._perf_records = self.records_position
+            self._perf_records = self._position(at)
         self._perf.append(pair)
         self._perf_started = self._perf_started or at
         if len(self._perf) < self.settings.performance_window:
@@ -765,6 +774,7 @@ def _monitor_loop(
     producer = Producer(config.kafka, client_id=f"{config.name}.monitor")
     consumer: StreamConsumer
     position = RecordsPosition(config.kafka, topics.records)
+    monitor.records_at = lambda when: position.at(when.timestamp())
     decoder: Any = decode_events
     if config.topics.labels_format == "record":
         decoder = events_or_label_records(LabelRecordCodec(config.schema, config.name, config.kafka.max_record_bytes))
@@ -928,12 +938,24 @@ class RecordsPosition:
         self.kafka, self.topic, self.every_s = kafka, topic, every_s
         self._last: tuple[OffsetRange, ...] = ()
         self.fresh_at: float | None = None  # wall time of the last answer (the monitor's heartbeat says it)
+        # (wall time, ends) of the last hour's answers: where the topic stood when a prediction was
+        # made, which a monitor that lags behind its topics must not take from "now"
+        self._history: deque[tuple[float, tuple[OffsetRange, ...]]] = deque(maxlen=int(3600 / max(every_s, 0.1)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="records-position", daemon=True)
         self._thread.start()
 
     def now(self) -> tuple[OffsetRange, ...]:
         return self._last
+
+    def at(self, when: float) -> tuple[OffsetRange, ...]:
+        """The newest answer read at or before wall time `when` (the oldest kept if all are later;
+        `now()` when there is none yet)."""
+        history = list(self._history)
+        if not history:
+            return self._last
+        i = bisect.bisect_right([t for t, _ in history], when)
+        return history[max(i - 1, 0)][1]
 
     def _run(self) -> None:
         from streams.kafka_source import high_watermarks
@@ -948,6 +970,7 @@ class RecordsPosition:
                     OffsetRange(topic=self.topic, partition=p, start=end, end=end) for p, end in sorted(ends.items())
                 )
                 self.fresh_at = time.time()
+                self._history.append((self.fresh_at, self._last))
             self._stop.wait(self.every_s)
 
     def close(self) -> None:

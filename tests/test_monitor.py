@@ -398,3 +398,20 @@ def test_a_performance_window_holds_only_the_champions_own_answers(demo_config: 
     feed(monitor, [(msgspec.structs.replace(e, model_version="0"), y) for e, y in items])
     perf = [o for o in monitor.on_labels(labels(items)) if o.kind == "performance"]
     assert perf == [] and monitor.other_versions == 800
+
+
+def test_a_window_starts_its_records_where_the_topic_stood_when_its_first_prediction_was_made(
+    demo_config: PipelineConfig,
+) -> None:
+    """A monitor lagging behind its topics must not date a drift's records from when it reads them:
+    a retrain would then learn from rows after the drift's start, or none (a file replayed)."""
+    from streams.events import OffsetRange
+
+    config = small(demo_config)
+    monitor = Monitor(config, champion(config))
+    ends = lambda n: tuple(OffsetRange(topic="p.records", partition=p, start=n, end=n) for p in range(2))  # noqa: E731
+    monitor.note_records(ends(500))  # where the topic stands now, as the lagging monitor reads it
+    monitor.records_at = lambda when: ends(10 if when < T0 + timedelta(seconds=100) else 300)
+    data = [o for o in feed(monitor, predictions(config, 400, "covariate", drift_at=0)) if o.kind == "data"]
+    assert data and data[0].drift is not None
+    assert {r.start for r in data[0].drift.records} == {10} and {r.end for r in data[0].drift.records} == {500}

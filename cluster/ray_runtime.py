@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 HAPROXY_ENV = "DRIFTLOOP_SERVE_HAPROXY"  # 0: Serve's Python proxy; 1: HAProxy; unset: HAProxy if there is one
+RETRY_ON_ENV = "RAY_SERVE_HAPROXY_RETRY_ON"  # what HAProxy resends to another replica
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 # HAProxy refuses a socket path over 97 bytes, and Serve puts its sockets in <base>/<node id, 56
 # hex digits>/metrics.sock: 71 bytes after the base.
@@ -175,6 +176,13 @@ def serve_ingress_env(temp_dir: str) -> dict[str, str]:
         # it. Serve's 30 s default is for cloud load balancers; HAProxy on the same machine hears
         # of it within a second, and 30 s made every redeploy and delete wait for nothing.
         DRAIN_ENV: os.environ.get(DRAIN_ENV, "2"),
+        # A replica killed with a request in flight closes the connection with no (or half an)
+        # answer. Serve's default retries only a failed connect; `empty-response` and
+        # `junk-response` also resend such a request to another replica (HAProxy keeps a copy of
+        # requests up to tune.bufsize, 16 kB). Safe for `/v1/predict`: a prediction changes
+        # nothing, and its request id names it (a replica that logged it before dying logs it
+        # twice, under one id).
+        RETRY_ON_ENV: os.environ.get(RETRY_ON_ENV, "conn-failure empty-response junk-response"),
     }
 
 

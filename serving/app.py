@@ -41,6 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from jobs.registry import ModelRegistry
+from serving.metrics import ServingMetrics
 from serving.model import ServedModel, load_served_model
 from serving.policy import route
 from serving.predlog import PredictionLog
@@ -59,7 +60,12 @@ WATCH_ENV = "DRIFTLOOP_WATCH_MODELS"  # "0" turns the models-topic watch off
 SMALL_REQUEST = 32  # requests with fewer records are batched with concurrent ones (@serve.batch)
 NO_MODEL_RECHECK_S = 5.0  # a replica with no model asks the registry this often, at most
 log = logging.getLogger(__name__)
-REPLICA = f"{os.uname().nodename}:{os.getpid()}"  # this process, in /v1/health
+
+
+def replica_name() -> str:
+    """`host:pid` of this process, in /v1/health and the metrics. Called in the replica: a module
+    global would be the driver's (Serve ships the class with its globals as they were there)."""
+    return f"{os.uname().nodename}:{os.getpid()}"
 
 
 def user_watch_models() -> bool:
@@ -130,6 +136,7 @@ class ModelServer:
 
     def __init__(self, config: PipelineConfig, tracking_uri: str, alias: str = "champion") -> None:
         self._salt, self._digest = _key_check(os.environ)
+        self.replica = replica_name()
         self.config = config
         self.alias = alias
         self.registry = ModelRegistry(config, tracking_uri)
@@ -151,6 +158,15 @@ class ModelServer:
         serving = config.serving
         self.log = PredictionLog(
             kafka, topics.predictions, capacity=serving.log_capacity, timeout_s=serving.log_timeout_s
+        )
+        self.metrics = ServingMetrics(
+            config.name,
+            self.replica,
+            lambda: (self.log.sent, self.log.dropped, self.log.buffered),
+            lambda: {
+                "champion": getattr(self.model, "version", None),
+                "challenger": getattr(self.challenger, "version", None),
+            },
         )
         batcher: Any = self._score  # a serve.batch wrapper
         batcher.set_max_batch_size(min(serving.batch_max_size, serving.max_ongoing_requests))
@@ -249,6 +265,12 @@ class ModelServer:
 
     @api.post("/v1/predict")
     async def predict(self, request: Request) -> Response:
+        answer = await self._predict(request)
+        if answer.status_code != 200:  # answers with predictions are counted with them
+            self.metrics.answered(answer.status_code)
+        return answer
+
+    async def _predict(self, request: Request) -> Response:
         if not self._authorised(request):
             return _error(401, "unauthorized", "a valid API key is required (x-api-key or Authorization: Bearer)")
         declared = request.headers.get("content-length")
@@ -274,9 +296,12 @@ class ModelServer:
         predictions = _predictions(ids, proba, model.labels, model.keys)
         variant = "challenger" if model is not champion else "champion"
         self.log.append(self.config.name, model.name, model.version, rows, predictions, variant)
+        counts = {variant: len(predictions)}
         if decision.shadow and challenger is not None:
             shadowed = _predictions(ids, challenger.predict(rows), challenger.labels, challenger.keys)
             self.log.append(self.config.name, challenger.name, challenger.version, rows, shadowed, "shadow")
+            counts["shadow"] = len(shadowed)
+        self.metrics.answered(200, counts)
         body = msgspec.json.encode(
             {"model": {"name": model.name, "version": model.version}, "predictions": predictions}
         )
@@ -310,7 +335,7 @@ class ModelServer:
             "predictions_dropped": self.log.dropped,
             "prediction_log_alive": self.log.alive,
             "prediction_log_producers_replaced": self.log.replaced,
-            "replica": REPLICA,  # the counts above are this replica's
+            "replica": self.replica,  # the counts above are this replica's
         }
 
     @api.get("/v1/model")

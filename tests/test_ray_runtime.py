@@ -9,7 +9,7 @@ import os
 import pytest
 
 from cluster import ray_runtime
-from cluster.ray_runtime import DRAIN_ENV, HAPROXY_ENV, cpus_needed, haproxy_ingress, serve_ingress_env
+from cluster.ray_runtime import DRAIN_ENV, HAPROXY_ENV, RETRY_ON_ENV, cpus_needed, haproxy_ingress, serve_ingress_env
 from streams.config import PipelineConfig
 from streams.errors import DriftloopError
 
@@ -29,6 +29,7 @@ def test_each_cluster_gets_haproxy_ports_and_files_of_its_own(monkeypatch: pytes
     monkeypatch.setattr(ray_runtime, "haproxy_available", lambda: True)
     monkeypatch.setenv(HAPROXY_ENV, "1")
     monkeypatch.delenv(DRAIN_ENV, raising=False)
+    monkeypatch.delenv(RETRY_ON_ENV, raising=False)
     one, two = serve_ingress_env("/tmp/ray-a"), serve_ingress_env("/tmp/ray-b")
     assert one["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and one["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     ports = [k for k in one if k.endswith("_PORT")]
@@ -41,6 +42,7 @@ def test_each_cluster_gets_haproxy_ports_and_files_of_its_own(monkeypatch: pytes
     assert all(len(os.path.join(os.path.dirname(p), node_id, os.path.basename(p))) <= 97 for p in sockets)
     os.rmdir(os.path.dirname(sockets[0]))  # the short folder made for them
     assert one[DRAIN_ENV] == "2"
+    assert set(one[RETRY_ON_ENV].split()) >= {"conn-failure", "empty-response"}, "a killed replica's request is resent"
     monkeypatch.setenv(DRAIN_ENV, "30")
     assert serve_ingress_env("/tmp/ray-a")[DRAIN_ENV] == "30", "an operator's own drain period stays"
 

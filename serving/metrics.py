@@ -1,0 +1,138 @@
+"""A replica's counts in Prometheus form, through Ray's metrics API.
+
+Ray exports every worker's metrics at its node's metrics endpoint (`ray.nodes()`'s
+`MetricsExportPort`, path `/metrics`), prefixed `ray_` and labelled with the worker (`WorkerId`)
+and the node. So each replica's counts can be read there, one series per replica: `/v1/health`
+reaches only the replica Serve routes it to, and a killed replica's counts are gone from it.
+
+The request path only adds to plain counters; a thread hands the increments to Ray every
+`every_s` (Ray exports them on its own schedule, every few seconds). Series (each labelled
+`pipeline` and `replica`, the replica's `host:pid` as `/v1/health` gives it):
+
+- `driftloop_requests_total{code}`: answers to `/v1/predict` by HTTP status;
+- `driftloop_predictions_total{variant}`: predictions answered (champion, challenger, shadow);
+- `driftloop_predictions_logged_total` / `driftloop_predictions_dropped_total`: acknowledged by
+  the broker / dropped and counted by the prediction log;
+- `driftloop_predictions_buffered`: handed to the log, not yet acknowledged or dropped;
+- `driftloop_model_version{variant}`: the version a replica serves (champion, challenger).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+__all__ = ["PREFIX", "ServingMetrics", "parse_prometheus"]
+
+PREFIX = "ray_"  # what Ray's exporter puts before each name
+log = logging.getLogger(__name__)
+
+
+class ServingMetrics:
+    def __init__(
+        self,
+        pipeline: str,
+        replica: str,
+        log_counts: Callable[[], tuple[int, int, int]],
+        versions: Callable[[], dict[str, str | None]],
+        every_s: float = 1.0,
+    ) -> None:
+        """`log_counts` gives the prediction log's (logged, dropped, buffered) so far; `versions`
+        the served version per variant."""
+        from ray.util.metrics import Counter as RayCounter
+        from ray.util.metrics import Gauge
+
+        self.tags = {"pipeline": pipeline, "replica": replica}
+        self._requests: Counter[int] = Counter()
+        self._predictions: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._log_counts = log_counts
+        self._versions = versions
+        self._logged = self._dropped = 0
+        self.requests = RayCounter(
+            "driftloop_requests_total",
+            "Answers to /v1/predict, by HTTP status.",
+            tag_keys=("pipeline", "replica", "code"),
+        )
+        self.predictions = RayCounter(
+            "driftloop_predictions_total",
+            "Predictions answered, by variant.",
+            tag_keys=("pipeline", "replica", "variant"),
+        )
+        self.logged = RayCounter(
+            "driftloop_predictions_logged_total",
+            "Predictions the broker acknowledged.",
+            tag_keys=("pipeline", "replica"),
+        )
+        self.dropped = RayCounter(
+            "driftloop_predictions_dropped_total",
+            "Predictions the log dropped (and counted).",
+            tag_keys=("pipeline", "replica"),
+        )
+        self.buffered = Gauge(
+            "driftloop_predictions_buffered",
+            "Predictions not yet acknowledged or dropped.",
+            tag_keys=("pipeline", "replica"),
+        )
+        self.version = Gauge(
+            "driftloop_model_version",
+            "The model version served, by variant.",
+            tag_keys=("pipeline", "replica", "variant"),
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), name="serving-metrics", daemon=True)
+        self._thread.start()
+
+    def answered(self, code: int, predictions: dict[str, int] | None = None) -> None:
+        """One answer to /v1/predict, with the predictions it gave per variant (the request path: no I/O)."""
+        with self._lock:
+            self._requests[code] += 1
+            self._predictions.update(predictions or {})
+
+    def flush(self) -> None:
+        """Hand what was counted since the last flush to Ray."""
+        with self._lock:
+            requests, self._requests = self._requests, Counter()
+            predictions, self._predictions = self._predictions, Counter()
+        for code, n in requests.items():
+            self.requests.inc(n, tags=self.tags | {"code": str(code)})
+        for variant, n in predictions.items():
+            self.predictions.inc(n, tags=self.tags | {"variant": variant})
+        logged, dropped, buffered = self._log_counts()
+        if logged > self._logged:
+            self.logged.inc(logged - self._logged, tags=self.tags)
+            self._logged = logged
+        if dropped > self._dropped:
+            self.dropped.inc(dropped - self._dropped, tags=self.tags)
+            self._dropped = dropped
+        self.buffered.set(buffered, tags=self.tags)
+        for variant, version in self._versions().items():
+            with contextlib.suppress(TypeError, ValueError):  # a version MLflow did not number
+                self.version.set(float(version or 0), tags=self.tags | {"variant": variant})
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.flush()
+            except Exception as err:  # metrics must never stop serving; the next flush tries again
+                log.warning("serving metrics not exported: %s", err)
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self.flush()
+
+
+def parse_prometheus(text: str, names: set[str]) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of `names` (without Ray's prefix) in Prometheus text format: (name, labels, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        (sample.name.removeprefix(PREFIX), dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.removeprefix(PREFIX) in names
+    ]

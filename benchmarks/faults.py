@@ -38,7 +38,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from jobs.controller import ControllerService, JobTemplate  # noqa: E402
 from jobs.monitor import MonitorService  # noqa: E402
 from jobs.registry import ModelRegistry  # noqa: E402
 from serving.app import build_app  # noqa: E402
+from serving.metrics import replica_counts  # noqa: E402
 from streams.config import API_KEY_ENV, load_config  # noqa: E402
 from streams.events import LabelObserved, RetrainRequested, deterministic_id  # noqa: E402
 from streams.generator import StreamGenerator  # noqa: E402
@@ -70,6 +70,7 @@ from streams.topics import Topics  # noqa: E402
 RATE = 100.0  # records per second
 BATCH = 10  # records per request
 LABEL_DELAY_S = 3.0
+RESENDS = 3  # a request whose connection closed with no answer, or that got a 5xx, is sent again
 
 
 def say(started: float, message: str) -> None:
@@ -83,8 +84,8 @@ class Client(threading.Thread):
         super().__init__(daemon=True)
         self.config, self.url, self.topics = config, url, topics
         self.stop = threading.Event()
-        self.answered = self.failed = self.records = self.labels_lost = 0
-        self.failures: Counter[str] = Counter()
+        self.answered = self.failed = self.records = self.labels_lost = self.resent = 0
+        self.failures: Counter[str] = Counter()  # why a first try failed (resent) or a request gave up
         self.last_ok = time.time()
 
     def run(self) -> None:
@@ -100,11 +101,17 @@ class Client(threading.Thread):
             while not self.stop.is_set():
                 batch = list(generator.records(BATCH))
                 body = [{"request_id": r.id, **{n: r.record[n] for n in names}} for r in batch]
-                try:
-                    answer = session.post(f"{self.url}/v1/predict", json=body, headers=headers, timeout=30)
-                    ok, why = answer.status_code == 200, str(answer.status_code)
-                except requests.RequestException as err:
-                    ok, why = False, type(err).__name__
+                for attempt in range(RESENDS + 1):  # as README asks of a client: again on no answer or a 5xx
+                    try:
+                        answer = session.post(f"{self.url}/v1/predict", json=body, headers=headers, timeout=30)
+                        ok, why = answer.status_code == 200, str(answer.status_code)
+                    except requests.RequestException as err:
+                        ok, why = False, type(err).__name__
+                    if ok or (why.isdigit() and not why.startswith("5")) or attempt == RESENDS:
+                        break
+                    self.resent += 1
+                    self.failures[f"resent after {why}"] += 1
+                    time.sleep(0.2 * (attempt + 1))
                 if ok:
                     self.answered += 1
                     self.records += len(batch)
@@ -162,6 +169,13 @@ class Windows:
                 overlaps += start < end
         repeated = sum(1 for instances in self.seen.values() if len(instances) > 1)
         return {"windows": len(self.seen), "gaps": gaps, "overlapping": overlaps, "repeated": repeated}
+
+
+def restarts(name: str) -> int:
+    """How often the named actor was restarted."""
+    from ray.util.state import list_actors
+
+    return max((a.num_restarts for a in list_actors(filters=[("name", "=", name)])), default=0)
 
 
 def wait(what: str, probe: Any, timeout_s: float, every_s: float = 0.5) -> float | None:
@@ -258,7 +272,11 @@ def main() -> int:
 
             # 3. the controller, killed while the job runs
             ray.kill(controller, no_restart=False)
-            recovery["controller_s"] = wait("controller", lambda: ray.get(controller.stats.remote(), timeout=5), 120)
+            recovery["controller_s"] = wait(
+                "controller",
+                lambda: restarts("faults-controller") > 0 and ray.get(controller.stats.remote(), timeout=5),
+                120,
+            )
             say(started, f"controller killed; answering again after {recovery['controller_s']}s")
 
             # 4. the monitor
@@ -266,8 +284,12 @@ def main() -> int:
             ray.kill(monitor, no_restart=False)
             instance += 1
             seen = before.get("predictions", 0)
-            recovery["monitor_s"] = wait(
-                "monitor", lambda: ray.get(monitor.stats.remote(), timeout=5)["predictions"] > 0, 120
+            recovery["monitor_s"] = wait(  # a new instance (ray.kill returns before the old one is gone) consuming
+                "monitor",
+                lambda: (
+                    restarts("faults-monitor") > 0 and ray.get(monitor.stats.remote(), timeout=5)["predictions"] > 0
+                ),
+                120,
             )
             say(started, f"monitor killed; consuming again after {recovery['monitor_s']}s (had {seen} predictions)")
 
@@ -314,18 +336,23 @@ def main() -> int:
             time.sleep(LABEL_DELAY_S + 10)  # the last predictions and labels land; the monitor closes windows
             windows.note(monitor, instance)
 
-            health: dict[str, Any] = {}
-            ask = lambda _: requests.get(f"{url}/v1/health", timeout=10).json()  # noqa: E731
-            for _ in range(120):  # each live replica's own counts (a killed replica's are gone with it)
-                # Side by side, so that Serve's router (which prefers an idle replica) spreads them.
-                with ThreadPoolExecutor(8) as pool:
-                    for h in pool.map(ask, range(32)):
-                        health[h["replica"]] = h
-                if not any(h["predictions_buffered"] for h in health.values()):
-                    break  # every prediction handed to the log is delivered or dropped
+            # Each replica's counts, the killed one's last export among them, from Ray's metrics endpoint.
+            live = {str(a.pid) for a in replicas()}
+            counts: dict[str, dict[str, float]] = {}
+            for _ in range(120):
+                counts = replica_counts(config.name)
+                alive = {r: c for r, c in counts.items() if r.rpartition(":")[2] in live}
+                if alive and not any(c.get("predictions_buffered", 0) for c in alive.values()):
+                    break  # every prediction a live replica handed to the log is delivered or dropped
                 time.sleep(1.0)
             logged = sum(high_watermarks(config.kafka, topics.predictions).values()) - 1  # less the poison
-            dropped = sum(h["predictions_dropped"] for h in health.values())
+            dropped = int(sum(c.get("predictions_dropped_total", 0) for c in counts.values()))
+            killed = {r: c for r, c in counts.items() if r.rpartition(":")[2] not in live}
+            held = sum(
+                c.get("predictions_total", 0) - c.get("predictions_logged_total", 0)
+                - c.get("predictions_dropped_total", 0)
+                for c in killed.values()
+            )  # fmt: skip
             jobs: Counter[str] = Counter()
             from ray.job_submission import JobSubmissionClient
 
@@ -337,14 +364,21 @@ def main() -> int:
                 "machine": common.machine(),
                 "rate_records_per_s": RATE,
                 "outage_s": opts.outage,
-                "requests": {"answered": client.answered, "failed": client.failed, "why": dict(client.failures)},
+                "requests": {
+                    "answered": client.answered,
+                    "failed": client.failed,
+                    "resent": client.resent,
+                    "why": dict(client.failures),
+                },
                 "labels_lost": client.labels_lost,
                 "predictions": {
                     "answered": client.records,
                     "logged": logged,
-                    "dropped_by_live_replicas": dropped,
-                    "still_buffered": sum(h["predictions_buffered"] for h in health.values()),
-                    "replicas_asked": len(health),
+                    "dropped": dropped,
+                    "still_buffered": int(sum(c.get("predictions_buffered", 0) for c in counts.values())),
+                    "replicas": {r: {k: int(v) for k, v in c.items()} for r, c in sorted(counts.items())},
+                    # answered by a replica that was then killed, neither logged nor dropped at its last export
+                    "held_by_killed_replicas": int(held),
                     "unaccounted": client.records - logged - dropped,
                 },
                 "windows": windows.summary(),

@@ -25,7 +25,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 
-__all__ = ["PREFIX", "ServingMetrics", "parse_prometheus"]
+__all__ = ["PREFIX", "ServingMetrics", "parse_prometheus", "replica_counts"]
 
 PREFIX = "ray_"  # what Ray's exporter puts before each name
 log = logging.getLogger(__name__)
@@ -136,3 +136,31 @@ def parse_prometheus(text: str, names: set[str]) -> list[tuple[str, dict[str, st
         for sample in family.samples
         if sample.name.removeprefix(PREFIX) in names
     ]
+
+
+COUNTS = ("predictions_total", "predictions_logged_total", "predictions_dropped_total", "predictions_buffered")
+
+
+def replica_counts(pipeline: str, timeout_s: float = 10.0) -> dict[str, dict[str, float]]:
+    """Each replica's counts (by its `host:pid`) from every live node's Ray metrics endpoint, in the
+    connected Ray: `predictions_total` (all variants), `predictions_logged_total`,
+    `predictions_dropped_total`, `predictions_buffered` and `requests_total:<code>`."""
+    import urllib.request
+
+    import ray
+
+    names = {f"driftloop_{n}" for n in (*COUNTS, "requests_total")}
+    out: dict[str, dict[str, float]] = {}
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+            text = answer.read().decode()
+        for name, labels, value in parse_prometheus(text, names):
+            if labels.get("pipeline") != pipeline:
+                continue
+            counts = out.setdefault(labels.get("replica", "?"), {})
+            key = name.removeprefix("driftloop_") + (f":{labels['code']}" if "code" in labels else "")
+            counts[key] = counts.get(key, 0.0) + value  # predictions_total: summed over variants
+    return out

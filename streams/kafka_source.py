@@ -223,7 +223,10 @@ def fetch_high_watermarks(consumer: Any, tps: list[TopicPartition], timeout_s: f
 
 def read_tail(kafka: KafkaSettings, topic: str, last: int, timeout_s: float = 10.0) -> list[Any]:
     """The last `last` records of each partition of `topic` (kafka-python records: `.value`,
-    `.timestamp` in ms), oldest first per partition; [] when the topic does not exist."""
+    `.timestamp` in ms), oldest first per partition; [] when the topic does not exist.
+
+    All of them or `IncompleteRead`: a read cut short by `timeout_s` would lack the newest
+    records, and its readers want those most (status's heartbeats, the monitor's last state)."""
     consumer = _consumer(kafka)
     try:
         if topic not in consumer.topics():
@@ -238,6 +241,11 @@ def read_tail(kafka: KafkaSettings, topic: str, last: int, timeout_s: float = 10
         while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
             for tp, records in consumer.poll(timeout_ms=200).items():
                 out.extend(r for r in records if r.offset < ends[tp])
+        short = {f"{tp.partition}": (consumer.position(tp), ends[tp]) for tp in tps if consumer.position(tp) < ends[tp]}
+        if short:
+            raise IncompleteRead(
+                f"{topic}: the tail was not read within {timeout_s:g}s (at, end per partition: {short})"
+            )
         return out
     finally:
         consumer.close()

@@ -306,3 +306,35 @@ def test_a_record_too_big_to_copy_goes_to_the_dlq_truncated_and_the_consumer_goe
     assert headers["driftloop.source"].decode() == f"{topics.records}/0/1"
     assert huge.startswith(dead.value) and 0 < len(dead.value) < len(huge)  # type: ignore[attr-defined]
     assert committed(config, topics.records, f"{config.name}.g")[0] == 3
+
+
+def test_a_tail_read_cut_short_raises_instead_of_answering_part_of_it(
+    config: PipelineConfig, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Status and the monitor's restart read the newest records of a topic; a read the timeout cut
+    short lacked exactly those, and was taken for the whole tail."""
+    import itertools
+    import time
+    import types
+
+    from streams import kafka_source
+    from streams.errors import IncompleteRead
+
+    ensure_topics(config.kafka, [topics.heartbeats])
+    produce(config, topics.heartbeats, [json.dumps({"n": i}).encode() for i in range(30)])
+    tail = [json.loads(r.value)["n"] for r in kafka_source.read_tail(config.kafka, topics.heartbeats, 10)]
+    assert 29 in tail and len(tail) <= 4 * 10  # the last 10 of each of 4 partitions, the newest among them
+
+    found = kafka_source.fetch_high_watermarks
+
+    def then_the_clock_runs_out(*args: object) -> dict[TopicPartition, int]:
+        ends = found(*args)  # type: ignore[arg-type]
+        begun = time.monotonic()
+        ticks = itertools.count()  # each look at this module's clock is an hour later: every deadline passes
+        clock = types.SimpleNamespace(monotonic=lambda: begun + 3600.0 * next(ticks))
+        monkeypatch.setattr(kafka_source, "time", clock)
+        return ends
+
+    monkeypatch.setattr(kafka_source, "fetch_high_watermarks", then_the_clock_runs_out)
+    with pytest.raises(IncompleteRead, match="not read within"):
+        kafka_source.read_tail(config.kafka, topics.heartbeats, 10)

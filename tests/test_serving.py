@@ -345,25 +345,6 @@ def test_a_broker_outage_costs_prediction_logs_not_requests(
             assert dropped > 0, "what could not be logged is counted"
 
 
-def replica_metrics(pipeline: str) -> dict[str, dict[str, float]]:
-    """Each replica's driftloop series (by its host:pid) from every node's metrics endpoint."""
-    from serving.metrics import parse_prometheus
-
-    kinds = ("predictions_total", "predictions_logged_total", "predictions_dropped_total", "predictions_buffered")
-    names = {f"driftloop_{n}" for n in (*kinds, "requests_total")}
-    out: dict[str, dict[str, float]] = {}
-    for node in ray.nodes():
-        if not node["Alive"]:
-            continue
-        text = requests.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text
-        for name, labels, value in parse_prometheus(text, names):
-            if labels.get("pipeline") == pipeline:
-                counts = out.setdefault(labels["replica"], {})
-                key = f"{name}:{labels['code']}" if "code" in labels else name
-                counts[key] = counts.get(key, 0.0) + value  # predictions_total: summed over variants
-    return out
-
-
 def test_a_replica_killed_under_load_fails_no_request_and_each_replica_counts_its_predictions(
     config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str, artifacts: list[Path]
 ) -> None:
@@ -373,6 +354,7 @@ def test_a_replica_killed_under_load_fails_no_request_and_each_replica_counts_it
     from ray.util.state import list_actors
 
     from serving.app import replica_name
+    from serving.metrics import replica_counts
 
     monkeypatch.setenv(API_KEY_ENV, KEY)
     config = dataclasses.replace(config, serving=dataclasses.replace(config.serving, num_replicas=2))
@@ -434,12 +416,12 @@ def test_a_replica_killed_under_load_fails_no_request_and_each_replica_counts_it
         live = {victim_name(a) for a in replicas()}
         deadline = time.monotonic() + 60
         while True:  # Ray exports every few seconds; the live replicas' logs empty soon after traffic stops
-            series = replica_metrics(config.name)
+            series = replica_counts(config.name)
             mine = {w: c for w, c in series.items() if w in live}
             settled = len(mine) == 2 and all(
-                c.get("driftloop_predictions_total", 0)
-                == c.get("driftloop_predictions_logged_total", 0) + c.get("driftloop_predictions_dropped_total", 0)
-                and c.get("driftloop_predictions_buffered") == 0
+                c.get("predictions_total", 0)
+                == c.get("predictions_logged_total", 0) + c.get("predictions_dropped_total", 0)
+                and c.get("predictions_buffered") == 0
                 for c in mine.values()
             )
             if settled or time.monotonic() > deadline:
@@ -447,9 +429,9 @@ def test_a_replica_killed_under_load_fails_no_request_and_each_replica_counts_it
             time.sleep(1.0)
         assert len(mine) == 2, f"two live replicas export their counts: {series}"
         assert settled, f"every answered prediction of a live replica is logged or counted as dropped: {mine}"
-        assert sum(c.get("driftloop_requests_total:200", 0) for c in series.values()) <= answered
+        assert sum(c.get("requests_total:200", 0) for c in series.values()) <= answered + len(retried)
         assert victim_name(victim) in series, "the killed replica's counts outlive it"
-        assert all(c.get("driftloop_predictions_dropped_total", 0) == 0 for c in mine.values())
+        assert all(c.get("predictions_dropped_total", 0) == 0 for c in mine.values())
 
 
 def test_overload_answers_503_instead_of_queueing(

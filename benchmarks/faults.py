@@ -175,7 +175,8 @@ def restarts(name: str) -> int:
     """How often the named actor was restarted."""
     from ray.util.state import list_actors
 
-    return max((a.num_restarts for a in list_actors(filters=[("name", "=", name)])), default=0)
+    found = list_actors(filters=[("name", "=", name)], detail=True)  # num_restarts comes only with detail
+    return max((a.num_restarts or 0 for a in found), default=0)
 
 
 def wait(what: str, probe: Any, timeout_s: float, every_s: float = 0.5) -> float | None:

@@ -28,9 +28,20 @@ log = logging.getLogger(__name__)
 
 
 PICK_PORTS_FROM = (20000, 32767)  # below Linux's ephemeral range (32768-60999 by default)
+PORT_RANGE_ENV = "DRIFTLOOP_PORT_RANGE"  # "LOW-HIGH": where this process and its children pick
 
 
 _HANDED_OUT: set[int] = set()
+
+
+def _pick_range() -> tuple[int, int]:
+    """`DRIFTLOOP_PORT_RANGE` where it is a sound `LOW-HIGH`, else `PICK_PORTS_FROM`. Processes that
+    pick side by side (pytest-xdist's workers) get ranges of their own: each remembers only its
+    own picks, and two workers drew the same port for servers that ran at once (CI)."""
+    low, sep, high = os.environ.get(PORT_RANGE_ENV, "").partition("-")
+    if sep and low.isdigit() and high.isdigit() and 1024 <= int(low) < int(high) <= 65535:
+        return int(low), int(high)
+    return PICK_PORTS_FROM
 
 
 def free_port() -> int:
@@ -43,8 +54,9 @@ def free_port() -> int:
     binds, and eight picks for one cluster drew the same port twice (CI).
     """
     rng = random.SystemRandom()
+    low, high = _pick_range()
     for _ in range(100):
-        port = rng.randint(*PICK_PORTS_FROM)
+        port = rng.randint(low, high)
         if port in _HANDED_OUT:
             continue
         _HANDED_OUT.add(port)

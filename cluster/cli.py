@@ -667,6 +667,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         tracking_uri=tracking_uri,
         jobs_address=ray_address if ray_address.startswith(("http://", "https://")) else None,
         serve_url=serve_url,
+        metrics_url=(stack.metrics or None) if stack is not None else None,
         expect_services=bool(stack is not None and stack.actors),
     )
     if stack is not None:

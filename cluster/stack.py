@@ -57,6 +57,7 @@ class Stack:
     mlflow: str = ""
     ray_temp_dir: str = ""  # short: Ray's socket paths must fit in 107 bytes
     serve: str = ""
+    metrics: str = ""  # Ray's metrics endpoint (Prometheus text): the replicas' driftloop_* series
     api_key_file: str = ""  # empty when the key came from DRIFTLOOP_API_KEY
     mlflow_user: str = ""  # the MLflow server's admin (basic auth); its password is in mlflow_password_file
     mlflow_password_file: str = ""
@@ -260,7 +261,7 @@ def up(
         # The Ray head: token auth, its own temp dir, the Jobs API on loopback.
         subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True)
         _private_ray_token()
-        gcs_port, dashboard_port = free_port(), free_port()
+        gcs_port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
         ray_env = {**env, **stack.env(), "RAY_AUTH_MODE": "token"}  # its jobs and actors use the stack
         ray_env.pop("RAY_ADDRESS", None)
         log = state_dir / "ray.log"
@@ -275,6 +276,7 @@ def up(
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
             f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={metrics_port}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ]
@@ -289,6 +291,7 @@ def up(
         stack.pids["ray"] = head.pid
         stack.ray_gcs = f"127.0.0.1:{gcs_port}"
         stack.ray_jobs = f"http://127.0.0.1:{dashboard_port}"
+        stack.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         _wait("the Ray head", lambda: _jobs_api_answers(stack.ray_jobs), head, log, 180)
         say(f"[up] ray         {stack.ray_jobs} (Jobs API and dashboard; GCS {stack.ray_gcs})")
 

@@ -8,6 +8,9 @@ Checks, each on its own (one part down does not hide the others):
 - **ray**: the Jobs API answers; the jobs running now and the last few that ended;
 - **serve**: the endpoint's `/v1/health` (the version it serves, predictions logged/dropped and
   the drop rate); down when its prediction log has stopped;
+- **metrics**: Ray's metrics endpoint (`metrics_url`, for Prometheus): each serving replica's
+  answered, logged and dropped predictions and its drop rate (`/v1/health` reaches one replica;
+  this reaches them all, and a killed one's last counts);
 - **events**: the newest events on the drift, retrain and models topics.
 
 `healthy` is true when every part that was asked about answered. The result is a plain dict
@@ -221,6 +224,18 @@ def serve_status(url: str) -> dict[str, Any]:
     return {"url": url, **health, "drop_rate": round(rate, 4)}
 
 
+def metrics_status(config: PipelineConfig, url: str) -> dict[str, Any]:
+    from serving.metrics import counts_by_replica, scrape
+
+    replicas: dict[str, Any] = {}
+    for replica, counts in sorted(counts_by_replica(scrape(url, 5.0), config.name).items()):
+        entry: dict[str, float] = {k: int(v) for k, v in counts.items()}
+        logged, dropped = entry.get("predictions_logged_total", 0), entry.get("predictions_dropped_total", 0)
+        entry["drop_rate"] = round(dropped / (logged + dropped), 4) if logged + dropped else 0.0
+        replicas[replica] = entry
+    return {"metrics_url": url, "replicas": replicas}
+
+
 def recent_events(config: PipelineConfig) -> dict[str, Any]:
     from cluster.lineage import read_events
 
@@ -252,6 +267,7 @@ def stack_status(
     tracking_uri: str | None = None,
     jobs_address: str | None = None,
     serve_url: str | None = None,
+    metrics_url: str | None = None,
     expect_services: bool = False,
 ) -> dict[str, Any]:
     """Each part that can be asked about, asked; see the module docstring. `expect_services`: the
@@ -267,6 +283,8 @@ def stack_status(
         parts["ray"] = _part(lambda: ray_status(jobs_address))
     if serve_url:
         parts["serve"] = _part(lambda: serve_status(serve_url))
+    if metrics_url:
+        parts["metrics"] = _part(lambda: metrics_status(config, metrics_url))
     return {"pipeline": config.name, "healthy": all(p["ok"] for p in parts.values()), "parts": parts}
 
 
@@ -314,6 +332,14 @@ def render(status: dict[str, Any]) -> list[str]:
                 f"logged {part.get('predictions_logged')}, dropped {part.get('predictions_dropped')} "
                 f"({100 * part.get('drop_rate', 0.0):.1f}%)"
             )
+        elif name == "metrics":
+            lines.append(f"  metrics up    {part['metrics_url']}; {len(part['replicas'])} replicas counted")
+            for replica, c in part["replicas"].items():
+                lines.append(
+                    f"                {replica}: answered {c.get('predictions_total', 0)}, logged "
+                    f"{c.get('predictions_logged_total', 0)}, dropped {c.get('predictions_dropped_total', 0)} "
+                    f"({100 * c['drop_rate']:.1f}%)"
+                )
         elif name == "processes":
             lines.append("  stack   up    " + ", ".join(f"{n} pid {pid}" for n, pid in part["pids"].items()))
         elif name == "events":

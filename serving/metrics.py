@@ -25,7 +25,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 
-__all__ = ["PREFIX", "ServingMetrics", "parse_prometheus", "replica_counts"]
+__all__ = ["PREFIX", "ServingMetrics", "counts_by_replica", "parse_prometheus", "replica_counts", "scrape"]
 
 PREFIX = "ray_"  # what Ray's exporter puts before each name
 log = logging.getLogger(__name__)
@@ -145,22 +145,32 @@ def replica_counts(pipeline: str, timeout_s: float = 10.0) -> dict[str, dict[str
     """Each replica's counts (by its `host:pid`) from every live node's Ray metrics endpoint, in the
     connected Ray: `predictions_total` (all variants), `predictions_logged_total`,
     `predictions_dropped_total`, `predictions_buffered` and `requests_total:<code>`."""
-    import urllib.request
-
     import ray
 
-    names = {f"driftloop_{n}" for n in (*COUNTS, "requests_total")}
     out: dict[str, dict[str, float]] = {}
     for node in ray.nodes():
-        if not node["Alive"]:
+        if node["Alive"]:
+            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            out |= counts_by_replica(scrape(url, timeout_s), pipeline)
+    return out
+
+
+def scrape(url: str, timeout_s: float = 10.0) -> str:
+    """The text a metrics endpoint answers."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+        return str(answer.read().decode())
+
+
+def counts_by_replica(text: str, pipeline: str) -> dict[str, dict[str, float]]:
+    """The pipeline's replica counts in one endpoint's text (see `replica_counts`). Pure."""
+    names = {f"driftloop_{n}" for n in (*COUNTS, "requests_total")}
+    out: dict[str, dict[str, float]] = {}
+    for name, labels, value in parse_prometheus(text, names):
+        if labels.get("pipeline") != pipeline:
             continue
-        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-        with urllib.request.urlopen(url, timeout=timeout_s) as answer:
-            text = answer.read().decode()
-        for name, labels, value in parse_prometheus(text, names):
-            if labels.get("pipeline") != pipeline:
-                continue
-            counts = out.setdefault(labels.get("replica", "?"), {})
-            key = name.removeprefix("driftloop_") + (f":{labels['code']}" if "code" in labels else "")
-            counts[key] = counts.get(key, 0.0) + value  # predictions_total: summed over variants
+        counts = out.setdefault(labels.get("replica", "?"), {})
+        key = name.removeprefix("driftloop_") + (f":{labels['code']}" if "code" in labels else "")
+        counts[key] = counts.get(key, 0.0) + value  # predictions_total: summed over variants
     return out

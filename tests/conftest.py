@@ -61,7 +61,15 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     import ray
 
-    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+    from cluster.broker import PICK_PORTS_FROM, PORT_RANGE_ENV
+
+    worker = getattr(config, "workerinput", None)
+    if worker is not None:  # each worker (and what it starts) picks ports from a slice of its own
+        index, count = int(worker["workerid"].removeprefix("gw")), int(worker["workercount"])
+        low, high = PICK_PORTS_FROM
+        size = (high - low + 1) // count
+        os.environ[PORT_RANGE_ENV] = f"{low + index * size}-{low + (index + 1) * size - 1}"
+    if worker is not None or not getattr(config.option, "numprocesses", None):
         return
     if os.environ.get("RAY_ADDRESS") or os.environ.get(SHARED_RAY):
         return

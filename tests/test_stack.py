@@ -134,6 +134,11 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
         after = json.loads(driftloop("status", *where, "--json").stdout)
         jobs = after["parts"]["ray"]["recent"] + after["parts"]["ray"]["running"]
         assert any("tests.job_echo" in j["entrypoint"] and j["status"] == "SUCCEEDED" for j in jobs), jobs
+        # Every replica's counts, at the Ray metrics endpoint `up` chose: the two refused requests above
+        metrics = after["parts"]["metrics"]
+        assert metrics["ok"] and metrics["metrics_url"] == saved["metrics"], metrics
+        codes = {k for r in metrics["replicas"].values() for k in r if k.startswith("requests_total:")}
+        assert {"requests_total:401", "requests_total:503"} <= codes, metrics
         text = driftloop("status", *where).stdout
         assert "ray     up" in text and "stack   up" in text and "no model promoted yet" in text
         # The key reached no log: Ray writes each replica's runtime_env (which once held it) there.

@@ -171,11 +171,13 @@ class Windows:
         return {"windows": len(self.seen), "gaps": gaps, "overlapping": overlaps, "repeated": repeated}
 
 
-def restarts(name: str) -> int:
+def restarts(name: str, address: str) -> int:
     """How often the named actor was restarted."""
     from ray.util.state import list_actors
 
-    found = list_actors(filters=[("name", "=", name)], detail=True)  # num_restarts comes only with detail
+    found = list_actors(
+        address=address, filters=[("name", "=", name)], detail=True
+    )  # num_restarts comes only with detail
     return max((a.num_restarts or 0 for a in found), default=0)
 
 
@@ -275,7 +277,9 @@ def main() -> int:
             ray.kill(controller, no_restart=False)
             recovery["controller_s"] = wait(
                 "controller",
-                lambda: restarts("faults-controller") > 0 and ray.get(controller.stats.remote(), timeout=5),
+                lambda: (
+                    restarts("faults-controller", jobs_address) > 0 and ray.get(controller.stats.remote(), timeout=5)
+                ),
                 120,
             )
             say(started, f"controller killed; answering again after {recovery['controller_s']}s")
@@ -288,7 +292,8 @@ def main() -> int:
             recovery["monitor_s"] = wait(  # a new instance (ray.kill returns before the old one is gone) consuming
                 "monitor",
                 lambda: (
-                    restarts("faults-monitor") > 0 and ray.get(monitor.stats.remote(), timeout=5)["predictions"] > 0
+                    restarts("faults-monitor", jobs_address) > 0
+                    and ray.get(monitor.stats.remote(), timeout=5)["predictions"] > 0
                 ),
                 120,
             )
@@ -298,7 +303,7 @@ def main() -> int:
             from ray.util.state import list_actors
 
             def replicas() -> list[Any]:
-                alive = list_actors(filters=[("state", "=", "ALIVE")])
+                alive = list_actors(address=jobs_address, filters=[("state", "=", "ALIVE")])
                 return [a for a in alive if str(a.class_name).startswith("ServeReplica")]
 
             victim = replicas()[0]

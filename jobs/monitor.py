@@ -757,9 +757,11 @@ def _monitor_loop(
 ) -> None:  # fmt: skip
     """`run_monitor`'s body: wait for a champion, take back the state a previous run left (with
     one monitor actor), then consume (what it runs is put in `live`)."""
+    from jobs.monitor_metrics import MonitorMetrics
     from streams.kafka import Batch, Producer, StreamConsumer
     from streams.serde import LabelRecordCodec, decode_events, events_or_label_records
 
+    metrics = MonitorMetrics(config.name)  # what it decides, for Prometheus (through Ray's metrics)
     keep_state = config.monitor.actors == 1  # with more, each holds partitions the group may reassign
     monitor: Monitor | None = None
     while monitor is None and not stop.is_set():
@@ -788,6 +790,7 @@ def _monitor_loop(
             log.info("no rollback of %s: it is no longer the champion", decided.from_version)
             return
         stats.rollbacks += 1
+        metrics.count("driftloop_rollbacks_total")
         log.warning("rolled back %s -> %s: %s", done[0], done[1], decided.reason)
 
     def publish(outcomes: list[Outcome]) -> None:
@@ -796,13 +799,16 @@ def _monitor_loop(
             if o.drift is not None:
                 producer.send_event(topics.drift, o.drift)
                 stats.drift_events += 1
+                metrics.count("driftloop_drift_events_total")
             if o.rollback is not None:
                 rollback(o.rollback)
             if o.retrain is not None:
                 producer.send_event(topics.retrain, o.retrain)
                 stats.retrain_requests += 1
+                metrics.count("driftloop_retrain_requests_total")
                 log.info("retrain requested (%s): %s", o.retrain.event_id, o.decision)
             stats.windows.append(o.summary | {"decision": o.decision, "retrain": o.retrain is not None})
+            metrics.window(o.summary)
         commits = [o for o in outcomes if o.commit]
         if commits:
             producer.flush()  # the events first: a state or a commit never gets ahead of them
@@ -829,10 +835,12 @@ def _monitor_loop(
             if chunk.topic == topics.predictions:
                 preds = [i for i in items if isinstance(i[0], PredictionLogged)]
                 stats.predictions += len(preds)
+                metrics.count("driftloop_monitored_total", len(preds), topic="predictions")
                 outcomes += monitor.on_predictions(preds)
             elif chunk.topic == topics.labels:
                 labels = [i for i in items if isinstance(i[0], LabelObserved)]
                 stats.labels += len(labels)
+                metrics.count("driftloop_monitored_total", len(labels), topic="labels")
                 outcomes += monitor.on_labels(labels)
         publish(outcomes)
 

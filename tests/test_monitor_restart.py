@@ -106,6 +106,35 @@ def test_a_killed_monitor_resumes_from_its_last_window_without_loss_or_double_co
         total += ranges[-1][1]
     assert total == 2500, "every prediction in exactly one window"
 
+    # What it decided, for Prometheus: at the Ray metrics endpoint, from both instances
+    deadline = time.monotonic() + 60
+    while True:
+        series = monitor_series(config.name)
+        closed = sum(v for n, labels, v in series if n == "driftloop_windows_total" and labels["kind"] == "data")
+        psi = {labels["feature"] for n, labels, _ in series if n == "driftloop_feature_psi"}
+        read = sum(
+            v for n, labels, v in series if n == "driftloop_monitored_total" and labels["topic"] == "predictions"
+        )
+        if (closed >= 3 and read >= 1250 and psi) or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    # the second instance reads again what the first had not committed (at most a window)
+    assert 3 <= closed <= 5 and 1250 <= read <= 2500 + 500, series
+    assert set(config.schema.feature_names) <= psi, psi  # and the prediction (`__prediction__`)
+
+
+def monitor_series(pipeline: str) -> list[tuple[str, dict[str, str], float]]:
+    """The pipeline's monitor series at every node's Ray metrics endpoint."""
+    from jobs.monitor_metrics import COUNTERS, GAUGES
+    from serving.metrics import parse_prometheus, scrape
+
+    found = []
+    for node in ray.nodes():
+        if node["Alive"]:
+            text = scrape(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics")
+            found += [s for s in parse_prometheus(text, {*GAUGES, *COUNTERS}) if s[1].get("pipeline") == pipeline]
+    return found
+
 
 def publish_labels(config: PipelineConfig, topics: Topics, start: int, count: int, drift_at: int | None) -> None:
     """The true labels of the predictions `publish` sent (whose 'model' was always right)."""

@@ -346,7 +346,12 @@ def test_a_broker_outage_costs_prediction_logs_not_requests(
 
 
 def test_a_replica_killed_under_load_fails_no_request_and_each_replica_counts_its_predictions(
-    config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str, artifacts: list[Path]
+    config: PipelineConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    serve_url: str,
+    artifacts: list[Path],
+    ray_session: str,
 ) -> None:
     """A request in flight on a killed replica is answered by the other one (HAProxy resends it,
     `cluster.ray_runtime.RETRY_ON_ENV`); each replica's counts are in Prometheus form at Ray's
@@ -366,7 +371,8 @@ def test_a_replica_killed_under_load_fails_no_request_and_each_replica_counts_it
         return f"{host}:{actor.pid}"
 
     def replicas() -> list[object]:
-        alive = list_actors(filters=[("state", "=", "ALIVE")])
+        # The state API's own address lookup finds every Ray on the machine (other tests start some)
+        alive = list_actors(address=f"http://{ray_session}", filters=[("state", "=", "ALIVE")])
         return [a for a in alive if str(a.class_name).startswith(f"ServeReplica:{config.name}:")]
 
     with serving(build_app(config, registry.uri), config.name, serve_url) as url:

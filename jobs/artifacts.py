@@ -1,6 +1,7 @@
 """A model artifact's files and their digests, without torch: what the registry records and checks.
 
-An artifact is a folder: `spec.json`, `features.json`, `weights.safetensors`, any extra JSON
+An artifact is a folder: `spec.json`, `features.json`, a weights file (`weights.safetensors` for
+the neural families, `model.ubj` for the XGBoost ones), any extra JSON
 (`report.json`, `profile.json`) and `digests.json`, the SHA-256 of each. `digests.json` travels
 with the files, so it shows only that they were not changed one at a time; the registry keeps its
 own copy of the digests (`jobs.registry.DIGESTS_TAG`), which whoever rewrites the artifact store
@@ -21,6 +22,7 @@ __all__ = [
     "FEATURES",
     "SPEC",
     "WEIGHTS",
+    "WEIGHT_FILES",
     "ArtifactError",
     "artifact_digests",
     "recorded_digests",
@@ -29,6 +31,7 @@ __all__ = [
 ]
 
 SPEC, FEATURES, WEIGHTS, DIGESTS = "spec.json", "features.json", "weights.safetensors", "digests.json"
+WEIGHT_FILES = (WEIGHTS, "model.ubj")  # one of them holds the model (which one, the spec's family says)
 
 
 class ArtifactError(DriftloopError):
@@ -58,9 +61,11 @@ def recorded_digests(folder: Path) -> dict[str, Any]:
 def verify_artifact(folder: Path, digests: dict[str, Any], where: str = DIGESTS) -> None:
     """Every file `digests` names is in `folder` and has that SHA-256, and the model's own files are
     among them; an `ArtifactError` names the first that is not. `where` says whose record it is."""
-    for name in (SPEC, FEATURES, WEIGHTS):
+    for name in (SPEC, FEATURES):
         if not isinstance(digests.get(name), str):
             raise ArtifactError(f"{where} records no digest for {name}")
+    if not any(isinstance(digests.get(name), str) for name in WEIGHT_FILES):
+        raise ArtifactError(f"{where} records no digest for a weights file ({' or '.join(WEIGHT_FILES)})")
     for name, expected in sorted(digests.items()):
         if not isinstance(name, str) or not isinstance(expected, str) or Path(name).name != name or name[:1] == ".":
             raise ArtifactError(f"{where} holds an entry that is not a file name and digest: {name!r}")

@@ -77,11 +77,11 @@ def main() -> int:
                 _, loaded, _ = load_artifact(Path(folder))
                 model.eval()
                 on_device = predict_proba(model, x[cut : cut + 2048], device)
-                on_cpu = predict_proba(loaded, x[cut : cut + 2048], "cpu")
+                on_cpu = predict_proba(loaded.module, x[cut : cut + 2048], "cpu")
                 difference = float((on_device - on_cpu).abs().max())
                 result["artifact_max_prob_difference_device_vs_cpu"] = difference
                 checks["artifact_loads_on_cpu_with_same_predictions"] = difference < 1e-4
-                checks["artifact_weights_on_cpu"] = all(p.device.type == "cpu" for p in loaded.parameters())
+                checks["artifact_weights_on_cpu"] = all(p.device.type == "cpu" for p in loaded.module.parameters())
     result["checks"] = checks
     result["ok"] = all(checks.values())
     print(json.dumps(result, indent=2))

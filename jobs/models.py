@@ -1,17 +1,20 @@
-"""Tabular models, described by a JSON spec, stored as safetensors: never pickled.
+"""Model artifacts of every family, described by a JSON spec: never pickled.
 
 A model artifact is a folder:
 
 ```
-spec.json            the architecture (kind, widths, classes, input names)
+spec.json            the family (`kind`), classes, input names, and for an MLP its widths
 features.json        the fitted feature statistics (jobs.features.FeaturePipeline)
-weights.safetensors  the weights
-digests.json         SHA-256 of each of the files above
+weights.safetensors  the weights of a neural family, or
+model.ubj            an XGBoost family's booster (XGBoost's own UBJSON model format)
+digests.json         SHA-256 of each of the files above (and of any extra JSON)
 ```
 
-`load_artifact` verifies every digest before reading anything, then reads the weights with
-safetensors (a header plus raw tensors: there is no code in it to run). Nothing here calls
-`torch.load` or `pickle`.
+`load_artifact` verifies every digest before reading anything, then has the spec's family
+(`jobs.families`) read its weights file with its library's non-pickle reader (safetensors: a
+header plus raw tensors; XGBoost: a JSON-like tree dump): there is no code in either to run.
+Nothing here calls `torch.load` or `pickle`. The torch modules of the neural families are
+built here too (`build_model`).
 """
 
 from __future__ import annotations
@@ -22,21 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from jobs.artifacts import (
     DIGESTS,
     FEATURES,
     SPEC,
-    WEIGHTS,
     ArtifactError,
     recorded_digests,
     sha256_file,
     verify_artifact,
 )
-from streams.config import ModelSettings
+from streams.config import FAMILIES, ModelSettings
 
 __all__ = [
     "ArtifactError",
@@ -65,10 +65,13 @@ class ModelSpec:
         return len(self.input_names)
 
     @classmethod
-    def from_settings(cls, settings: ModelSettings, input_names: list[str], classes: list[str | int]) -> ModelSpec:
-        hidden = settings.hidden if settings.kind == "mlp" else ()
-        dropout = settings.dropout if settings.kind == "mlp" else 0.0
-        return cls(settings.kind, tuple(input_names), tuple(classes), tuple(hidden), dropout)
+    def from_settings(
+        cls, settings: ModelSettings, input_names: list[str], classes: list[str | int], kind: str | None = None
+    ) -> ModelSpec:
+        kind = kind or settings.kind
+        hidden = settings.hidden if kind == "mlp" else ()
+        dropout = settings.dropout if kind == "mlp" else 0.0
+        return cls(kind, tuple(input_names), tuple(classes), tuple(hidden), dropout)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -91,8 +94,8 @@ class ModelSpec:
             raise ArtifactError(
                 f"{SPEC} format {spec.format_version} is not supported (this build reads {FORMAT_VERSION})"
             )
-        if spec.kind not in ("mlp", "logreg"):
-            raise ArtifactError(f"{SPEC}: unknown model kind {spec.kind!r}; known: mlp, logreg")
+        if spec.kind not in FAMILIES:
+            raise ArtifactError(f"{SPEC}: unknown model kind {spec.kind!r}; known: {', '.join(FAMILIES)}")
         return spec
 
 
@@ -110,39 +113,39 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 
 def save_artifact(
-    folder: Path, spec: ModelSpec, model: nn.Module, features_json: str, extra: dict[str, str] | None = None
+    folder: Path, spec: ModelSpec, model: Any, features_json: str, extra: dict[str, str] | None = None
 ) -> dict[str, str]:
-    """Write a model artifact (plus `extra` JSON files, digested too); returns the digests."""
+    """Write a model artifact (plus `extra` JSON files, digested too); returns the digests.
+
+    `model` is a fitted `jobs.families.Model` of the spec's family (a bare torch module is taken
+    for the neural families)."""
+    from jobs.families import family
+
+    owner = family(spec.kind)
     folder.mkdir(parents=True, exist_ok=True)
-    module = getattr(model, "module", model)  # unwrap DDP
-    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
     (folder / SPEC).write_text(spec.to_json())
     (folder / FEATURES).write_text(features_json)
-    save_file(state, str(folder / WEIGHTS), metadata={"format": "driftloop", "kind": spec.kind})
+    owner.save(model, folder)
     for name, text in (extra or {}).items():
         (folder / name).write_text(text)
-    digests = {name: sha256_file(folder / name) for name in (SPEC, FEATURES, WEIGHTS, *(extra or {}))}
+    names = (SPEC, FEATURES, owner.weights_file, *(extra or {}))
+    digests = {name: sha256_file(folder / name) for name in names}
     (folder / DIGESTS).write_text(json.dumps(digests, sort_keys=True, indent=2))
     return digests
 
 
-def load_artifact(folder: Path) -> tuple[ModelSpec, nn.Module, str]:
-    """Verify and load an artifact: (spec, model in eval mode, features JSON). A registered version
-    is verified against the registry's record first (`ModelRegistry.download`): `digests.json`
-    beside the files only shows that they were not changed one at a time."""
+def load_artifact(folder: Path) -> tuple[ModelSpec, Any, str]:
+    """Verify and load an artifact: (spec, a `jobs.families.Model`, features JSON). A registered
+    version is verified against the registry's record first (`ModelRegistry.download`):
+    `digests.json` beside the files only shows that they were not changed one at a time."""
+    from jobs.families import family
+
     verify_artifact(folder, recorded_digests(folder))
     spec = ModelSpec.from_json((folder / SPEC).read_text())
-    try:
-        state = load_file(str(folder / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ArtifactError(f"{WEIGHTS} is not a safetensors file: {err}") from None
-    model = build_model(spec)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ArtifactError(f"{WEIGHTS} does not fit the architecture in {SPEC}: {err}") from None
-    model.eval()
-    return spec, model, (folder / FEATURES).read_text()
+    owner = family(spec.kind)
+    if owner.weights_file not in recorded_digests(folder):
+        raise ArtifactError(f"{DIGESTS} records no digest for {owner.weights_file}, the weights of a {spec.kind}")
+    return spec, owner.load(spec, folder), (folder / FEATURES).read_text()
 
 
 def predict_proba(model: nn.Module, x: Any, device: str | torch.device = "cpu") -> torch.Tensor:

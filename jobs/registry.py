@@ -2,8 +2,10 @@
 
 One MLflow experiment per pipeline, one run per training: params, per-epoch metrics, the
 holdout report, the dataset versions as inputs (with their Kafka ranges), the git commit,
-and the artifact folder. Each run's model becomes a version of the pipeline's registered
-model, tagged with its lineage and its report. Aliases, not stages: `champion` is what serves,
+and the model: an MLflow pyfunc model (`jobs.pyfunc`, logged from code) whose `driftloop`
+artifact is the artifact folder. Each run's model becomes a version of the pipeline's registered
+model, tagged with its lineage, its report and its artifact's digests; `download` hands back the
+artifact folder, verified against those digests. Aliases, not stages: `champion` is what serves,
 `previous` is where a rollback goes.
 
 `promote` runs the gate under a lock per model, so two racing promotions are serialised:
@@ -15,13 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.artifacts import ArtifactError, artifact_digests, verify_artifact
 from jobs.gate import Decision, decide
@@ -32,7 +36,13 @@ from streams.datasets import Window
 from streams.errors import DriftloopError
 from streams.events import Event, ModelPromoted, ModelRejected, ModelRolledBack
 
+if TYPE_CHECKING:
+    from mlflow.models.model import ModelInfo
+    from mlflow.models.signature import ModelSignature
+
 __all__ = ["ModelRegistry", "Registered", "git_commit", "tracking_uri"]
+
+log = logging.getLogger(__name__)
 
 CHAMPION, PREVIOUS = "champion", "previous"
 ROLLED_BACK_TAG = "driftloop.rolled_back"  # on a version rolled back from: why
@@ -42,6 +52,14 @@ REPORT_TAG = "driftloop.report"
 # store (a bucket, a folder, MLflow's artifact proxy) can be rewritten without touching the registry,
 # so a digests file beside the weights cannot be the only record.
 DIGESTS_TAG = "driftloop.digests"
+FAMILY_TAG = "driftloop.family"  # the model family (spec.json's kind): what model selection chose
+MODEL_PATH = "model"  # the pyfunc model's name in its run
+EXAMPLE = "example.json"  # in an artifact: a few raw records, the pyfunc model's input example
+_ROOT = Path(__file__).resolve().parent.parent  # holds `jobs` and `streams`, the pyfunc model's code
+_MLFLOW_TYPES = {"float": "double", "int": "long", "bool": "boolean", "category": "string"}
+# What loading the pyfunc model imports (each entry: the first of its names that is installed).
+_RUNTIME = (("mlflow",), ("numpy",), ("pandas",), ("torch",), ("safetensors",), ("pyarrow",), ("msgspec",),
+            ("pyyaml",), ("xgboost-cpu", "xgboost"))  # fmt: skip
 
 
 def use_tracking_credentials() -> None:
@@ -90,6 +108,7 @@ class ModelRegistry:
         self.name = config.name
         self.uri = uri
         self.client = MlflowClient(uri)
+        self._config_yaml: str | None = None  # the config as the pyfunc model carries it, written once
         self.lock_dir = lock_dir or Path("runs") / "locks"
         experiment = self.client.get_experiment_by_name(self.name)
         if experiment is None:
@@ -129,9 +148,8 @@ class ModelRegistry:
             mlflow.log_metrics({f"holdout_{k}": float(v) for k, v in report.items() if _number(v)})
             for manifest in window.manifests:
                 log_dataset_version(manifest, context="training")
-            mlflow.log_artifacts(str(artifact), artifact_path="model")
+            logged = self._log_pyfunc(artifact)
             run_id = run.info.run_id
-            source = f"{run.info.artifact_uri}/model"
         with contextlib.suppress(Exception):  # already exists
             self.client.create_registered_model(self.name, tags={"driftloop.pipeline": self.name})
         lineage = {
@@ -143,8 +161,64 @@ class ModelRegistry:
         }
         if trigger_event_id:
             lineage["driftloop.trigger_event_id"] = trigger_event_id
-        version = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=lineage)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # the model family chosen
+            lineage[FAMILY_TAG] = str(json.loads((artifact / "spec.json").read_text())["kind"])
+        version = self.client.create_model_version(
+            self.name, source=logged.model_uri, run_id=run_id, tags=lineage, model_id=logged.model_id
+        )
         return Registered(self.name, str(version.version), run_id)
+
+    def _log_pyfunc(self, artifact: Path) -> ModelInfo:
+        """Log the artifact as an MLflow pyfunc model of the active run (`jobs.pyfunc`, logged from
+        code): the artifact folder as its `driftloop` artifact, the pipeline config beside it, the
+        `jobs` and `streams` packages as its code. Requirements and signature are given, not
+        inferred: MLflow's inference loads the model in a subprocess, seconds on the retrain path."""
+        import shutil
+        import tempfile
+
+        from jobs import pyfunc
+        from streams.config import dump_config
+
+        signature, example = None, _example(artifact)
+        if example is not None:  # without an example MLflow warns at a signature: both or neither
+            signature = self._signature(artifact)
+            if not _fits(example, signature):
+                signature = example = None
+        with tempfile.TemporaryDirectory(prefix="driftloop-pyfunc-") as tmp:
+            # A fixed name, so that the artifact's place in the model is known without reading MLmodel.
+            folder = shutil.copytree(artifact, Path(tmp) / pyfunc.ARTIFACT)
+            config = Path(tmp) / pyfunc.CONFIG_FILE
+            if self._config_yaml is None:
+                self._config_yaml = dump_config(self.config)
+            config.write_text(self._config_yaml, encoding="utf-8")
+            return self._mlflow.pyfunc.log_model(
+                name=MODEL_PATH,
+                python_model=pyfunc.__file__,
+                artifacts={pyfunc.ARTIFACT: str(folder), pyfunc.CONFIG: str(config)},
+                code_paths=[str(_ROOT / "jobs"), str(_ROOT / "streams")],
+                pip_requirements=list(pip_requirements()),
+                signature=signature,
+                input_example=example,
+            )
+
+    def _signature(self, artifact: Path) -> ModelSignature:
+        """Raw records in (typed as the pipeline's schema types them), class probabilities out."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema, TensorSpec
+
+        from jobs.artifacts import SPEC
+
+        inputs: list[ColSpec | TensorSpec] = [
+            # An int column with gaps is a float column in pandas: MLflow's advice is to type it double.
+            ColSpec(
+                "double" if f.nullable and f.type == "int" else _MLFLOW_TYPES[f.type], f.name, required=not f.nullable
+            )
+            for f in self.config.schema.features
+        ]
+        outputs: list[ColSpec | TensorSpec] = [
+            ColSpec("double", str(c)) for c in json.loads((artifact / SPEC).read_text())["classes"]
+        ]
+        return ModelSignature(Schema(inputs), Schema(outputs))
 
     # --- registry ------------------------------------------------------------------------
 
@@ -168,9 +242,10 @@ class ModelRegistry:
         return dict(json.loads(tags[REPORT_TAG]))
 
     def download(self, version: str, into: Path) -> Path:
-        """The version's artifact folder, downloaded, each file checked against the SHA-256 that the
-        registry recorded at registration (spec, features, weights, report, profile): an
-        `ArtifactError` if any is missing or changed, or if the version has no such record."""
+        """The version's artifact folder (its pyfunc model's `driftloop` artifact), downloaded, each
+        file checked against the SHA-256 that the registry recorded at registration (spec, features,
+        weights, report, profile): an `ArtifactError` if any is missing or changed, or if the version
+        has no such record."""
         registered = self.client.get_model_version(self.name, version)
         try:
             digests = json.loads(registered.tags[DIGESTS_TAG])
@@ -181,7 +256,15 @@ class ModelRegistry:
             raise ArtifactError(f"version {version}'s {DIGESTS_TAG} tag is not JSON: {err}") from None
         if not isinstance(digests, dict):
             raise ArtifactError(f"version {version}'s {DIGESTS_TAG} tag is not an object of names and digests")
-        folder = Path(self._mlflow.artifacts.download_artifacts(artifact_uri=registered.source, dst_path=str(into)))
+        source = str(registered.source)
+        if source.startswith("models:/"):  # a logged pyfunc model (a source of old is the artifact folder itself)
+            from jobs.pyfunc import ARTIFACT
+
+            location = self.client.get_logged_model(source.removeprefix("models:/")).artifact_location
+            source = f"{location.rstrip('/')}/artifacts/{ARTIFACT}"
+        folder = Path(
+            self._mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into), tracking_uri=self.uri)
+        )
         verify_artifact(folder, digests, where=f"the registry's record of version {version}")
         return folder
 
@@ -264,6 +347,48 @@ class ModelRegistry:
         if publish is not None:
             publish(ModelRolledBack(model_name=self.name, from_version=champion, to_version=previous, reason=reason))
         return champion, previous
+
+
+@functools.cache
+def pip_requirements() -> tuple[str, ...]:
+    """The pyfunc model's runtime requirements: the installed versions of what loading it imports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: list[str] = []
+    for names in _RUNTIME:
+        for name in names:
+            try:
+                installed = version(name)
+            except PackageNotFoundError:
+                continue
+            out.append(f"{name}=={installed.split('+')[0]}")  # 2.13.0+cpu: the local label is no index's
+            break
+    return tuple(out)
+
+
+def _example(artifact: Path) -> list[dict[str, Any]] | None:
+    """A few raw records the artifact carries (`example.json`), as the pyfunc model's input example."""
+    try:
+        records = json.loads((artifact / EXAMPLE).read_text())
+    except FileNotFoundError:
+        return None
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+        return None
+    return records
+
+
+def _fits(records: list[dict[str, Any]], signature: ModelSignature) -> bool:
+    """Whether the example records fit the signature: MLflow refuses to log a model whose example does
+    not, and a retrain must not fail over its example (an int field that the data holds as floats)."""
+    import pandas as pd
+    from mlflow.models import validate_schema
+
+    try:
+        validate_schema(pd.DataFrame(records), signature.inputs)
+    except Exception as err:  # MlflowException: a missing column, a type that does not convert
+        log.warning("the model's example records do not fit the schema: it is logged without a signature (%s)", err)
+        return False
+    return True
 
 
 def _number(value: Any) -> bool:

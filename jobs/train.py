@@ -1,10 +1,11 @@
-"""Distributed training with Ray Train: one model from a dataset window.
+"""Training one model of any family from a dataset window, here or with Ray Train.
 
 `train_model` splits the window by event time (the most recent `holdout_fraction` is the
-holdout), fits the feature transform on the training part with Ray Data, trains with a
-`TorchTrainer` (DDP over `training.workers`, CPU or GPU), checkpoints every epoch, restarts
-from the last checkpoint when a worker dies (`FailureConfig`), evaluates the final model on
-the holdout and writes the artifact (spec, feature statistics, safetensors weights, report).
+holdout), fits the feature transform on the training part, trains the model's family
+(`jobs.families`: in this process for small windows, else with Ray Train: a `TorchTrainer`
+with DDP, checkpointed every epoch and restarted from the last checkpoint when a worker dies,
+or an `XGBoostTrainer`), evaluates the model on the holdout and writes the artifact (spec,
+feature statistics, weights, report, the monitor's profile, a few example records).
 
 As a Ray job entrypoint: `python -m jobs.train --config configs/demo.yaml [--out DIR]`.
 """
@@ -14,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.evaluate import evaluate
+from jobs.families import family
 from jobs.features import FeaturePipeline, fit_pipeline, numpy_batch
-from jobs.loop import (
-    load_checkpoint,
-    make_optimizer,
-    pick_device,
-    run_epoch,
-    save_checkpoint,
-    train_with_settings,
-    validate,
-)
-from jobs.models import ModelSpec, build_model, predict_proba, save_artifact
+from jobs.models import ModelSpec, save_artifact
 from jobs.profile import reference_profile
 from streams.config import ModelSettings, PipelineConfig
 from streams.datasets import DatasetStore, Window
@@ -161,72 +152,6 @@ def check_resources(cpus: float, gpus: float, what: str) -> None:
         )
 
 
-def _await_registered_checkpoint(run_dir: Path, epoch: int, timeout_s: float = 120.0) -> None:
-    """Wait until Ray Train has registered the checkpoint of `epoch` (tests: kill_once).
-
-    A report reaches Ray Train's controller some time after `ray.train.report` returns; a worker
-    killed in between loses that checkpoint, and one killed before any was registered restarts
-    from scratch, which is not what the kill test is about.
-    """
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-            if latest.get("metrics", {}).get("epoch", 0) >= epoch:
-                return
-        except (OSError, ValueError):
-            pass  # not written yet, or caught mid-write
-        time.sleep(0.2)
-    raise RuntimeError(f"no checkpoint of epoch {epoch} registered in {run_dir} within {timeout_s:.0f} s")
-
-
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """What every Ray Train worker runs: the plain-torch loop on its shard, checkpointed per epoch."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    torch.manual_seed(cfg["seed"] + rank)
-    spec = ModelSpec.from_json(cfg["spec"])
-    device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(build_model(spec))
-    optimizer = make_optimizer(model, cfg["learning_rate"], cfg["weight_decay"])
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            start = load_checkpoint(Path(folder), model, optimizer)
-    shard = ray.train.get_dataset_shard("train")
-    x_val, y_val = cfg["x_val"], cfg["y_val"]
-    for epoch in range(start, cfg["epochs"]):
-        kill = cfg.get("kill_once")
-        if kill and rank == 0 and epoch == kill["epoch"] and not Path(kill["marker"]).exists():
-            _await_registered_checkpoint(Path(kill["run_dir"]), epoch)
-            Path(kill["marker"]).touch()
-            os.kill(os.getpid(), signal.SIGKILL)  # a worker dies mid-training (tests)
-        started = time.perf_counter()
-        batches = (
-            (b["x"], b["y"])
-            for b in shard.iter_torch_batches(
-                batch_size=cfg["batch_size"], dtypes={"x": torch.float32, "y": torch.long}
-            )
-        )
-        loss, samples = run_epoch(model, optimizer, batches, device, cfg["bf16"])
-        metrics: dict[str, Any] = validate(model, x_val, y_val, device, cfg["bf16"])
-        metrics.update(
-            epoch=epoch + 1, train_loss=loss, samples=samples, seconds=time.perf_counter() - started, resumed_from=start
-        )
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                save_checkpoint(Path(folder), model, optimizer, epoch + 1)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-            else:
-                ray.train.report(metrics)
-
-
 def train_model(
     config: PipelineConfig,
     window: Window,
@@ -239,8 +164,8 @@ def train_model(
 ) -> TrainResult:
     """Train, evaluate and write one model artifact under `out` (see the module docstring).
 
-    `data`: the window already read (`read_window`); an Arrow table trains in this process
-    with the plain-torch loop, a Ray Dataset with a TorchTrainer over `training.workers`.
+    `data`: the window already read (`read_window`); an Arrow table trains in this process,
+    a Ray Dataset with Ray Train over `training.workers`.
     """
     settings = model or config.model
     training = config.training
@@ -262,28 +187,23 @@ def train_model(
     features = fit_pipeline(train_raw, config.schema, config.features)
     to_inputs = features.batch_fn()
     x_val, y_val = model_inputs(holdout_raw, to_inputs)
-    spec = ModelSpec.from_settings(settings, features.output_names, list(config.schema.label.classes))
+    owner = family(settings.kind)
+    spec = owner.spec(settings, features.output_names, list(config.schema.label.classes))
     params = {
-        "kind": settings.kind,
-        "hidden": list(spec.hidden),
-        "dropout": spec.dropout,
-        "epochs": settings.epochs,
-        "batch_size": settings.batch_size,
-        "learning_rate": settings.learning_rate,
-        "weight_decay": settings.weight_decay,
+        **owner.params(settings),
         "workers": 0 if here else config.training.workers,
         "trained_in": "the job's process" if here else "Ray Train",
         "use_gpu": config.training.use_gpu,
     }
     if here:
-        trained, history, train_rows = _train_here(spec, settings, model_inputs(train_raw, to_inputs), (x_val, y_val))
+        trained, history = owner.fit(spec, settings, (*model_inputs(train_raw, to_inputs), x_val, y_val))
+        train_rows = int(train_raw.num_rows)
     else:
-        trained, history, train_rows = _train_with_ray(
+        trained, history, train_rows = owner.fit_on_ray(
             config, spec, settings, train_raw.map_batches(to_inputs, batch_format="numpy").materialize(),
             (x_val, y_val), out, kill_once,
         )  # fmt: skip
-    trained.eval()
-    proba = predict_proba(trained, x_val).numpy()
+    proba = trained.predict_proba(x_val)
     report = evaluate(y_val, proba, list(config.schema.label.classes))
     report["holdout"] = holdout_id
     report["datasets"] = [m.version_id for m in window.manifests]
@@ -295,7 +215,11 @@ def train_model(
         spec,
         trained,
         features.to_json(),
-        extra={"report.json": json.dumps(report, indent=2, sort_keys=True), "profile.json": json.dumps(profile)},
+        extra={
+            "report.json": json.dumps(report, indent=2, sort_keys=True),
+            "profile.json": json.dumps(profile),
+            "example.json": json.dumps(example_records(holdout_raw, config)),
+        },
     )
     return TrainResult(
         artifact=artifact,
@@ -308,73 +232,6 @@ def train_model(
         seconds=time.monotonic() - started,
         holdout=holdout_raw,
     )
-
-
-def _train_here(
-    spec: ModelSpec, settings: ModelSettings, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray]
-) -> tuple[Any, list[dict[str, Any]], int]:
-    """The plain-torch loop in this process, on the CPU: (model, per-epoch history, rows)."""
-    trained = build_model(spec)
-    epochs = train_with_settings(trained, (*train, *val), settings, pick_device(False))
-    history = [{"epoch": e.epoch + 1, "train_loss": e.train_loss, "samples": e.samples, **e.metrics} for e in epochs]
-    return trained, history, len(train[1])
-
-
-def _train_with_ray(
-    config: PipelineConfig,
-    spec: ModelSpec,
-    settings: ModelSettings,
-    train: Any,
-    val: tuple[np.ndarray, np.ndarray],
-    out: Path,
-    kill_once: dict[str, Any] | None,
-) -> tuple[Any, list[dict[str, Any]], int]:
-    """A TorchTrainer (DDP over `training.workers`, checkpointed, restarted on a worker's death)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    run_name = f"{config.name}-train-{int(time.time() * 1000)}"
-    loop_config: dict[str, Any] = {
-        "spec": spec.to_json(),
-        "seed": settings.seed,
-        "epochs": settings.epochs,
-        "batch_size": settings.batch_size,
-        "learning_rate": settings.learning_rate,
-        "weight_decay": settings.weight_decay,
-        "bf16": settings.bf16,
-        "x_val": val[0],
-        "y_val": val[1],
-        "kill_once": kill_once and {**kill_once, "run_dir": str((out / "ray" / run_name).resolve())},
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.training.workers,
-            use_gpu=config.training.use_gpu,
-            resources_per_worker={
-                "CPU": config.training.cpus_per_worker,
-                **({"GPU": 1} if config.training.use_gpu else {}),
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=str((out / "ray").resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=config.training.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": train},
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training ended without a checkpoint: {result.error!r}")
-    trained = build_model(spec)
-    with result.checkpoint.as_directory() as folder:
-        load_checkpoint(Path(folder), trained, make_optimizer(trained, settings.learning_rate, 0.0))
-    history = [
-        dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])
-    ]
-    return trained, history, train.count()
 
 
 def drift_reference(train_raw: Any, proba: np.ndarray, config: PipelineConfig) -> Reference:
@@ -401,6 +258,27 @@ def drift_reference(train_raw: Any, proba: np.ndarray, config: PipelineConfig) -
     return Reference.from_columns(data, kinds, sample_size=config.monitor.reference_sample, seed=config.model.seed)
 
 
+def example_records(raw: Any, config: PipelineConfig, rows: int = 5) -> list[dict[str, Any]]:
+    """A few raw records (feature fields only, JSON values): the MLflow model's input example."""
+    names = config.schema.feature_names
+    batch = (
+        next(iter(numpy_batches(raw)), None)
+        if isinstance(raw, pa.Table)
+        else next(iter(raw.iter_batches(batch_size=rows, batch_format="numpy")), None)
+    )
+    if batch is None:
+        return []
+    out: list[dict[str, Any]] = []
+    for i in range(min(rows, len(batch[names[0]]) if names else 0)):
+        row: dict[str, Any] = {}
+        for name in names:
+            value = batch[name][i]
+            value = value.item() if hasattr(value, "item") else value
+            row[name] = None if isinstance(value, float) and value != value else value
+        out.append(row)
+    return out
+
+
 def evaluate_artifact(artifact: Path, config: PipelineConfig, holdout: Any, holdout_id: str) -> dict[str, Any]:
     """A model artifact's report on a holdout (raw rows): how the champion is judged on new data.
 
@@ -412,7 +290,7 @@ def evaluate_artifact(artifact: Path, config: PipelineConfig, holdout: Any, hold
     spec, model, features_json = load_artifact(artifact)
     features = FeaturePipeline.from_json(features_json, config.schema, config.features)
     x, y = model_inputs(holdout, features.batch_fn())
-    report = evaluate(y, predict_proba(model, x).numpy(), list(spec.classes))
+    report = evaluate(y, model.predict_proba(x), list(spec.classes))
     report["holdout"] = holdout_id
     return report
 

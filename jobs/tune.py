@@ -1,10 +1,14 @@
-"""Hyperparameter search: Optuna's TPE through Ray Tune, with ASHA stopping weak trials early.
+"""Model selection and hyperparameter search: Optuna's TPE through Ray Tune, ASHA stopping weak trials.
 
-Each trial trains in one process with the plain-torch loop on the window's training part and
-reports the holdout's loss and accuracy every epoch, so ASHA can stop it at a rung. The
-search space comes from the config (`search.space`), concurrency and resources are bounded,
-and a retrain warm-starts from the current champion's hyperparameters (Optuna evaluates them
-first). The best trial's settings are then trained for real with Ray Train (`jobs.train`).
+The search is over model families and their knobs together (`search.families`, e.g. an MLP,
+gradient-boosted trees and a random forest): a trial first draws a family, then that family's
+part of `search.space` (a conditional space; a knob belongs to the families that read it,
+`streams.config.FAMILY_KNOBS`). Each trial trains in one process on the window's training
+part and reports the holdout's loss and accuracy `model.epochs` times, after equal shares of
+its family's budget (epochs, boosting rounds), so ASHA cuts every family at the same fractions
+of its budget and compares them on the same holdout loss. Concurrency and resources are
+bounded, and a retrain warm-starts from the champion's family and hyperparameters (Optuna
+evaluates them first). The best trial's settings are then trained for real (`jobs.train`).
 
 As a Ray job entrypoint: `python -m jobs.tune --config configs/demo.yaml` (tune, train the
 best, register it in MLflow and run the promotion gate).
@@ -26,14 +30,22 @@ from typing import Any
 
 import pyarrow as pa
 
+from jobs.families import Step, family
 from jobs.features import fit_pipeline
-from jobs.loop import pick_device, train_with_settings
-from jobs.models import ModelSpec, build_model
 from jobs.train import check_resources, in_process, join_ray, model_inputs, read_window, split_by_time
-from streams.config import ModelSettings, Param, PipelineConfig, SearchSettings
+from streams.config import FAMILY_KNOBS, INTEGER_KNOBS, ModelSettings, Param, PipelineConfig, SearchSettings
 from streams.datasets import DatasetStore, Window
 
-__all__ = ["TuneResult", "apply_params", "optuna_space", "params_of", "search_in_process", "tune_arrays", "tune_model"]
+__all__ = [
+    "TuneResult",
+    "apply_params",
+    "optuna_space",
+    "params_of",
+    "search_in_process",
+    "suggest",
+    "tune_arrays",
+    "tune_model",
+]
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,28 @@ def _distribution(param: Param, d: Any) -> Any:
     if param.choices:
         return d.CategoricalDistribution(list(param.choices))
     assert param.low is not None and param.high is not None
+    if param.name in INTEGER_KNOBS:
+        return d.IntDistribution(int(param.low), int(param.high), log=param.log)
     return d.FloatDistribution(param.low, param.high, log=param.log)
+
+
+def suggest(trial: Any, search: SearchSettings, families: tuple[str, ...]) -> dict[str, Any]:
+    """A trial's point in the conditional space: a family (when several are searched), then the
+    family's own knobs, named `<family>.<knob>` so that each family's values are modelled apart.
+    Only Optuna's public `suggest_*` calls: Ray Tune's define-by-run captures those."""
+    chosen = families[0]
+    params: dict[str, Any] = {}
+    if len(families) > 1:
+        chosen = params["kind"] = trial.suggest_categorical("kind", list(families))
+    for param in search.space_of(chosen):
+        name = param.name if len(families) == 1 else f"{chosen}.{param.name}"
+        if param.choices:
+            params[name] = trial.suggest_categorical(name, list(param.choices))
+        elif param.name in INTEGER_KNOBS:
+            params[name] = trial.suggest_int(name, int(param.low or 0), int(param.high or 0), log=param.log)
+        else:
+            params[name] = trial.suggest_float(name, float(param.low or 0), float(param.high or 0), log=param.log)
+    return params
 
 
 def tune_callbacks(config: PipelineConfig, out: Path, tracking_uri: str | None) -> list[Any]:
@@ -89,24 +122,43 @@ def tune_callbacks(config: PipelineConfig, out: Path, tracking_uri: str | None) 
 
 
 def apply_params(settings: ModelSettings, params: dict[str, Any]) -> ModelSettings:
-    """Model settings with a trial's parameters applied (`hidden` comes as "64,32")."""
-    changes: dict[str, Any] = {}
-    for name, value in params.items():
+    """Model settings with a trial's parameters applied: `kind` picks the family, and knobs come
+    bare or as `<family>.<knob>` (only the chosen family's apply); `hidden` comes as "64,32"."""
+    kind = str(params.get("kind", settings.kind))
+    changes: dict[str, Any] = {"kind": kind}
+    for key, value in params.items():
+        owner, _, name = key.rpartition(".")
+        if owner and owner != kind:
+            continue
         if name == "hidden":
             changes["hidden"] = tuple(int(w) for w in str(value).split(",") if w.strip())
-        elif name == "batch_size":
-            changes["batch_size"] = int(value)
-        elif name in ("learning_rate", "weight_decay", "dropout"):
+        elif name in INTEGER_KNOBS:
+            changes[name] = int(value)
+        elif name in FAMILY_KNOBS[kind] or name in ("learning_rate", "weight_decay", "dropout"):
             changes[name] = float(value)
-        elif name == "kind":
-            changes["kind"] = str(value)
     return dataclasses.replace(settings, **changes)
 
 
-def params_of(settings: ModelSettings, search: SearchSettings) -> dict[str, Any]:
-    """The searched parameters of some settings (a champion's), as a point for Optuna to try first."""
-    point: dict[str, Any] = {}
-    for param in search.space:
+@dataclass(frozen=True)
+class _DefineByRun:
+    """Ray Tune's define-by-run space (a module-level object: Ray Tune checkpoints its searcher)."""
+
+    search: SearchSettings
+    families: tuple[str, ...]
+
+    def __call__(self, ot_trial: Any) -> None:
+        suggest(ot_trial, self.search, self.families)  # Ray Tune takes the trial's suggestions as its config
+
+
+def params_of(settings: ModelSettings, search: SearchSettings, families: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The searched parameters of some settings (a champion's), as a point for Optuna to try
+    first, in `suggest`'s names; empty when the settings' family is not among `families`."""
+    families = families or search.searched(settings.kind)
+    if settings.kind not in families:
+        return {}
+    several = len(families) > 1
+    point: dict[str, Any] = {"kind": settings.kind} if several else {}
+    for param in search.space_of(settings.kind):
         value: Any = getattr(settings, param.name)
         if param.name == "hidden":
             value = ",".join(str(w) for w in value)
@@ -119,7 +171,7 @@ def params_of(settings: ModelSettings, search: SearchSettings) -> dict[str, Any]
             and not param.low <= value <= param.high
         ):
             continue
-        point[param.name] = value
+        point[f"{settings.kind}.{param.name}" if several else param.name] = value
     return point
 
 
@@ -182,16 +234,18 @@ def tune_arrays(
     started = time.monotonic()
     refs = [ray.put(a) for a in arrays]
     base, names, classes = config.model, input_names, list(config.schema.label.classes)
+    families = search.searched(base.kind)
+    base = dataclasses.replace(base, kind=families[0]) if base.kind not in families else base
 
     def trial(params: dict[str, Any]) -> None:
-        local = tuple(ray.get(r) for r in refs)
+        local: Any = tuple(ray.get(r) for r in refs)
         settings = apply_params(base, params)
-        spec = ModelSpec.from_settings(settings, names, classes)
-        report = lambda r: tune.report({**r.metrics, "epoch": r.epoch + 1, "train_loss": r.train_loss})  # noqa: E731
-        train_with_settings(build_model(spec), local, settings, pick_device(False), on_epoch=report)
+        owner = family(settings.kind)
+        report = lambda s: tune.report({**s.metrics, "epoch": s.step, "train_loss": s.train_loss})  # noqa: E731
+        owner.fit(owner.spec(settings, names, classes), settings, local, on_step=report)
 
     algorithm = OptunaSearch(
-        space=optuna_space(search),
+        space=_DefineByRun(search, families),
         metric=search.metric,
         mode=search.mode,
         points_to_evaluate=[warm_start] if warm_start else None,
@@ -229,7 +283,7 @@ def tune_arrays(
     best = grid.get_best_result(metric=search.metric, mode=search.mode, scope="all")
     found = best.metrics or {}
     metrics: dict[str, float] = {k: float(found[k]) for k in ("val_loss", "val_accuracy") if k in found}
-    return TuneResult(dict(best.config or {}), metrics, trials, time.monotonic() - started)
+    return TuneResult({"kind": families[0], **(best.config or {})}, metrics, trials, time.monotonic() - started)
 
 
 def search_in_process(
@@ -249,25 +303,26 @@ def search_in_process(
 
     del out  # Ray Tune keeps its experiment there; nothing here needs a folder
     search, base, classes = config.search, config.model, list(config.schema.label.classes)
-    space = optuna_space(search)
+    families = search.searched(base.kind)
+    base = dataclasses.replace(base, kind=families[0]) if base.kind not in families else base
     log_trial = _trial_logger(config, tracking_uri)
     started = time.monotonic()
     trials: list[dict[str, Any]] = []
 
     def objective(trial: optuna.Trial) -> float:
-        params = {name: trial._suggest(name, dist) for name, dist in space.items()}
+        params = suggest(trial, search, families)
         settings = apply_params(base, params)
-        spec = ModelSpec.from_settings(settings, input_names, classes)
+        owner = family(settings.kind)
         history: list[dict[str, float]] = []
 
-        def on_epoch(result: Any) -> None:
-            history.append({**result.metrics, "train_loss": result.train_loss, "epoch": result.epoch + 1})
-            trial.report(result.metrics[search.metric], result.epoch + 1)
+        def on_step(step: Step) -> None:
+            history.append({**step.metrics, "train_loss": step.train_loss, "epoch": step.step})
+            trial.report(step.metrics[search.metric], step.step)
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
         try:
-            train_with_settings(build_model(spec), arrays, settings, pick_device(False), on_epoch=on_epoch)
+            owner.fit(owner.spec(settings, input_names, classes), settings, arrays, on_step=on_step)
         finally:
             last = history[-1] if history else {}
             trials.append({"params": params, "epochs": int(last.get("epoch", 0)),
@@ -290,7 +345,8 @@ def search_in_process(
     sign = 1 if search.mode == "min" else -1
     best = min((t for t in trials if search.metric in t), key=lambda t: sign * t[search.metric])
     metrics: dict[str, float] = {k: float(best[k]) for k in ("val_loss", "val_accuracy") if k in best}
-    return TuneResult(dict(best["params"]), metrics, trials, time.monotonic() - started)
+    # The family is named even when only one was searched (it may not be model.kind).
+    return TuneResult({"kind": families[0], **best["params"]}, metrics, trials, time.monotonic() - started)
 
 
 def _trial_logger(config: PipelineConfig, tracking_uri: str | None) -> Callable[[dict[str, Any], list[Any]], None]:
@@ -361,7 +417,7 @@ def tune_train_and_gate(
     if champion is not None:
         run = registry.client.get_run(registry.client.get_model_version(config.name, champion).run_id or "")
         known = {k: json.loads(v) if v.startswith("[") else v for k, v in run.data.params.items()}
-        warm = params_of(_settings_from_params(config.model, known), config.search)
+        warm = params_of(_settings_from_params(config.model, known), config.search) or None
     clock = _Stages()
     data = read_window(store, window, config.schema.event_time, config)  # once, for both stages
     here = isinstance(data, pa.Table)
@@ -431,12 +487,15 @@ def _promote_and_publish(registry: Any, version: str, config: PipelineConfig, ch
 
 
 def _settings_from_params(base: ModelSettings, params: dict[str, Any]) -> ModelSettings:
-    values: dict[str, Any] = {}
-    for name in ("learning_rate", "weight_decay", "dropout", "batch_size", "kind"):
+    """A champion's settings from its run's logged params (its family and that family's knobs)."""
+    kind = str(params.get("kind", base.kind))
+    if kind not in FAMILY_KNOBS:
+        return base
+    values: dict[str, Any] = {"kind": kind}
+    for name in FAMILY_KNOBS[kind]:
         if name in params:
-            values[name] = params[name]
-    if "hidden" in params and isinstance(params["hidden"], list):
-        values["hidden"] = ",".join(str(w) for w in params["hidden"])
+            value = params[name]
+            values[name] = ",".join(str(w) for w in value) if isinstance(value, list) else value
     return apply_params(base, values)
 
 

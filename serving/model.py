@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from jobs.families import Model
 from jobs.features import FeaturePipeline
 from jobs.models import ModelSpec, load_artifact
 from jobs.registry import ModelRegistry
@@ -29,7 +29,7 @@ class ServedModel:
     version: str
     alias: str | None
     spec: ModelSpec
-    model: torch.nn.Module
+    model: Model  # any family's
     features: FeaturePipeline
     lineage: dict[str, str]
     labels: tuple[Any, ...] = field(init=False)  # the classes as answered: ints stay ints, others are str
@@ -42,9 +42,7 @@ class ServedModel:
 
     def predict(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """Class probabilities, one row per record, through the training-time feature transform."""
-        x = self.features.transform_records(records)
-        with torch.inference_mode():
-            return torch.softmax(self.model(torch.as_tensor(x)), dim=1).numpy()
+        return self.model.predict_proba(self.features.transform_records(records))
 
 
 def load_served_model(
@@ -63,5 +61,7 @@ def load_served_model(
         for k, v in tags.items()
         if k in ("driftloop.datasets", "driftloop.kafka", "driftloop.run_id")
     }
+    import torch
+
     torch.set_num_threads(1)
     return ServedModel(registry.name, chosen, alias if version is None else None, spec, model, features, lineage)

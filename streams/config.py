@@ -17,7 +17,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 import yaml
 
@@ -426,17 +426,46 @@ class FeatureSettings:
                 yield f"transforms.{transform.name}", "drop alone", ops
 
 
+FAMILIES = ("mlp", "logreg", "xgboost", "random_forest")
+Family = Literal["mlp", "logreg", "xgboost", "random_forest"]
+TREE_FAMILIES = ("xgboost", "random_forest")
+
+# The knobs each family reads (its search space may use only these).
+FAMILY_KNOBS: dict[str, tuple[str, ...]] = {
+    "mlp": ("learning_rate", "weight_decay", "dropout", "batch_size", "hidden"),
+    "logreg": ("learning_rate", "weight_decay", "batch_size"),
+    "xgboost": ("eta", "rounds", "max_depth", "min_child_weight", "subsample", "colsample", "reg_lambda"),
+    "random_forest": ("trees", "max_depth", "min_child_weight", "subsample", "colsample", "reg_lambda"),
+}
+
+
 @dataclass(frozen=True)
 class ModelSettings:
-    """The model and how one training run trains it."""
+    """The model and how one training run trains it.
 
-    kind: Literal["mlp", "logreg"] = "mlp"
+    `kind` is the model family. The neural families (mlp, logreg) train for `epochs` with
+    `learning_rate`, `batch_size`, ...; the tree families use `eta`, `rounds`, `max_depth`, ...
+    (XGBoost: `xgboost` boosts `rounds` trees, `random_forest` grows `trees` in one round).
+    A search reports every family's holdout loss `epochs` times: after each epoch, or after
+    each 1/epochs of the boosting rounds.
+    """
+
+    kind: Family = "mlp"
     hidden: tuple[int, ...] = (64, 32)
     dropout: float = 0.1
     epochs: int = 8
     batch_size: int = 256
     learning_rate: float = 0.003
     weight_decay: float = 0.0
+    eta: float = 0.1
+    rounds: int = 200
+    trees: int = 100
+    max_depth: int = 6
+    min_child_weight: float = 1.0
+    subsample: float = 0.8
+    colsample: float = 0.8
+    reg_lambda: float = 1.0
+    class_weight: Literal["none", "balanced"] = "none"
     holdout_fraction: float = 0.2
     bf16: bool = False
     seed: int = 0
@@ -446,13 +475,21 @@ class ModelSettings:
             yield "hidden", "layer widths >= 1", list(self.hidden)
         if not 0 <= self.dropout < 1:
             yield "dropout", "a number in [0, 1)", self.dropout
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "rounds", "trees"):
             if getattr(self, name) < 1:
                 yield name, "an integer >= 1", getattr(self, name)
+        if not 1 <= self.max_depth <= 32:
+            yield "max_depth", "an integer in [1, 32]", self.max_depth
         if not 0 < self.learning_rate < 10:
             yield "learning_rate", "a number in (0, 10)", self.learning_rate
-        if self.weight_decay < 0:
-            yield "weight_decay", "a number >= 0", self.weight_decay
+        if not 0 < self.eta <= 1:
+            yield "eta", "a number in (0, 1]", self.eta
+        for name in ("subsample", "colsample"):
+            if not 0 < getattr(self, name) <= 1:
+                yield name, "a number in (0, 1]", getattr(self, name)
+        for name in ("weight_decay", "min_child_weight", "reg_lambda"):
+            if getattr(self, name) < 0:
+                yield name, "a number >= 0", getattr(self, name)
         if not 0 < self.holdout_fraction < 0.9:
             yield "holdout_fraction", "a number in (0, 0.9)", self.holdout_fraction
 
@@ -475,7 +512,8 @@ class TrainingSettings:
             yield "max_failures", "an integer >= 0", self.max_failures
 
 
-SEARCHABLE = ("learning_rate", "weight_decay", "dropout", "batch_size", "hidden", "kind")
+SEARCHABLE = (*dict.fromkeys(k for knobs in FAMILY_KNOBS.values() for k in knobs), "kind")
+INTEGER_KNOBS = ("batch_size", "rounds", "trees", "max_depth")
 
 
 @dataclass(frozen=True)
@@ -504,6 +542,8 @@ class Param:
             yield "low", "a number > 0 for a log scale", self.low
         elif self.name in ("batch_size", "hidden", "kind"):
             yield "choices", f"choices for {self.name}", None
+        if self.name == "kind" and any(c not in FAMILIES for c in self.choices):
+            yield "choices", f"families among {list(FAMILIES)} (or search.families)", list(self.choices)
 
 
 @dataclass(frozen=True)
@@ -516,11 +556,23 @@ class SearchSettings:
     grace_period: int = 1
     reduction_factor: int = 2
     cpus_per_trial: float = 1.0
+    families: tuple[Family, ...] = ()  # model selection: the families searched together (default: model.kind)
     space: tuple[Param, ...] = field(default=(), metadata={"keyed_by": "name"})
 
     @property
     def mode(self) -> str:
         return "min" if self.metric == "val_loss" else "max"
+
+    def searched(self, kind: Family) -> tuple[Family, ...]:
+        """The families a search tries: `families`, else `model.kind` (or the `kind` choices)."""
+        if self.families:
+            return self.families
+        kinds = next((p.choices for p in self.space if p.name == "kind"), ())
+        return cast("tuple[Family, ...]", tuple(str(k) for k in kinds)) or (kind,)
+
+    def space_of(self, family: str) -> tuple[Param, ...]:
+        """The dimensions of `family`'s conditional space: the params it has a knob for."""
+        return tuple(p for p in self.space if p.name in FAMILY_KNOBS[family])
 
     def problems(self) -> Iterator[Problem]:
         if self.trials < 1:
@@ -535,6 +587,15 @@ class SearchSettings:
             yield "cpus_per_trial", "a number > 0", self.cpus_per_trial
         if not self.space:
             yield "space", "at least one parameter to search", {}
+        if len(set(self.families)) != len(self.families):
+            yield "families", "each family once", list(self.families)
+        if self.families and any(p.name == "kind" for p in self.space):
+            yield "space.kind", "no kind in the space when search.families lists the families", "kind"
+        if self.families:
+            for param in self.space:
+                if param.name != "kind" and not any(param.name in FAMILY_KNOBS[f] for f in self.families):
+                    owners = [f for f, knobs in FAMILY_KNOBS.items() if param.name in knobs]
+                    yield f"space.{param.name}", f"a knob of a searched family (it is one of {owners})", param.name
 
 
 GATE_METRICS = ("accuracy", "f1", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "log_loss")

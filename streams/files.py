@@ -161,6 +161,17 @@ def infer_config(
         "kafka": {"bootstrap_servers": "embedded", "partitions": 4},
         "schema": schema,
         "features": {"transforms": transforms},
+        "search": {  # model selection: the MLP and gradient-boosted trees, each with its own knobs
+            "trials": 8,
+            "families": ["mlp", "xgboost"],
+            "space": {
+                "learning_rate": {"low": 0.0005, "high": 0.02, "log": True},
+                "hidden": {"choices": ["32", "64,32", "128,64"]},
+                "eta": {"low": 0.03, "high": 0.3, "log": True},
+                "max_depth": {"low": 3, "high": 8},
+                "rounds": {"choices": [100, 200, 400]},
+            },
+        },
         "monitor": {"window_size": window, "performance_window": max(100, window // 2)},
         "retrain": {"min_window": max(100, window // 4), "train_rows": int(min(max(rows // 2, 1000), 50_000))},
     }

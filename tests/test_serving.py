@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -178,6 +179,58 @@ def test_predictions_match_the_model_evaluated_offline_and_bad_requests_are_refu
     assert post(url, {**record, "request_id": "order-17:a.b_c"}).status_code == 200
     info = requests.get(f"{url}/v1/model", headers={"x-api-key": KEY}, timeout=10).json()
     assert info["version"] == "1" and info["alias"] == "champion" and info["lineage"]["run_id"]
+
+
+def family_artifact(config: PipelineConfig, kind: str, folder: Path) -> Path:
+    """A model of `kind` trained by `train_model` in this process on 3,000 generated rows (spec,
+    features, weights, report and the monitor's profile, as a retrain writes them)."""
+    from datetime import datetime
+
+    import pyarrow as pa
+
+    from jobs.train import train_model
+
+    records = [r.record for r in StreamGenerator(config, seed=7).records(3000)]
+    for record in records:  # as the dataset store holds it: a timestamp
+        record["event_time"] = datetime.fromisoformat(str(record["event_time"]).replace("Z", "+00:00"))
+    table = pa.Table.from_pylist(records)
+    settings = dataclasses.replace(config.model, kind=kind, epochs=2, rounds=40, trees=30)
+    return train_model(dataclasses.replace(config, model=settings), Window(()), folder, data=table).artifact
+
+
+@pytest.mark.parametrize("kind", ["xgboost", "random_forest"])  # logreg: the MLP's family class, served below
+def test_every_family_is_served_by_alias_over_http_and_monitored_from_its_profile(
+    kind: str,
+    config: PipelineConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    serve_url: str,
+) -> None:
+    """Fit -> register -> load by alias -> serve over HTTP -> the monitor's reference, for the tree
+    families (the neural ones are what the rest of this module serves): nothing asks which it is."""
+    from jobs.monitor import load_champion
+
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    artifact = family_artifact(config, kind, tmp_path / "out")
+    registry = empty_registry(config, tmp_path)
+    report = json.loads((artifact / "report.json").read_text())
+    version = registry.log_training(artifact, {"kind": kind}, [], report, Window(())).version
+    assert registry.promote(version, config.gate).promote
+    batch = rows(config, 40)
+    with serving(build_app(config, registry.uri), config.name, serve_url) as url:
+        answer = post(url, [{**r, "request_id": f"r{i}"} for i, r in enumerate(batch)])
+        assert answer.status_code == 200, answer.text
+        info = requests.get(f"{url}/v1/model", headers={"x-api-key": KEY}, timeout=10).json()
+    assert info["kind"] == kind and info["alias"] == "champion"
+    offline = load_served_model(config, registry).predict(batch)
+    served_proba = np.array([[p["probabilities"][c] for c in ("no", "yes")] for p in answer.json()["predictions"]])
+    assert np.allclose(served_proba, offline, atol=1e-6)
+    assert report["accuracy"] > report["baseline_accuracy"] + 0.15, "it learnt"
+    champion = load_champion(config, registry)
+    assert champion.version == version and champion.report["f1_macro"] == report["f1_macro"]
+    from jobs.monitor import PREDICTION
+
+    assert {*config.schema.feature_names, PREDICTION} <= set(champion.reference.features)
 
 
 def test_hot_swap_under_load_fails_no_request_and_logs_every_prediction(

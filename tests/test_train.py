@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs.models import load_artifact, predict_proba
+from jobs.models import load_artifact
 from jobs.train import evaluate_artifact, load_features, split_by_time, train_model
 from streams.config import PipelineConfig
 from streams.datasets import DatasetStore
@@ -56,7 +56,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_the_model_beats_the_bas
     assert {"report.json", "profile.json"} <= set(json.loads((result.artifact / "digests.json").read_text()))
     features = load_features(result.artifact, config)
     rows = [r.record for r in StreamGenerator(config, seed=1).records(6000)][-200:]
-    proba = predict_proba(model, features.transform_records(rows)).numpy()
+    proba = model.predict_proba(features.transform_records(rows))
     labels = features.encode_labels([r["churned"] for r in rows])
     assert np.mean(proba.argmax(axis=1) == labels) > report["baseline_accuracy"]
 
@@ -89,6 +89,81 @@ def test_a_small_window_trains_in_the_jobs_process_and_judges_alike(
         train_model(config, window, tmp_path / "again", store=store, kill_once={"epoch": 1, "marker": "x"})
 
 
+def test_tree_families_train_on_ray_train_and_in_the_jobs_process_and_are_judged_alike(
+    config: PipelineConfig, topics: Topics, tmp_path: Path
+) -> None:
+    """Gradient-boosted trees through Ray Train's XGBoostTrainer (2 workers, each on its shard) and
+    a random forest in the job's process, on one window: each beats the baseline, and its artifact
+    (XGBoost's UBJSON, no pickle) judges the holdout exactly as the training run reported."""
+    with Producer(config.kafka) as producer:
+        publish_stream(StreamGenerator(config, seed=4), producer, topics, config.name, 4000)
+    assert ingest(config).manifest is not None
+    store = DatasetStore(config.datasets.root, config.name)
+    window = store.window()
+    small = dataclasses.replace(config.model, rounds=60, trees=40, epochs=3)
+    on_ray = dataclasses.replace(
+        config,
+        model=dataclasses.replace(small, kind="xgboost"),
+        ray=dataclasses.replace(config.ray, distributed_min_rows=0),
+    )
+    here = dataclasses.replace(config, model=dataclasses.replace(small, kind="random_forest"))
+    for cfg, where in ((on_ray, "Ray Train"), (here, "the job's process")):
+        result = train_model(cfg, window, tmp_path / cfg.model.kind, store=store)
+        assert result.params["trained_in"] == where and result.params["kind"] == cfg.model.kind
+        assert result.spec.kind == cfg.model.kind and (result.artifact / "model.ubj").is_file()
+        assert "val_loss" in result.history[-1]
+        report = result.report
+        assert report["accuracy"] > report["baseline_accuracy"] + 0.15, (cfg.model.kind, report)
+        assert result.train_rows + result.holdout_rows == 4000
+        again = evaluate_artifact(result.artifact, cfg, result.holdout, report["holdout"])
+        for metric in ("accuracy", "f1_macro", "log_loss"):
+            assert again[metric] == pytest.approx(report[metric], abs=1e-6)
+        assert len(json.loads((result.artifact / "example.json").read_text())) == 5
+
+
+def test_the_gate_judges_a_challenger_of_another_family_against_the_champion_on_its_own_holdout(
+    config: PipelineConfig, topics: Topics, tmp_path: Path
+) -> None:
+    """An MLP champion, then a retrain whose search holds only gradient-boosted trees, on a window
+    with newer rows: the gate scores the champion on the challenger's holdout (not its own report),
+    and the chosen family is a param of the run and a tag of the version."""
+    import re
+
+    from jobs.registry import ModelRegistry
+    from jobs.tune import tune_train_and_gate
+
+    with Producer(config.kafka) as producer:
+        publish_stream(StreamGenerator(config, seed=5), producer, topics, config.name, 3000)
+    assert ingest(config).manifest is not None
+    store = DatasetStore(config.datasets.root, config.name)
+    registry = ModelRegistry(config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "art",
+                             lock_dir=tmp_path / "locks")  # fmt: skip
+    model = dataclasses.replace(config.model, epochs=3, rounds=60)
+    mlp = dataclasses.replace(
+        config, model=model, search=dataclasses.replace(config.search, trials=2, families=("mlp",))
+    )
+    first = tune_train_and_gate(mlp, store.window(), tmp_path / "a", store, registry)
+    assert first["promoted"] and first["best_params"].get("kind", "mlp") == "mlp"
+
+    with Producer(config.kafka) as producer:
+        publish_stream(StreamGenerator(config, seed=6), producer, topics, config.name, 2000)
+    assert ingest(config).manifest is not None
+    trees = dataclasses.replace(mlp, search=dataclasses.replace(mlp.search, families=("xgboost",)))
+    window = store.window()
+    second = tune_train_and_gate(trees, window, tmp_path / "b", store, registry)
+    version = registry.client.get_model_version(config.name, second["version"])
+    run = registry.client.get_run(second["run_id"])
+    assert run.data.params["kind"] == "xgboost" and version.tags["driftloop.family"] == "xgboost"
+
+    # The champion, judged again on the challenger's holdout: the number the gate compared with.
+    data = store.read_table(window, config.schema.event_time)
+    _, holdout, holdout_id = split_by_time(data, config.schema.event_time, model.holdout_fraction)
+    champion = evaluate_artifact(registry.download(first["version"], tmp_path / "c"), config, holdout, holdout_id)
+    (said,) = re.findall(r"vs champion (\d\.\d{4})", " ".join(second["reasons"]))
+    assert float(said) == pytest.approx(champion["f1_macro"], abs=5e-5), second["reasons"]
+    assert holdout_id != registry.report(first["version"])["holdout"], "a holdout of newer rows"
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -119,7 +194,23 @@ def test_impossible_resources_fail_at_once_with_a_clear_error(
 @pytest.mark.parametrize(
     ("yaml_change", "key", "expected"),
     [
-        ({"model": {"kind": "forest"}}, "model.kind", "one of ['mlp', 'logreg']"),
+        ({"model": {"kind": "forest"}}, "model.kind", "one of ['mlp', 'logreg', 'xgboost', 'random_forest']"),
+        ({"search": {"families": ["mlp", "gbm"]}}, "search.families[1]", "one of ['mlp', 'logreg', 'xgboost'"),
+        ({"search": {"families": ["mlp", "mlp"]}}, "search.families", "each family once"),
+        (
+            {"search": {"families": ["mlp"], "space": {"max_depth": {"choices": [3, 6]}}}},
+            "search.space.max_depth",
+            "a knob of a searched family (it is one of ['xgboost', 'random_forest'])",
+        ),
+        (
+            {"search": {"families": ["mlp", "xgboost"], "space": {"kind": {"choices": ["mlp"]}}}},
+            "search.space.kind",
+            "no kind in the space",
+        ),
+        ({"search": {"space": {"kind": {"choices": ["mlp", "svm"]}}}}, "search.space.kind.choices", "families among"),
+        ({"model": {"max_depth": 0}}, "model.max_depth", "an integer in [1, 32]"),
+        ({"model": {"eta": 2}}, "model.eta", "a number in (0, 1]"),
+        ({"model": {"class_weight": "auto"}}, "model.class_weight", "one of ['none', 'balanced']"),
         ({"search": {"space": {}}}, "search.space", "at least one parameter"),
         ({"search": {"space": {"momentum": {"low": 0, "high": 1}}}}, "search.space.momentum.name", "one of ["),
         (

@@ -55,16 +55,24 @@ def test_a_tuned_model_clearly_beats_the_majority_baseline_and_each_trial_is_tra
     config = dataclasses.replace(
         config,
         model=dataclasses.replace(config.model, epochs=3),
-        search=dataclasses.replace(config.search, trials=4, max_concurrent=2),
+        search=dataclasses.replace(config.search, trials=4, max_concurrent=2, families=("mlp", "xgboost")),
         trackers=TrackerSettings(wandb=True, comet=True, offline=True),
     )
     store = DatasetStore(config.datasets.root, config.name)
-    warm = {"learning_rate": 0.003, "dropout": 0.1, "hidden": "64,32", "batch_size": 256}
+    # a champion of the tree family: the search over both families tries its values first
+    champion = dataclasses.replace(config.model, kind="xgboost", eta=0.1, max_depth=4, rounds=100)
+    warm = params_of(champion, config.search)
+    assert warm == {"kind": "xgboost", "xgboost.eta": 0.1, "xgboost.max_depth": 4, "xgboost.rounds": 100}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = tune_model(config, store.window(), tmp_path, store=store, warm_start=warm, tracking_uri=uri)
     assert len(result.trials) == 4
     assert any(t["params"] == warm for t in result.trials), "the champion's values were tried first"
     assert all(1 <= t["epochs"] <= 3 for t in result.trials)
+    for trial in result.trials:  # Ray Tune's define-by-run space: each trial holds its own family's knobs only
+        kind = trial["params"]["kind"]
+        assert kind in ("mlp", "xgboost") and all(k == "kind" or k.startswith(f"{kind}.") for k in trial["params"])
+    best = min(result.trials, key=lambda t: t["val_loss"])
+    assert result.best_params == best["params"], "the best by the metric, whatever its family"
     labels = [r.label for r in StreamGenerator(config, seed=2).records(5000)][-1000:]
     majority = max(labels.count("yes"), labels.count("no")) / len(labels)
     assert result.best_metrics["val_accuracy"] > majority + 0.15

@@ -55,6 +55,8 @@ def model_trail(config: PipelineConfig, tracking_uri: str, ref: str, datasets_ro
         "version": version,
         "aliases": list(mv.aliases),
         "registered_at_ms": mv.creation_timestamp,
+        "family": tags.get("family"),
+        "mlflow_model": f"models:/{config.name}/{version}",  # mlflow.pyfunc.load_model takes it
         "kafka": tags.get("kafka"),
         "datasets": datasets,
         "run": {
@@ -119,6 +121,7 @@ def read_events(config: PipelineConfig) -> list[Any]:
 
 def print_trail(trail: dict[str, Any]) -> None:
     print(f"{trail['model']} version {trail['version']}  aliases: {', '.join(trail['aliases']) or '-'}")
+    print(f"  family     {trail.get('family') or '-'}  (MLflow pyfunc: {trail['mlflow_model']})")
     print(f"  kafka      {trail['kafka']}")
     for d in trail["datasets"]:
         print(

@@ -431,6 +431,7 @@ def test_run_from_a_file_retrains_by_itself_after_the_file_changes_and_recovers(
     assert shown.returncode == 0, shown.stderr
     trail = json.loads(shown.stdout)
     assert trail["version"] == "2" and "champion" in trail["aliases"] and trail["gate"]["decision"] == "passed"
+    assert trail["family"] == "mlp" and trail["mlflow_model"] == "models:/machines/2"
     assert trail["retrain"]["request_id"] == report["retrain_submission_id"] and trail["retrain"]["drift_event_id"]
     assert trail["datasets"] and trail["datasets"][0]["ranges"]
     assert trail["kafka"].startswith("kafka://machines.records")

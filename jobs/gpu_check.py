@@ -6,7 +6,9 @@
 It trains the demo-sized MLP on a learnable synthetic problem in fp32 and with bf16 autocast,
 checks that the weights live on the device, that autocast really computes in bf16, that both
 runs learn, and that an artifact saved from the device loads on the CPU with the same
-predictions. It needs torch, numpy, safetensors and pyyaml only.
+predictions. Then the same for gradient-boosted trees: XGBoost's `hist` on the device (what
+`training.use_gpu` gives a tree family on Ray), a model that learns, saved as UBJSON and loaded
+on the CPU with the same predictions. It needs torch, numpy, safetensors, xgboost and pyyaml only.
 """
 
 from __future__ import annotations
@@ -82,12 +84,42 @@ def main() -> int:
                 result["artifact_max_prob_difference_device_vs_cpu"] = difference
                 checks["artifact_loads_on_cpu_with_same_predictions"] = difference < 1e-4
                 checks["artifact_weights_on_cpu"] = all(p.device.type == "cpu" for p in loaded.module.parameters())
+    checks.update(_trees(device.type, x, y, cut, result))
     result["checks"] = checks
     result["ok"] = all(checks.values())
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if result["ok"] else 1
+
+
+def _trees(device: str, x: np.ndarray, y: np.ndarray, cut: int, result: dict[str, object]) -> dict[str, bool]:
+    """The tree family's device path: `xgboost.train` with `device` as `booster_params` sets it."""
+    import dataclasses
+
+    import xgboost
+
+    from jobs.trees import TreeModel, booster_params
+    from streams.config import ModelSettings
+
+    settings = dataclasses.replace(ModelSettings(), kind="xgboost", rounds=100, max_depth=6)
+    spec = ModelSpec("xgboost", tuple(f"x{i}" for i in range(x.shape[1])), ("no", "yes"))
+    params = booster_params("xgboost", settings, 2, use_gpu=device == "cuda")
+    started = time.perf_counter()
+    booster = xgboost.train(params, xgboost.DMatrix(x[:cut], y[:cut]), num_boost_round=settings.rounds)
+    result["xgboost_train_s"] = round(time.perf_counter() - started, 2)
+    result["xgboost_device"] = json.loads(booster.save_config())["learner"]["generic_param"].get("device")
+    model = TreeModel(spec, booster)
+    on_device = model.predict_proba(x[cut:])
+    checks = {"xgboost_learns": float(np.mean(on_device.argmax(axis=1) == y[cut:])) > 0.8}
+    with tempfile.TemporaryDirectory() as folder:
+        save_artifact(Path(folder), spec, model, "{}")
+        _, loaded, _ = load_artifact(Path(folder))
+        loaded.booster.set_param({"device": "cpu"})
+        difference = float(np.abs(loaded.predict_proba(x[cut:]) - on_device).max())
+    result["xgboost_max_prob_difference_device_vs_cpu"] = difference
+    checks["xgboost_artifact_loads_on_cpu_with_same_predictions"] = difference < 1e-4
+    return checks
 
 
 if __name__ == "__main__":

@@ -212,9 +212,18 @@ def psi(reference: npt.ArrayLike, current: npt.ArrayLike, bins: int = 10, eps: f
 
 
 def _quantile_edges(sorted_values: FloatArray, bins: int) -> FloatArray:
+    """The interior edges of `bins` equal-frequency bins. A value that holds more than one bin's
+    share (quantiles that collapse on it) gets a bin of its own, [v, next float after v): merged
+    into the bin above it, a shift from it to anything larger would move nothing between bins.
+
+    >>> _quantile_edges(np.array([0.0] * 49 + [7.0]), 10).tolist()
+    [0.0, 5e-324]
+    """
     if bins < 2:
         raise ValueError(f"bins must be at least 2, not {bins}")
-    return np.unique(np.quantile(sorted_values, np.arange(1, bins) / bins))
+    edges, repeats = np.unique(np.quantile(sorted_values, np.arange(1, bins) / bins), return_counts=True)
+    atoms = edges[repeats > 1]
+    return np.unique(np.concatenate([edges, np.nextafter(atoms, np.inf)])) if len(atoms) else edges
 
 
 def _bin_counts(sorted_values: FloatArray, edges: FloatArray) -> npt.NDArray[np.int64]:

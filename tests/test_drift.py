@@ -181,6 +181,19 @@ def test_psi_merges_repeated_edges_of_a_tied_reference() -> None:
     assert math.isfinite(psi(np.zeros(10), np.ones(10)))
 
 
+def test_a_value_that_holds_several_bins_has_a_bin_of_its_own_so_a_shift_up_from_it_counts() -> None:
+    """49 zeros and one 7: the deciles all fall on 0. Merged into the bin above, 0 shared it with
+    everything larger, and a shift from 0 to 500 gave PSI 0 (KS p = 4e-20), so the AND rule never
+    flagged it; a shift down was caught. Both directions count now, through `compare` too."""
+    tied = np.array([0.0] * 49 + [7.0])
+    assert psi(tied, tied) == 0.0
+    assert psi(tied, np.full(25, 500.0)) > 1.0 and psi(tied, np.full(25, -500.0)) > 1.0
+    ref = Reference.from_columns({"x": np.zeros(50)}, {"x": "numeric"})
+    up = compare(ref, {"x": np.full(25, 500.0)}).feature("x")
+    assert up.psi is not None and up.psi > 1.0 and up.drifted
+    assert Reference.from_json(json.loads(json.dumps(ref.to_json()))) == ref, "the edge survives JSON"
+
+
 # --- the reference -----------------------------------------------------------------------------
 
 

@@ -114,7 +114,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
     from ray import serve
 
     from cluster.broker import free_port
-    from cluster.ray_runtime import start_local
+    from cluster.ray_runtime import bind_to_loopback, is_loopback_address, start_local
     from jobs.controller import ControllerService, JobTemplate
     from jobs.monitor import MonitorService
     from jobs.registry import ModelRegistry
@@ -162,6 +162,8 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
         address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
         quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
         if address:  # an existing cluster: its Jobs API is on its dashboard
+            if is_loopback_address(address):  # a stack's Ray (`up`): join it where it listens
+                bind_to_loopback()
             context = ray.init(address=address, **quiet)
         else:
             context = start_local(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",

@@ -2,6 +2,7 @@
 
 Ray 2.60 turns token authentication on for local clusters; we keep it on. A client of a
 remote cluster needs `RAY_AUTH_MODE=token` and the cluster's token in its environment.
+Every cluster driftloop starts on one machine listens on loopback only (`LOOPBACK_ENV`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from typing import Any
 
 from streams.config import PipelineConfig
@@ -16,11 +18,15 @@ from streams.errors import DriftloopError
 
 __all__ = [
     "HAPROXY_ENV",
+    "LOOPBACK_ENV",
+    "LOOPBACK_IP",
+    "bind_to_loopback",
     "cluster_address",
     "connect",
     "cpus_needed",
     "haproxy_available",
     "haproxy_ingress",
+    "is_loopback_address",
     "private_temp_dir",
     "serve_ingress_env",
     "start_local",
@@ -35,6 +41,25 @@ HAPROXY_MAX_SOCKET_PATH = 97
 HAPROXY_PATH_SUFFIX = 1 + 56 + len("/metrics.sock")
 
 SERVE_REPLICA_CPUS = 1.0  # Ray Serve's default for a replica
+
+LOOPBACK_IP = "127.0.0.1"
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""What keeps a single-machine Ray cluster on loopback, in the environment of every process of it
+and of every process that joins it by a loopback address.
+
+`--node-ip-address 127.0.0.1` (`_node_ip_address` in `ray.init`) alone is not enough: on Linux
+Ray 2.60 replaces a localhost node IP, and a localhost GCS address, with the machine's own IP
+(`services.resolve_ip_for_localhost` -> `get_node_ip_address`), and its gRPC servers (GCS,
+raylet, object manager, workers, the dashboard agent, the runtime env agent, metrics export,
+the Ray client server) then listen on every interface. `get_node_ip_address` answers 127.0.0.1
+only when `ray._private.ray_constants.ENABLE_RAY_CLUSTER` is false, which this variable sets
+(Ray's switch for "no multi-node clusters": macOS and Windows default to it). With it, Ray
+refuses to add worker nodes: it is for single-node clusters only; a multi-node cluster listens
+where its operator configures it.
+
+A client without it joins such a cluster by `127.0.0.1:PORT` at the machine's IP, where nothing
+listens, and waits for the GCS forever: `connect` sets it for a loopback address (and the
+raylet's workers and job drivers inherit it)."""
 
 
 def cpus_needed(config: PipelineConfig) -> int:
@@ -63,13 +88,44 @@ def cluster_address(config: PipelineConfig) -> str | None:
     return address
 
 
+def bind_to_loopback() -> None:
+    """Make this process, and what it starts from now on, keep Ray on loopback (`LOOPBACK_ENV`).
+
+    Ray reads the variable once, when `ray._private.ray_constants` is imported. A process that
+    imported Ray before this call read the default, and `ray.init` would still turn 127.0.0.1 into
+    the machine's IP for its own node (checked: `ray.nodes()` then shows that IP, and the GCS and
+    raylet listen on every interface) or for the GCS address it joins: the constant is set too.
+    """
+    os.environ.update(LOOPBACK_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+
+
+def is_loopback_address(address: str | None) -> bool:
+    """Whether `ray.init(address=...)` joins (or, with None, starts) a cluster on this machine's
+    loopback: None, `local`, `auto`, or a 127.0.0.1 / localhost / ::1 host. Pure."""
+    if address in (None, "", "local", "auto"):
+        return True
+    assert address is not None
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def connect(config: PipelineConfig, quiet: bool = True) -> None:
-    """Initialise Ray once for this process (a no-op if it already is)."""
+    """Initialise Ray once for this process (a no-op if it already is).
+
+    A local instance it starts, or one it joins by a loopback address, stays on loopback
+    (`bind_to_loopback`); a cluster on this machine's own IP (a plain `ray start --head`) is
+    still joined with it set.
+    """
     address = cluster_address(config)
     import ray
 
     if ray.is_initialized():
         return
+    if is_loopback_address(address):
+        bind_to_loopback()
     if quiet:
         import ray.data
 
@@ -202,6 +258,7 @@ def start_local(**options: Any) -> Any:
       (`private_temp_dir`).
     Serve on the cluster uses HAProxy where `haproxy_ingress` says so (`serve_ingress_env`, set in
     this process's environment, which the raylet and its workers inherit).
+    Every port of the cluster listens on 127.0.0.1 only (`bind_to_loopback`, and the node IP).
     """
     import ray
     from ray._private import parameter
@@ -210,6 +267,12 @@ def start_local(**options: Any) -> Any:
 
     options.setdefault("_temp_dir", private_temp_dir())
     os.environ.update(serve_ingress_env(options["_temp_dir"]))  # the raylet and its workers inherit it
+    # In os.environ: the raylet, its workers, job drivers and subprocesses inherit it. Ray is
+    # imported by now (above, or earlier in the process), so the variable alone would come too late
+    # for this driver: `ray.init` would resolve `_node_ip_address` to the machine's IP and start the
+    # GCS and raylet on every interface. `bind_to_loopback` sets the constant Ray read it into too.
+    bind_to_loopback()
+    options.setdefault("_node_ip_address", LOOPBACK_IP)
 
     original = parameter.RayParams.__init__
     port = free_port()

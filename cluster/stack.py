@@ -3,9 +3,10 @@
 `up` starts, each as its own process group, and records their process ids in
 `<state dir>/state.json`:
 - the broker (`driftloop broker`: Tansu on a free loopback port),
-- a Ray head (`ray start --head --block`, token auth on, the dashboard and Jobs API on
-  127.0.0.1, its own private temp dir so that its jobs find it and no other cluster; the
-  head's logs stay there, under `ray_temp_dir` in the state, until `down` removes it),
+- a Ray head (`ray start --head --block`, token auth on, every port of it on 127.0.0.1
+  (`--node-ip-address` and `LOOPBACK_ENV`, see `cluster.ray_runtime`; HAProxy's stats and
+  Prometheus ports excepted), its own private temp dir so that its jobs find it and no other
+  cluster; the head's logs stay there, under `ray_temp_dir` in the state, until `down` removes it),
 - an MLflow server (SQLite backend and local artifacts under the state dir, its UI on a
   printed port),
 then the retrain controller and the monitor as detached Ray actors on that head, and the Serve
@@ -213,7 +214,14 @@ def up(
 ) -> Stack:
     """Start the stack (see the module docstring); on any failure, stop what was started."""
     from cluster.broker import free_port
-    from cluster.ray_runtime import cpus_needed, haproxy_ingress, private_temp_dir, serve_ingress_env
+    from cluster.ray_runtime import (
+        LOOPBACK_ENV,
+        LOOPBACK_IP,
+        cpus_needed,
+        haproxy_ingress,
+        private_temp_dir,
+        serve_ingress_env,
+    )
 
     haproxy_ingress()  # a bad DRIFTLOOP_SERVE_HAPROXY fails here, before anything starts
     existing = load_state(state_dir)
@@ -258,7 +266,7 @@ def up(
         _wait("the MLflow server", lambda: _http_ok(f"{stack.mlflow}/health"), mlflow, log, 300)
         say(f"[up] mlflow      {stack.mlflow} (the UI too)")
 
-        # The Ray head: token auth, its own temp dir, the Jobs API on loopback.
+        # The Ray head: token auth, its own temp dir, every port on loopback (its own and its workers').
         subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True)
         _private_ray_token()
         gcs_port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
@@ -267,11 +275,13 @@ def up(
         log = state_dir / "ray.log"
         stack.ray_temp_dir = temp_dir = private_temp_dir()  # short (socket paths), and only ours to enter
         ray_env.update(serve_ingress_env(temp_dir))
+        ray_env.update(LOOPBACK_ENV)  # else Ray swaps 127.0.0.1 for the machine's IP, on every interface
         command = [
             str(bin_dir / "ray"),
             "start",
             "--head",
             "--block",
+            f"--node-ip-address={LOOPBACK_IP}",
             f"--port={gcs_port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
@@ -316,6 +326,7 @@ def _start_services(stack: Stack, config: PipelineConfig, api_key: str, serve_po
     from ray import serve
 
     from cluster.loop import ROOT
+    from cluster.ray_runtime import bind_to_loopback
     from jobs.controller import ControllerService, JobTemplate
     from jobs.monitor import MonitorService
     from serving.app import build_app
@@ -327,6 +338,7 @@ def _start_services(stack: Stack, config: PipelineConfig, api_key: str, serve_po
     config = dataclasses.replace(config, datasets=datasets)
     ensure_topics(config.kafka, Topics.of(config).all())
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # `up` prints its own lines
+    bind_to_loopback()  # without it this process joins 127.0.0.1:PORT at the machine's IP, and hangs
     ray.init(address=stack.ray_gcs, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     try:
         job = JobTemplate(ROOT, Path(stack.state_dir) / "jobs", {"MLFLOW_TRACKING_URI": stack.mlflow}, sys.executable)

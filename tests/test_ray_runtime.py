@@ -1,5 +1,5 @@
-"""How driftloop sizes and sets up the Ray clusters it starts. Pure but for the last test, which
-looks at the test session's cluster (started by `start_local`)."""
+"""How driftloop sizes and sets up the Ray clusters it starts. Pure but for the tests marked
+`integration`, which look at the test session's cluster (started by `start_local`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ import os
 import pytest
 
 from cluster import ray_runtime
-from cluster.ray_runtime import DRAIN_ENV, HAPROXY_ENV, RETRY_ON_ENV, cpus_needed, haproxy_ingress, serve_ingress_env
+from cluster.ray_runtime import (
+    DRAIN_ENV,
+    HAPROXY_ENV,
+    LOOPBACK_ENV,
+    RETRY_ON_ENV,
+    bind_to_loopback,
+    cpus_needed,
+    haproxy_ingress,
+    is_loopback_address,
+    serve_ingress_env,
+)
 from streams.config import PipelineConfig
 from streams.errors import DriftloopError
 
@@ -114,6 +124,51 @@ def test_no_other_local_user_can_read_the_clusters_logs_or_reach_its_sockets(ray
     assert refused.returncode != 0 and "Permission denied" in refused.stderr, f"nobody read {log}"
     assert parent.name.startswith("dl-ray-") and parent.stat().st_mode & 0o777 == 0o700
     assert parent.stat().st_uid == os.geteuid()
+
+
+def test_a_process_that_imported_ray_first_still_keeps_its_cluster_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray reads the variable once, at import, into the constant that `resolve_ip_for_localhost`
+    asks: `bind_to_loopback` sets both (the integration test below sees the effect)."""
+    from ray._private import ray_constants
+
+    for name in LOOPBACK_ENV:
+        monkeypatch.setenv(name, "1")  # records its value before, to restore (set or not)
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)  # as read without the variable
+    bind_to_loopback()
+    assert all(os.environ[k] == v for k, v in LOOPBACK_ENV.items()), "what the raylet and its workers inherit"
+    assert ray_constants.ENABLE_RAY_CLUSTER is False
+
+
+@pytest.mark.parametrize(
+    ("address", "local"),
+    [(None, True), ("auto", True), ("127.0.0.1:6379", True), ("localhost:6379", True), ("[::1]:6379", True),
+     ("ray://127.0.0.1:10001", True), ("10.0.0.5:6379", False), ("ray://head.example:10001", False)],
+)  # fmt: skip
+def test_the_addresses_that_join_a_cluster_on_loopback(address: str | None, local: bool) -> None:
+    assert is_loopback_address(address) is local
+
+
+@pytest.mark.integration
+def test_the_sessions_cluster_listens_on_loopback_only(ray_session: str) -> None:
+    """Ray swaps 127.0.0.1 for the machine's IP on Linux, and its gRPC servers then listen on every
+    interface: `start_local` keeps them on loopback (`LOOPBACK_ENV`)."""
+    import psutil
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        pytest.skip("a cluster driftloop did not start")
+    node = ray._private.worker._global_node
+    host, gcs_port = node.gcs_address.rsplit(":", 1)
+    assert host == "127.0.0.1" and node.node_ip_address == "127.0.0.1"
+    (info,) = [n for n in ray.nodes() if n["Alive"]]
+    assert info["NodeManagerAddress"] == "127.0.0.1", info
+    ports = {int(gcs_port), info["NodeManagerPort"], info["ObjectManagerPort"], info["MetricsExportPort"],
+             info["RuntimeEnvAgentPort"], info["DashboardAgentListenPort"]}  # fmt: skip
+    bound = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert ports <= {port for _, port in bound}, (ports, bound)
+    where = {ip for ip, port in bound if port in ports}
+    assert where <= {"127.0.0.1", "::ffff:127.0.0.1"}, sorted((ip, port) for ip, port in bound if port in ports)
 
 
 def test_free_ports_are_never_handed_out_twice() -> None:

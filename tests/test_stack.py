@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 import requests
 
 from cluster.broker import free_port
+from cluster.ray_runtime import LOOPBACK_ENV
 from cluster.stack import alive
 from streams.config import PipelineConfig
 from tests.test_cli import config_file, driftloop
@@ -30,26 +32,65 @@ def processes_mentioning(text: str) -> list[str]:
     return [line for line in out.splitlines()[1:] if text in line and "ps -ww" not in line]
 
 
-def listening(pids: Any) -> set[tuple[str, int]]:
-    """The (address, port) pairs that these processes and their descendants listen on (TCP)."""
+def listening(pids: Any, naming: str | None = None) -> dict[tuple[str, int], tuple[str, int]]:
+    """The (address, port) pairs that these processes and their descendants listen on (TCP), with
+    the name and pid of the process that listens; with `naming`, also every process whose command
+    line names it (and its descendants): Serve's HAProxy, which need not stay below the Ray head."""
     import psutil
 
-    found = set()
-    for pid in pids:
+    tops = [p for p in (_process(pid) for pid in pids) if p is not None]
+    if naming:
+        tops += [p for p in psutil.process_iter(["cmdline"]) if any(naming in a for a in p.info["cmdline"] or ())]
+    found = {}
+    for top in tops:
         try:
-            top = psutil.Process(pid)
             family = [top, *top.children(recursive=True)]
         except psutil.Error:
             continue
         for process in family:
             try:
-                found |= {(c.laddr.ip, c.laddr.port) for c in process.net_connections("tcp") if c.status == "LISTEN"}
+                for c in process.net_connections("tcp"):
+                    if c.status == "LISTEN":
+                        found[(c.laddr.ip, c.laddr.port)] = (process.name(), process.pid)
             except psutil.Error:
                 continue
     return found
 
 
-def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineConfig, tmp_path: Path) -> None:
+def _process(pid: int) -> Any:
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.Error:
+        return None
+
+
+def on_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1, also as an IPv4-mapped IPv6 address (gRPC's `[::ffff:127.0.0.1]`)."""
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def haproxy_open_ports(ray_pid: int) -> set[int]:
+    """HAProxy's stats and Prometheus ports, from the environment the stack gave the Ray head:
+    Ray's HAProxy template binds them to every interface (`bind *:PORT`), which no setting changes."""
+    import psutil
+
+    env = psutil.Process(ray_pid).environ()
+    return {int(env[k]) for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT") if k in env}
+
+
+def test_up_status_submit_down_leaves_no_process_behind(
+    demo_config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As from a user's shell: the variable that keeps Ray on loopback comes from driftloop, not from
+    # this process (where a cluster `start_local` started has set it).
+    for name in LOOPBACK_ENV:
+        monkeypatch.delenv(name, raising=False)
     config = config_file(tmp_path, demo_config)
     state = tmp_path / "stack"
     where = ["--config", str(config), "--state-dir", str(state)]
@@ -62,12 +103,24 @@ def test_up_status_submit_down_leaves_no_process_behind(demo_config: PipelineCon
         saved = json.loads((state / "state.json").read_text())
         recorded, ray_dir = saved["pids"], saved["ray_temp_dir"]
         assert set(recorded) == {"broker", "mlflow", "ray"} and all(alive(p) for p in recorded.values())
-        # What the stack chose to listen on (broker, MLflow, the Jobs API, Serve) is on loopback only;
-        # Ray's own gRPC ports listen on every interface in Ray 2.60 (README: ports to keep private).
+        # Every port the stack's processes, their descendants and Serve's HAProxy listen on is on
+        # loopback: the broker, MLflow, the Jobs API, Serve, and Ray's own (GCS, raylet, object
+        # manager, workers' and actors' gRPC, dashboard agent, runtime env agent, metrics export,
+        # Ray client server), which Ray 2.60 puts on every interface unless LOOPBACK_ENV is set.
+        # Except what Ray hard-codes to every interface (README: ports to keep private): HAProxy's
+        # stats and Prometheus ports (its config template), and each Serve replica's
+        # inter-deployment gRPC server (`[::]:0` in serve/_private/replica.py): one port per replica.
         ours = {int(str(saved[k]).rsplit(":", 1)[1].strip("/")) for k in ("kafka", "mlflow", "ray_jobs")} | {serve_port}
-        bound = listening(recorded.values())
-        assert ours <= {port for _, port in bound}, (ours, bound)
-        assert {ip for ip, port in bound if port in ours} == {"127.0.0.1"}, bound
+        bound = listening(recorded.values(), naming=ray_dir)
+        table = "\n".join(f"{ip:>20} {port:>5} {name}" for (ip, port), (name, _) in sorted(bound.items()))
+        assert ours <= {port for _, port in bound}, (ours, table)
+        assert {ip for ip, port in bound if port in ours} == {"127.0.0.1"}, table
+        assert len(bound) > len(ours) + 5, f"Ray's own ports are among them:\n{table}"
+        haproxy = haproxy_open_ports(recorded["ray"])
+        beyond = {k: who for k, who in bound.items() if not on_loopback(k[0]) and k[1] not in haproxy}
+        replicas = Counter(pid for name, pid in beyond.values() if name.startswith("ray::ServeReplica"))
+        open_to_all = sorted(k for k, (name, pid) in beyond.items() if replicas.get(pid) != 1)
+        assert not open_to_all, f"listening beyond loopback: {open_to_all}\n{table}"
         exports = dict(line[len("export ") :].split("=", 1) for line in upped.stdout.splitlines() if "export " in line)
         assert set(exports) == {"KAFKA_BOOTSTRAP_SERVERS", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "DRIFTLOOP_API_KEY",
                                 "DRIFTLOOP_DATASETS_ROOT", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",

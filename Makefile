@@ -49,6 +49,7 @@ bench: install
 	$(PY) benchmarks/tune.py --quick --json runs/bench/tune.json
 	$(PY) benchmarks/serve.py --quick --json runs/bench/serve.json
 	$(PY) benchmarks/drift.py --quick --json runs/bench/drift.json
+	$(PY) benchmarks/models.py --quick --json runs/bench/models.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -163,7 +163,10 @@ class TreeFamily(ModelFamily):
         trainer = XGBoostTrainer(
             tree_loop_per_worker,
             train_loop_config={
-                "params": {**booster_params(self.name, settings, classes, use_gpu), "nthread": 1},
+                "params": {
+                    **booster_params(self.name, settings, classes, use_gpu),
+                    "nthread": max(1, int(config.training.cpus_per_worker)),
+                },
                 "rounds": rounds_of(self.name, settings),
                 "classes": classes,
                 "class_weight": settings.class_weight,
@@ -226,33 +229,30 @@ def _outputs(booster: Any) -> int:
 
 def tree_loop_per_worker(cfg: dict[str, Any]) -> None:
     """What every XGBoostTrainer worker runs: `xgboost.train` on its shard (XGBoost's collective
-    is set up by Ray Train), reporting the holdout's log loss and a checkpoint once, at the end.
+    is set up by Ray Train); then one report, the holdout's log loss, with rank 0's model
+    (model.ubj, which `RayTrainReportCallback.get_model` reads back) as the checkpoint.
 
-    Ray's `RayTrainReportCallback` reports every boosting round; a `ray.train.report` cost about
-    2 s here, 98 % of a 200,000-row, 50-round fit (`benchmarks/models.py`). `AtTheEnd` keeps its
-    checkpoint at the end (model.ubj, which `get_model` reads back) and reports nothing between.
+    No per-round callback and no `evals`: Ray's `RayTrainReportCallback` reports every boosting
+    round, and Ray Train drains reports every 2 s, which made 98 % of a 200,000-row, 50-round fit
+    (`benchmarks/models.py`); scoring the holdout every round doubled each round's compute.
     """
+    import tempfile
+
     import ray.train
     import xgboost
-    from ray.train.xgboost import RayTrainReportCallback
-
-    class AtTheEnd(RayTrainReportCallback):
-        def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
-            self._evals_log = evals_log  # what `after_training` reports with the checkpoint
-            return False
 
     shard = ray.train.get_dataset_shard("train")
     parts = list(shard.iter_batches(batch_size=None, batch_format="numpy"))
     x = np.concatenate([p["x"] for p in parts]) if parts else np.zeros((0, len(cfg["x_val"][0])), np.float32)
     y = np.concatenate([p["y"] for p in parts]) if parts else np.zeros(0, np.int64)
+    # class weights from this worker's shard: shards are random parts of one window
     dtrain = xgboost.DMatrix(x, y, weight=row_weights(y, cfg["classes"], cfg["class_weight"]))
-    dval = xgboost.DMatrix(cfg["x_val"], cfg["y_val"])
-    metric = "mlogloss" if cfg["classes"] > 2 else "logloss"
-    xgboost.train(
-        cfg["params"],
-        dtrain,
-        num_boost_round=cfg["rounds"],
-        evals=[(dval, "val")],
-        verbose_eval=False,
-        callbacks=[AtTheEnd(metrics={"val_loss": f"val-{metric}"}, frequency=0)],
-    )
+    booster = xgboost.train(cfg["params"], dtrain, num_boost_round=cfg["rounds"], verbose_eval=False)
+    proba = _proba(booster.inplace_predict(np.ascontiguousarray(cfg["x_val"], dtype=np.float32)), cfg["classes"])
+    metrics = {**holdout_metrics(proba, np.asarray(cfg["y_val"])), "rounds": booster.num_boosted_rounds()}
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            booster.save_model(os.path.join(folder, "model.ubj"))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)

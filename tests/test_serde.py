@@ -402,7 +402,7 @@ def _value(feature: Feature) -> object:
 def test_the_readmes_label_example_decodes() -> None:
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     block = readme.split("- **A label**", 1)[1].split("```json", 1)[1].split("```", 1)[0]
     event = decode_event(" ".join(block.split()).encode())
     assert isinstance(event, LabelObserved) and event.label == "yes" and event.request_id == "order-17"

@@ -46,6 +46,7 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
+from jobs.evaluate import macro_f1
 from jobs.policy import Decision, PolicyState, WindowResult, decide, records_since
 from jobs.service import Heartbeat, Service
 from streams.config import PipelineConfig
@@ -256,13 +257,7 @@ def window_metrics(
     index = np.random.default_rng(n).integers(0, n, size=(resamples, n)) if confidence > 0.5 and n > 1 else None
 
     def scores(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        accuracy = (p == t).mean(axis=-1)
-        f1s = []
-        for c in classes:
-            tp = ((p == c) & (t == c)).sum(axis=-1)
-            denominator = (p == c).sum(axis=-1) + (t == c).sum(axis=-1)
-            f1s.append(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0))
-        return accuracy, np.mean(f1s, axis=0)
+        return (p == t).mean(axis=-1), macro_f1(p, t, classes)
 
     accuracy, f1 = (float(v) for v in scores(predicted, truth))
     if index is None:

@@ -148,6 +148,33 @@ def test_adjust_equals_scipy_false_discovery_control_and_bonferroni(m: int) -> N
     p[: m // 3] = p[0]  # ties
     assert adjust(p).tolist() == pytest.approx(stats.false_discovery_control(p, method="bh").tolist(), abs=1e-15)
     assert adjust(p, "bonferroni").tolist() == pytest.approx(np.minimum(p * m, 1).tolist())
+    q = adjust(p)
+    q[0] = 2.0
+    assert p[0] != 2.0, "the adjusted p-values are a new array, even for one"
+
+
+def test_js_distance_of_two_nearly_equal_distributions_is_small_not_nan() -> None:
+    """Where rounding makes the divergence a hair below 0, scipy's square root gives nan (and warns)."""
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        p = rng.integers(1, 10_000, 10).astype(float)
+        distance = js_distance(p, p * (1 + rng.normal(0, 1e-12, 10)))
+        assert 0.0 <= distance < 1e-6
+
+
+def test_drift_statistics_use_public_scipy_only_and_import_it_lazily() -> None:
+    """A private scipy function can vanish in any release; and a job that only builds a Reference
+    (every training) should not pay scipy's import."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    source = (ROOT / "streams" / "drift.py").read_text()
+    assert "scipy.stats._" not in source and "scipy._" not in source
+    probe = "import sys, streams.drift; print(sorted(m for m in sys.modules if m.startswith('scipy')))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # --- PSI ---------------------------------------------------------------------------------------

@@ -177,6 +177,39 @@ def test_per_class_weighted_and_baselines_for_every_gate_metric_match_scikit_lea
     assert report["baseline_roc_auc"] == pytest.approx(0.5)
 
 
+def test_roc_auc_with_ties_and_one_vs_rest_matches_scikit_learn() -> None:
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 2, 20_000)
+    p1 = np.round(np.clip(y * 0.2 + rng.normal(0.4, 0.2, y.size), 0, 1), 2)  # about 100 values: ties everywhere
+    proba = np.column_stack([1 - p1, p1])
+    assert evaluate(y, proba, ["no", "yes"])["roc_auc"] == pytest.approx(sk.roc_auc_score(y, p1), abs=1e-12)
+    palette = rng.dirichlet([1, 1, 1, 1], 12)  # each row one of 12: each column has 12 distinct scores
+    labels = rng.integers(0, 4, 20_000)
+    four = palette[(labels * 3 + rng.integers(0, 4, labels.size)) % 12]
+    expected = sk.roc_auc_score(labels, four, multi_class="ovr", average="macro")
+    assert evaluate(labels, four, list("abcd"))["roc_auc"] == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(evaluate(np.zeros(10, dtype=np.int64), proba[:10], ["no", "yes"])["roc_auc"]), "one class only"
+
+
+def test_one_macro_f1_for_evaluation_and_the_monitor_matches_scikit_learn() -> None:
+    """`macro_f1` takes a batch (the monitor's bootstrap resamples): each row equals scikit-learn's."""
+    from jobs.evaluate import f1_per_class, macro_f1
+
+    rng = np.random.default_rng(13)
+    classes = ["fail", "ok", "rare", "never"]  # "never" is neither predicted nor true: its F1 is 0
+    truth = rng.choice(classes[:3], (50, 120), p=[0.3, 0.65, 0.05])
+    predicted = np.where(rng.random(truth.shape) < 0.8, truth, rng.choice(classes[:3], truth.shape))
+    batch = macro_f1(predicted, truth, classes)
+    assert batch.shape == (50,)
+    for row in range(50):
+        t, p = truth[row], predicted[row]
+        expected = sk.f1_score(t, p, labels=classes, average=None, zero_division=0)
+        assert f1_per_class(p, t, classes).tolist() == pytest.approx(expected.tolist(), abs=1e-12)
+        assert batch[row] == pytest.approx(
+            sk.f1_score(t, p, labels=classes, average="macro", zero_division=0), abs=1e-12
+        )
+
+
 def test_the_holdout_is_the_most_recent() -> None:
     times = np.array([5, 1, 4, 2, 3, 9, 7, 8, 6, 0])
     train, holdout = time_split(times, 0.3)

@@ -139,6 +139,24 @@ def apply_params(settings: ModelSettings, params: dict[str, Any]) -> ModelSettin
     return dataclasses.replace(settings, **changes)
 
 
+def first_points(
+    search: SearchSettings, base: ModelSettings, families: tuple[str, ...], warm_start: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The points a search tries before sampling: the champion's (`warm_start`), then, when
+    several families are searched and the budget leaves room to explore (at least two trials per
+    family), each other family's configured values (`model.*`), so that no family is judged only
+    on random draws. Pure."""
+    points = [warm_start] if warm_start else []
+    if len(families) > 1 and search.trials >= 2 * len(families):
+        tried = {p.get("kind") for p in points}
+        points += [
+            params_of(dataclasses.replace(base, kind=f), search, families)  # type: ignore[arg-type]
+            for f in families
+            if f not in tried
+        ]
+    return points
+
+
 @dataclass(frozen=True)
 class _DefineByRun:
     """Ray Tune's define-by-run space (a module-level object: Ray Tune checkpoints its searcher)."""
@@ -248,7 +266,7 @@ def tune_arrays(
         space=_DefineByRun(search, families),
         metric=search.metric,
         mode=search.mode,
-        points_to_evaluate=[warm_start] if warm_start else None,
+        points_to_evaluate=first_points(search, base, families, warm_start) or None,
         seed=seed,
     )
     tuner = tune.Tuner(
@@ -338,8 +356,8 @@ def search_in_process(
             min_resource=search.grace_period, reduction_factor=search.reduction_factor
         ),
     )
-    if warm_start:
-        study.enqueue_trial(warm_start)
+    for point in first_points(search, base, families, warm_start):
+        study.enqueue_trial(point)
     study.optimize(objective, n_trials=search.trials)
     # Like Ray Tune's best result (scope "all"): the best value any trial reported, pruned ones too.
     sign = 1 if search.mode == "min" else -1

@@ -182,3 +182,16 @@ def test_one_search_tries_every_family_and_picks_the_best_by_the_metric(tmp_path
     assert result.best_params == best["params"] and result.best_metrics["val_loss"] == best["val_loss"]
     for trial in result.trials:  # each trial holds only its own family's knobs
         assert all(k == "kind" or k.startswith(f"{trial['params']['kind']}.") for k in trial["params"])
+
+
+def test_a_search_over_families_tries_the_champion_then_each_other_familys_configured_values() -> None:
+    from jobs.tune import first_points
+
+    warm = params_of(dataclasses.replace(SMALL, kind="xgboost"), SEARCH)
+    points = first_points(SEARCH, SMALL, SEARCH.families, warm)
+    assert [p["kind"] for p in points] == ["xgboost", "mlp", "random_forest"]
+    assert points[1] == {"kind": "mlp", "mlp.learning_rate": 0.01, "mlp.hidden": "16"}
+    assert points[2] == {"kind": "random_forest", "random_forest.max_depth": 4}, "30 trees: not among the choices"
+    # no room to explore (fewer than two trials a family): only the champion's point
+    assert first_points(dataclasses.replace(SEARCH, trials=5), SMALL, SEARCH.families, warm) == [warm]
+    assert first_points(SEARCH, SMALL, ("mlp",), None) == []

@@ -232,7 +232,7 @@ def ray_dataset(x: np.ndarray, y: np.ndarray, blocks: int) -> Any:
 def run_ray(config: PipelineConfig, settings: Any, train_ds: Any, val: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
     import jobs.trees as trees
 
-    owner = trees.TreeFamily.of("xgboost")
+    owner = trees.TreeFamily("xgboost")
     spec = owner.spec(settings, [f"x{i}" for i in range(val[0].shape[1])], list(config.schema.label.classes))
     original = trees.tree_loop_per_worker
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as stamps_dir:

@@ -121,9 +121,9 @@ def family(name: str) -> ModelFamily:
     if name in ("mlp", "logreg"):
         from jobs.torch_family import TorchFamily
 
-        return TorchFamily.of(name)
+        return TorchFamily(name)
     if name in ("xgboost", "random_forest"):
         from jobs.trees import TreeFamily
 
-        return TreeFamily.of(name)
+        return TreeFamily(name)
     raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")

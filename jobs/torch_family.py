@@ -57,10 +57,6 @@ class TorchFamily(ModelFamily):
     budget_unit: ClassVar[str] = "epochs"
     weights_file: ClassVar[str] = "weights.safetensors"
 
-    @classmethod
-    def of(cls, name: str) -> TorchFamily:
-        return cls(name)
-
     def spec(self, settings: ModelSettings, input_names: list[str], classes: list[Any]) -> ModelSpec:
         return ModelSpec.from_settings(settings, input_names, classes, kind=self.name)
 
@@ -93,9 +89,54 @@ class TorchFamily(ModelFamily):
         out: Path,
         kill_once: dict[str, Any] | None = None,
     ) -> tuple[Model, list[dict[str, Any]], int]:
-        module, history, rows = _train_with_ray(config, spec, settings, train, val, out, kill_once)
-        module.eval()
-        return TorchModel(spec, module), history, rows
+        """A TorchTrainer (DDP over `training.workers`, checkpointed, restarted on a worker's death)."""
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        run_name = f"{config.name}-train-{int(time.time() * 1000)}"
+        loop_config: dict[str, Any] = {
+            "spec": spec.to_json(),
+            "seed": settings.seed,
+            "epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+            "learning_rate": settings.learning_rate,
+            "weight_decay": settings.weight_decay,
+            "bf16": settings.bf16,
+            "x_val": val[0],
+            "y_val": val[1],
+            "kill_once": kill_once and {**kill_once, "run_dir": str((out / "ray" / run_name).resolve())},
+        }
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=config.training.workers,
+                use_gpu=config.training.use_gpu,
+                resources_per_worker={
+                    "CPU": config.training.cpus_per_worker,
+                    **({"GPU": 1} if config.training.use_gpu else {}),
+                },
+            ),
+            run_config=ray.train.RunConfig(
+                name=run_name,
+                storage_path=str((out / "ray").resolve()),
+                failure_config=ray.train.FailureConfig(max_failures=config.training.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+            datasets={"train": train},
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training ended without a checkpoint: {result.error!r}")
+        trained = build_model(spec)
+        with result.checkpoint.as_directory() as folder:
+            load_checkpoint(Path(folder), trained, make_optimizer(trained, settings.learning_rate, 0.0))
+        trained.eval()
+        history = [
+            dict(m)
+            for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])
+        ]
+        return TorchModel(spec, trained), history, train.count()
 
     def save(self, model: Model, folder: Path) -> None:
         module: Any = getattr(model, "module", model)
@@ -181,60 +222,3 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(metrics)
-
-
-def _train_with_ray(
-    config: PipelineConfig,
-    spec: ModelSpec,
-    settings: ModelSettings,
-    train: Any,
-    val: tuple[np.ndarray, np.ndarray],
-    out: Path,
-    kill_once: dict[str, Any] | None,
-) -> tuple[Any, list[dict[str, Any]], int]:
-    """A TorchTrainer (DDP over `training.workers`, checkpointed, restarted on a worker's death)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    run_name = f"{config.name}-train-{int(time.time() * 1000)}"
-    loop_config: dict[str, Any] = {
-        "spec": spec.to_json(),
-        "seed": settings.seed,
-        "epochs": settings.epochs,
-        "batch_size": settings.batch_size,
-        "learning_rate": settings.learning_rate,
-        "weight_decay": settings.weight_decay,
-        "bf16": settings.bf16,
-        "x_val": val[0],
-        "y_val": val[1],
-        "kill_once": kill_once and {**kill_once, "run_dir": str((out / "ray" / run_name).resolve())},
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.training.workers,
-            use_gpu=config.training.use_gpu,
-            resources_per_worker={
-                "CPU": config.training.cpus_per_worker,
-                **({"GPU": 1} if config.training.use_gpu else {}),
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=str((out / "ray").resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=config.training.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": train},
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training ended without a checkpoint: {result.error!r}")
-    trained = build_model(spec)
-    with result.checkpoint.as_directory() as folder:
-        load_checkpoint(Path(folder), trained, make_optimizer(trained, settings.learning_rate, 0.0))
-    history = [
-        dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])
-    ]
-    return trained, history, train.count()

@@ -81,6 +81,10 @@ def _proba(raw: np.ndarray, classes: int) -> np.ndarray:
     return np.column_stack([1.0 - p, p])
 
 
+def _predict_proba(booster: Any, x: np.ndarray, classes: int) -> np.ndarray:
+    return _proba(booster.inplace_predict(np.ascontiguousarray(x, dtype=np.float32)), classes)
+
+
 @dataclass(frozen=True)
 class TreeModel:
     """A fitted XGBoost booster and its spec."""
@@ -89,8 +93,7 @@ class TreeModel:
     booster: Any
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        raw = self.booster.inplace_predict(np.ascontiguousarray(x, dtype=np.float32))
-        return _proba(raw, len(self.spec.classes))
+        return _predict_proba(self.booster, x, len(self.spec.classes))
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,6 @@ class TreeFamily(ModelFamily):
     name: str  # type: ignore[misc]
     budget_unit: ClassVar[str] = "boosting rounds"
     weights_file: ClassVar[str] = "model.ubj"
-
-    @classmethod
-    def of(cls, name: str) -> TreeFamily:
-        return cls(name)
 
     def params(self, settings: ModelSettings) -> dict[str, Any]:
         return {**super().params(settings), "class_weight": settings.class_weight}
@@ -210,10 +209,10 @@ class TreeFamily(ModelFamily):
         except (xgboost.core.XGBoostError, UnicodeDecodeError, ValueError) as err:
             first = str(err).splitlines()[0][:200]
             raise ArtifactError(f"{self.weights_file} is not an XGBoost model: {first}") from None
-        expected = 1 if len(spec.classes) <= 2 else len(spec.classes)
-        if booster.num_features() != spec.input_dim or _outputs(booster) != expected:
+        expected, outputs = 1 if len(spec.classes) <= 2 else len(spec.classes), _outputs(booster)
+        if booster.num_features() != spec.input_dim or outputs != expected:
             raise ArtifactError(
-                f"{self.weights_file} has {booster.num_features()} inputs and {_outputs(booster)} outputs; "
+                f"{self.weights_file} has {booster.num_features()} inputs and {outputs} outputs; "
                 f"spec.json says {spec.input_dim} inputs and {len(spec.classes)} classes"
             )
         booster.set_param({"nthread": 1})
@@ -248,7 +247,7 @@ def tree_loop_per_worker(cfg: dict[str, Any]) -> None:
     # class weights from this worker's shard: shards are random parts of one window
     dtrain = xgboost.DMatrix(x, y, weight=row_weights(y, cfg["classes"], cfg["class_weight"]))
     booster = xgboost.train(cfg["params"], dtrain, num_boost_round=cfg["rounds"], verbose_eval=False)
-    proba = _proba(booster.inplace_predict(np.ascontiguousarray(cfg["x_val"], dtype=np.float32)), cfg["classes"])
+    proba = _predict_proba(booster, cfg["x_val"], cfg["classes"])
     metrics = {**holdout_metrics(proba, np.asarray(cfg["y_val"])), "rounds": booster.num_boosted_rounds()}
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None

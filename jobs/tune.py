@@ -139,6 +139,12 @@ def apply_params(settings: ModelSettings, params: dict[str, Any]) -> ModelSettin
     return dataclasses.replace(settings, **changes)
 
 
+def _searched(config: PipelineConfig) -> tuple[ModelSettings, tuple[str, ...]]:
+    """The families a search tries, and the settings it starts from: `model`, of a searched family."""
+    base, families = config.model, config.search.searched(config.model.kind)
+    return (base if base.kind in families else dataclasses.replace(base, kind=families[0])), families
+
+
 def first_points(
     search: SearchSettings, base: ModelSettings, families: tuple[str, ...], warm_start: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
@@ -251,9 +257,8 @@ def tune_arrays(
     search = config.search
     started = time.monotonic()
     refs = [ray.put(a) for a in arrays]
-    base, names, classes = config.model, input_names, list(config.schema.label.classes)
-    families = search.searched(base.kind)
-    base = dataclasses.replace(base, kind=families[0]) if base.kind not in families else base
+    names, classes = input_names, list(config.schema.label.classes)
+    base, families = _searched(config)
 
     def trial(params: dict[str, Any]) -> None:
         local: Any = tuple(ray.get(r) for r in refs)
@@ -320,9 +325,8 @@ def search_in_process(
     import optuna
 
     del out  # Ray Tune keeps its experiment there; nothing here needs a folder
-    search, base, classes = config.search, config.model, list(config.schema.label.classes)
-    families = search.searched(base.kind)
-    base = dataclasses.replace(base, kind=families[0]) if base.kind not in families else base
+    search, classes = config.search, list(config.schema.label.classes)
+    base, families = _searched(config)
     log_trial = _trial_logger(config, tracking_uri)
     started = time.monotonic()
     trials: list[dict[str, Any]] = []

@@ -71,8 +71,10 @@ def test_a_tuned_model_clearly_beats_the_majority_baseline_and_each_trial_is_tra
     for trial in result.trials:  # Ray Tune's define-by-run space: each trial holds its own family's knobs only
         kind = trial["params"]["kind"]
         assert kind in ("mlp", "xgboost") and all(k == "kind" or k.startswith(f"{kind}.") for k in trial["params"])
-    best = min(result.trials, key=lambda t: t["val_loss"])
-    assert result.best_params == best["params"], "the best by the metric, whatever its family"
+    # Ray Tune's best (scope "all") is the lowest loss any trial reported at any step; a trial's
+    # record holds its last report, so the best may be a trial whose last loss was not the lowest.
+    assert result.best_params in [t["params"] for t in result.trials]
+    assert result.best_metrics["val_loss"] <= min(t["val_loss"] for t in result.trials), "the best, whatever its family"
     labels = [r.label for r in StreamGenerator(config, seed=2).records(5000)][-1000:]
     majority = max(labels.count("yes"), labels.count("no")) / len(labels)
     assert result.best_metrics["val_accuracy"] > majority + 0.15

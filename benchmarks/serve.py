@@ -37,9 +37,9 @@ from fastapi import Request  # noqa: E402
 
 from cluster.broker import EmbeddedBroker, free_port  # noqa: E402
 from jobs.features import fit_pipeline  # noqa: E402
-from jobs.loop import pick_device, train_standalone  # noqa: E402
 from jobs.models import ModelSpec, build_model, save_artifact  # noqa: E402
 from jobs.registry import ModelRegistry  # noqa: E402
+from jobs.worker_loop import pick_device, train_standalone  # noqa: E402
 from streams.config import API_KEY_ENV, load_config  # noqa: E402
 from streams.datasets import Window  # noqa: E402
 from streams.generator import StreamGenerator  # noqa: E402

@@ -31,10 +31,10 @@ import ray  # noqa: E402
 
 from jobs.evaluate import evaluate  # noqa: E402
 from jobs.features import fit_pipeline  # noqa: E402
-from jobs.loop import pick_device, train_with_settings  # noqa: E402
 from jobs.models import ModelSpec, build_model, predict_proba  # noqa: E402
 from jobs.torch_family import train_loop_per_worker  # noqa: E402
 from jobs.train import _to_numpy, split_by_time  # noqa: E402
+from jobs.worker_loop import pick_device, train_with_settings  # noqa: E402
 from streams.config import PipelineConfig, load_config  # noqa: E402
 from streams.generator import StreamGenerator  # noqa: E402
 from streams.kafka_source import arrow_schema  # noqa: E402
@@ -66,7 +66,7 @@ def run_ours(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.loop import load_checkpoint, make_optimizer
+    from jobs.worker_loop import load_checkpoint, make_optimizer
 
     m = config.model
     with tempfile.TemporaryDirectory() as storage:

@@ -31,9 +31,9 @@ import ray  # noqa: E402
 from train import prepared, run_hgb  # noqa: E402
 
 from jobs.evaluate import evaluate  # noqa: E402
-from jobs.loop import pick_device, train_with_settings  # noqa: E402
 from jobs.models import ModelSpec, build_model, predict_proba  # noqa: E402
 from jobs.tune import apply_params, optuna_space, tune_arrays  # noqa: E402
+from jobs.worker_loop import pick_device, train_with_settings  # noqa: E402
 from streams.config import PipelineConfig, load_config  # noqa: E402
 
 

@@ -717,7 +717,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cluster.loop import LoopOptions, run_loop
+    from cluster.run import LoopOptions, run_loop
 
     config = load_config(args.config)
     if not args.verbose:

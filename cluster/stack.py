@@ -325,8 +325,8 @@ def _start_services(stack: Stack, config: PipelineConfig, api_key: str, serve_po
     import ray
     from ray import serve
 
-    from cluster.loop import ROOT
     from cluster.ray_runtime import bind_to_loopback
+    from cluster.run import ROOT
     from jobs.controller import ControllerService, JobTemplate
     from jobs.monitor import MonitorService
     from serving.app import build_app

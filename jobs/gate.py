@@ -15,11 +15,11 @@ from typing import Any
 from jobs.evaluate import LOWER_IS_BETTER
 from streams.config import GateSettings
 
-__all__ = ["Decision", "decide"]
+__all__ = ["Verdict", "judge"]
 
 
 @dataclass(frozen=True)
-class Decision:
+class Verdict:
     """What the gate decided, and why (one reason per rule it checked)."""
 
     promote: bool
@@ -31,18 +31,18 @@ def _better(metric: str, new: float, old: float) -> float:
     return old - new if metric in LOWER_IS_BETTER else new - old
 
 
-def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, gate: GateSettings) -> Decision:
+def judge(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, gate: GateSettings) -> Verdict:
     primary = gate.primary_metric
     if primary not in challenger:
-        return Decision(False, (f"the challenger's report has no {primary}",))
+        return Verdict(False, (f"the challenger's report has no {primary}",))
     if champion is None:
         baseline = challenger.get(f"baseline_{primary}")
         if baseline is None:
-            return Decision(False, (f"no champion, and the report has no baseline_{primary} to beat",))
+            return Verdict(False, (f"no champion, and the report has no baseline_{primary} to beat",))
         gain = _better(primary, challenger[primary], baseline)
         ok = gain >= gate.baseline_margin
         verb = "beats" if ok else "does not beat"
-        return Decision(
+        return Verdict(
             ok,
             (
                 f"first model: {primary} {challenger[primary]:.4f} {verb} the majority-class baseline "
@@ -50,7 +50,7 @@ def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, ga
             ),
         )
     if challenger.get("holdout") != champion.get("holdout"):
-        return Decision(False, ("the reports are not on the same holdout: re-evaluate the champion first",))
+        return Verdict(False, ("the reports are not on the same holdout: re-evaluate the champion first",))
     reasons = []
     gain = _better(primary, challenger[primary], champion[primary])
     ok = gain >= gate.min_improvement
@@ -70,4 +70,4 @@ def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, ga
             f"{metric} {challenger[metric]:.4f} vs {champion[metric]:.4f}: "
             f"{'within' if held else 'regresses beyond'} tolerance {gate.tolerance}"
         )
-    return Decision(ok, tuple(reasons))
+    return Verdict(ok, tuple(reasons))

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.loop import _autocast, pick_device, train_standalone
 from jobs.models import ModelSpec, build_model, load_artifact, predict_proba, save_artifact
+from jobs.worker_loop import _autocast, pick_device, train_standalone
 
 
 def problem(n: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

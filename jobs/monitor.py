@@ -4,7 +4,7 @@ Two layers. `Monitor` is pure: fed decoded events with their offsets, it keeps t
 windows and the label join, and answers what to publish and what offsets are now safe to
 commit. `run_monitor` is the I/O around it: a consumer in the group `<pipeline>.monitor` over
 the `predictions` and `labels` topics, a producer for the `drift` and `retrain` topics, and the
-registry for the champion's reference. `MonitorActor` runs it as a restartable Ray actor.
+registry for the champion's reference. `MonitorService` runs it as a restartable Ray actor.
 
 Windows:
 - a *data window* is `monitor.window_size` served predictions (or, with `window_seconds`, the

@@ -1,6 +1,6 @@
 """The retrain policy: whether a drift window turns into a retraining job. Pure.
 
-Fed one window result at a time (`observe`), it answers a `Decision` and the state to keep for
+Fed one window result at a time (`decide`), it answers a `Decision` and the state to keep for
 the next window. Each drift kind (`data`, `prediction`, `performance`) keeps a streak of its own:
 a data window measures the data and the prediction kinds, a performance window (delayed labels)
 the performance kind, and a healthy window resets only the streaks of the kinds it measured (a

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs.artifacts import ArtifactError, artifact_digests, verify_artifact
-from jobs.gate import Decision, decide
+from jobs.dataset_inputs import log_dataset_version
+from jobs.gate import Verdict, judge
 from jobs.gitinfo import git_commit
-from jobs.lineage import log_dataset_version
 from streams.config import MLFLOW_PASSWORD_FILE_ENV, GateSettings, PipelineConfig
 from streams.datasets import Window
 from streams.errors import DriftloopError
@@ -285,7 +285,7 @@ class ModelRegistry:
         champion_report: Callable[[str], dict[str, Any]] | None = None,
         publish: Callable[[Event], None] | None = None,
         pause: float = 0.0,
-    ) -> Decision:
+    ) -> Verdict:
         """Judge `version` against the current champion and move the aliases if it passes.
 
         `champion_report(v)` re-evaluates champion `v` on the challenger's holdout (default:
@@ -296,12 +296,12 @@ class ModelRegistry:
             challenger = self.report(version)
             champion = self.alias(CHAMPION)
             if champion == version:
-                return Decision(True, (f"version {version} is already the champion",))
+                return Verdict(True, (f"version {version} is already the champion",))
             champion_seen = None
             if champion is not None:
                 champion_seen = champion_report(champion) if champion_report else self.report(champion)
             time.sleep(pause)
-            decision = decide(challenger, champion_seen, gate)
+            decision = judge(challenger, champion_seen, gate)
             if decision.promote:
                 self.client.set_registered_model_alias(self.name, CHAMPION, version)
                 if champion is not None:

@@ -1,6 +1,6 @@
 """The neural families: an MLP and logistic regression in PyTorch, weights in safetensors.
 
-In this process they train with the plain-torch loop (`jobs.loop`); on Ray with a
+In this process they train with the plain-torch loop (`jobs.worker_loop`); on Ray with a
 `TorchTrainer` (DDP over `training.workers`, CPU or GPU), checkpointed every epoch and
 restarted from the last checkpoint when a worker dies (`FailureConfig`).
 """
@@ -22,7 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from jobs.families import Arrays, Model, ModelFamily, OnStep, Step
-from jobs.loop import (
+from jobs.models import ArtifactError, ModelSpec, build_model
+from jobs.worker_loop import (
     load_checkpoint,
     make_optimizer,
     pick_device,
@@ -31,7 +32,6 @@ from jobs.loop import (
     train_with_settings,
     validate,
 )
-from jobs.models import ArtifactError, ModelSpec, build_model
 from streams.config import ModelSettings, PipelineConfig
 
 __all__ = ["TorchFamily", "TorchModel", "train_loop_per_worker"]

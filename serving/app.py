@@ -43,8 +43,8 @@ from ray import serve
 from jobs.registry import ModelRegistry
 from serving.metrics import ServingMetrics
 from serving.model import ServedModel, load_served_model
-from serving.policy import route
 from serving.predlog import PredictionLog
+from serving.routing import route
 from streams.config import API_KEY_ENV, KafkaSettings, PipelineConfig, field_key
 from streams.errors import DecodeError, ErrorKind
 from streams.events import ModelPromoted, ModelRolledBack, new_event_id

@@ -50,8 +50,8 @@ __all__ = [
     "PSI_THRESHOLD",
     "CategoricalReference",
     "DriftReport",
-    "FeatureDrift",
     "FeatureReference",
+    "FeatureStats",
     "Kind",
     "NumericReference",
     "Reference",
@@ -520,7 +520,7 @@ class Reference:
 
 
 @dataclass(frozen=True)
-class FeatureDrift:
+class FeatureStats:
     """One feature's statistics in one window, and whether it counts as drifted (see `compare`)."""
 
     name: str
@@ -557,7 +557,7 @@ class FeatureDrift:
 class DriftReport:
     """A window's verdict: drifted when any feature is, with the thresholds it was judged by."""
 
-    features: tuple[FeatureDrift, ...]
+    features: tuple[FeatureStats, ...]
     window_size: int
     alpha: float
     psi_threshold: float
@@ -571,7 +571,7 @@ class DriftReport:
     def drifted_features(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features if f.drifted)
 
-    def feature(self, name: str) -> FeatureDrift:
+    def feature(self, name: str) -> FeatureStats:
         for f in self.features:
             if f.name == name:
                 return f
@@ -653,7 +653,7 @@ def compare(
     if window_size == 0:
         raise ValueError("the window is empty")
 
-    unadjusted = [_feature_drift(name, reference.features[name], column) for name, column in window_columns.items()]
+    unadjusted = [_feature_stats(name, reference.features[name], column) for name, column in window_columns.items()]
     adjusted = adjust([f.p_value for f in unadjusted], correction).tolist()
     features = tuple(
         dataclasses.replace(f, adjusted_p_value=q, drifted=bool(q < alpha and f.psi >= psi_threshold))
@@ -664,7 +664,7 @@ def compare(
     )
 
 
-def _feature_drift(name: str, ref: FeatureReference, column: Any) -> FeatureDrift:
+def _feature_stats(name: str, ref: FeatureReference, column: Any) -> FeatureStats:
     """One feature's statistics, before the correction across features (so not yet judged)."""
     if isinstance(ref, NumericReference):
         values, nulls = _numeric_column(name, column)
@@ -674,7 +674,7 @@ def _feature_drift(name: str, ref: FeatureReference, column: Any) -> FeatureDrif
         d, area = _ecdf_gaps(ref.sample, current, need_area=True)
         d, p = _ks_pvalue(ref.sample, current, d)
         counts = _bin_counts(current, np.asarray(ref.edges, dtype=np.float64))
-        return FeatureDrift(
+        return FeatureStats(
             name=name,
             kind="numeric",
             test="ks",
@@ -693,7 +693,7 @@ def _feature_drift(name: str, ref: FeatureReference, column: Any) -> FeatureDrif
         raise ValueError(f"feature {name!r}: every value in the window is null ({nulls})")
     ref_counts, cur_counts = _aligned_counts(ref.frequencies, frequencies)
     statistic, p, _ = chi2_test(ref_counts, cur_counts)
-    return FeatureDrift(
+    return FeatureStats(
         name=name,
         kind="categorical",
         test="chi2",

@@ -371,7 +371,7 @@ def test_a_dataset_version_is_logged_to_mlflow_with_its_kafka_lineage(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from jobs.lineage import log_dataset_version
+    from jobs.dataset_inputs import log_dataset_version
 
     fill(config, topics, per_partition=30)
     manifest = ingest(config).manifest

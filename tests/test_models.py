@@ -12,9 +12,9 @@ import torch
 from sklearn import metrics as sk
 
 from jobs.evaluate import evaluate, time_split
-from jobs.gate import decide
-from jobs.loop import load_checkpoint, make_optimizer, pick_device, save_checkpoint, train_standalone
+from jobs.gate import judge
 from jobs.models import ArtifactError, ModelSpec, build_model, load_artifact, predict_proba, save_artifact
+from jobs.worker_loop import load_checkpoint, make_optimizer, pick_device, save_checkpoint, train_standalone
 from streams.config import GateSettings, ModelSettings
 
 SPEC = ModelSpec("mlp", tuple(f"x{i}" for i in range(6)), ("no", "yes"), (16, 8), 0.1)
@@ -240,7 +240,7 @@ BASE = {"holdout": "h1", "f1_macro": 0.70, "accuracy": 0.75, "log_loss": 0.50, "
 def test_gate_decisions(
     challenger: dict[str, object], champion: dict[str, object] | None, promote: bool, why: str
 ) -> None:
-    decision = decide(challenger, champion, GATE)
+    decision = judge(challenger, champion, GATE)
     assert decision.promote is promote
     assert any(why in reason for reason in decision.reasons), decision.reasons
 
@@ -268,5 +268,5 @@ def test_a_first_model_is_promoted_on_every_metric_the_gate_accepts(metric: str)
     y = rng.integers(0, 2, 400)
     p1 = np.clip(y * 0.7 + rng.normal(0.15, 0.15, 400), 0.01, 0.99)
     report = evaluate(y, np.column_stack([1 - p1, p1]), ["no", "yes"]) | {"holdout": "h"}
-    decision = decide(report, None, GateSettings(primary_metric=metric))  # type: ignore[arg-type]
+    decision = judge(report, None, GateSettings(primary_metric=metric))  # type: ignore[arg-type]
     assert decision.promote, decision.reasons

@@ -18,9 +18,9 @@ import requests
 
 from cluster.broker import free_port
 from jobs.features import fit_pipeline
-from jobs.loop import pick_device, train_standalone
 from jobs.models import ModelSpec, build_model, save_artifact
 from jobs.registry import ModelRegistry
+from jobs.worker_loop import pick_device, train_standalone
 from serving.app import API_KEY_ENV, build_app
 from serving.model import load_served_model
 from streams.config import PipelineConfig

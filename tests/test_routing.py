@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.policy import route
+from serving.routing import route
 
 
 def test_no_challenger_or_no_policy_means_the_champion() -> None:

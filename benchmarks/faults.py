@@ -143,12 +143,12 @@ class Windows:
         self.seen: dict[str, set[int]] = {}  # offsets (as JSON) -> the instances that closed it
         self.spans: dict[str, list[tuple[int, int]]] = {}
 
-    def note(self, monitor: Any, instance: int) -> dict[str, Any] | None:
+    def note(self, monitor: Any, instance: int) -> Any:
         try:
             stats = ray.get(monitor.stats.remote(), timeout=5)
         except Exception:
             return None
-        for w in stats["windows"]:
+        for w in stats.windows:
             if w["kind"] != "data":
                 continue
             key = json.dumps(w["offsets"], sort_keys=True)
@@ -285,15 +285,15 @@ def main() -> int:
             say(started, f"controller killed; answering again after {recovery['controller_s']}s")
 
             # 4. the monitor
-            before = windows.note(monitor, instance) or {}
+            before = windows.note(monitor, instance)
             ray.kill(monitor, no_restart=False)
             instance += 1
-            seen = before.get("predictions", 0)
+            seen = before.predictions if before else 0
             recovery["monitor_s"] = wait(  # a new instance (ray.kill returns before the old one is gone) consuming
                 "monitor",
                 lambda: (
                     restarts("faults-monitor", jobs_address) > 0
-                    and ray.get(monitor.stats.remote(), timeout=5)["predictions"] > 0
+                    and ray.get(monitor.stats.remote(), timeout=5).predictions > 0
                 ),
                 120,
             )
@@ -332,7 +332,7 @@ def main() -> int:
             recovery["prediction_log_s"] = wait("prediction log", lambda: logged_since() > 0, 180, 0.2)
             polled = (windows.note(monitor, instance) or {}).get("predictions", 0)
             recovery["monitor_after_outage_s"] = wait(
-                "monitor", lambda: ray.get(monitor.stats.remote(), timeout=5)["predictions"] > polled, 180
+                "monitor", lambda: ray.get(monitor.stats.remote(), timeout=5).predictions > polled, 180
             )
             say(started, f"broker resumed; logging again after {recovery['prediction_log_s']}s, "
                          f"the monitor after {recovery['monitor_after_outage_s']}s")  # fmt: skip
@@ -390,7 +390,7 @@ def main() -> int:
                 "windows": windows.summary(),
                 "jobs_per_request": {sid: jobs.get(sid, 0) for sid in (boot.event_id, request.event_id)},
                 "hostile_event_ran_a_command": canary.exists(),
-                "controller_outcomes": len(controller_stats.get("outcomes", [])),
+                "controller_outcomes": len(controller_stats.outcomes),
                 "recovery_s": recovery,
                 "seconds": round(time.monotonic() - started, 1),
                 "after_resume_s": round(time.monotonic() - resumed, 1),

@@ -173,7 +173,10 @@ def _parser() -> argparse.ArgumentParser:
     monitor.set_defaults(func=cmd_monitor)
 
     up = sub.add_parser("up", help="start a local stack in the background: broker, Ray, MLflow, monitor, controller")
-    _config_arg(up)
+    up.add_argument(
+        "--config", type=Path, action="append", required=True,
+        help="a pipeline config, e.g. configs/demo.yaml; give it again for each pipeline the stack runs",
+    )  # fmt: skip
     up.add_argument("--state-dir", type=Path, default=STACK_DIR, help="its state and logs (default: %(default)s)")
     up.add_argument(
         "--num-cpus", type=_positive_int, default=None,
@@ -518,6 +521,7 @@ def _tracking_uri(args: argparse.Namespace, config: PipelineConfig) -> str:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from cluster.pipeline import Pipeline, route_prefix
     from cluster.ray_runtime import cluster_address, connect
 
     config = load_config(args.config)  # what can be refused is, before Ray, torch and MLflow load
@@ -528,17 +532,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from ray import serve
 
     from jobs.registry import ModelRegistry
-    from serving.app import build_app
 
     registry = ModelRegistry(config, uri)
     for flag, version in (("--version", args.version), ("--challenger", args.challenger)):
         if version is not None and not registry.has_version(version):
             raise DriftloopError(f"{flag} {version}: model {config.name!r} has no such version in {uri}")
-    app = build_app(config, uri, version=args.version, challenger=args.challenger)
     connect(config, quiet=not args.verbose)
-    serve.start(http_options={"host": config.serving.host, "port": config.serving.port})
-    serve.run(app, name=config.name, route_prefix="/")
-    url = f"http://{config.serving.host}:{config.serving.port}"
+    prefixes = _route_prefixes()  # a running app keeps its prefix; a new one takes `/` while no other app has it
+    others = {p for n, p in prefixes.items() if n != config.name}
+    prefix = prefixes.get(config.name) or route_prefix(config.name, root_free="/" not in others)
+    pipeline = Pipeline(config, uri, jobs_address="", jobs_dir=Path())  # only its app: no controller here
+    url = pipeline.serve(config.serving.host, config.serving.port, prefix=prefix, version=args.version,
+                         challenger=args.challenger)  # fmt: skip
     print(
         f"serving {config.name} ({'version ' + args.version if args.version else 'champion'}) at {url}/v1/predict",
         flush=True,
@@ -551,6 +556,17 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     stop.wait()
     serve.shutdown()
     return 0
+
+
+def _route_prefixes() -> dict[str, str]:
+    """The route prefix of each Serve application on the connected cluster (none when Serve is not up)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return {}
+    apps = client.get_serve_details().get("applications") or {}
+    return {name: str(app.get("route_prefix") or "") for name, app in apps.items()}
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -621,9 +637,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from cluster.stack import up
 
-    config = load_config(args.config)
+    configs = [load_config(path) for path in args.config]
     stack = up(
-        args.config, config, args.state_dir, num_cpus=args.num_cpus, serve_port=args.serve_port,
+        args.config, configs, args.state_dir, num_cpus=args.num_cpus, serve_port=args.serve_port,
         say=lambda m: print(m, flush=True),
     )  # fmt: skip
     print(f"[up] state and logs in {args.state_dir}; `driftloop down` stops it. To use it:")
@@ -661,7 +677,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             os.environ.setdefault("MLFLOW_TRACKING_USERNAME", stack.mlflow_user)
             os.environ.setdefault(MLFLOW_PASSWORD_FILE_ENV, stack.mlflow_password_file)
         ray_address = args.address or stack.ray_jobs
-        serve_url = args.serve_url or stack.serve or serve_url
+        if stack.routes and config.name not in stack.routes:
+            raise DriftloopError(
+                f"the stack in {args.state_dir} runs {', '.join(sorted(stack.routes))}, not {config.name!r}"
+            )
+        route = stack.routes.get(config.name, "/").rstrip("/")
+        serve_url = args.serve_url or (stack.serve + route if stack.serve else serve_url)
     result = stack_status(
         config,
         tracking_uri=tracking_uri,

@@ -62,15 +62,18 @@ listens, and waits for the GCS forever: `connect` sets it for a loopback address
 raylet's workers and job drivers inherit it)."""
 
 
-def cpus_needed(config: PipelineConfig) -> int:
-    """The logical CPUs the loop holds at once: Serve's replicas, plus training or tuning. Pure.
+def cpus_needed(*configs: PipelineConfig) -> int:
+    """The logical CPUs the pipelines hold at once: every pipeline's Serve replicas, plus the
+    largest one training or tuning job (more jobs at once queue for CPUs). Pure.
 
     A cluster that offers fewer leaves a retraining job waiting for CPUs that Serve keeps.
     """
-    replicas = config.serving.max_replicas or config.serving.num_replicas
-    train = config.training.workers * config.training.cpus_per_worker
-    tune = config.search.max_concurrent * config.search.cpus_per_trial
-    return math.ceil(replicas * SERVE_REPLICA_CPUS + max(train, tune))
+    replicas = sum(c.serving.max_replicas or c.serving.num_replicas for c in configs)
+    job = max(
+        max(c.training.workers * c.training.cpus_per_worker, c.search.max_concurrent * c.search.cpus_per_trial)
+        for c in configs
+    )
+    return math.ceil(replicas * SERVE_REPLICA_CPUS + job)
 
 
 def cluster_address(config: PipelineConfig) -> str | None:

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -57,9 +57,11 @@ from streams.publish import publish_file, publish_stream
 from streams.serde import RecordCodec
 from streams.topics import Topics
 
-__all__ = ["LoopOptions", "run_loop"]
+if TYPE_CHECKING:
+    from jobs.controller import ControllerReport
+    from jobs.monitor import MonitorReport
 
-ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["LoopOptions", "run_loop"]
 
 
 @dataclass(frozen=True)
@@ -114,11 +116,9 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
     from ray import serve
 
     from cluster.broker import free_port
+    from cluster.pipeline import Pipeline
     from cluster.ray_runtime import bind_to_loopback, is_loopback_address, start_local
-    from jobs.controller import ControllerService, JobTemplate
-    from jobs.monitor import MonitorService
     from jobs.registry import ModelRegistry
-    from serving.app import build_app
 
     stream: FileStream | None = None
     if options.source is not None:  # read (and refuse) the file before anything starts
@@ -170,11 +170,8 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
                                   dashboard_port=free_port(), **quiet)  # fmt: skip
         jobs_address = f"http://{context.dashboard_url}"
         _say(started, "ray", f"local head with token auth; Jobs API at {jobs_address}")
-        controller_cls: Any = ray.remote(ControllerService)
-        monitor_cls: Any = ray.remote(MonitorService)
-        controller = controller_cls.options(name=f"{config.name}-controller", num_cpus=0, max_restarts=-1).remote(
-            config, jobs_address, JobTemplate(ROOT, run_dir / "jobs", {"MLFLOW_TRACKING_URI": uri}, sys.executable)
-        )
+        pipeline = Pipeline(config, uri, jobs_address, run_dir / "jobs")
+        controller = pipeline.start_controller()
         monitors: list[Any] = []
         traffic = _Traffic()
         try:
@@ -217,17 +214,9 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
                     )
                 _say(started, "gate", f"version {first} is the champion")
 
-                serve_port = config.serving.port
-                serve.start(http_options={"host": config.serving.host, "port": serve_port})
-                serve.run(build_app(config, uri), name=config.name, route_prefix="/")
-                url = f"http://{config.serving.host}:{serve_port}"
+                url = pipeline.serve(config.serving.host, config.serving.port)
                 _say(started, "serve", f"version {first} at {url}/v1/predict (API key in ${API_KEY_ENV})")
-                monitors = [
-                    monitor_cls.options(name=f"{config.name}-monitor-{i}", num_cpus=0, max_restarts=-1).remote(
-                        config, uri
-                    )
-                    for i in range(config.monitor.actors)
-                ]
+                monitors = pipeline.start_monitors()
                 _say(started, "monitor", f"{len(monitors)} actor(s) watching predictions and delayed labels")
                 generator: Any = stream or StreamGenerator(
                     config,
@@ -259,7 +248,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
             monitor_stats = _monitor_stats(monitors)
             controller_stats = ray.get(controller.stats.remote())
             settle = time.monotonic() + 60  # the job that promoted may still be finishing up
-            while len(controller_stats["outcomes"]) < len(controller_stats["submitted"]) and time.monotonic() < settle:
+            while len(controller_stats.outcomes) < len(controller_stats.submitted) and time.monotonic() < settle:
                 time.sleep(1.0)
                 controller_stats = ray.get(controller.stats.remote())
             events = read_events(config)
@@ -269,7 +258,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
             html = write_html(
                 run_dir / "report.html",
                 report,
-                monitor_stats["windows"],
+                list(monitor_stats.windows),
                 traffic.correct,
                 traffic.versions,
                 options.bootstrap_records,
@@ -305,14 +294,12 @@ def _wait_for(probe: Any, deadline: float, controller: Any, started: float, what
         if value is not None:
             return value
         stats = ray.get(controller.stats.remote())
-        failed = [o for o in stats["outcomes"] if o["event"] == "TrainingFailed"]
-        if failed or stats["error"]:
-            print(f"[error] {failed[-1]['message'] if failed else stats['error']}", file=sys.stderr)
+        failed = stats.failed()
+        if failed or stats.error:
+            print(f"[error] {failed[-1].message if failed else stats.error}", file=sys.stderr)
             return None
         if time.monotonic() - last > 15:
-            _say(
-                started, "wait", f"{what}: job {', '.join(s[:12] for s in stats['submitted']) or '(none yet)'} running"
-            )
+            _say(started, "wait", f"{what}: job {', '.join(s[:12] for s in stats.submitted) or '(none yet)'} running")
             last = time.monotonic()
         time.sleep(1.0)
     return None
@@ -417,7 +404,7 @@ def _send_traffic(
             last_report = time.monotonic()
             recent = traffic.correct[-500:]
             stats = _monitor_stats(monitors)
-            windows = stats["windows"]
+            windows = stats.windows
             last = windows[-1] if windows else None
             _say(
                 started,
@@ -425,11 +412,11 @@ def _send_traffic(
                 f"{traffic.sent} records, accuracy (last 500) {sum(recent) / max(len(recent), 1):.3f}"
                 + (f", {traffic.failed} requests FAILED" if traffic.failed else "")
                 + "; monitor: "
-                f"{len(windows)} windows, {stats['drift_events']} drifted, {stats['retrain_requests']} retrains"
+                f"{len(windows)} windows, {stats.drift_events} drifted, {stats.retrain_requests} retrains"
                 + (f"; last {last['kind']} window {'DRIFTED' if last['drifted'] else 'ok'}" if last else ""),
             )
-            if stats.get("error"):
-                _say(started, "monitor", f"error: {stats['error']}")
+            if stats.error:
+                _say(started, "monitor", f"error: {stats.error}")
             if kept_at_record is None and (turned_down := _turned_down(ray.get(controller.stats.remote()))):
                 kept_at_record = index + len(batch)
                 _say(started, "gate", f"kept the champion: {'; '.join(turned_down[0]['reasons'])}")
@@ -438,29 +425,28 @@ def _send_traffic(
             time.sleep(ahead)
 
 
-def _gate(controller: dict[str, Any]) -> list[dict[str, Any]]:
+def _gate(controller: ControllerReport) -> list[dict[str, Any]]:
     """Each finished job's gate decision: the version it registered, promoted or not, and why."""
     out = []
-    for job in controller["outcomes"]:
-        summary = job.get("summary") or {}
+    for job in controller.outcomes:
+        summary = job.summary or {}
         if summary.get("version"):
             out.append({"version": str(summary["version"]), "promoted": bool(summary.get("promoted")),
                         "reasons": [str(r) for r in summary.get("reasons") or []]})  # fmt: skip
     return out
 
 
-def _turned_down(controller: dict[str, Any]) -> list[dict[str, Any]]:
+def _turned_down(controller: ControllerReport) -> list[dict[str, Any]]:
     return [g for g in _gate(controller) if not g["promoted"]]
 
 
-def _monitor_stats(monitors: list[Any]) -> dict[str, Any]:
+def _monitor_stats(monitors: list[Any]) -> MonitorReport:
     """The monitor actors' numbers, together (each holds some of the partitions)."""
     import ray
 
-    parts = ray.get([m.stats.remote() for m in monitors])
-    windows = sorted((w for p in parts for w in p["windows"]), key=lambda w: w["end"])
-    total = {k: sum(p[k] for p in parts) for k in ("drift_events", "retrain_requests", "predictions", "labels")}
-    return {"windows": windows, **total, "error": next((p["error"] for p in parts if p["error"]), None)}
+    from jobs.monitor import MonitorReport
+
+    return MonitorReport.combined(ray.get([m.stats.remote() for m in monitors]))
 
 
 def _accuracy(flags: list[bool]) -> float | None:
@@ -472,8 +458,8 @@ def _report(
     options: LoopOptions,
     traffic: _Traffic,
     events: list[Any],
-    monitor: dict[str, Any],
-    controller: dict[str, Any],
+    monitor: MonitorReport,
+    controller: ControllerReport,
     registry: Any,
     first: str,
     drift_at: int,
@@ -533,10 +519,10 @@ def _report(
         "accuracy_before_drift": _accuracy(before),
         "accuracy_after_drift_before_retrain": _accuracy(after_old),
         "accuracy_after_promotion": _accuracy(after_new),
-        "monitor": {k: monitor[k] for k in ("drift_events", "retrain_requests", "predictions", "labels")},
+        "monitor": {k: getattr(monitor, k) for k in ("drift_events", "retrain_requests", "predictions", "labels")},
         "gate": _gate(controller),
-        "jobs": controller["outcomes"],
-        "duplicate_requests": controller["duplicates"],
+        "jobs": [dataclasses.asdict(o) for o in controller.outcomes],
+        "duplicate_requests": list(controller.duplicates),
         "timeline": timeline,
         "lineage": lineage,
     }
@@ -548,7 +534,7 @@ def _loop_stages(
     retrain: RetrainRequested | None,
     promoted: ModelPromoted | None,
     served_new: float | None,
-    controller: dict[str, Any],
+    controller: ControllerReport,
 ) -> dict[str, float] | None:
     """Where the loop latency went: detect, request, submit and job start, the job's own stages
     (start, ingest, read, tune, train, register, gate: from its result), swap."""
@@ -556,7 +542,7 @@ def _loop_stages(
         return None
     assert drift_wall and detected_wall and retrain and promoted and served_new
     requested, promoted_at = retrain.occurred_at.timestamp(), promoted.occurred_at.timestamp()
-    job = next((o.get("summary") or {} for o in controller["outcomes"] if o["submission_id"] == retrain.event_id), {})
+    job = next((o.summary or {} for o in controller.outcomes if o.submission_id == retrain.event_id), {})
     inside = {k: float(v) for k, v in (job.get("stages_s") or {}).items()}
     stages = {"detect": detected_wall - drift_wall, "request": requested - detected_wall}
     stages["submit and job start"] = promoted_at - requested - sum(inside.values())

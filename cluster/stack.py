@@ -9,9 +9,11 @@
   cluster; the head's logs stay there, under `ray_temp_dir` in the state, until `down` removes it),
 - an MLflow server (SQLite backend and local artifacts under the state dir, its UI on a
   printed port),
-then the retrain controller and the monitor as detached Ray actors on that head, and the Serve
-application on 127.0.0.1 (`--serve-port`, default the config's `serving.port`). Until a model is
-promoted the endpoint answers 503 `no_model`; the first promotion (for example from
+then, for each pipeline (`--config`, once or more), its controller and monitors as detached Ray
+actors on that head and its Serve application on 127.0.0.1 (`--serve-port`, default the first
+config's `serving.port`), all built by `cluster.pipeline`. The first pipeline is served at
+`/v1/...`, and every one at `/<pipeline>/v1/...`. Until a model is promoted
+an endpoint answers 503 `no_model`; the first promotion (for example from
 `driftloop submit -- python -m jobs.retrain ...`) reaches the replicas on the models topic.
 
 The API key is `DRIFTLOOP_API_KEY` when set, else a new one written to `<state dir>/api_key`
@@ -35,7 +37,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from streams.config import API_KEY_ENV, DATASETS_ROOT_ENV, MLFLOW_PASSWORD_FILE_ENV, PipelineConfig
 from streams.errors import DriftloopError
@@ -50,8 +51,9 @@ NAMESPACE = "driftloop"
 class Stack:
     """What `up` started: where each part listens and the process group that runs it."""
 
-    config: str
     state_dir: str
+    configs: list[str] = field(default_factory=list)  # each pipeline's config file
+    routes: dict[str, str] = field(default_factory=dict)  # pipeline -> its Serve route prefix
     kafka: str = ""
     ray_gcs: str = ""
     ray_jobs: str = ""
@@ -81,7 +83,11 @@ def load_state(state_dir: Path) -> Stack | None:
     if not path.exists():
         return None
     try:
-        return Stack(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "config" in data:  # a state written before stacks held several pipelines
+            config = data.pop("config")
+            data.setdefault("configs", [config])
+        return Stack(**data)
     except (ValueError, TypeError) as err:
         raise DriftloopError(f"{path} is not a driftloop stack state ({err}); remove it if nothing runs") from None
 
@@ -204,8 +210,8 @@ def _private_ray_token() -> None:
 
 
 def up(
-    config_path: Path,
-    config: PipelineConfig,
+    config_paths: list[Path],
+    configs: list[PipelineConfig],
     state_dir: Path,
     *,
     num_cpus: int | None = None,
@@ -214,6 +220,7 @@ def up(
 ) -> Stack:
     """Start the stack (see the module docstring); on any failure, stop what was started."""
     from cluster.broker import free_port
+    from cluster.pipeline import route_prefix
     from cluster.ray_runtime import (
         LOOPBACK_ENV,
         LOOPBACK_IP,
@@ -224,6 +231,11 @@ def up(
     )
 
     haproxy_ingress()  # a bad DRIFTLOOP_SERVE_HAPROXY fails here, before anything starts
+    names = [c.name for c in configs]
+    if not configs or len(set(names)) < len(names):
+        raise DriftloopError(f"one config per pipeline, each with a name of its own: got {names}")
+    routes = {name: route_prefix(name, root_free=i == 0) for i, name in enumerate(names)}
+    config = configs[0]
     existing = load_state(state_dir)
     if existing is not None and any(alive(p) for p in existing.pids.values()):
         raise DriftloopError(f"a stack is already up from {state_dir} (pids {existing.pids}): `driftloop down` first")
@@ -231,8 +243,8 @@ def up(
     if not port_free(serve_port):
         raise DriftloopError(f"port {serve_port} (for Serve) is in use: pass --serve-port with a free one")
     state_dir.mkdir(parents=True, exist_ok=True)
-    stack = Stack(config=str(config_path.resolve()), state_dir=str(state_dir.resolve()), started_at=time.time(),
-                  python=sys.executable)  # fmt: skip
+    stack = Stack(state_dir=str(state_dir.resolve()), configs=[str(p.resolve()) for p in config_paths], routes=routes,
+                  started_at=time.time(), python=sys.executable)  # fmt: skip
     env = dict(os.environ)
     bin_dir = Path(sys.executable).parent
     try:
@@ -290,7 +302,7 @@ def up(
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
         ]
-        needed = cpus_needed(config)
+        needed = cpus_needed(*configs)
         if num_cpus is None:
             num_cpus = max(os.cpu_count() or 1, needed)  # logical CPUs: a laptop may offer more than it has
         elif num_cpus < needed:
@@ -308,53 +320,52 @@ def up(
         _write(state_dir, stack)
         key, stack.api_key_file = _api_key(state_dir)
         stack.serve = f"http://127.0.0.1:{serve_port}"
-        stack.actors = _start_services(stack, config, key, serve_port)
+        stack.actors = _start_services(stack, configs, key, serve_port)
         _write(state_dir, stack)
         say(f"[up] services    {', '.join(stack.actors)} (detached Ray actors)")
-        say(f"[up] serve       {stack.serve}/v1/predict (503 no_model until a model is promoted)")
+        for name, route in routes.items():
+            say(f"[up] serve       {stack.serve}{route.rstrip('/')}/v1/predict ({name}; 503 no_model until a model "
+                "is promoted)")  # fmt: skip
     except BaseException:
         _stop(stack, say)
         raise
     return stack
 
 
-def _start_services(stack: Stack, config: PipelineConfig, api_key: str, serve_port: int) -> list[str]:
-    """The controller and the monitor as detached actors on the stack's head, then the Serve app."""
+def _start_services(stack: Stack, configs: list[PipelineConfig], api_key: str, serve_port: int) -> list[str]:
+    """Each pipeline's controller and monitors as detached actors on the stack's head, then its Serve app
+    (`cluster.pipeline`); the names of what started."""
     import dataclasses
 
     import ray
-    from ray import serve
 
+    from cluster.pipeline import Pipeline
     from cluster.ray_runtime import bind_to_loopback
-    from cluster.run import ROOT
-    from jobs.controller import ControllerService, JobTemplate
-    from jobs.monitor import MonitorService
-    from serving.app import build_app
     from streams.kafka import ensure_topics
     from streams.topics import Topics
 
-    config = config.connected_to(stack.kafka, stack.mlflow)
-    datasets = dataclasses.replace(config.datasets, root=stack.env()[DATASETS_ROOT_ENV])
-    config = dataclasses.replace(config, datasets=datasets)
-    ensure_topics(config.kafka, Topics.of(config).all())
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # `up` prints its own lines
     bind_to_loopback()  # without it this process joins 127.0.0.1:PORT at the machine's IP, and hangs
     ray.init(address=stack.ray_gcs, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
+    root = stack.env()[DATASETS_ROOT_ENV]
+    pipelines = [
+        Pipeline(dataclasses.replace(c.connected_to(stack.kafka, stack.mlflow), datasets=dataclasses.replace(
+            c.datasets, root=root)), stack.mlflow, stack.ray_jobs, Path(stack.state_dir) / "jobs", detached=True)
+        for c in configs
+    ]  # fmt: skip
+    started: list[str] = []
     try:
-        job = JobTemplate(ROOT, Path(stack.state_dir) / "jobs", {"MLFLOW_TRACKING_URI": stack.mlflow}, sys.executable)
-        names = [f"{config.name}-controller", f"{config.name}-monitor"]
-        controller: Any = ray.remote(ControllerService)
-        monitor: Any = ray.remote(MonitorService)
-        options = {"num_cpus": 0, "lifetime": "detached", "max_restarts": -1}
-        started = [
-            controller.options(name=names[0], **options).remote(config, stack.ray_jobs, job),
-            monitor.options(name=names[1], **options).remote(config, stack.mlflow),
-        ]
-        for actor in started:
-            ray.get(actor.stats.remote(), timeout=120)  # constructed and answering
-        serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
-        serve.run(build_app(config, stack.mlflow, api_key=api_key), name=config.name, route_prefix="/")
-        return [*names, f"serve:{config.name}"]
+        for pipeline in pipelines:
+            name = pipeline.config.name
+            ensure_topics(pipeline.config.kafka, Topics.of(pipeline.config).all())
+            actors = [pipeline.start_controller(), *pipeline.start_monitors()]
+            for actor in actors:
+                ray.get(actor.stats.remote(), timeout=120)  # constructed and answering
+            started += [f"{name}-controller", *(f"{name}-monitor-{i}" for i in range(len(actors) - 1))]
+        for pipeline in pipelines:  # the apps once every pipeline's services run
+            pipeline.serve("127.0.0.1", serve_port, prefix=stack.routes[pipeline.config.name], api_key=api_key)
+            started.append(f"serve:{pipeline.config.name}")
+        return started
     finally:
         ray.shutdown()
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.gitinfo import git_commit
-from jobs.service import Heartbeat, Service
+from jobs.service import Heartbeat, Service, consume_until
 from streams.config import GIT_COMMIT_ENV, PipelineConfig, dump_config
 from streams.errors import DecodeError, ErrorKind, RetryableError
 from streams.events import (
@@ -43,6 +43,8 @@ from streams.topics import Topics
 
 __all__ = [
     "RESULT_MARK",
+    "ControllerReport",
+    "JobFinished",
     "JobOutcome",
     "JobTemplate",
     "entrypoint_argv",
@@ -224,12 +226,38 @@ def follow(client: Any, submission_id: str, timeout_s: float, poll_s: float = 1.
     return JobOutcome(submission_id, status, parse_result(logs), message)
 
 
+@dataclass(frozen=True)
+class JobFinished:
+    """A retraining job that ended, and the event the controller published for it."""
+
+    submission_id: str
+    status: str
+    event: str  # ModelPromoted, ModelRejected or TrainingFailed
+    summary: Mapping[str, Any] | None
+    message: str
+
+
 @dataclass
 class ControllerStats:
     submitted: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     dead_lettered: list[str] = field(default_factory=list)
-    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: list[JobFinished] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ControllerReport:
+    """What `ControllerService.stats()` answers across the Ray boundary."""
+
+    submitted: tuple[str, ...]
+    duplicates: tuple[str, ...]
+    dead_lettered: tuple[str, ...]
+    outcomes: tuple[JobFinished, ...]
+    error: str | None
+    running: bool
+
+    def failed(self) -> list[JobFinished]:
+        return [o for o in self.outcomes if o.event == "TrainingFailed"]
 
 
 def run_controller(
@@ -263,9 +291,8 @@ def run_controller(
         with lock:
             producer.send_event(topics.models, event)
             producer.flush()
-            stats.outcomes.append({"submission_id": submission_id, "status": outcome.status,
-                                   "event": type(event).__name__, "summary": outcome.summary,
-                                   "message": outcome.message})  # fmt: skip
+            stats.outcomes.append(JobFinished(submission_id, outcome.status, type(event).__name__, outcome.summary,
+                                              outcome.message))  # fmt: skip
         log.info("job %s %s -> %s", submission_id, outcome.status, type(event).__name__)
 
     def start_following(request_id: str, submission_id: str) -> None:
@@ -309,17 +336,11 @@ def run_controller(
         config.kafka, [topics.retrain], decode_events, handle, group_id=f"{config.name}.controller",
         dlq_topic=topics.dlq,
     )  # fmt: skip
-
-    def stop_when_asked() -> None:
-        stop.wait()
-        consumer.stop()
-
-    threading.Thread(target=stop_when_asked, daemon=True).start()
     beat = Heartbeat(config.kafka, topics.heartbeats, config.name, "controller", lambda: {
         "last_poll": consumer.last_poll, "polled": consumer.stats.polled,
         "dead_lettered": consumer.stats.dead_lettered})  # fmt: skip
     try:
-        consumer.run()
+        consume_until(stop, consumer)
     finally:
         beat.close()
         with lock:
@@ -333,8 +354,7 @@ class ControllerService(Service):
         self._stats = ControllerStats()
         super().__init__("controller", lambda stop: run_controller(config, address, job, stop, self._stats))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ControllerReport:
         s = self._stats
-        return {"submitted": list(s.submitted), "duplicates": list(s.duplicates), "outcomes": list(s.outcomes),
-                "dead_lettered": list(s.dead_lettered),
-                "error": self.error, "running": self.running}  # fmt: skip
+        return ControllerReport(tuple(s.submitted), tuple(s.duplicates), tuple(s.dead_lettered), tuple(s.outcomes),
+                                self.error, self.running)  # fmt: skip

@@ -48,7 +48,7 @@ import numpy as np
 
 from jobs.evaluate import macro_f1
 from jobs.policy import Decision, PolicyState, WindowResult, decide, records_since
-from jobs.service import Heartbeat, Service
+from jobs.service import Heartbeat, Service, consume_until
 from streams.config import PipelineConfig
 from streams.drift import Reference, compare
 from streams.events import (
@@ -65,7 +65,17 @@ from streams.events import (
 from streams.serde import encode_event
 from streams.topics import Topics
 
-__all__ = ["PREDICTION", "Champion", "LabelJoin", "Monitor", "Outcome", "pending_spans", "run_monitor", "span_offsets"]
+__all__ = [
+    "PREDICTION",
+    "Champion",
+    "LabelJoin",
+    "Monitor",
+    "MonitorReport",
+    "Outcome",
+    "pending_spans",
+    "run_monitor",
+    "span_offsets",
+]
 
 log = logging.getLogger(__name__)
 
@@ -721,6 +731,36 @@ class MonitorStats:
     rollbacks: int = 0  # champions on probation it rolled back
 
 
+@dataclass(frozen=True)
+class MonitorReport:
+    """What `MonitorService.stats()` answers across the Ray boundary (`combined` adds up several)."""
+
+    windows: tuple[dict[str, Any], ...]  # each window's summary (see `Outcome.summary`), oldest first
+    drift_events: int
+    retrain_requests: int
+    predictions: int
+    labels: int
+    rollbacks: int
+    resumed: str | None
+    error: str | None
+    running: bool
+
+    @staticmethod
+    def combined(parts: list[MonitorReport]) -> MonitorReport:
+        """The reports of a pipeline's monitor actors as one (each holds some of the partitions)."""
+        return MonitorReport(
+            windows=tuple(sorted((w for p in parts for w in p.windows), key=lambda w: w["end"])),
+            drift_events=sum(p.drift_events for p in parts),
+            retrain_requests=sum(p.retrain_requests for p in parts),
+            predictions=sum(p.predictions for p in parts),
+            labels=sum(p.labels for p in parts),
+            rollbacks=sum(p.rollbacks for p in parts),
+            resumed="; ".join(p.resumed for p in parts if p.resumed) or None,
+            error=next((p.error for p in parts if p.error), None),
+            running=all(p.running for p in parts),
+        )
+
+
 def run_monitor(config: PipelineConfig, tracking_uri: str, stop: threading.Event, stats: MonitorStats) -> None:
     """Consume predictions and labels until `stop`; publish drift and retrain events."""
     from jobs.registry import ModelRegistry
@@ -861,15 +901,9 @@ def _monitor_loop(
         position.close()
         raise
 
-    def stop_when_asked() -> None:
-        stop.wait()
-        consumer.stop()
-
-    watcher = threading.Thread(target=stop_when_asked, daemon=True)
-    watcher.start()
     live.update(consumer=consumer, position=position)
     try:
-        consumer.run()
+        consume_until(stop, consumer)
     finally:
         producer.close()
         position.close()
@@ -988,8 +1022,7 @@ class MonitorService(Service):
         self._stats = MonitorStats()
         super().__init__("monitor", lambda stop: run_monitor(config, tracking_uri, stop, self._stats))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> MonitorReport:
         s = self._stats
-        return {"windows": list(s.windows), "drift_events": s.drift_events, "retrain_requests": s.retrain_requests,
-                "predictions": s.predictions, "labels": s.labels, "error": self.error, "resumed": s.resumed,
-                "rollbacks": s.rollbacks, "running": self.running}  # fmt: skip
+        return MonitorReport(tuple(s.windows), s.drift_events, s.retrain_requests, s.predictions, s.labels,
+                             s.rollbacks, s.resumed, self.error, self.running)  # fmt: skip

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["HEARTBEAT_S", "Heartbeat", "Service"]
+__all__ = ["HEARTBEAT_S", "Heartbeat", "Service", "consume_until"]
 
 HEARTBEAT_S = 5.0  # a service's heartbeat interval; `driftloop status` allows three missed ones
 
@@ -58,6 +58,19 @@ class Service:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+
+def consume_until(stop: threading.Event, consumer: Any) -> None:
+    """Run a `StreamConsumer` (its poll, handle, commit loop) until `stop` is set: the one shape of
+    the monitor's and the controller's loops. A watcher thread stops the consumer, which ends
+    `run()` after the batch in hand; the caller closes what it opened around the consumer."""
+
+    def stop_when_asked() -> None:
+        stop.wait()
+        consumer.stop()
+
+    threading.Thread(target=stop_when_asked, name="stop-when-asked", daemon=True).start()
+    consumer.run()
 
 
 def _at(wall: float | None) -> datetime | None:

@@ -9,6 +9,10 @@ Routes (FastAPI ingress, OpenAPI docs at /docs):
 - `GET /v1/health`: no key needed; the model version and the prediction log's counts.
 - `GET /v1/model`: name, version, alias and lineage summary.
 
+Each route also answers under `/<pipeline>/v1/...` (404 `unknown_pipeline` for another name), so
+that clients use one form whether the app has the cluster's `/` to itself or shares the cluster
+under its own route prefix (`cluster.pipeline.route_prefix`).
+
 The API key comes from the environment (`DRIFTLOOP_API_KEY`), sent as `x-api-key` or
 `Authorization: Bearer ...`. A hot swap, two ways, neither failing a request:
 - a `ModelPromoted` or `ModelRolledBack` on the models topic: each running replica loads the
@@ -307,6 +311,15 @@ class ModelServer:
         )
         return Response(content=body, media_type="application/json")
 
+    def _other_pipeline(self, pipeline: str) -> JSONResponse | None:
+        if pipeline == self.config.name:
+            return None
+        return _error(404, "unknown_pipeline", f"this endpoint serves pipeline {self.config.name!r}, not {pipeline!r}")
+
+    @api.post("/{pipeline}/v1/predict")
+    async def predict_in(self, pipeline: str, request: Request) -> Response:
+        return self._other_pipeline(pipeline) or await self.predict(request)
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
     async def _score(self, jobs: list[tuple[ServedModel, list[dict[str, Any]]]]) -> list[Any]:
         """Concurrent small requests share one transform and forward pass per model."""
@@ -337,6 +350,14 @@ class ModelServer:
             "prediction_log_producers_replaced": self.log.replaced,
             "replica": self.replica,  # the counts above are this replica's
         }
+
+    @api.get("/{pipeline}/v1/health", response_model=None)
+    async def health_in(self, pipeline: str) -> dict[str, Any] | JSONResponse:
+        return self._other_pipeline(pipeline) or await self.health()
+
+    @api.get("/{pipeline}/v1/model")
+    async def model_info_in(self, pipeline: str, request: Request) -> JSONResponse:
+        return self._other_pipeline(pipeline) or await self.model_info(request)
 
     @api.get("/v1/model")
     async def model_info(self, request: Request) -> JSONResponse:

@@ -67,8 +67,8 @@ def windows(actor: Any, count: int, timeout: float = 90) -> list[dict[str, Any]]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stats = ray.get(actor.stats.remote())
-        assert stats["error"] is None, stats["error"]
-        found = [w for w in stats["windows"] if w["kind"] == "data"]
+        assert stats.error is None, stats.error
+        found = [w for w in stats.windows if w["kind"] == "data"]
         if len(found) >= count:
             return found
         time.sleep(0.5)
@@ -150,7 +150,7 @@ def stats_when(actor: Any, done: Any, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stats = ray.get(actor.stats.remote())
-        assert stats["error"] is None, stats["error"]
+        assert stats.error is None, stats.error
         if done(stats):
             return stats
         time.sleep(0.5)
@@ -158,7 +158,7 @@ def stats_when(actor: Any, done: Any, timeout: float = 120) -> dict[str, Any]:
 
 
 def kinds(stats: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [w for w in stats["windows"] if w["kind"] == kind]
+    return [w for w in stats.windows if w["kind"] == kind]
 
 
 def test_a_monitor_killed_mid_streak_resumes_its_streak_label_join_and_performance_window(
@@ -175,24 +175,24 @@ def test_a_monitor_killed_mid_streak_resumes_its_streak_label_join_and_performan
     first = service.options(max_restarts=0, num_cpus=0).remote(config, registry.uri)
     publish(config, topics, 0, 450, drift_at=0)
     publish_labels(config, topics, 0, 450, drift_at=0)
-    stats_when(first, lambda s: s["predictions"] >= 450 and s["labels"] >= 450)
+    stats_when(first, lambda s: s.predictions >= 450 and s.labels >= 450)
     publish(config, topics, 450, 300, drift_at=0)  # the first window closes at 500 predictions
     before = stats_when(first, lambda s: kinds(s, "data"))
     time.sleep(2.0)  # it holds the next window's first 250, uncommitted
     ray.kill(first, no_restart=True)
     assert [w["drifted"] for w in kinds(before, "data")] == [True] and len(kinds(before, "performance")) == 1
-    assert before["retrain_requests"] == 0
+    assert before.retrain_requests == 0
 
     second = service.options(max_restarts=0, num_cpus=0).remote(config, registry.uri)
     publish(config, topics, 750, 250, drift_at=0)
     publish_labels(config, topics, 450, 300, drift_at=0)
-    after = stats_when(second, lambda s: kinds(s, "data") and s["labels"] >= 300 and s["retrain_requests"])
+    after = stats_when(second, lambda s: kinds(s, "data") and s.labels >= 300 and s.retrain_requests)
     time.sleep(3.0)  # anything more it would send
     after = ray.get(second.stats.remote())
     ray.get(second.stop.remote())
 
-    assert after["resumed"].startswith("restored the state at"), after["resumed"]
-    assert [w["drifted"] for w in kinds(after, "data")] == [True] and after["retrain_requests"] == 1
+    assert after.resumed.startswith("restored the state at"), after.resumed
+    assert [w["drifted"] for w in kinds(after, "data")] == [True] and after.retrain_requests == 1
     perf = kinds(before, "performance") + kinds(after, "performance")
     assert [w["size"] for w in perf] == [300, 300], "all 750 labels joined: two windows, 150 in the third"
     assert all(w["accuracy"] == 1.0 for w in perf), "each label joined its own prediction"
@@ -276,13 +276,13 @@ def test_the_monitor_joins_labels_sent_as_plain_records_on_a_topic_of_the_users_
     actor = ray.remote(MonitorService).options(max_restarts=0, num_cpus=0).remote(config, registry.uri)
     deadline = time.monotonic() + 90
     stats = ray.get(actor.stats.remote())
-    while time.monotonic() < deadline and len([w for w in stats["windows"] if w["kind"] == "performance"]) < 2:
+    while time.monotonic() < deadline and len([w for w in stats.windows if w["kind"] == "performance"]) < 2:
         time.sleep(0.5)
         stats = ray.get(actor.stats.remote())
     ray.get(actor.stop.remote())
-    performance = [w for w in stats["windows"] if w["kind"] == "performance"]
-    assert len(performance) == 2 and all(w["size"] == 200 for w in performance), stats["windows"]
-    assert stats["labels"] == 400
+    performance = [w for w in stats.windows if w["kind"] == "performance"]
+    assert len(performance) == 2 and all(w["size"] == 200 for w in performance), stats.windows
+    assert stats.labels == 400
     assert performance[0]["accuracy"] == 1.0, "each plain label joined its own prediction (the 'model' was right)"
 
 
@@ -322,12 +322,12 @@ def test_a_promoted_champion_that_loses_live_to_the_previous_one_is_rolled_back_
         producer.flush()
     service: Any = ray.remote(MonitorService)
     actor = service.options(max_restarts=0, num_cpus=0).remote(config, registry.uri)
-    stats = stats_when(actor, lambda s: s["rollbacks"] >= 1 and len(kinds(s, "performance")) >= 4)
+    stats = stats_when(actor, lambda s: s.rollbacks >= 1 and len(kinds(s, "performance")) >= 4)
     time.sleep(3.0)  # anything more it would send
     stats = ray.get(actor.stats.remote())
     ray.get(actor.stop.remote())
 
-    assert stats["rollbacks"] == 1
+    assert stats.rollbacks == 1
     assert registry.alias("champion") == "1" and registry.alias("previous") == second
     tag = registry.client.get_model_version(config.name, second).tags[ROLLED_BACK_TAG]
     assert f"version {second} on probation lost 2 live performance windows" in tag
@@ -335,7 +335,7 @@ def test_a_promoted_champion_that_loses_live_to_the_previous_one_is_rolled_back_
     (rolled,) = [e for e in events if isinstance(e, ModelRolledBack)]
     assert (rolled.from_version, rolled.to_version) == (second, "1") and "against 0.800" in rolled.reason
     retrains = decode_events([r.value for r in read_tail(config.kafka, topics.retrain, 10)])
-    assert not retrains, f"rolled back, not retrained: {[getattr(e, 'cause', e) for e in retrains]} {stats['windows']}"
+    assert not retrains, f"rolled back, not retrained: {[getattr(e, 'cause', e) for e in retrains]} {stats.windows}"
     perf = kinds(stats, "performance")
     assert [w["model_version"] for w in perf[:2]] == [second, second] and not any(w["retrain"] for w in perf)
     assert "lost 2 live performance windows" in perf[1]["decision"]

@@ -33,6 +33,7 @@ def test_the_stack_offers_the_cpus_serve_and_a_retraining_job_hold_at_once(demo_
         search=dataclasses.replace(demo_config.search, max_concurrent=4, cpus_per_trial=1.5),
     )
     assert cpus_needed(wide) == 3 + 6  # autoscaling up to 3 replicas; tuning needs more than training
+    assert cpus_needed(demo_config, wide) == 1 + 3 + 6  # two pipelines: all their replicas, the largest job
 
 
 def test_each_cluster_gets_haproxy_ports_and_files_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,3 +178,14 @@ def test_free_ports_are_never_handed_out_twice() -> None:
 
     picks = [free_port() for _ in range(3000)]  # a quarter of the range: the same port twice is all but certain
     assert len(set(picks)) == len(picks)
+
+
+def test_the_first_pipeline_on_a_cluster_keeps_the_root_route_and_each_other_gets_its_name() -> None:
+    from cluster.pipeline import route_prefix
+
+    assert route_prefix("demo", root_free=True) == "/"
+    assert route_prefix("churn-eu", root_free=False) == "/churn-eu"
+    for name in ("v1", "docs", "openapi.json"):  # would hide the root app's own paths
+        with pytest.raises(DriftloopError, match="cannot share a cluster"):
+            route_prefix(name, root_free=False)
+    assert route_prefix("v1", root_free=True) == "/", "alone, its own paths are its"

@@ -179,6 +179,13 @@ def test_predictions_match_the_model_evaluated_offline_and_bad_requests_are_refu
     assert post(url, {**record, "request_id": "order-17:a.b_c"}).status_code == 200
     info = requests.get(f"{url}/v1/model", headers={"x-api-key": KEY}, timeout=10).json()
     assert info["version"] == "1" and info["alias"] == "champion" and info["lineage"]["run_id"]
+    # Under the pipeline's name too (how clients reach any pipeline of a cluster), and only its name
+    named = requests.post(f"{url}/{config.name}/v1/predict", json=record, headers={"x-api-key": KEY}, timeout=30)
+    assert named.status_code == 200 and named.json()["predictions"][0]["probabilities"] == single[0]["probabilities"]
+    assert requests.get(f"{url}/{config.name}/v1/model", headers={"x-api-key": KEY}, timeout=10).json() == info
+    assert requests.get(f"{url}/{config.name}/v1/health", timeout=10).json()["model_version"] == "1"
+    other = requests.post(f"{url}/not-{config.name}/v1/predict", json=record, headers={"x-api-key": KEY}, timeout=30)
+    assert other.status_code == 404 and other.json()["detail"]["kind"] == "unknown_pipeline", other.text
 
 
 def family_artifact(config: PipelineConfig, kind: str, folder: Path) -> Path:

@@ -20,7 +20,9 @@ from cluster.broker import free_port
 from cluster.ray_runtime import LOOPBACK_ENV
 from cluster.stack import alive
 from streams.config import PipelineConfig
+from streams.files import infer_config, read_table
 from tests.test_cli import config_file, driftloop
+from tests.test_own_data import cancer_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
@@ -92,10 +94,15 @@ def test_up_status_submit_down_leaves_no_process_behind(
     for name in LOOPBACK_ENV:
         monkeypatch.delenv(name, raising=False)
     config = config_file(tmp_path, demo_config)
+    # A second pipeline on the same stack, with a schema of its own (inferred from a file as `init` does)
+    other = tmp_path / "cancer.yaml"
+    other.write_text(infer_config(read_table(cancer_csv(tmp_path / "cancer.csv")), label="diagnosis",
+                                  name="cancer", timestamp="seen at", source="cancer.csv").text)  # fmt: skip
     state = tmp_path / "stack"
     where = ["--config", str(config), "--state-dir", str(state)]
     serve_port = free_port()
-    upped = driftloop("up", *where, "--num-cpus", "2", "--serve-port", str(serve_port), timeout=400)
+    upped = driftloop("up", *where, "--config", str(other), "--num-cpus", "3", "--serve-port", str(serve_port),
+                      timeout=400)  # fmt: skip
     recorded: dict[str, int] = {}
     ray_dir = "<none>"
     try:
@@ -156,6 +163,22 @@ def test_up_status_submit_down_leaves_no_process_behind(
         assert waiting.headers["retry-after"] == "5"
         assert requests.post(f"{serve}/v1/predict", json=record, timeout=30).status_code == 401
 
+        # Two pipelines, nothing crossing: the first keeps `/`, the other has its prefix, and each
+        # app also answers under its own name, with its own schema; another name is a clear 404.
+        assert saved["routes"] == {demo_config.name: "/", "cancer": "/cancer"}, saved
+        assert saved["actors"] == [f"{demo_config.name}-controller", f"{demo_config.name}-monitor-0",
+                                   "cancer-controller", "cancer-monitor-0", f"serve:{demo_config.name}",
+                                   "serve:cancer"]  # fmt: skip
+        for name in (demo_config.name, "cancer"):
+            assert requests.get(f"{serve}/{name}/v1/health", timeout=30).json()["status"] == "no_model"
+        mine = requests.post(f"{serve}/{demo_config.name}/v1/predict", json=record, headers={"x-api-key": key},
+                             timeout=30)  # fmt: skip
+        assert mine.status_code == 503 and mine.json()["detail"]["kind"] == "no_model", mine.text
+        crossed = requests.post(f"{serve}/cancer/v1/predict", json=record, headers={"x-api-key": key}, timeout=30)
+        assert crossed.status_code == 422 and crossed.json()["detail"]["kind"] == "unknown_field", crossed.text
+        nobody = requests.post(f"{serve}/nobody/v1/predict", json=record, headers={"x-api-key": key}, timeout=30)
+        assert nobody.status_code == 404 and nobody.json()["detail"]["kind"] == "unknown_pipeline", nobody.text
+
         again = driftloop("up", *where)
         assert again.returncode == 1 and "already up" in again.stderr and "Traceback" not in again.stderr
 
@@ -173,6 +196,14 @@ def test_up_status_submit_down_leaves_no_process_behind(
         assert not down_parts, down_parts
         assert parts["mlflow"]["champion"] is None
         assert parts["serve"]["ok"] and parts["serve"]["status"] == "no_model", parts["serve"]
+        theirs = json.loads(driftloop("status", "--config", str(other), "--state-dir", str(state), "--json").stdout)
+        services = theirs["parts"]["services"]["services"]
+        assert {n: s["state"] for n, s in services.items()} == {"monitor": "waiting", "controller": "up"}, services
+        assert theirs["parts"]["serve"]["url"] == f"{serve}/cancer", theirs["parts"]["serve"]
+        stranger = tmp_path / "stranger.yaml"
+        stranger.write_text(config.read_text().replace(f"name: {demo_config.name}", "name: stranger"))
+        refused = driftloop("status", "--config", str(stranger), "--state-dir", str(state))
+        assert refused.returncode == 1 and "not 'stranger'" in refused.stderr, refused.stderr
 
         # As the README writes it: no --python, RAY_ADDRESS exported, the venv not on PATH. The job
         # runs the interpreter `up` recorded (the system `python` has none of our dependencies).

@@ -24,6 +24,7 @@ class Verdict:
 
     promote: bool
     reasons: tuple[str, ...]
+    staged: str | None = None  # passed, and on this delivery step (`delivery.steps`) rather than champion
 
 
 def _better(metric: str, new: float, old: float) -> float:

@@ -46,6 +46,7 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
+from jobs.delivery import LiveComparison, next_step
 from jobs.evaluate import macro_f1
 from jobs.policy import Decision, PolicyState, WindowResult, decide, records_since
 from jobs.service import Heartbeat, Service, consume_until
@@ -729,6 +730,7 @@ class MonitorStats:
     labels: int = 0
     resumed: str | None = None  # what state the monitor took back at its start, in words
     rollbacks: int = 0  # champions on probation it rolled back
+    deliveries: list[dict[str, Any]] = field(default_factory=list)  # each delivery step it ended, and how
 
 
 @dataclass(frozen=True)
@@ -744,6 +746,7 @@ class MonitorReport:
     resumed: str | None
     error: str | None
     running: bool
+    deliveries: tuple[dict[str, Any], ...] = ()
 
     @staticmethod
     def combined(parts: list[MonitorReport]) -> MonitorReport:
@@ -758,6 +761,7 @@ class MonitorReport:
             resumed="; ".join(p.resumed for p in parts if p.resumed) or None,
             error=next((p.error for p in parts if p.error), None),
             running=all(p.running for p in parts),
+            deliveries=tuple(d for p in parts for d in p.deliveries),
         )
 
 
@@ -852,16 +856,54 @@ def _monitor_loop(
                 producer.flush()
             consumer.commit(commits[-1].commit or {})
 
+    trial: LiveComparison | None = None  # the challenger's delivery step, while one runs
+
+    def follow_delivery() -> None:
+        """The challenger's step, from the registry: a new one starts a new live comparison."""
+        nonlocal trial
+        found = registry.delivery()
+        if found is None:
+            trial = None
+        elif trial is None or (trial.candidate, trial.step) != found[:2]:
+            trial = LiveComparison(candidate=found[0], step=found[1], started_at=found[2])
+            log.info("judging version %s live on its %s step", found[0], found[1])
+
+    def judge_delivery() -> None:
+        """End the step when the evidence says so: the next step (or champion), or a rejection."""
+        nonlocal trial
+        if trial is None:
+            return
+        verdict = trial.verdict(config.delivery, time.time())
+        if verdict.action == "hold":
+            return
+        send = lambda e: producer.send_event(topics.models, e)  # noqa: E731
+        if verdict.action == "advance":
+            to = next_step(config.delivery, trial.step)
+            done = registry.advance(trial.candidate, to, verdict.evidence, verdict.reason, publish=send) is not None
+        else:
+            to = "rejected"
+            done = registry.reject_challenger(trial.candidate, verdict.reason, verdict.evidence, publish=send)
+        producer.flush()
+        if done:
+            stats.deliveries.append({"version": trial.candidate, "step": trial.step, "to": to,
+                                     "reason": verdict.reason, "evidence": verdict.evidence})  # fmt: skip
+            metrics.count("driftloop_delivery_steps_total", step=trial.step, outcome=to)
+            log.warning("version %s's %s step ended -> %s: %s", trial.candidate, trial.step, to, verdict.reason)
+        trial = None
+        follow_delivery()
+
     def handle(batch: Batch) -> None:
         nonlocal checked
         assert monitor is not None
         monitor.note_records(position.now())
-        if time.monotonic() - checked > 2.0:  # follow promotions and rollbacks
+        if time.monotonic() - checked > 2.0:  # follow promotions, rollbacks and deliveries
             checked = time.monotonic()
             current = registry.alias("champion")
             if current is not None and current != monitor.champion.version:
                 monitor.set_champion(load_champion(config, registry, current))
                 log.info("monitoring against model version %s now", current)
+            if config.delivery.steps:
+                follow_delivery()
         outcomes: list[Outcome] = []
         for chunk in batch.chunks:
             items = [
@@ -869,15 +911,22 @@ def _monitor_loop(
             ]
             if chunk.topic == topics.predictions:
                 preds = [i for i in items if isinstance(i[0], PredictionLogged)]
+                if trial is not None:
+                    for p, *_ in preds:
+                        trial.on_prediction(p.request_id, p.model_version, p.variant, p.prediction)
                 stats.predictions += len(preds)
                 metrics.count("driftloop_monitored_total", len(preds), topic="predictions")
                 outcomes += monitor.on_predictions(preds)
             elif chunk.topic == topics.labels:
                 labels = [i for i in items if isinstance(i[0], LabelObserved)]
+                if trial is not None:
+                    for label, *_ in labels:
+                        trial.on_label(label.request_id, label.label)
                 stats.labels += len(labels)
                 metrics.count("driftloop_monitored_total", len(labels), topic="labels")
                 outcomes += monitor.on_labels(labels)
         publish(outcomes)
+        judge_delivery()
 
     consumer = StreamConsumer(
         config.kafka,
@@ -1025,4 +1074,4 @@ class MonitorService(Service):
     def stats(self) -> MonitorReport:
         s = self._stats
         return MonitorReport(tuple(s.windows), s.drift_events, s.retrain_requests, s.predictions, s.labels,
-                             s.rollbacks, s.resumed, self.error, self.running)  # fmt: skip
+                             s.rollbacks, s.resumed, self.error, self.running, tuple(s.deliveries))  # fmt: skip

@@ -10,6 +10,7 @@ endpoint, prefixed `ray_`, each labelled `pipeline`. Per closed window:
 - `driftloop_window_accuracy`, `driftloop_window_f1_macro`, `driftloop_window_expected_accuracy`:
   the last performance window against the champion's validation;
 - `driftloop_drift_events_total`, `driftloop_retrain_requests_total`, `driftloop_rollbacks_total`;
+- `driftloop_delivery_steps_total{step, outcome}`: delivery steps ended (the next step, champion, rejected);
 - `driftloop_monitored_total{topic}`: predictions and labels read.
 
 Outside Ray (`driftloop monitor` in the foreground) nothing is exported. `samples` is pure.
@@ -39,6 +40,7 @@ COUNTERS = {
     "driftloop_drift_events_total": ("DriftDetected events published.", ()),
     "driftloop_retrain_requests_total": ("RetrainRequested events published.", ()),
     "driftloop_rollbacks_total": ("Champions on probation rolled back.", ()),
+    "driftloop_delivery_steps_total": ("Delivery steps ended, by step and outcome.", ("step", "outcome")),
     "driftloop_monitored_total": ("Predictions and labels the monitor read.", ("topic",)),
 }
 

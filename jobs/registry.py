@@ -16,6 +16,7 @@ a version that did not pass against the version it replaced.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -34,7 +35,7 @@ from jobs.gitinfo import git_commit
 from streams.config import MLFLOW_PASSWORD_FILE_ENV, GateSettings, PipelineConfig
 from streams.datasets import Window
 from streams.errors import DriftloopError
-from streams.events import Event, ModelPromoted, ModelRejected, ModelRolledBack
+from streams.events import DeliveryStep, Event, ModelPromoted, ModelRejected, ModelRolledBack
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -44,7 +45,9 @@ __all__ = ["ModelRegistry", "Registered", "git_commit", "tracking_uri"]
 
 log = logging.getLogger(__name__)
 
-CHAMPION, PREVIOUS = "champion", "previous"
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+DELIVERY_TAG = "driftloop.delivery"  # on the challenger: its step (shadow, canary), or how its delivery ended
+DELIVERY_SINCE_TAG = "driftloop.delivery_since"  # when its step began (wall time, seconds)
 ROLLED_BACK_TAG = "driftloop.rolled_back"  # on a version rolled back from: why
 PREVIOUS_SEEN_TAG = "driftloop.previous_on_holdout"  # on a promoted version: the champion it beat, on its holdout
 REPORT_TAG = "driftloop.report"
@@ -302,15 +305,15 @@ class ModelRegistry:
                 champion_seen = champion_report(champion) if champion_report else self.report(champion)
             time.sleep(pause)
             decision = judge(challenger, champion_seen, gate)
-            if decision.promote:
-                self.client.set_registered_model_alias(self.name, CHAMPION, version)
-                if champion is not None:
-                    self.client.set_registered_model_alias(self.name, PREVIOUS, champion)
-                if champion_seen is not None:  # what a rollback's probation holds the new champion to
-                    seen = {
-                        k: float(champion_seen[k]) for k in ("accuracy", "f1_macro") if _number(champion_seen.get(k))
-                    }
-                    self.client.set_model_version_tag(self.name, version, PREVIOUS_SEEN_TAG, json.dumps(seen))
+            steps = self.config.delivery.steps
+            if decision.promote and steps and champion is not None:  # it proves itself live first
+                decision = dataclasses.replace(decision, staged=steps[0])
+                self._stage(version, steps[0])
+            elif decision.promote:
+                self._crown(version, champion)
+            if decision.promote and champion_seen is not None:  # what a rollback's probation holds it to
+                seen = {k: float(champion_seen[k]) for k in ("accuracy", "f1_macro") if _number(champion_seen.get(k))}
+                self.client.set_model_version_tag(self.name, version, PREVIOUS_SEEN_TAG, json.dumps(seen))
             self.client.set_model_version_tag(
                 self.name, version, "driftloop.gate", "passed" if decision.promote else "rejected"
             )
@@ -319,7 +322,9 @@ class ModelRegistry:
             )
         if publish is not None:
             metrics = {k: float(v) for k, v in challenger.items() if _number(v)}
-            if decision.promote:
+            if decision.staged is not None:
+                publish(self._step_event(version, decision.staged, champion, {}))
+            elif decision.promote:
                 publish(
                     ModelPromoted(
                         model_name=self.name, model_version=version, previous_version=champion, metrics=metrics
@@ -328,6 +333,75 @@ class ModelRegistry:
             else:
                 publish(ModelRejected(model_name=self.name, model_version=version, reasons=decision.reasons))
         return decision
+
+    def _crown(self, version: str, champion: str | None) -> None:
+        """`champion` -> version, `previous` -> the champion it replaces (under the lock)."""
+        self.client.set_registered_model_alias(self.name, CHAMPION, version)
+        if champion is not None:
+            self.client.set_registered_model_alias(self.name, PREVIOUS, champion)
+
+    def _stage(self, version: str, step: str) -> None:
+        """`challenger` -> version, on `step` (under the lock)."""
+        self.client.set_registered_model_alias(self.name, CHALLENGER, version)
+        self.client.set_model_version_tag(self.name, version, DELIVERY_TAG, step)
+        self.client.set_model_version_tag(self.name, version, DELIVERY_SINCE_TAG, f"{time.time():.3f}")
+
+    def _step_event(self, version: str, step: str, champion: str | None, evidence: dict[str, float]) -> Event:
+        fraction = self.config.delivery.canary_fraction if step == "canary" else 0.0
+        return DeliveryStep(model_name=self.name, model_version=version, step=step, fraction=fraction,  # type: ignore[arg-type]
+                            champion_version=champion, evidence=evidence)  # fmt: skip
+
+    def delivery(self) -> tuple[str, str, float] | None:
+        """The challenger on its way to champion, its step (`delivery.steps`) and when the step
+        began (wall time), or None."""
+        version = self.alias(CHALLENGER)
+        if version is None:
+            return None
+        tags = self.client.get_model_version(self.name, version).tags
+        step = tags.get(DELIVERY_TAG)
+        try:
+            since = float(tags.get(DELIVERY_SINCE_TAG) or "nan")
+        except ValueError:
+            since = math.nan
+        return (version, step, since if math.isfinite(since) else time.time()) if step in ("shadow", "canary") else None
+
+    def advance(
+        self, version: str, step: str, evidence: dict[str, float], reason: str,
+        publish: Callable[[Event], None] | None = None,
+    ) -> str | None:  # fmt: skip
+        """The challenger `version` passed its live step: on to `step` (`champion`: it replaces the
+        champion, `ModelPromoted`; else `DeliveryStep`). None when `version` is no longer the
+        challenger (someone moved it first)."""
+        with self._lock():
+            if self.alias(CHALLENGER) != version:
+                return None
+            champion = self.alias(CHAMPION)
+            if step == "champion":
+                self._crown(version, champion)
+                self.client.delete_registered_model_alias(self.name, CHALLENGER)
+                self.client.set_model_version_tag(self.name, version, DELIVERY_TAG, f"champion: {reason}"[:5000])
+            else:
+                self._stage(version, step)
+        if publish is not None:
+            if step == "champion":
+                publish(ModelPromoted(model_name=self.name, model_version=version, previous_version=champion,
+                                      metrics=evidence))  # fmt: skip
+            else:
+                publish(self._step_event(version, step, champion, evidence))
+        return step
+
+    def reject_challenger(
+        self, version: str, reason: str, evidence: dict[str, float], publish: Callable[[Event], None] | None = None
+    ) -> bool:
+        """End the delivery of challenger `version` (it lost a live step): `ModelRejected` with the evidence."""
+        with self._lock():
+            if self.alias(CHALLENGER) != version:
+                return False
+            self.client.delete_registered_model_alias(self.name, CHALLENGER)
+            self.client.set_model_version_tag(self.name, version, DELIVERY_TAG, f"rejected: {reason}"[:5000])
+        if publish is not None:
+            publish(ModelRejected(model_name=self.name, model_version=version, reasons=(reason,), evidence=evidence))
+        return True
 
     def rollback(
         self, reason: str = "", publish: Callable[[Event], None] | None = None, only_from: str | None = None

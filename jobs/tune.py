@@ -466,7 +466,8 @@ def tune_train_and_gate(
         "run_id": registered.run_id,
         "datasets": [m.version_id for m in window.manifests],
         "train_rows": trained.train_rows,
-        "promoted": decision.promote,
+        "promoted": decision.promote and decision.staged is None,
+        "delivery_step": decision.staged,  # passed the gate, and proves itself live (delivery.steps) first
         "reasons": decision.reasons,
         "best_params": tuned.best_params,
         "report": {k: trained.report[k] for k in ("accuracy", "f1_macro", "baseline_accuracy")},

@@ -51,7 +51,7 @@ from serving.predlog import PredictionLog
 from serving.routing import route
 from streams.config import API_KEY_ENV, KafkaSettings, PipelineConfig, field_key
 from streams.errors import DecodeError, ErrorKind
-from streams.events import ModelPromoted, ModelRolledBack, new_event_id
+from streams.events import DeliveryStep, ModelPromoted, ModelRejected, ModelRolledBack, new_event_id
 from streams.kafka import Batch
 from streams.serde import RequestCodec
 from streams.topics import Topics
@@ -152,6 +152,11 @@ class ModelServer:
         self._checked_at = time.monotonic()
         self._load_alias()
         self.challenger: ServedModel | None = None
+        # How requests are shared with the challenger: the config's `serving.policy`, or while a
+        # model is on a delivery step (`delivery.steps`), that step's (see `_deliver`).
+        self.policy: tuple[str, float] = (config.serving.policy, config.serving.canary_fraction)
+        if config.delivery.steps:
+            self._resume_delivery()
         self.max_body = config.serving.max_body_bytes
         self.keys_of_features = [(f, field_key(f)) for f in config.schema.feature_names]
         self.codec = RequestCodec(
@@ -186,18 +191,26 @@ class ModelServer:
         from streams.serde import decode_events
 
         def handle(batch: Batch) -> None:
-            changes = [
-                e
-                for e in batch.values
-                if isinstance(e, (ModelPromoted, ModelRolledBack)) and e.model_name == self.registry.name
-            ]
+            ours = [e for e in batch.values if getattr(e, "model_name", None) == self.registry.name]
+            for event in ours:  # a delivery's steps and its end, in order
+                if isinstance(event, DeliveryStep):
+                    self._deliver(event.model_version, event.step, event.fraction)
+                elif isinstance(event, ModelRejected) and event.model_version == self._challenger_version():
+                    self._end_delivery(f"version {event.model_version} was rejected")
+            changes = [e for e in ours if isinstance(e, (ModelPromoted, ModelRolledBack))]
             if not changes:
                 return
             last = max(changes, key=lambda e: e.occurred_at)
             target = last.model_version if isinstance(last, ModelPromoted) else last.to_version
             if self.model is None or target != self.model.version:
                 log.info("swapping to %s version %s (%s)", last.model_name, target, type(last).__name__)
-                self.model = load_served_model(self.config, self.registry, version=target)
+                challenger = self.challenger
+                if challenger is not None and challenger.version == target:  # the challenger won: no reload
+                    self.model = challenger
+                else:
+                    self.model = load_served_model(self.config, self.registry, version=target)
+            if self.challenger is not None and self.challenger.version == self.model.version:
+                self._end_delivery(f"version {target} is the champion")
 
         while True:
             try:
@@ -209,6 +222,40 @@ class ModelServer:
             except Exception as err:  # the broker may be down: keep serving, retry the watch
                 log.warning("models topic watch interrupted (%s); retrying in 5s", err)
                 time.sleep(5)
+
+    def _deliver(self, version: str, step: str, fraction: float) -> None:
+        """Serve `version` as the challenger on a delivery step (`shadow`, or `canary` answering
+        `fraction` of the requests). One that cannot be loaded is not served (and logged): its
+        step then gathers no evidence and ends when `delivery.max_step_s` runs out."""
+        challenger = self.challenger
+        if challenger is None or challenger.version != version:
+            try:
+                challenger = load_served_model(self.config, self.registry, version=version)
+            except Exception as err:
+                log.error("challenger version %s of %s not loaded: %s", version, self.registry.name, err)
+                return
+        self.policy = (step, fraction or self.config.delivery.canary_fraction)
+        self.challenger = challenger
+        log.info("version %s on delivery step %s (fraction %s)", version, step, self.policy[1])
+
+    def _challenger_version(self) -> str | None:
+        return None if self.challenger is None else self.challenger.version
+
+    def _end_delivery(self, why: str) -> None:
+        log.info("delivery of version %s ended: %s", getattr(self.challenger, "version", None), why)
+        self.challenger = None
+        self.policy = (self.config.serving.policy, self.config.serving.canary_fraction)
+
+    def _resume_delivery(self) -> None:
+        """A replica that starts during a delivery joins it (the registry's challenger and its step)."""
+        try:
+            found = self.registry.delivery()
+        except Exception as err:  # the registry away: the next DeliveryStep brings it
+            log.warning("no delivery state from the registry: %s", err)
+            return
+        if found is not None and (self.model is None or found[0] != self.model.version):
+            version, step, _ = found
+            self._deliver(version, step, self.config.delivery.canary_fraction)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Swap to `version` (or to what `alias` points at now); a no-op if that is already served."""
@@ -291,7 +338,8 @@ class ModelServer:
             return self._unavailable()
         serving = self.config.serving
         key = records[0].request_id or new_event_id()
-        decision = route(key, serving.policy, serving.canary_fraction, challenger is not None)
+        policy, fraction = self.policy
+        decision = route(key, policy, fraction, challenger is not None)
         model = challenger if decision.answer_with_challenger and challenger is not None else champion
         rows = [{f: getattr(r, k) for f, k in self.keys_of_features} for r in records]
         small = len(rows) < SMALL_REQUEST and serving.batch_max_size > 1

@@ -30,6 +30,7 @@ __all__ = [
     "MLFLOW_PASSWORD_FILE_ENV",
     "ConsumerSettings",
     "DatasetSettings",
+    "DeliverySettings",
     "Derived",
     "Feature",
     "FeatureSettings",
@@ -679,6 +680,42 @@ class RollbackSettings:
             yield "probation_windows", f"an integer >= consecutive ({self.consecutive})", self.probation_windows
 
 
+DELIVERY_STEPS = ("shadow", "canary")
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """How a model that passed the gate becomes the champion: at once (no `steps`), or after
+    proving itself live, step by step (see `jobs.delivery`).
+
+    - `shadow`: it scores every request beside the champion, its answers logged, never returned;
+    - `canary`: it answers `canary_fraction` of the requests.
+
+    A step ends when the candidate has `min_labeled` predictions joined to their delayed labels:
+    it goes on if its live accuracy is at least the champion's on the same traffic, less
+    `tolerance`; it is rejected (`ModelRejected`, with the live evidence) when it is worse by more
+    than that and the noise; and it is rejected when there is no verdict after `max_step_s`.
+    """
+
+    steps: tuple[Literal["shadow", "canary"], ...] = ()
+    canary_fraction: float = 0.1
+    min_labeled: int = 200
+    tolerance: float = 0.02
+    max_step_s: float = 900.0
+
+    def problems(self) -> Iterator[Problem]:
+        if len(set(self.steps)) < len(self.steps) or list(self.steps) != sorted(self.steps, key=DELIVERY_STEPS.index):
+            yield "steps", "each of shadow, canary at most once, in that order", list(self.steps)
+        if not 0 < self.canary_fraction < 1:
+            yield "canary_fraction", "a number in (0, 1)", self.canary_fraction
+        if self.min_labeled < 1:
+            yield "min_labeled", "an integer >= 1", self.min_labeled
+        if not 0 <= self.tolerance < 1:
+            yield "tolerance", "a number in [0, 1)", self.tolerance
+        if self.max_step_s <= 0:
+            yield "max_step_s", "a number > 0", self.max_step_s
+
+
 @dataclass(frozen=True)
 class RetrainSettings:
     """When drift turns into a retraining job (see jobs.policy), and what it trains on."""
@@ -847,6 +884,7 @@ class PipelineConfig:
     monitor: MonitorSettings = MonitorSettings()
     retrain: RetrainSettings = RetrainSettings()
     rollback: RollbackSettings = RollbackSettings()
+    delivery: DeliverySettings = DeliverySettings()
     search: SearchSettings = SearchSettings(space=(Param(name="learning_rate", low=0.0005, high=0.02, log=True),))
     ray: RaySettings = RaySettings()
     mlflow: MlflowSettings = MlflowSettings()

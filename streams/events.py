@@ -22,6 +22,7 @@ __all__ = [
     "EVENT_TYPES",
     "ID_PATTERN",
     "REQUEST_ID_PATTERN",
+    "DeliveryStep",
     "DriftDetected",
     "Event",
     "FeatureDrift",
@@ -236,12 +237,30 @@ class ModelPromoted(Event, frozen=True, kw_only=True):
         return self.model_name
 
 
+class DeliveryStep(Event, frozen=True, kw_only=True):
+    """A model that passed the gate is on a step towards champion (`delivery.steps`): Serve's
+    replicas load it as the challenger, in `shadow` or as a `canary` answering `fraction` of the
+    requests. `evidence`: what the live comparison that ended the previous step measured."""
+
+    model_name: Id
+    model_version: Version
+    step: Literal["shadow", "canary"]
+    fraction: float = 0.0
+    champion_version: Version | None = None
+    evidence: dict[str, float] = {}
+
+    def key(self) -> str:
+        return self.model_name
+
+
 class ModelRejected(Event, frozen=True, kw_only=True):
-    """The gate failed; the reasons say which rule."""
+    """The gate failed, or a step of the delivery did (then `evidence` holds the live figures);
+    the reasons say which rule."""
 
     model_name: Id
     model_version: Version
     reasons: tuple[str, ...]
+    evidence: dict[str, float] = {}
 
     def key(self) -> str:
         return self.model_name
@@ -339,6 +358,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         TrainingCompleted,
         TrainingFailed,
         ModelPromoted,
+        DeliveryStep,
         ModelRejected,
         ModelRolledBack,
         ServiceHeartbeat,

@@ -11,6 +11,7 @@ from streams.config import Feature, PipelineConfig, RecordSchema
 from streams.errors import DecodeError, ErrorKind
 from streams.events import (
     EVENT_TYPES,
+    DeliveryStep,
     DriftDetected,
     Event,
     FeatureDrift,
@@ -82,6 +83,15 @@ def sample_events() -> list[Event]:
         ),
         TrainingFailed(occurred_at=T1, pipeline="demo", model_name="demo", reason="OOM", submission_id="x"),
         ModelPromoted(occurred_at=T1, model_name="demo", model_version="4", previous_version="3", metrics={"f1": 0.8}),
+        DeliveryStep(
+            occurred_at=T1,
+            model_name="demo",
+            model_version="5",
+            step="canary",
+            fraction=0.1,
+            champion_version="4",
+            evidence={"candidate_accuracy": 0.81, "champion_accuracy": 0.8},
+        ),
         ModelRejected(occurred_at=T1, model_name="demo", model_version="5", reasons=("f1 regressed",)),
         ModelRolledBack(occurred_at=T1, model_name="demo", from_version="5", to_version="4", reason="manual"),
         ServiceHeartbeat(

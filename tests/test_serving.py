@@ -606,3 +606,123 @@ def test_replicas_get_a_salted_hash_of_the_key_never_the_key() -> None:
         _key_check({API_KEY_HASH_ENV: "not-a-hash"})
     with pytest.raises(RuntimeError, match=API_KEY_ENV):
         _key_check({})
+
+
+def delivery_artifact(config: PipelineConfig, folder: Path, seed: int, flip: bool = False) -> Path:
+    """An XGBoost model trained as a retrain does (with the monitor's profile); `flip`: on inverted
+    labels, a model that passes any gate we hand it but is wrong on live traffic."""
+    from datetime import datetime
+
+    import pyarrow as pa
+
+    from jobs.train import train_model
+
+    records = [r.record for r in StreamGenerator(config, seed=seed).records(3000)]
+    for record in records:
+        record["event_time"] = datetime.fromisoformat(str(record["event_time"]).replace("Z", "+00:00"))
+        if flip:
+            record["churned"] = "no" if record["churned"] == "yes" else "yes"
+    settings = dataclasses.replace(config.model, kind="xgboost", rounds=40)
+    table = pa.Table.from_pylist(records)
+    return train_model(dataclasses.replace(config, model=settings), Window(()), folder, data=table).artifact
+
+
+def test_a_model_goes_shadow_then_canary_then_champion_on_live_evidence_and_a_worse_one_is_rejected(
+    config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str
+) -> None:
+    """Progressive delivery over real HTTP with the real monitor: every model that passes the gate
+    is a challenger first. One trained on inverted labels is rejected in shadow (ModelRejected with
+    the live figures); a good one goes on to canary, then replaces the champion. No request fails;
+    every prediction is logged with the variant that made it."""
+    from jobs.monitor import MonitorService
+    from streams.config import DeliverySettings
+    from streams.events import DeliveryStep, LabelObserved, ModelPromoted, ModelRejected
+    from streams.kafka import Producer
+
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    delivery = DeliverySettings(steps=("shadow", "canary"), canary_fraction=0.4, min_labeled=150, tolerance=0.03,
+                                max_step_s=600)  # fmt: skip
+    config = dataclasses.replace(config, delivery=delivery)
+    registry = empty_registry(config, tmp_path)
+    good, bad, better = (delivery_artifact(config, tmp_path / n, s, flip=(n == "bad"))
+                         for n, s in (("good", 3), ("bad", 4), ("better", 5)))  # fmt: skip
+    first = register_model(registry, good, f1=0.7)
+    assert registry.promote(first, config.gate).staged is None, "no champion yet: the first is champion at once"
+    monitor: Any = ray.remote(MonitorService).options(num_cpus=0, max_restarts=0).remote(config, registry.uri)
+    answers: list[tuple[str, str]] = []  # (version, request id) of each answered record
+    generated = iter(StreamGenerator(config, seed=11, id_prefix="live").records(100_000))
+
+    def traffic(until: Any, what: str, limit_s: float = 300) -> Any:
+        """Requests of 10 records, each record's label right after its answer, until `until()`."""
+        deadline = time.monotonic() + limit_s
+        with Producer(config.kafka) as producer:
+            while time.monotonic() < deadline:
+                batch = [next(generated) for _ in range(10)]
+                ids = [str(r.record[config.schema.record_id]) for r in batch]
+                body = [
+                    {**{k: r.record[k] for k in FEATURES}, "request_id": i} for r, i in zip(batch, ids, strict=True)
+                ]
+                answer = post(url, body, timeout=120)
+                assert answer.status_code == 200, answer.text
+                version = answer.json()["model"]["version"]
+                answers.extend((version, p["request_id"]) for p in answer.json()["predictions"])
+                for r, i in zip(batch, ids, strict=True):
+                    producer.send_event(topics.labels, LabelObserved(request_id=i, pipeline=config.name, label=r.label))
+                producer.flush()
+                done = until()
+                if done:
+                    return done
+        raise AssertionError(f"no {what} within {limit_s} s: {ray.get(monitor.stats.remote()).deliveries}")
+
+    def ended(version: str, to: str) -> Any:
+        return lambda: next((d for d in ray.get(monitor.stats.remote()).deliveries
+                             if d["version"] == version and d["to"] == to), None)  # fmt: skip
+
+    try:
+        with serving(build_app(config, registry.uri), config.name, serve_url) as url, Producer(config.kafka) as gate:
+            traffic(lambda: len(answers) >= 100, "first answers")  # the monitor has its champion
+
+            def promote(artifact: Path) -> str:
+                version = register_model(registry, artifact, f1=0.9)
+                verdict = registry.promote(version, config.gate, publish=lambda e: gate.send_event(topics.models, e))
+                gate.flush()
+                assert verdict.promote and verdict.staged == "shadow", verdict
+                assert registry.alias("champion") == first and registry.delivery() is not None
+                return version
+
+            wrong = promote(bad)
+            rejected = traffic(ended(wrong, "rejected"), "rejection")
+            assert rejected["step"] == "shadow" and "worse by more than the tolerance" in rejected["reason"], rejected
+            assert rejected["evidence"]["candidate_accuracy"] < rejected["evidence"]["champion_accuracy"] - 0.2
+            assert registry.alias("champion") == first and registry.delivery() is None
+            assert {v for v, _ in answers} == {first}, "a shadow never answers"
+
+            right = promote(better)
+            shadowed = traffic(ended(right, "canary"), "canary step")
+            assert shadowed["evidence"]["candidate_labeled"] >= 150
+            canaried = traffic(ended(right, "champion"), "promotion")
+            assert canaried["step"] == "canary" and registry.alias("champion") == right
+            traffic(lambda: all(v == right for v, _ in answers[-50:]) or None, "the new champion answering", 60)
+    finally:
+        ray.get(monitor.stop.remote())
+    versions = [v for v, _ in answers]
+    assert versions.index(right) < len(versions) - 1 - versions[::-1].index(first), "the canary shared the traffic"
+
+    models: list[Any] = []
+    logged: list[PredictionLogged] = []
+
+    def keep(b: Batch) -> None:
+        models.extend(v for v in b.values if isinstance(v, DeliveryStep | ModelPromoted | ModelRejected))
+        logged.extend(v for v in b.values if isinstance(v, PredictionLogged))
+
+    StreamConsumer(config.kafka, [topics.models, topics.predictions], decode_events, keep, group_id=None,
+                   dlq_topic=topics.dlq).run(idle_timeout_s=10)  # fmt: skip
+    told = [(type(e).__name__, e.model_version, getattr(e, "step", "")) for e in models]
+    assert told == [("DeliveryStep", wrong, "shadow"), ("ModelRejected", wrong, ""), ("DeliveryStep", right, "shadow"),
+                    ("DeliveryStep", right, "canary"), ("ModelPromoted", right, "")], told  # fmt: skip
+    assert next(e for e in models if isinstance(e, ModelRejected)).evidence["candidate_labeled"] >= 150
+    served = {(e.request_id, e.model_version) for e in logged if e.variant != "shadow"}
+    assert served == {(r, v) for v, r in answers}, "every answer is logged, with the version that made it"
+    kinds = {(e.variant, e.model_version) for e in logged}
+    expected = {("shadow", wrong), ("shadow", right), ("challenger", right), ("champion", first), ("champion", right)}
+    assert kinds == expected, kinds

@@ -232,7 +232,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "config", type=Path, nargs="?", default=Path("configs/demo.yaml"), help="pipeline config (default: %(default)s)"
     )
-    run.add_argument("--scenario", choices=SCENARIOS, default="concept", help="kind of drift (default: %(default)s)")
+    run.add_argument("--scenario", choices=(*SCENARIOS, "bad-model"), default="concept",
+                     help="kind of drift (default: %(default)s); bad-model: no drift, a bad model is forced in as "
+                     "the champion by hand, and the monitor's probation rolls it back")  # fmt: skip
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--run-dir", type=Path, default=None, help="where logs and state go (default: runs/<time>)")
     run.add_argument("--report", type=Path, default=None, help="also write the run's numbers as JSON here")

@@ -28,9 +28,9 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import requests
 
@@ -43,6 +43,7 @@ from streams.events import (
     LabelObserved,
     ModelPromoted,
     ModelRejected,
+    ModelRolledBack,
     RetrainRequested,
     TrainingCompleted,
     TrainingFailed,
@@ -72,7 +73,7 @@ class LoopOptions:
     rate: float = 250.0  # records per second sent to the endpoint
     batch: int = 25  # records per HTTP request
     label_delay: int = 100  # a record's label arrives this many records later
-    scenario: Scenario = "concept"
+    scenario: Scenario | Literal["bad-model"] = "concept"  # bad-model: no drift; a bad model is promoted by hand
     seed: int = 0
     max_seconds: float = 600.0  # give up (and say so) after this long
     report: Path | None = None
@@ -92,6 +93,12 @@ class _Traffic:
     drifted: list[bool] = field(default_factory=list)
     wall: list[float] = field(default_factory=list)  # time.time() when each record was answered
     first_new_version_at: dict[str, float] = field(default_factory=dict)
+    # --scenario bad-model: the version forced in, the record it was forced at, the first record the
+    # champion it replaced answered again (after the monitor's rollback), and the wall time of that
+    bad_version: str | None = None
+    bad_at_record: int | None = None
+    restored_at_record: int | None = None
+    restored_wall: float | None = None
 
 
 @contextlib.contextmanager
@@ -218,11 +225,18 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
                 _say(started, "serve", f"version {first} at {url}/v1/predict (API key in ${API_KEY_ENV})")
                 monitors = pipeline.start_monitors()
                 _say(started, "monitor", f"{len(monitors)} actor(s) watching predictions and delayed labels")
+                bad = options.scenario == "bad-model"
+                if bad:
+                    drift_at = -1  # no drift: a bad model, forced in by hand, is what goes wrong
+
+                def promote_bad() -> str:
+                    return _promote_a_bad_model(config, registry, producer, topics, run_dir, options.seed)
+
                 generator: Any = stream or StreamGenerator(
                     config,
                     seed=options.seed + 1,
-                    scenario=options.scenario,
-                    drift_at=options.before_drift,
+                    scenario="concept" if bad else options.scenario,  # type: ignore[arg-type]
+                    drift_at=None if bad else options.before_drift,
                     start_time=utcnow(),
                     interval=interval,
                     id_prefix=f"r{options.seed}-live",
@@ -244,6 +258,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
                         deadline,
                         monitors,
                         controller,
+                        promote_bad if bad else None,
                     )
             monitor_stats = _monitor_stats(monitors)
             controller_stats = ray.get(controller.stats.remote())
@@ -255,6 +270,8 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
             report = _report(
                 config, options, traffic, events, monitor_stats, controller_stats, registry, first, drift_at, outcome
             )
+            if options.scenario == "bad-model":
+                report["bad_model"] = _bad_model_report(traffic, events, first, options.bootstrap_records)
             html = write_html(
                 run_dir / "report.html",
                 report,
@@ -269,6 +286,8 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
                 options.report.write_text(json.dumps(report, indent=2, default=str))
                 print(f"JSON report: {options.report}")
             closed = report["promoted_version"] or report["outcome"] == "kept"
+            if options.scenario == "bad-model":
+                closed = report["outcome"] == "rolled back"
             return 0 if closed and report["failed_requests"] == 0 else 1
         finally:
             for actor in [*monitors, controller]:
@@ -278,6 +297,62 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
                     print(f"[stop] {err}", file=sys.stderr)
             serve.shutdown()
             ray.shutdown()
+
+
+def _promote_a_bad_model(
+    config: PipelineConfig, registry: Any, producer: Producer, topics: Topics, run_dir: Path, seed: int
+) -> str:
+    """`--scenario bad-model`: a model of the config's family trained in this process on generated
+    records whose labels are inverted, registered and forced in as the champion (no gate), its
+    `ModelPromoted` on the models topic. Returns its version."""
+    import pyarrow as pa
+
+    from jobs.train import train_model
+    from streams.datasets import Window
+
+    classes = config.schema.label.classes
+    records = []
+    for r in StreamGenerator(config, seed=seed + 7, id_prefix=f"r{seed}-bad").records(3000):
+        record = dict(r.record)
+        record[config.schema.label.name] = classes[(classes.index(r.label) + 1) % len(classes)]  # every label wrong
+        when = record.get(config.schema.event_time)
+        if isinstance(when, str):  # as the dataset store holds it: a timestamp
+            record[config.schema.event_time] = datetime.fromisoformat(when.replace("Z", "+00:00"))
+        records.append(record)
+    table = pa.Table.from_pylist(records, schema=None)
+    trained = train_model(config, Window(()), run_dir / "bad-model", data=table)
+    report = json.loads((trained.artifact / "report.json").read_text())
+    version = registry.log_training(trained.artifact, {"scenario": "bad-model"}, [], report, Window(())).version
+    registry.force_promote(version, "run --scenario bad-model: trained on inverted labels",
+                           publish=lambda e: producer.send_event(topics.models, e))  # fmt: skip
+    producer.flush()
+    return str(version)
+
+
+def _bad_model_report(traffic: _Traffic, events: list[Any], first: str, base: int) -> dict[str, Any]:
+    """What `--scenario bad-model` shows: the bad version's time as champion and its rollback."""
+    bad = traffic.bad_version
+    rolled = next((e for e in events if isinstance(e, ModelRolledBack) and e.from_version == bad), None)
+    served_from = traffic.first_new_version_at.get(bad or "")
+    flags = list(zip(traffic.correct, traffic.versions, strict=True))
+    start = traffic.bad_at_record - base if traffic.bad_at_record is not None else len(flags)
+    restored = traffic.restored_at_record - base if traffic.restored_at_record is not None else len(flags)
+    return {
+        "version": bad,
+        "forced_at_record": traffic.bad_at_record,
+        "rolled_back": rolled is not None,
+        "rollback_reason": rolled.reason if rolled else None,
+        "restored_version_answers_at_record": traffic.restored_at_record,
+        "served_by_it_s": _seconds(served_from, traffic.restored_wall),
+        "records_served_by_it": sum(1 for _, v in flags if v == bad),
+        "accuracy_before": _accuracy([c for c, _ in flags[:start]]),
+        "accuracy_while_bad": _accuracy([c for c, v in flags if v == bad]),
+        "accuracy_after_rollback": _accuracy([c for c, v in flags[restored:] if v == first]),
+    }
+
+
+def _seconds(start: float | None, end: float | None) -> float | None:
+    return round(end - start, 1) if start is not None and end is not None else None
 
 
 def _fail(started: float, message: str) -> int:
@@ -321,11 +396,14 @@ def _send_traffic(
     deadline: float,
     monitors: list[Any],
     controller: Any,
+    promote_bad: Any = None,
 ) -> str:
     """Send records to the endpoint until the new champion has served `after_promotion` records (a bar
     at a terminal, `shown`, counts them): "promoted". When a retrain's challenger is turned down by the
     gate and nothing is promoted, the old champion serves as many records again, and the run ends
-    "kept": the loop did its work, and the data's change did not call for a new model."""
+    "kept": the loop did its work, and the data's change did not call for a new model. With
+    `promote_bad` (`--scenario bad-model`), it forces a bad model in after `before_drift` records
+    and ends "rolled back" once the champion it replaced has served `after_promotion` records again."""
     import ray
 
     schema = config.schema
@@ -334,6 +412,7 @@ def _send_traffic(
     headers = {"x-api-key": os.environ[API_KEY_ENV]}
     labels: deque[tuple[int, str, Any]] = deque()
     begun = time.monotonic()
+    drift_from = options.bootstrap_records + options.before_drift  # where the bad model goes in (bad-model)
     promoted_at_record: int | None = None
     kept_at_record: int | None = None
     last_report = time.monotonic()
@@ -349,6 +428,10 @@ def _send_traffic(
         if getattr(generator, "cycle", 0) > 0 and not replaying:
             again = getattr(generator, "replay_from", 0)
             _say(started, "replay", f"the file ended; serving its rows from {again} again")
+        if promote_bad is not None and traffic.bad_version is None and index >= drift_from:
+            traffic.bad_version, traffic.bad_at_record = promote_bad(), index
+            _say(started, "bad-model", f"version {traffic.bad_version} (trained on inverted labels) forced in as the "
+                 "champion, no gate: the monitor's probation should roll it back")  # fmt: skip
         body = [{"request_id": r.id, **{n: r.record[n] for n in names if n in r.record}} for r in batch]
         try:
             answer = session.post(f"{url}/v1/predict", json=body, headers=headers, timeout=30)
@@ -371,6 +454,12 @@ def _send_traffic(
                 traffic.first_new_version_at[version] = now
                 promoted_at_record = index
                 _say(started, "serve", f"now answering with version {version} (record {index})")
+            bad_served = traffic.bad_version in traffic.first_new_version_at
+            if bad_served and version == first and traffic.restored_at_record is None:
+                traffic.restored_at_record, traffic.restored_wall = index, now
+                _say(
+                    started, "rollback", f"version {first} answers again (record {index}): the bad one was rolled back"
+                )
         for j, r in enumerate(batch):
             if not replaying:
                 producer.send(topics.records, codec.encode(r.record), key=r.key(schema))
@@ -393,7 +482,12 @@ def _send_traffic(
         if index < drift_at <= index + len(batch):
             what = "the file changes" if options.source else f"{options.scenario} drift starts"
             _say(started, "drift", f"{what} at record {drift_at}")
-        if promoted_at_record is not None and index + len(batch) - promoted_at_record >= options.after_promotion:
+        if promote_bad is not None:
+            restored = traffic.restored_at_record
+            if restored is not None and index + len(batch) - restored >= options.after_promotion:
+                producer.flush()
+                return "rolled back"
+        elif promoted_at_record is not None and index + len(batch) - promoted_at_record >= options.after_promotion:
             producer.flush()
             return "promoted"
         kept = promoted_at_record is None and kept_at_record is not None
@@ -588,7 +682,7 @@ def _print_summary(report: dict[str, Any], html: Path, started: float) -> None:
     print("timeline:")
     for item in report["timeline"]:
         print(f"  {item['at'][11:23]}  {item['event']:<18} {item['detail']}")
-    keys = (
+    keys: tuple[str, ...] = (
         "drift_injected_at_record",
         "drift_detected_at_record",
         "drift_event_kind",
@@ -601,12 +695,18 @@ def _print_summary(report: dict[str, Any], html: Path, started: float) -> None:
         "accuracy_after_drift_before_retrain",
         "accuracy_after_promotion",
     )
+    if report.get("bad_model"):  # no drift, no retrain: what the scenario shows is below
+        keys = ("requests_sent", "failed_requests")
     for key in keys:
         print(f"  {key:<38} {report[key]}")
         if key == "loop_latency_s" and report.get("loop_stages_s"):
             print("    " + ", ".join(f"{k} {v:g}" for k, v in report["loop_stages_s"].items()))
+    if report.get("bad_model"):
+        print("bad model (--scenario bad-model):")
+        for k, v in report["bad_model"].items():
+            print(f"  {k:<38} {str(v)[:150]}")
     if report["lineage"]:
-        print("lineage of the new champion:")
+        print("lineage of the rolled-back version:" if report.get("bad_model") else "lineage of the new champion:")
         for k, v in report["lineage"].items():
             print(f"  {k:<20} {str(v)[:150]}")
     print(f"HTML report: {html}")

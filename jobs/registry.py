@@ -403,6 +403,19 @@ class ModelRegistry:
             publish(ModelRejected(model_name=self.name, model_version=version, reasons=(reason,), evidence=evidence))
         return True
 
+    def force_promote(self, version: str, reason: str, publish: Callable[[Event], None] | None = None) -> str | None:
+        """Make `version` the champion without the gate (a human's hand promotion; `run --scenario
+        bad-model` shows what the monitor's probation does with a bad one). The champion it
+        replaces becomes `previous`, and the new one's probation holds it to that one's validation
+        report. Returns the replaced champion."""
+        with self._lock():
+            champion = self.alias(CHAMPION)
+            self._crown(version, champion)
+            self.client.set_model_version_tag(self.name, version, "driftloop.gate", f"forced: {reason}"[:5000])
+        if publish is not None:
+            publish(ModelPromoted(model_name=self.name, model_version=version, previous_version=champion))
+        return champion
+
     def rollback(
         self, reason: str = "", publish: Callable[[Event], None] | None = None, only_from: str | None = None
     ) -> tuple[str, str] | None:

@@ -627,7 +627,7 @@ def delivery_artifact(config: PipelineConfig, folder: Path, seed: int, flip: boo
     return train_model(dataclasses.replace(config, model=settings), Window(()), folder, data=table).artifact
 
 
-def test_a_model_goes_shadow_then_canary_then_champion_on_live_evidence_and_a_worse_one_is_rejected(
+def test_a_model_goes_shadow_canary_champion_on_live_evidence_a_worse_one_is_rejected_a_forced_one_rolled_back(
     config: PipelineConfig, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve_url: str
 ) -> None:
     """Progressive delivery over real HTTP with the real monitor: every model that passes the gate
@@ -636,7 +636,7 @@ def test_a_model_goes_shadow_then_canary_then_champion_on_live_evidence_and_a_wo
     every prediction is logged with the variant that made it."""
     from jobs.monitor import MonitorService
     from streams.config import DeliverySettings
-    from streams.events import DeliveryStep, LabelObserved, ModelPromoted, ModelRejected
+    from streams.events import DeliveryStep, LabelObserved, ModelPromoted, ModelRejected, ModelRolledBack
     from streams.kafka import Producer
 
     monkeypatch.setenv(API_KEY_ENV, KEY)
@@ -703,6 +703,16 @@ def test_a_model_goes_shadow_then_canary_then_champion_on_live_evidence_and_a_wo
             canaried = traffic(ended(right, "champion"), "promotion")
             assert canaried["step"] == "canary" and registry.alias("champion") == right
             traffic(lambda: all(v == right for v, _ in answers[-50:]) or None, "the new champion answering", 60)
+
+            # Automatic rollback: a bad model forced in by hand (no gate, no delivery) loses its
+            # probation's live windows to the champion it replaced, which answers again by itself.
+            forced = register_model(registry, bad, f1=0.9)
+            registry.force_promote(forced, "by hand, in a test", publish=lambda e: gate.send_event(topics.models, e))
+            gate.flush()
+            traffic(lambda: forced in {v for v, _ in answers[-10:]} or None, "the forced model answering", 60)
+            traffic(lambda: registry.alias("champion") == right or None, "the rollback")
+            traffic(lambda: all(v == right for v, _ in answers[-50:]) or None, "the champion answering again", 60)
+            assert ray.get(monitor.stats.remote()).rollbacks == 1
     finally:
         ray.get(monitor.stop.remote())
     versions = [v for v, _ in answers]
@@ -712,17 +722,22 @@ def test_a_model_goes_shadow_then_canary_then_champion_on_live_evidence_and_a_wo
     logged: list[PredictionLogged] = []
 
     def keep(b: Batch) -> None:
-        models.extend(v for v in b.values if isinstance(v, DeliveryStep | ModelPromoted | ModelRejected))
+        models.extend(
+            v for v in b.values if isinstance(v, DeliveryStep | ModelPromoted | ModelRejected | ModelRolledBack)
+        )
         logged.extend(v for v in b.values if isinstance(v, PredictionLogged))
 
     StreamConsumer(config.kafka, [topics.models, topics.predictions], decode_events, keep, group_id=None,
                    dlq_topic=topics.dlq).run(idle_timeout_s=10)  # fmt: skip
-    told = [(type(e).__name__, e.model_version, getattr(e, "step", "")) for e in models]
+    told = [(type(e).__name__, getattr(e, "model_version", e.from_version), getattr(e, "step", "")) for e in models]
     assert told == [("DeliveryStep", wrong, "shadow"), ("ModelRejected", wrong, ""), ("DeliveryStep", right, "shadow"),
-                    ("DeliveryStep", right, "canary"), ("ModelPromoted", right, "")], told  # fmt: skip
+                    ("DeliveryStep", right, "canary"), ("ModelPromoted", right, ""), ("ModelPromoted", forced, ""),
+                    ("ModelRolledBack", forced, "")], told  # fmt: skip
+    assert "lost 2 live performance windows" in models[-1].reason, models[-1].reason
     assert next(e for e in models if isinstance(e, ModelRejected)).evidence["candidate_labeled"] >= 150
     served = {(e.request_id, e.model_version) for e in logged if e.variant != "shadow"}
     assert served == {(r, v) for v, r in answers}, "every answer is logged, with the version that made it"
     kinds = {(e.variant, e.model_version) for e in logged}
-    expected = {("shadow", wrong), ("shadow", right), ("challenger", right), ("champion", first), ("champion", right)}
+    expected = {("shadow", wrong), ("shadow", right), ("challenger", right), ("champion", first), ("champion", right),
+                ("champion", forced)}  # fmt: skip
     assert kinds == expected, kinds

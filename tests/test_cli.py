@@ -97,6 +97,12 @@ def test_config_errors_exit_2_and_name_the_problem(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_config_schema_prints_the_checked_in_json_schema() -> None:
+    result = driftloop("config", "schema")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (ROOT / "configs" / "driftloop.schema.json").read_text()
+
+
 def test_without_a_broker_the_message_says_how_to_get_one() -> None:
     result = driftloop("produce", "--config", "configs/demo.yaml", "--records", "1")
     assert result.returncode == 1

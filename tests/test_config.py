@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from streams.config import PipelineConfig, load_config, parse_config
+from streams.config import PipelineConfig, config_schema, load_config, parse_config
 from streams.errors import ConfigError
-from tests.conftest import DEMO
+from tests.conftest import DEMO, ROOT
+
+SCHEMA = ROOT / "configs" / "driftloop.schema.json"
 
 
 def demo_with(**changes: object) -> str:
@@ -222,3 +225,23 @@ training: {use_gpu: 1, cpus_per_worker: "2"}
         (6, 41, "training.cpus_per_worker", "2"),
     ]
 
+
+def test_the_checked_in_json_schema_is_the_generated_one() -> None:
+    regenerate = "driftloop config schema > configs/driftloop.schema.json"
+    assert json.loads(SCHEMA.read_text()) == config_schema(), f"the schema changed: {regenerate}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate_against_the_schema_and_name_it(path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+    data = yaml.safe_load(path.read_text())
+    assert [e.message for e in validator.iter_errors(data)] == []
+    assert path.read_text().startswith("# yaml-language-server: $schema=driftloop.schema.json\n")
+    load_config(path, env={})
+    data["model"]["eta"] = -1
+    data["features"]["transforms"]["plan"] = ["sqrt"]
+    assert sorted(tuple(e.path) for e in validator.iter_errors(data)) == [
+        ("features", "transforms", "plan"),
+        ("model", "eta"),
+    ]

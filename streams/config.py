@@ -145,7 +145,7 @@ SERVING_POLICIES: tuple[ServingPolicy, ...] = typing.get_args(ServingPolicy)
 class _Section:
     """Base of the config dataclasses: how pydantic decodes them (a stdlib dataclass stays one).
 
-    Strict, as in `_STRICT`, but a mapping is accepted for the dataclass itself (strict mode alone
+    Strict (`__pydantic_config__`, below), but a mapping is accepted for the dataclass itself (strict mode alone
     would take only instances); a class's `problems()` (checks relating its fields) run after its
     fields are valid, and come back as one error that `_Reader` splits into one problem each.
     """

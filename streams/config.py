@@ -985,6 +985,9 @@ def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
 
 @functools.cache
 def _adapter() -> TypeAdapter[PipelineConfig]:
+    for cls in _sections():  # without the base, pydantic's strict mode would take only instances
+        if not issubclass(cls, _Section):
+            raise TypeError(f"config dataclass {cls.__name__} must derive from _Section")
     return TypeAdapter(PipelineConfig)
 
 

@@ -250,6 +250,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rate", type=_positive_float, default=250.0, help="records per second sent to the endpoint")
     run.add_argument("--max-seconds", type=_positive_float, default=600.0, help="give up after this long")
     run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser("config", help="about config files: `driftloop config schema` prints their JSON Schema")
+    actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    schema = actions.add_parser("schema", help="print the JSON Schema of a pipeline config (for editors)")
+    schema.set_defaults(func=cmd_config_schema)
     return parser
 
 
@@ -754,6 +759,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds, report=args.report, source=args.source, drift_at=args.drift_at,
     )  # fmt: skip
     return run_loop(config, run_dir, options)
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from streams.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
 
 
 if __name__ == "__main__":

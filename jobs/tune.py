@@ -33,7 +33,15 @@ import pyarrow as pa
 from jobs.families import Step, family
 from jobs.features import fit_pipeline
 from jobs.train import check_resources, in_process, join_ray, model_inputs, read_window, split_by_time
-from streams.config import FAMILY_KNOBS, INTEGER_KNOBS, ModelSettings, Param, PipelineConfig, SearchSettings
+from streams.config import (
+    FAMILY_KNOBS,
+    INTEGER_KNOBS,
+    SEARCH_METRICS,
+    ModelSettings,
+    Param,
+    PipelineConfig,
+    SearchSettings,
+)
 from streams.datasets import DatasetStore, Window
 
 __all__ = [
@@ -301,11 +309,11 @@ def tune_arrays(
         if result.error is not None:
             raise RuntimeError(f"a tuning trial failed: {result.error!r}")
         reported = result.metrics or {}
-        trial_metrics: dict[str, float] = {k: float(reported[k]) for k in ("val_loss", "val_accuracy") if k in reported}
+        trial_metrics: dict[str, float] = {k: float(reported[k]) for k in SEARCH_METRICS if k in reported}
         trials.append({"params": dict(result.config or {}), "epochs": int(reported.get("epoch", 0)), **trial_metrics})
     best = grid.get_best_result(metric=search.metric, mode=search.mode, scope="all")
     found = best.metrics or {}
-    metrics: dict[str, float] = {k: float(found[k]) for k in ("val_loss", "val_accuracy") if k in found}
+    metrics: dict[str, float] = {k: float(found[k]) for k in SEARCH_METRICS if k in found}
     return TuneResult({"kind": families[0], **(best.config or {})}, metrics, trials, time.monotonic() - started)
 
 
@@ -348,7 +356,7 @@ def search_in_process(
         finally:
             last = history[-1] if history else {}
             trials.append({"params": params, "epochs": int(last.get("epoch", 0)),
-                           **{k: float(last[k]) for k in ("val_loss", "val_accuracy") if k in last}})  # fmt: skip
+                           **{k: float(last[k]) for k in SEARCH_METRICS if k in last}})  # fmt: skip
             log_trial(params, history)
         return float(history[-1][search.metric])
 
@@ -366,7 +374,7 @@ def search_in_process(
     # Like Ray Tune's best result (scope "all"): the best value any trial reported, pruned ones too.
     sign = 1 if search.mode == "min" else -1
     best = min((t for t in trials if search.metric in t), key=lambda t: sign * t[search.metric])
-    metrics: dict[str, float] = {k: float(best[k]) for k in ("val_loss", "val_accuracy") if k in best}
+    metrics: dict[str, float] = {k: float(best[k]) for k in SEARCH_METRICS if k in best}
     # The family is named even when only one was searched (it may not be model.kind).
     return TuneResult({"kind": families[0], **best["params"]}, metrics, trials, time.monotonic() - started)
 

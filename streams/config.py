@@ -1,27 +1,38 @@
 """Pipeline configuration: one YAML file per pipeline, loaded into frozen dataclasses.
 
-Every error names the file, the key, what was expected and what was found. Connection
-settings can be overridden from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `RAY_ADDRESS`,
-`MLFLOW_TRACKING_URI`); secrets (SASL credentials) come *only* from the environment.
+The dataclasses' types carry their constraints (`PositiveInt`, `Literal`s, patterns) and pydantic
+decodes and validates the file against them (a `TypeAdapter` over these stdlib dataclasses, strict:
+no "1" for 1, no `true` for 1, finite floats, no unknown keys); checks that relate several fields
+are each class's `problems()`. Pydantic rather than msgspec (which decodes our records) because it
+reports every error of a file at once, where msgspec stops at the first. Each error names the file,
+its line and column (from the YAML node tree), the key, what was expected and what was found.
+Connection settings can be overridden from the environment (`KAFKA_BOOTSTRAP_SERVERS`,
+`RAY_ADDRESS`, `MLFLOW_TRACKING_URI`); secrets (SASL credentials) come *only* from the environment.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import keyword
-import math
 import re
 import types
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast
 
 import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError, core_schema
 
-from streams.errors import ConfigError
+from streams.errors import ConfigError, ConfigProblem
+
+if TYPE_CHECKING:
+    from pydantic import GetCoreSchemaHandler
+    from pydantic_core import CoreSchema
 
 __all__ = [
     "API_KEY_ENV",
@@ -54,6 +65,7 @@ __all__ = [
     "TopicSettings",
     "TrackerSettings",
     "TrainingSettings",
+    "config_schema",
     "dump_config",
     "field_key",
     "load_config",
@@ -68,32 +80,114 @@ API_KEY_ENV = "DRIFTLOOP_API_KEY"  # the key Serve's clients send: from the envi
 RESERVED_COLUMNS = ("topic", "partition", "offset", "timestamp")  # Kafka metadata in every dataset
 KAFKA_TIME = "timestamp"  # the Kafka record timestamp: the event time when a schema names none
 INLINE = "\x00inline"  # marks the field a shorthand value stands for (see FeatureTransform.normalize)
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
-# A column name as users have them: any printable text ("region-centroid-col", "Monthly charges").
-_COLUMN = re.compile(r"^(?=\S)[^\x00-\x1f\x7f]{1,128}(?<=\S)$")
-_COLUMN_EXPECTED = "a column name: 1-128 printable characters, no leading or trailing space"
 _NOT_FROM_YAML = {"yaml": False}
-DriftKind = Literal["data", "prediction", "performance"]
 Problem = tuple[str, str, object]  # (key relative to the section, expected, found)
+
+# Constrained types: the constraint is checked on load, named in errors and in the JSON Schema.
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+# A column name as users have them: any printable text ("region-centroid-col", "Monthly charges").
+Column = Annotated[
+    str,
+    Field(
+        pattern=r"^(?=\S)[^\x00-\x1f\x7f]{1,128}(?<=\S)$",
+        description="a column name: 1-128 printable characters, no leading or trailing space",
+    ),
+]
+PipelineName = Annotated[
+    str,
+    Field(pattern=r"^[A-Za-z0-9_-]{1,100}$", description="1-100 letters, digits, '_' or '-' (it prefixes topic names)"),
+]
+TopicName = Annotated[
+    str,
+    Field(
+        pattern=r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$",
+        description="a Kafka topic name (1-249 letters, digits, '.', '_', '-')",
+    ),
+]
+
+# Value lists: each is written once, as a Literal, and read as a tuple where code needs one.
+DriftKind = Literal["data", "prediction", "performance"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+FeatureType = Literal["float", "int", "bool", "category"]
+StatelessStep = Literal["clip", "log1p"]
+NumericFit = Literal["standardize", "minmax", "bucketize"]  # fitted steps of numeric inputs
+CategoryFit = Literal["one_hot", "hash"]  # fitted steps of categories
+StepOp = Literal[StatelessStep, NumericFit, CategoryFit, "drop"]
+DerivedOp = Literal["ratio", "product", "difference", "sum"]
+NeuralFamily = Literal["mlp", "logreg"]
+TreeFamily = Literal["xgboost", "random_forest"]
+Family = Literal[NeuralFamily, TreeFamily]
+Knob = Literal[
+    "learning_rate", "weight_decay", "dropout", "batch_size", "hidden",
+    "eta", "rounds", "max_depth", "min_child_weight", "subsample", "colsample", "reg_lambda", "trees",
+]  # fmt: skip
+Searchable = Literal[Knob, "kind"]
+SearchMetric = Literal["val_loss", "val_accuracy"]
+GateMetric = Literal["accuracy", "f1", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "log_loss"]
+ServingPolicy = Literal["none", "shadow", "canary"]
+
+STATELESS_STEPS: tuple[StatelessStep, ...] = typing.get_args(StatelessStep)
+STATEFUL_STEPS: tuple[str, ...] = (*typing.get_args(NumericFit), *typing.get_args(CategoryFit))
+NUMERIC_STEPS: tuple[str, ...] = (*STATELESS_STEPS, *typing.get_args(NumericFit))  # numeric inputs only
+CATEGORY_STEPS: tuple[CategoryFit, ...] = typing.get_args(CategoryFit)  # categories only
+FAMILIES: tuple[Family, ...] = typing.get_args(Family)
+TREE_FAMILIES: tuple[TreeFamily, ...] = typing.get_args(TreeFamily)
+SEARCHABLE: tuple[Searchable, ...] = typing.get_args(Searchable)
+SEARCH_METRICS: tuple[SearchMetric, ...] = typing.get_args(SearchMetric)
+GATE_METRICS: tuple[GateMetric, ...] = typing.get_args(GateMetric)
+SERVING_POLICIES: tuple[ServingPolicy, ...] = typing.get_args(ServingPolicy)
+
+
+class _Section:
+    """Base of the config dataclasses: how pydantic decodes them (a stdlib dataclass stays one).
+
+    Strict (`__pydantic_config__`, below), but a mapping is accepted for the dataclass itself (strict mode alone
+    would take only instances); a class's `problems()` (checks relating its fields) run after its
+    fields are valid, and come back as one error that `_Reader` splits into one problem each.
+    """
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        schema = cast("dict[str, Any]", handler(source))
+        if schema["type"] != "dataclass":  # pragma: no cover - a pydantic we were not written for
+            raise TypeError(f"expected pydantic's dataclass schema for {cls.__name__}, got {schema['type']}")
+        schema["strict"] = False
+        if not hasattr(cls, "problems"):
+            return cast("CoreSchema", schema)
+        # The after-validator takes over the reference, as pydantic's own model validators do, so
+        # that every use of the class (not only the first) runs it.
+        ref = schema.pop("ref", None)
+        return core_schema.no_info_after_validator_function(_check_problems, schema, ref=ref)
+
+
+_Section.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]
+    strict=True, extra="forbid", allow_inf_nan=False, regex_engine="python-re"
+)
+
+
+def _check_problems(value: Any) -> Any:
+    problems = list(value.problems())
+    if problems:
+        raise PydanticCustomError("problems", "{count} problems", {"count": len(problems), "problems": problems})
+    return value
 
 
 @dataclass(frozen=True)
-class ProducerSettings:
+class ProducerSettings(_Section):
     """Producer knobs; `buffer_bytes` bounds the payload waiting for acknowledgement."""
 
-    linger_ms: int = 5
-    batch_size: int = 65536
-    buffer_bytes: int = 32 * 1024 * 1024
-    max_block_ms: int = 10_000
-    delivery_timeout_ms: int = 120_000
+    linger_ms: NonNegativeInt = 5
+    batch_size: PositiveInt = 65536
+    buffer_bytes: PositiveInt = 32 * 1024 * 1024
+    max_block_ms: NonNegativeInt = 10_000
+    delivery_timeout_ms: PositiveInt = 120_000
 
     def problems(self) -> Iterator[Problem]:
-        for name in ("linger_ms", "max_block_ms"):
-            if getattr(self, name) < 0:
-                yield name, "an integer >= 0", getattr(self, name)
-        for name in ("batch_size", "buffer_bytes", "delivery_timeout_ms"):
-            if getattr(self, name) < 1:
-                yield name, "an integer >= 1", getattr(self, name)
         if self.delivery_timeout_ms <= self.linger_ms + 30_000:
             yield (
                 "delivery_timeout_ms",
@@ -103,39 +197,33 @@ class ProducerSettings:
 
 
 @dataclass(frozen=True)
-class ConsumerSettings:
+class ConsumerSettings(_Section):
     """Consumer loop knobs: batch size, group timing and the handler's retry budget."""
 
-    max_poll_records: int = 2000
-    poll_timeout_ms: int = 500
-    session_timeout_ms: int = 6000
+    max_poll_records: PositiveInt = 2000
+    poll_timeout_ms: PositiveInt = 500
+    session_timeout_ms: PositiveInt = 6000
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    handler_retries: int = 3
-    retry_backoff_ms: int = 200
-
-    def problems(self) -> Iterator[Problem]:
-        for name in ("max_poll_records", "poll_timeout_ms", "session_timeout_ms"):
-            if getattr(self, name) < 1:
-                yield name, "an integer >= 1", getattr(self, name)
-        for name in ("handler_retries", "retry_backoff_ms"):
-            if getattr(self, name) < 0:
-                yield name, "an integer >= 0", getattr(self, name)
+    handler_retries: NonNegativeInt = 3
+    retry_backoff_ms: NonNegativeInt = 200
 
 
 @dataclass(frozen=True)
-class KafkaSettings:
+class KafkaSettings(_Section):
     """Where the broker is and how topics are laid out.
 
     `bootstrap_servers: embedded` means driftloop starts its own Tansu broker.
     """
 
-    bootstrap_servers: str = EMBEDDED
-    partitions: int = 4
-    replication_factor: int = 1
-    max_record_bytes: int = 1024 * 1024
-    connect_timeout_ms: int = 10_000
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    bootstrap_servers: Annotated[str, Field(pattern=r"\S", description="host:port[,host:port...] or 'embedded'")] = (
+        EMBEDDED
+    )
+    partitions: PositiveInt = 4
+    replication_factor: PositiveInt = 1
+    max_record_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    connect_timeout_ms: PositiveInt = 10_000
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
     ssl_cafile: str | None = None
     producer: ProducerSettings = ProducerSettings()
     consumer: ConsumerSettings = ConsumerSettings()
@@ -147,23 +235,16 @@ class KafkaSettings:
         return self.bootstrap_servers == EMBEDDED
 
     def problems(self) -> Iterator[Problem]:
-        if not self.bootstrap_servers.strip():
-            yield "bootstrap_servers", "host:port[,host:port...] or 'embedded'", self.bootstrap_servers
-        for name in ("partitions", "replication_factor", "connect_timeout_ms"):
-            if getattr(self, name) < 1:
-                yield name, "an integer >= 1", getattr(self, name)
-        if not 1024 <= self.max_record_bytes <= 64 * 1024 * 1024:
-            yield "max_record_bytes", "an integer between 1024 and 67108864", self.max_record_bytes
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
             yield "sasl_mechanism", f"a mechanism when security_protocol is {self.security_protocol}", None
 
 
 @dataclass(frozen=True)
-class Feature:
+class Feature(_Section):
     """One input column: its type, and its range (numbers) or categories."""
 
-    name: str
-    type: Literal["float", "int", "bool", "category"]
+    name: Column
+    type: FeatureType
     min: float | None = None
     max: float | None = None
     categories: tuple[str, ...] = ()
@@ -174,8 +255,6 @@ class Feature:
         return self.type in ("float", "int")
 
     def problems(self) -> Iterator[Problem]:
-        if not _COLUMN.match(self.name):
-            yield "name", _COLUMN_EXPECTED, self.name
         if self.type == "category":
             if len(self.categories) < 2:
                 yield "categories", "at least two categories", list(self.categories)
@@ -196,17 +275,13 @@ class Feature:
 
 
 @dataclass(frozen=True)
-class LabelSpec:
+class LabelSpec(_Section):
     """The target column and its classes (strings or integers)."""
 
-    name: str
-    classes: tuple[str | int, ...]
+    name: Column
+    classes: Annotated[tuple[str | int, ...], Field(min_length=2, description="at least two classes")]
 
     def problems(self) -> Iterator[Problem]:
-        if not _COLUMN.match(self.name):
-            yield "name", _COLUMN_EXPECTED, self.name
-        if len(self.classes) < 2:
-            yield "classes", "at least two classes", list(self.classes)
         if len(set(self.classes)) != len(self.classes):
             yield "classes", "distinct classes", list(self.classes)
         if len({type(c) for c in self.classes}) > 1:
@@ -226,7 +301,7 @@ def field_key(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class RecordSchema:
+class RecordSchema(_Section):
     """The shape of a record on the `records` topic; the record codec is generated from it.
 
     `record_id`, `entity_id` and `timestamp` are optional: without a record id a record is named
@@ -239,9 +314,9 @@ class RecordSchema:
 
     label: LabelSpec
     features: tuple[Feature, ...] = field(metadata={"keyed_by": "name"})
-    record_id: str | None = "record_id"
-    entity_id: str | None = None
-    timestamp: str | None = None
+    record_id: Column | None = "record_id"
+    entity_id: Column | None = None
+    timestamp: Column | None = None
     unknown_fields: Literal["reject", "ignore"] = "reject"
     coerce: bool = False
 
@@ -269,10 +344,6 @@ class RecordSchema:
     def problems(self) -> Iterator[Problem]:
         if not self.features:
             yield "features", "at least one feature", {}
-        for key in ("record_id", "entity_id", "timestamp"):
-            value = getattr(self, key)
-            if value is not None and not _COLUMN.match(value):
-                yield key, _COLUMN_EXPECTED + " (or null)", value
         for name in self.columns:
             if name in RESERVED_COLUMNS:
                 yield "features", f"no column named {name!r} (reserved for Kafka metadata)", name
@@ -289,58 +360,36 @@ class RecordSchema:
 
 
 @dataclass(frozen=True)
-class GeneratorSettings:
+class GeneratorSettings(_Section):
     """The synthetic stream: which features drift, and how far."""
 
     drift_features: tuple[str, ...] = ()
-    magnitude: float = 1.5
-    label_noise: float = 0.05
-    prior_positive_rate: float = 0.8
-    entities: int = 1000
-
-    def problems(self) -> Iterator[Problem]:
-        if not 0 < self.magnitude <= 10:
-            yield "magnitude", "a number in (0, 10]", self.magnitude
-        if not 0 <= self.label_noise < 0.5:
-            yield "label_noise", "a number in [0, 0.5)", self.label_noise
-        if not 0 < self.prior_positive_rate < 1:
-            yield "prior_positive_rate", "a number in (0, 1)", self.prior_positive_rate
-        if self.entities < 1:
-            yield "entities", "an integer >= 1", self.entities
+    magnitude: Annotated[float, Field(gt=0, le=10)] = 1.5
+    label_noise: Annotated[float, Field(ge=0, lt=0.5)] = 0.05
+    prior_positive_rate: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    entities: PositiveInt = 1000
 
 
 @dataclass(frozen=True)
-class DatasetSettings:
+class DatasetSettings(_Section):
     """Where versioned datasets live and how ingestion reads Kafka."""
 
-    root: str = "runs/datasets"
-    max_records_per_task: int = 250_000
-    read_timeout_s: float = 30.0
-
-    def problems(self) -> Iterator[Problem]:
-        if not self.root.strip():
-            yield "root", "a local path or a filesystem URI", self.root
-        if self.max_records_per_task < 1:
-            yield "max_records_per_task", "an integer >= 1", self.max_records_per_task
-        if self.read_timeout_s <= 0:
-            yield "read_timeout_s", "a number > 0", self.read_timeout_s
-
-
-STATELESS_STEPS = ("clip", "log1p")
-STATEFUL_STEPS = ("standardize", "minmax", "bucketize", "one_hot", "hash")
+    root: Annotated[str, Field(pattern=r"\S", description="a local path or a filesystem URI")] = "runs/datasets"
+    max_records_per_task: PositiveInt = 250_000
+    read_timeout_s: PositiveFloat = 30.0
 
 
 @dataclass(frozen=True)
-class Step:
+class Step(_Section):
     """One transform step: `standardize`, or `{clip: {min: 0, max: 72}}` in YAML."""
 
-    op: Literal["clip", "log1p", "standardize", "minmax", "bucketize", "one_hot", "hash", "drop"]
+    op: StepOp
     min: float | None = None
     max: float | None = None
     boundaries: tuple[float, ...] = ()
-    quantiles: int | None = None
-    buckets: int | None = None
-    max_categories: int | None = None
+    quantiles: Annotated[int, Field(ge=2, le=100)] | None = None
+    buckets: Annotated[int, Field(ge=2, le=4096)] | None = None
+    max_categories: PositiveInt | None = None
 
     @staticmethod
     def normalize(value: Any) -> Any:
@@ -350,6 +399,21 @@ class Step:
             ((op, params),) = value.items()
             return {"op": op, **(params or {})} if isinstance(params, dict) or params is None else value
         return value
+
+    @staticmethod
+    def shorthands(full: dict[str, Any]) -> list[dict[str, Any]]:
+        """What `normalize` reads besides the full form, in JSON Schema (given the full form's)."""
+        op = {k: v for k, v in full["properties"]["op"].items() if k != "title"}
+        params = {k: v for k, v in full["properties"].items() if k != "op"}
+        return [
+            op,
+            {
+                "type": "object", "minProperties": 1, "maxProperties": 1, "propertyNames": op,
+                "additionalProperties": {
+                    "anyOf": [{"type": "object", "properties": params, "additionalProperties": False}, {"type": "null"}]
+                },
+            },
+        ]  # fmt: skip
 
     def problems(self) -> Iterator[Problem]:
         allowed = {
@@ -370,31 +434,21 @@ class Step:
                 yield "bucketize", "either boundaries or quantiles", None
             if list(self.boundaries) != sorted(set(self.boundaries)):
                 yield "boundaries", "increasing numbers", list(self.boundaries)
-            if self.quantiles is not None and not 2 <= self.quantiles <= 100:
-                yield "quantiles", "an integer between 2 and 100", self.quantiles
-        if self.op == "hash" and (self.buckets is None or not 2 <= self.buckets <= 4096):
-            yield "buckets", "an integer between 2 and 4096", self.buckets
-        if self.max_categories is not None and self.max_categories < 1:
-            yield "max_categories", "an integer >= 1", self.max_categories
+        if self.op == "hash" and self.buckets is None:
+            yield "buckets", "an integer between 2 and 4096", None
 
 
 @dataclass(frozen=True)
-class Derived:
+class Derived(_Section):
     """A feature computed from two numeric ones before any transform."""
 
-    name: str
-    op: Literal["ratio", "product", "difference", "sum"]
-    inputs: tuple[str, ...]
-
-    def problems(self) -> Iterator[Problem]:
-        if not _COLUMN.match(self.name):
-            yield "name", _COLUMN_EXPECTED, self.name
-        if len(self.inputs) != 2:
-            yield "inputs", "two feature names", list(self.inputs)
+    name: Column
+    op: DerivedOp
+    inputs: Annotated[tuple[str, ...], Field(min_length=2, max_length=2, description="two feature names")]
 
 
 @dataclass(frozen=True)
-class FeatureTransform:
+class FeatureTransform(_Section):
     """The steps applied to one input (a schema feature or a derived one)."""
 
     name: str
@@ -405,9 +459,14 @@ class FeatureTransform:
         # `name: [steps]` in the file: errors name `...name[i]`, as the file reads
         return {"steps": value, INLINE: "steps"} if isinstance(value, list) else value
 
+    @staticmethod
+    def shorthands(full: dict[str, Any]) -> list[dict[str, Any]]:
+        """What `normalize` reads besides the full form, in JSON Schema: the steps alone."""
+        return [{"type": "array", "items": full["properties"]["steps"]["items"]}]
+
 
 @dataclass(frozen=True)
-class FeatureSettings:
+class FeatureSettings(_Section):
     """Feature engineering, declared once and used identically in training and serving.
 
     Inputs not named in `transforms` get a default: numbers are standardized, categories
@@ -427,12 +486,8 @@ class FeatureSettings:
                 yield f"transforms.{transform.name}", "drop alone", ops
 
 
-FAMILIES = ("mlp", "logreg", "xgboost", "random_forest")
-Family = Literal["mlp", "logreg", "xgboost", "random_forest"]
-TREE_FAMILIES = ("xgboost", "random_forest")
-
 # The knobs each family reads (its search space may use only these).
-FAMILY_KNOBS: dict[str, tuple[str, ...]] = {
+FAMILY_KNOBS: dict[str, tuple[Knob, ...]] = {
     "mlp": ("learning_rate", "weight_decay", "dropout", "batch_size", "hidden"),
     "logreg": ("learning_rate", "weight_decay", "batch_size"),
     "xgboost": ("eta", "rounds", "max_depth", "min_child_weight", "subsample", "colsample", "reg_lambda"),
@@ -441,7 +496,7 @@ FAMILY_KNOBS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
-class ModelSettings:
+class ModelSettings(_Section):
     """The model and how one training run trains it.
 
     `kind` is the model family. The neural families (mlp, logreg) train for `epochs` with
@@ -452,84 +507,53 @@ class ModelSettings:
     """
 
     kind: Family = "mlp"
-    hidden: tuple[int, ...] = (64, 32)
-    dropout: float = 0.1
-    epochs: int = 8
-    batch_size: int = 256
-    learning_rate: float = 0.003
-    weight_decay: float = 0.0
-    eta: float = 0.1
-    rounds: int = 200
-    trees: int = 100
-    max_depth: int = 6
-    min_child_weight: float = 1.0
-    subsample: float = 0.8
-    colsample: float = 0.8
-    reg_lambda: float = 1.0
+    hidden: tuple[PositiveInt, ...] = (64, 32)
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    epochs: PositiveInt = 8
+    batch_size: PositiveInt = 256
+    learning_rate: Annotated[float, Field(gt=0, lt=10)] = 0.003
+    weight_decay: NonNegativeFloat = 0.0
+    eta: Fraction = 0.1
+    rounds: PositiveInt = 200
+    trees: PositiveInt = 100
+    max_depth: Annotated[int, Field(ge=1, le=32)] = 6
+    min_child_weight: NonNegativeFloat = 1.0
+    subsample: Fraction = 0.8
+    colsample: Fraction = 0.8
+    reg_lambda: NonNegativeFloat = 1.0
     class_weight: Literal["none", "balanced"] = "none"
-    holdout_fraction: float = 0.2
+    holdout_fraction: Annotated[float, Field(gt=0, lt=0.9)] = 0.2
     bf16: bool = False
     seed: int = 0
 
-    def problems(self) -> Iterator[Problem]:
-        if any(h < 1 for h in self.hidden):
-            yield "hidden", "layer widths >= 1", list(self.hidden)
-        if not 0 <= self.dropout < 1:
-            yield "dropout", "a number in [0, 1)", self.dropout
-        for name in ("epochs", "batch_size", "rounds", "trees"):
-            if getattr(self, name) < 1:
-                yield name, "an integer >= 1", getattr(self, name)
-        if not 1 <= self.max_depth <= 32:
-            yield "max_depth", "an integer in [1, 32]", self.max_depth
-        if not 0 < self.learning_rate < 10:
-            yield "learning_rate", "a number in (0, 10)", self.learning_rate
-        if not 0 < self.eta <= 1:
-            yield "eta", "a number in (0, 1]", self.eta
-        for name in ("subsample", "colsample"):
-            if not 0 < getattr(self, name) <= 1:
-                yield name, "a number in (0, 1]", getattr(self, name)
-        for name in ("weight_decay", "min_child_weight", "reg_lambda"):
-            if getattr(self, name) < 0:
-                yield name, "a number >= 0", getattr(self, name)
-        if not 0 < self.holdout_fraction < 0.9:
-            yield "holdout_fraction", "a number in (0, 0.9)", self.holdout_fraction
-
 
 @dataclass(frozen=True)
-class TrainingSettings:
+class TrainingSettings(_Section):
     """Ray Train's scaling and fault tolerance for one training run (when it pays: `ray.distributed_min_rows`)."""
 
-    workers: int = 2
+    workers: PositiveInt = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-
-    def problems(self) -> Iterator[Problem]:
-        if self.workers < 1:
-            yield "workers", "an integer >= 1", self.workers
-        if self.cpus_per_worker <= 0:
-            yield "cpus_per_worker", "a number > 0", self.cpus_per_worker
-        if self.max_failures < 0:
-            yield "max_failures", "an integer >= 0", self.max_failures
+    cpus_per_worker: PositiveFloat = 1.0
+    max_failures: NonNegativeInt = 2
 
 
-SEARCHABLE = (*dict.fromkeys(k for knobs in FAMILY_KNOBS.values() for k in knobs), "kind")
-INTEGER_KNOBS = ("batch_size", "rounds", "trees", "max_depth")
+# The knobs that are integers in ModelSettings (a search draws them as integers).
+INTEGER_KNOBS: tuple[Knob, ...] = tuple(
+    k for k in typing.get_args(Knob) if typing.get_type_hints(ModelSettings)[k] is int
+)
 
 
 @dataclass(frozen=True)
-class Param:
+class Param(_Section):
     """One dimension of the search space: a range (`low`..`high`, `log`) or `choices`."""
 
-    name: str
+    name: Searchable
     low: float | None = None
     high: float | None = None
     log: bool = False
     choices: tuple[str | int | float, ...] = ()
 
     def problems(self) -> Iterator[Problem]:
-        if self.name not in SEARCHABLE:
-            yield "name", f"one of {list(SEARCHABLE)}", self.name
         if self.choices:
             if self.low is not None or self.high is not None:
                 yield "choices", "either choices or low/high", list(self.choices)
@@ -548,15 +572,15 @@ class Param:
 
 
 @dataclass(frozen=True)
-class SearchSettings:
+class SearchSettings(_Section):
     """Hyperparameter search: Optuna's TPE through Ray Tune, ASHA early stopping."""
 
-    trials: int = 8
-    max_concurrent: int = 2
-    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
-    grace_period: int = 1
-    reduction_factor: int = 2
-    cpus_per_trial: float = 1.0
+    trials: PositiveInt = 8
+    max_concurrent: PositiveInt = 2
+    metric: SearchMetric = "val_loss"
+    grace_period: PositiveInt = 1
+    reduction_factor: Annotated[int, Field(ge=2)] = 2
+    cpus_per_trial: PositiveFloat = 1.0
     families: tuple[Family, ...] = ()  # model selection: the families searched together (default: model.kind)
     space: tuple[Param, ...] = field(default=(), metadata={"keyed_by": "name"})
 
@@ -576,16 +600,6 @@ class SearchSettings:
         return tuple(p for p in self.space if p.name in FAMILY_KNOBS[family])
 
     def problems(self) -> Iterator[Problem]:
-        if self.trials < 1:
-            yield "trials", "an integer >= 1", self.trials
-        if self.max_concurrent < 1:
-            yield "max_concurrent", "an integer >= 1", self.max_concurrent
-        if self.grace_period < 1:
-            yield "grace_period", "an integer >= 1", self.grace_period
-        if self.reduction_factor < 2:
-            yield "reduction_factor", "an integer >= 2", self.reduction_factor
-        if self.cpus_per_trial <= 0:
-            yield "cpus_per_trial", "a number > 0", self.cpus_per_trial
         if not self.space:
             yield "space", "at least one parameter to search", {}
         if len(set(self.families)) != len(self.families):
@@ -599,66 +613,39 @@ class SearchSettings:
                     yield f"space.{param.name}", f"a knob of a searched family (it is one of {owners})", param.name
 
 
-GATE_METRICS = ("accuracy", "f1", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "log_loss")
-
-
 @dataclass(frozen=True)
-class GateSettings:
+class GateSettings(_Section):
     """When a challenger may replace the champion (see jobs.gate)."""
 
-    primary_metric: Literal["accuracy", "f1", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "log_loss"] = (
-        "f1_macro"
-    )
-    min_improvement: float = 0.005
-    no_regression: tuple[str, ...] = ("accuracy", "log_loss")
-    tolerance: float = 0.01
-    baseline_margin: float = 0.02
-
-    def problems(self) -> Iterator[Problem]:
-        for metric in self.no_regression:
-            if metric not in GATE_METRICS:
-                yield "no_regression", f"metric names ({', '.join(GATE_METRICS)})", metric
-        for name in ("min_improvement", "tolerance", "baseline_margin"):
-            if getattr(self, name) < 0:
-                yield name, "a number >= 0", getattr(self, name)
+    primary_metric: GateMetric = "f1_macro"
+    min_improvement: NonNegativeFloat = 0.005
+    no_regression: tuple[GateMetric, ...] = ("accuracy", "log_loss")
+    tolerance: NonNegativeFloat = 0.01
+    baseline_margin: NonNegativeFloat = 0.02
 
 
 @dataclass(frozen=True)
-class MonitorSettings:
+class MonitorSettings(_Section):
     """Drift monitoring (see jobs.monitor): windows, statistics' thresholds, the label join."""
 
-    window_size: int = 2000  # predictions per drift window
-    window_seconds: float | None = None  # set: windows by event time instead of by count
-    alpha: float = 0.01  # significance after the multiple-testing correction
-    psi_threshold: float = 0.05  # the effect floor: see streams.drift.compare
+    window_size: PositiveInt = 2000  # predictions per drift window
+    window_seconds: PositiveFloat | None = None  # set: windows by event time instead of by count
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01  # significance after the multiple-testing correction
+    psi_threshold: PositiveFloat = 0.05  # the effect floor: see streams.drift.compare
     correction: Literal["bh", "bonferroni"] = "bh"
-    reference_sample: int = 5000  # training values per numeric feature kept in the model's reference
-    performance_window: int = 1000  # labelled predictions per accuracy/F1 window
-    performance_tolerance: float = 0.05  # accuracy this far below the champion's validation report is drift
+    reference_sample: PositiveInt = 5000  # training values per numeric feature kept in the model's reference
+    performance_window: PositiveInt = 1000  # labelled predictions per accuracy/F1 window
+    performance_tolerance: PositiveFloat = 0.05  # accuracy this far below the champion's validation report is drift
     # ...and only if the drop is more than the window's own noise: the upper end of a one-sided interval at
-    # this confidence (a bootstrap over the window's pairs) is below the report's value
-    performance_confidence: float = 0.99
-    label_ttl_s: float = 3600.0  # a prediction waits this long for its label, then is forgotten
-    max_pending: int = 200_000  # predictions (and early labels) waiting to be joined, at most
-    actors: int = 1  # monitor actors in the consumer group
-
-    def problems(self) -> Iterator[Problem]:
-        for name in ("window_size", "reference_sample", "performance_window", "max_pending", "actors"):
-            if getattr(self, name) < 1:
-                yield name, "an integer >= 1", getattr(self, name)
-        if not 0 < self.alpha < 1:
-            yield "alpha", "a number in (0, 1)", self.alpha
-        if self.window_seconds is not None and not self.window_seconds > 0:
-            yield "window_seconds", "a number > 0 or null", self.window_seconds
-        for name in ("psi_threshold", "performance_tolerance", "label_ttl_s"):
-            if not getattr(self, name) > 0:
-                yield name, "a number > 0", getattr(self, name)
-        if not 0.5 <= self.performance_confidence < 1:
-            yield "performance_confidence", "a number in [0.5, 1) (0.5: no allowance)", self.performance_confidence
+    # this confidence (a bootstrap over the window's pairs) is below the report's value (0.5: no allowance)
+    performance_confidence: Annotated[float, Field(ge=0.5, lt=1)] = 0.99
+    label_ttl_s: PositiveFloat = 3600.0  # a prediction waits this long for its label, then is forgotten
+    max_pending: PositiveInt = 200_000  # predictions (and early labels) waiting to be joined, at most
+    actors: PositiveInt = 1  # monitor actors in the consumer group
 
 
 @dataclass(frozen=True)
-class RollbackSettings:
+class RollbackSettings(_Section):
     """A newly promoted champion on probation: rolled back by itself when live traffic says so.
 
     For its first `probation_windows` performance windows, each is also compared with the
@@ -670,21 +657,20 @@ class RollbackSettings:
     """
 
     enabled: bool = True
-    probation_windows: int = 4
-    consecutive: int = 2
+    probation_windows: PositiveInt = 4
+    consecutive: PositiveInt = 2
 
     def problems(self) -> Iterator[Problem]:
-        if self.consecutive < 1:
-            yield "consecutive", "an integer >= 1", self.consecutive
         if self.probation_windows < self.consecutive:
             yield "probation_windows", f"an integer >= consecutive ({self.consecutive})", self.probation_windows
 
 
-DELIVERY_STEPS = ("shadow", "canary")
+DeliveryStepName = Literal["shadow", "canary"]
+DELIVERY_STEPS: tuple[DeliveryStepName, ...] = typing.get_args(DeliveryStepName)
 
 
 @dataclass(frozen=True)
-class DeliverySettings:
+class DeliverySettings(_Section):
     """How a model that passed the gate becomes the champion: at once (no `steps`), or after
     proving itself live, step by step (see `jobs.delivery`).
 
@@ -697,97 +683,67 @@ class DeliverySettings:
     than that and the noise; and it is rejected when there is no verdict after `max_step_s`.
     """
 
-    steps: tuple[Literal["shadow", "canary"], ...] = ()
-    canary_fraction: float = 0.1
-    min_labeled: int = 200
-    tolerance: float = 0.02
-    max_step_s: float = 900.0
+    steps: tuple[DeliveryStepName, ...] = ()
+    canary_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    min_labeled: PositiveInt = 200
+    tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.02
+    max_step_s: PositiveFloat = 900.0
 
     def problems(self) -> Iterator[Problem]:
         if len(set(self.steps)) < len(self.steps) or list(self.steps) != sorted(self.steps, key=DELIVERY_STEPS.index):
             yield "steps", "each of shadow, canary at most once, in that order", list(self.steps)
-        if not 0 < self.canary_fraction < 1:
-            yield "canary_fraction", "a number in (0, 1)", self.canary_fraction
-        if self.min_labeled < 1:
-            yield "min_labeled", "an integer >= 1", self.min_labeled
-        if not 0 <= self.tolerance < 1:
-            yield "tolerance", "a number in [0, 1)", self.tolerance
-        if self.max_step_s <= 0:
-            yield "max_step_s", "a number > 0", self.max_step_s
 
 
 @dataclass(frozen=True)
-class RetrainSettings:
+class RetrainSettings(_Section):
     """When drift turns into a retraining job (see jobs.policy), and what it trains on."""
 
-    min_window: int = 500  # windows smaller than this never trigger
-    consecutive: int = 2  # drifted windows in a row before a retrain
-    cooldown_s: float = 300.0  # after a retrain request, none for this long
-    max_per_hour: int = 4
-    train_rows: int = 6000  # the newest rows the retraining job trains on
-    job_timeout_s: float = 900.0
+    min_window: PositiveInt = 500  # windows smaller than this never trigger
+    consecutive: PositiveInt = 2  # drifted windows in a row before a retrain
+    cooldown_s: NonNegativeFloat = 300.0  # after a retrain request, none for this long
+    max_per_hour: PositiveInt = 4
+    train_rows: PositiveInt = 6000  # the newest rows the retraining job trains on
+    job_timeout_s: NonNegativeFloat = 900.0
     # Which drift kinds count towards a retrain, each with its own streak of `consecutive`
     # windows; `any`: one kind's streak retrains, `all`: every listed kind's streak at once.
-    triggers: tuple[DriftKind, ...] = ("data", "prediction", "performance")
+    triggers: Annotated[tuple[DriftKind, ...], Field(min_length=1)] = ("data", "prediction", "performance")
     combine: Literal["any", "all"] = "any"
 
     def problems(self) -> Iterator[Problem]:
-        for name in ("min_window", "consecutive", "max_per_hour", "train_rows"):
-            if getattr(self, name) < 1:
-                yield name, "an integer >= 1", getattr(self, name)
-        if not self.triggers or len(set(self.triggers)) != len(self.triggers):
+        if len(set(self.triggers)) != len(self.triggers):
             yield "triggers", "a non-empty list of distinct drift kinds", list(self.triggers)
-        for name in ("cooldown_s", "job_timeout_s"):
-            if not getattr(self, name) >= 0:
-                yield name, "a number >= 0", getattr(self, name)
 
 
 @dataclass(frozen=True)
-class ServingSettings:
+class ServingSettings(_Section):
     """The Serve deployment: where it listens and how much it takes on before answering 503."""
 
     host: str = "127.0.0.1"
-    port: int = 8000
-    num_replicas: int = 1
-    max_replicas: int | None = None  # set: autoscale between num_replicas and this
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    num_replicas: PositiveInt = 1
+    max_replicas: PositiveInt | None = None  # set: autoscale between num_replicas and this
     target_ongoing_requests: float = 8.0
-    max_ongoing_requests: int = 32
-    max_queued_requests: int = 64
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_records_per_request: int = 10_000
-    policy: Literal["none", "shadow", "canary"] = "none"
-    canary_fraction: float = 0.1
-    batch_max_size: int = 32  # single requests scored together (@serve.batch)
-    batch_wait_ms: float = 1.0
-    log_capacity: int = 100_000  # predictions buffered for the predictions topic before dropping
-    log_timeout_s: float = 30.0  # a prediction not delivered within this is dropped (and counted)
+    max_ongoing_requests: PositiveInt = 32
+    max_queued_requests: PositiveInt = 64
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    max_records_per_request: PositiveInt = 10_000
+    policy: ServingPolicy = "none"
+    canary_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+    batch_max_size: PositiveInt = 32  # single requests scored together (@serve.batch)
+    batch_wait_ms: NonNegativeFloat = 1.0
+    log_capacity: PositiveInt = 100_000  # predictions buffered for the predictions topic before dropping
+    log_timeout_s: NonNegativeFloat = 30.0  # a prediction not delivered within this is dropped (and counted)
     access_log: bool = False  # Serve's line per request; the predictions topic already has each one
-    max_surge_percent: int = 100  # a redeploy starts new replicas before it stops old ones (0: stop first)
+    # a redeploy starts new replicas before it stops old ones (0: stop first)
+    max_surge_percent: Annotated[int, Field(ge=0, le=100)] = 100
 
     def problems(self) -> Iterator[Problem]:
-        for name in ("batch_max_size", "log_capacity"):
-            if getattr(self, name) < 1:
-                yield name, "an integer >= 1", getattr(self, name)
-        for name in ("batch_wait_ms", "log_timeout_s"):
-            if not getattr(self, name) >= 0:
-                yield name, "a number >= 0", getattr(self, name)
-        if not 0 <= self.canary_fraction <= 1:
-            yield "canary_fraction", "a number in [0, 1]", self.canary_fraction
-        if not 1 <= self.port <= 65535:
-            yield "port", "a port number (1-65535)", self.port
-        for name in ("num_replicas", "max_ongoing_requests", "max_queued_requests", "max_records_per_request"):
-            if getattr(self, name) < 1:
-                yield name, "an integer >= 1", getattr(self, name)
         if self.max_replicas is not None and self.max_replicas < self.num_replicas:
             yield "max_replicas", f"an integer >= num_replicas ({self.num_replicas})", self.max_replicas
-        if self.max_body_bytes < 1024:
-            yield "max_body_bytes", "an integer >= 1024", self.max_body_bytes
-        if not 0 <= self.max_surge_percent <= 100:
-            yield "max_surge_percent", "an integer in [0, 100]", self.max_surge_percent
 
 
 @dataclass(frozen=True)
-class TrackerSettings:
+class TrackerSettings(_Section):
     """Optional trackers beside MLflow, fed by Ray Tune's logger callbacks.
 
     API keys come from the environment only (`WANDB_API_KEY`, `COMET_API_KEY`).
@@ -800,7 +756,7 @@ class TrackerSettings:
 
 
 @dataclass(frozen=True)
-class RaySettings:
+class RaySettings(_Section):
     """Where Ray is (None starts or joins a local instance), and when its workers pay.
 
     `distributed_min_rows`: a job reads, ingests, tunes and trains work of fewer rows in its own
@@ -811,11 +767,7 @@ class RaySettings:
     """
 
     address: str | None = None
-    distributed_min_rows: int = 100_000
-
-    def problems(self) -> Iterator[Problem]:
-        if self.distributed_min_rows < 0:
-            yield "distributed_min_rows", "an integer >= 0 (0: always on Ray's workers)", self.distributed_min_rows
+    distributed_min_rows: NonNegativeInt = 100_000
 
     def distributed(self, rows: int) -> bool:
         """Whether work of `rows` rows goes to Ray's workers."""
@@ -823,17 +775,14 @@ class RaySettings:
 
 
 @dataclass(frozen=True)
-class MlflowSettings:
+class MlflowSettings(_Section):
     """Where MLflow is: None means a SQLite store under the run directory."""
 
     tracking_uri: str | None = None
 
 
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-
-
 @dataclass(frozen=True)
-class TopicSettings:
+class TopicSettings(_Section):
     """Topic names: each defaults to `<pipeline>.<kind>`; name one to attach to a topic that exists.
 
     `labels_format: record` reads labels as users have them, plain records of the record id and
@@ -841,15 +790,15 @@ class TopicSettings:
     no record id), beside the `LabelObserved` events that are always understood.
     """
 
-    records: str | None = None
-    predictions: str | None = None
-    labels: str | None = None
-    drift: str | None = None
-    retrain: str | None = None
-    models: str | None = None
-    dlq: str | None = None
-    heartbeats: str | None = None
-    state: str | None = None
+    records: TopicName | None = None
+    predictions: TopicName | None = None
+    labels: TopicName | None = None
+    drift: TopicName | None = None
+    retrain: TopicName | None = None
+    models: TopicName | None = None
+    dlq: TopicName | None = None
+    heartbeats: TopicName | None = None
+    state: TopicName | None = None
     labels_format: Literal["event", "record"] = "event"
 
     def named(self) -> dict[str, str]:
@@ -857,19 +806,16 @@ class TopicSettings:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "labels_format" and v is not None}
 
     def problems(self) -> Iterator[Problem]:
-        for kind, name in self.named().items():
-            if not _TOPIC.match(name) or name in (".", ".."):
-                yield kind, "a Kafka topic name (1-249 letters, digits, '.', '_', '-')", name
         names = list(self.named().values())
         if len(set(names)) != len(names):
             yield "topics", "a different topic for each kind", names
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(_Section):
     """One pipeline, as read from `configs/<name>.yaml`."""
 
-    name: str
+    name: PipelineName
     schema: RecordSchema
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
@@ -900,8 +846,6 @@ class PipelineConfig:
         return config
 
     def problems(self) -> Iterator[Problem]:
-        if not _NAME.match(self.name):
-            yield "name", "1-100 letters, digits, '_' or '-' (it prefixes topic names)", self.name
         for name in self.generator.drift_features:
             if name not in self.schema.feature_names:
                 yield "generator.drift_features", f"names of features ({', '.join(self.schema.feature_names)})", name
@@ -922,10 +866,9 @@ class PipelineConfig:
                     transform.name,
                 )
             for step in transform.steps:
-                numeric_only = step.op in ("clip", "log1p", "standardize", "minmax", "bucketize")
-                if numeric_only and kind not in ("int", "float"):
+                if step.op in NUMERIC_STEPS and kind not in ("int", "float"):
                     yield f"features.transforms.{transform.name}", f"no {step.op} on a {kind} feature", step.op
-                if step.op in ("one_hot", "hash") and kind != "category":
+                if step.op in CATEGORY_STEPS and kind != "category":
                     yield f"features.transforms.{transform.name}", f"no {step.op} on a {kind} feature", step.op
 
 
@@ -945,16 +888,11 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Pipel
 
 
 def parse_config(text: str, source: str = "<memory>", env: Mapping[str, str] | None = None) -> PipelineConfig:
-    """Validate a pipeline config given as YAML text (see `load_config`)."""
+    """Validate a pipeline config given as YAML text (see `load_config`); a ConfigError holds every problem."""
     import os
 
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"<line {mark.line + 1}, column {mark.column + 1}>" if mark else "<YAML>"
-        raise ConfigError(source, where, "valid YAML", f"<{getattr(err, 'problem', err)}>") from None
-    config = _build(PipelineConfig, data, "", source)
+    node, data = _compose(text, source)
+    config = _Reader(source).read(data, node)
     config = dataclasses.replace(config, source=source)
     return apply_env(config, os.environ if env is None else env)
 
@@ -966,7 +904,7 @@ def apply_env(config: PipelineConfig, env: Mapping[str, str]) -> PipelineConfig:
         kafka = dataclasses.replace(kafka, bootstrap_servers=env["KAFKA_BOOTSTRAP_SERVERS"])
     if env.get("KAFKA_SECURITY_PROTOCOL"):
         protocol = env["KAFKA_SECURITY_PROTOCOL"]
-        allowed = typing.get_args(typing.get_type_hints(KafkaSettings)["security_protocol"])
+        allowed = typing.get_args(SecurityProtocol)
         if protocol not in allowed:
             raise ConfigError(
                 "$KAFKA_SECURITY_PROTOCOL", "kafka.security_protocol", f"one of {list(allowed)}", protocol
@@ -994,136 +932,353 @@ def dump_config(config: PipelineConfig) -> str:
     return yaml.safe_dump(_data(config), sort_keys=False)
 
 
-def _data(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(value):
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of a config file, for editors (`configs/driftloop.schema.json`, `driftloop config schema`).
+
+    Pydantic's schema of the dataclasses, rewritten where a file is written otherwise than the
+    dataclasses read: keyed mappings (`name: {spec}`), the shorthands `normalize` reads, defaults
+    as a file writes them, and no fields that never come from a file.
+    """
+    schema = _adapter().json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    defs = schema["$defs"]
+    keyed_items: dict[str, str] = {}
+    for cls in _sections():
+        definition = schema if cls is PipelineConfig else defs[cls.__name__]
+        properties, required = definition["properties"], definition.get("required", [])
+        for f in dataclasses.fields(cls):
             if not f.metadata.get("yaml", True):
+                del properties[f.name]
                 continue
-            item = getattr(value, f.name)
+            if f.default is not dataclasses.MISSING:
+                properties[f.name]["default"] = _field_data(f, f.default)
             keyed_by = f.metadata.get("keyed_by")
             if keyed_by:
-                out[f.name] = {getattr(i, keyed_by): {k: v for k, v in _data(i).items() if k != keyed_by} for i in item}
-            else:
-                out[f.name] = _data(item)
-        return out
+                item = typing.get_args(_bare(_hints(cls)[f.name]))[0]
+                keyed_items[item.__name__] = keyed_by
+                prop = properties[f.name]
+                del prop["type"]
+                prop.update(type="object", additionalProperties=prop.pop("items"))
+                prop["propertyNames"] = {k: v for k, v in defs[item.__name__]["properties"][keyed_by].items()
+                                         if k not in ("title", "description")}  # fmt: skip
+        definition["required"] = [r for r in required if r in properties]
+        if not definition["required"]:
+            del definition["required"]
+    for name, keyed_by in keyed_items.items():
+        definition = defs[name]
+        del definition["properties"][keyed_by]
+        definition["required"] = [r for r in definition.get("required", []) if r != keyed_by]
+        if not definition["required"]:
+            del definition["required"]
+    for cls in _sections():
+        shorthands = getattr(cls, "shorthands", None)
+        if shorthands is not None:
+            full = defs[cls.__name__]
+            defs[cls.__name__] = {"title": full["title"], "anyOf": [full, *shorthands(full)]}
+    return schema
+
+
+def _data(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _field_data(f, getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.metadata.get("yaml", True)}  # fmt: skip
     if isinstance(value, tuple):
         return [_data(v) for v in value]
     return value
+
+
+def _field_data(f: dataclasses.Field[Any], value: Any) -> Any:
+    keyed_by = f.metadata.get("keyed_by")
+    if keyed_by:
+        return {getattr(i, keyed_by): {k: v for k, v in _data(i).items() if k != keyed_by} for i in value}
+    return _data(value)
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML has it
+
+
+def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """The YAML node tree (where each value is written) and the values it holds."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (None if node is None else loader.construct_document(node))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        found = f"<{getattr(err, 'problem', None) or err}>"
+        raise ConfigError(source, "<YAML>", "valid YAML", found, line=line, column=column) from None
+    finally:
+        loader.dispose()
+
+
+@functools.cache
+def _adapter() -> TypeAdapter[PipelineConfig]:
+    for cls in _sections():  # without the base, pydantic's strict mode would take only instances
+        if not issubclass(cls, _Section):
+            raise TypeError(f"config dataclass {cls.__name__} must derive from _Section")
+    return TypeAdapter(PipelineConfig)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _sections() -> Iterator[type]:
+    """Every config dataclass, PipelineConfig first."""
+    seen: list[type] = []
+    todo: list[Any] = [PipelineConfig]
+    while todo:
+        tp = _bare(todo.pop())
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            if tp not in seen:
+                seen.append(tp)
+                todo.extend(_hints(tp).values())
+        else:
+            todo.extend(typing.get_args(tp))
+    yield from seen
+
+
+@dataclass(frozen=True)
+class _Spot:
+    """Where a value of the file is: its key as the file reads, its node, its declared type."""
+
+    key: str  # "features.transforms.plan[0].op"
+    node: yaml.Node | None  # the value's own node, or its mapping's when the value is missing
+    tp: Any  # None: a key the section does not have
+    keyed: bool = False  # a mapping of name to spec
+
+
+class _Reader:
+    """Decodes one file: readies its values for pydantic (keyed mappings as tuples, shorthands in
+    full, lists as tuples), noting where each came from, then turns each of pydantic's errors
+    (a path in the readied values) into a problem at the key and node it came from."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.spots: dict[tuple[int | str, ...], _Spot] = {}
+        self.nodes: dict[str, yaml.Node] = {}
+        self.problems: list[ConfigProblem] = []
+
+    def read(self, data: Any, node: yaml.Node | None) -> PipelineConfig:
+        ready = self.value(PipelineConfig, data, node, (), "")
+        config: PipelineConfig | None = None
+        try:
+            config = _adapter().validate_python(ready)
+        except ValidationError as err:
+            self.add_errors(err)
+        if config is None or self.problems:
+            raise ConfigError.of(sorted(self.problems, key=lambda p: (p.line or 0, p.column or 0)))
+        return config
+
+    def spot(self, loc: tuple[int | str, ...], key: str, node: yaml.Node | None, tp: Any, keyed: bool = False) -> None:
+        self.spots[loc] = _Spot(key, node, tp, keyed)
+        if node is not None:
+            self.nodes.setdefault(key, node)
+
+    def value(self, tp: Any, value: Any, node: yaml.Node | None, loc: tuple[int | str, ...], key: str) -> Any:
+        self.spot(loc, key, node, tp)
+        bare = _bare(tp)
+        if isinstance(bare, type) and dataclasses.is_dataclass(bare):
+            return self.section(bare, value, node, loc, key)
+        if typing.get_origin(bare) is tuple and isinstance(value, list):
+            (item, _) = typing.get_args(bare)
+            nodes = node.value if isinstance(node, yaml.SequenceNode) else [node] * len(value)
+            return tuple(
+                self.value(item, v, n, (*loc, i), f"{key}[{i}]")
+                for i, (v, n) in enumerate(zip(value, nodes, strict=True))
+            )
+        return value  # a scalar, or what pydantic will refuse (config unions hold scalars only)
+
+    def section(
+        self, cls: type, value: Any, node: yaml.Node | None, loc: tuple[int | str, ...], key: str,
+        pinned: Mapping[str, yaml.Node | None] | None = None,
+    ) -> Any:  # fmt: skip
+        if value is None:
+            value = {}
+        normalize = getattr(cls, "normalize", None)
+        shorthand = False
+        if normalize is not None:
+            full = normalize(value)
+            shorthand, value = full is not value, full
+        if not isinstance(value, dict):
+            return value  # pydantic says what was expected
+        inline = value.get(INLINE)
+        fields = _from_yaml(cls)
+        ready: dict[Any, Any] = {}
+        for name, item in value.items():
+            if name == INLINE or name in fields:
+                continue
+            sub, sub_node = _join(key, str(name)), _pairs(node).get(str(name), (node, node))[0]
+            if name in {f.name for f in dataclasses.fields(cls)}:  # a field that never comes from a file
+                hint = " (secrets come from the environment)" if name in ("sasl_username", "sasl_password") else ""
+                self.add(sub, sub_node, f"one of {sorted(fields)}{hint}", "<unknown key>")
+                continue
+            self.spot((*loc, name), sub, sub_node, None)
+            ready[name] = item  # pydantic refuses it, as an unknown key
+        for name, f in fields.items():
+            if name == inline:
+                sub, sub_node = key, node
+            else:
+                sub = _join(key, name)
+                sub_node = pinned[name] if pinned and name in pinned else _child(node, name, shorthand)
+            tp = _hints(cls)[name]
+            if name not in value:
+                self.spot((*loc, name), sub, sub_node or node, tp)
+            elif f.metadata.get("keyed_by"):
+                ready[name] = self.keyed(tp, f.metadata["keyed_by"], value[name], sub_node, (*loc, name), sub)
+            else:
+                ready[name] = self.value(tp, value[name], sub_node, (*loc, name), sub)
+        return ready
+
+    def keyed(
+        self, tp: Any, keyed_by: str, value: Any, node: yaml.Node | None, loc: tuple[int | str, ...], key: str
+    ) -> Any:
+        """A mapping `name: {spec}` as the tuple of dataclasses it stands for (`keyed_by` is the name)."""
+        self.spot(loc, key, node, tp, keyed=True)
+        if not isinstance(value, dict):
+            return value
+        (cls, _) = typing.get_args(_bare(tp))
+        pairs = _pairs(node)
+        items = []
+        for i, (name, spec) in enumerate(value.items()):
+            key_node, spec_node = pairs.get(str(name), (node, node))
+            sub = _join(key, str(name))
+            self.spot((*loc, i), sub, spec_node, cls)
+            normalize = getattr(cls, "normalize", None)
+            spec = {} if spec is None else normalize(spec) if normalize is not None else spec
+            if isinstance(spec, dict):
+                spec = self.section(cls, {keyed_by: name, **spec}, spec_node, (*loc, i), sub, {keyed_by: key_node})
+            items.append(spec)
+        return tuple(items)
+
+    def add(self, key: str, node: yaml.Node | None, expected: str, found: object) -> None:
+        mark = None if node is None else node.start_mark
+        self.problems.append(
+            ConfigProblem(
+                self.source, key or "<top level>", expected, list(found) if isinstance(found, tuple) else found,
+                None if mark is None else mark.line + 1, None if mark is None else mark.column + 1,
+            )
+        )  # fmt: skip
+
+    def add_errors(self, err: ValidationError) -> None:
+        unions: set[tuple[int | str, ...]] = set()
+        errors = err.errors(include_url=False)
+        for error in errors:
+            loc = error["loc"]
+            if error["type"] in ("too_short", "too_long") and any(_within(e["loc"], loc) for e in errors):
+                continue  # pydantic counts only the valid items of a list whose items have errors
+            n = len(loc)
+            while loc[:n] not in self.spots:
+                n -= 1
+            spot = self.spots[loc[:n]]
+            if error["type"] == "problems":  # a section's own checks, each relative to it
+                for relative, expected, found in error["ctx"]["problems"]:
+                    key = _join(spot.key, relative)
+                    self.add(key, self._nearest(key), expected, found)
+            elif n < len(loc):  # the members of a union, each refusing the value: one problem for all
+                if loc[:n] not in unions:
+                    unions.add(loc[:n])
+                    self.add(spot.key, spot.node, _describe(spot.tp), error["input"])
+            elif spot.tp is None:
+                known = _from_yaml(_bare(self.spots[loc[:-1]].tp))
+                self.add(spot.key, spot.node, f"one of {sorted(known)}", "<unknown key>")
+            else:
+                found = "<missing>" if error["type"] == "missing" else error["input"]
+                self.add(spot.key, spot.node, _describe(spot.tp, spot.keyed), found)
+
+    def _nearest(self, key: str) -> yaml.Node | None:
+        while key not in self.nodes:
+            cut = max(key.rfind("."), key.rfind("["))
+            if cut < 0:
+                return self.nodes.get("")
+            key = key[:cut]
+        return self.nodes[key]
+
+
+def _from_yaml(cls: Any) -> dict[str, dataclasses.Field[Any]]:
+    """The fields of a config dataclass that a file may set."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
 
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _build(tp: Any, value: Any, key: str, source: str) -> Any:
-    """Turn parsed YAML into an instance of `tp`, or raise a ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, key, source)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        last: ConfigError | None = None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _build(option, value, key, source)
-            except ConfigError as err:
-                last = err
-        if len(options) == 2 and type(None) in options and last is not None:
-            raise last
-        raise ConfigError(source, key, " or ".join(_describe(o) for o in options), value)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
-            raise ConfigError(source, key, f"one of {list(allowed)}", value)
-        return value
-    if origin is tuple:
-        (item_type, _) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(source, key, "a list", value)
-        return tuple(_build(item_type, item, f"{key}[{i}]", source) for i, item in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(source, key, "true or false", value)
-        return value
-    if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(source, key, "an integer", value)
-        return value
-    if tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ConfigError(source, key, "a finite number", value)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(source, key, "a string", value)
-        return value
-    raise TypeError(f"config type {tp!r} is not supported")  # a bug in the dataclasses above
+def _within(loc: tuple[int | str, ...], outer: tuple[int | str, ...]) -> bool:
+    return len(loc) > len(outer) and loc[: len(outer)] == outer
 
 
-def _build_dataclass(tp: Any, value: Any, key: str, source: str) -> Any:
-    if value is None:
-        value = {}
-    normalize = getattr(tp, "normalize", None)
-    if normalize is not None:
-        value = normalize(value)
-    if not isinstance(value, dict):
-        raise ConfigError(source, key or "<top level>", f"a mapping for {tp.__name__}", value)
-    inline = value.pop(INLINE, None)
-    hints = typing.get_type_hints(tp)
-    fields = [f for f in dataclasses.fields(tp) if f.metadata.get("yaml", True)]
-    known = {f.name for f in fields}
-    for name in value:
-        if name not in known:
-            hint = " (secrets come from the environment)" if name in ("sasl_username", "sasl_password") else ""
-            raise ConfigError(source, _join(key, str(name)), f"one of {sorted(known)}{hint}", "<unknown key>")
-    kwargs: dict[str, Any] = {}
-    for f in fields:
-        sub = key if f.name == inline else _join(key, f.name)
-        if f.name not in value:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(source, sub, _describe(hints[f.name]), "<missing>")
-            continue
-        keyed_by = f.metadata.get("keyed_by")
-        if keyed_by:
-            kwargs[f.name] = _build_keyed(hints[f.name], value[f.name], keyed_by, sub, source)
-        else:
-            kwargs[f.name] = _build(hints[f.name], value[f.name], sub, source)
-    instance = tp(**kwargs)
-    for problem_key, expected, found in instance.problems() if hasattr(instance, "problems") else ():
-        raise ConfigError(source, _join(key, problem_key), expected, found)
-    return instance
+def _bare(tp: Any) -> Any:
+    """`tp` without its Annotated constraints."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
 
 
-def _build_keyed(tp: Any, value: Any, keyed_by: str, key: str, source: str) -> tuple[Any, ...]:
-    """A YAML mapping `name: {spec}` read as a tuple of dataclasses whose `keyed_by` is the name."""
-    (item_type, _) = typing.get_args(tp)
-    if not isinstance(value, dict):
-        raise ConfigError(source, key, "a mapping of name to spec", value)
-    items = []
-    for name, spec in value.items():
-        sub = _join(key, str(name))
-        normalize = getattr(item_type, "normalize", None)
-        if normalize is not None:
-            spec = normalize(spec)
-        if spec is not None and not isinstance(spec, dict):
-            raise ConfigError(source, sub, f"a mapping for {item_type.__name__}", spec)
-        items.append(_build(item_type, {keyed_by: name, **(spec or {})}, sub, source))
-    return tuple(items)
+def _pairs(node: yaml.Node | None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    """A mapping node's (key node, value node) by key."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(k.value): (k, v) for k, v in node.value}
 
 
-def _describe(tp: Any) -> str:
+def _child(node: yaml.Node | None, name: object, shorthand: bool) -> yaml.Node | None:
+    """The node of `name`'s value in a mapping node; in a shorthand (`{clip: {max: 1}}`, `log1p`),
+    inside the one mapping it holds, else where the shorthand is written."""
+    pairs = _pairs(node)
+    if str(name) in pairs:
+        return pairs[str(name)][1]
+    if not shorthand:
+        return None
+    if len(pairs) == 1:
+        ((key, inner),) = pairs.values()
+        return _pairs(inner).get(str(name), (key, key))[1] if isinstance(inner, yaml.MappingNode) else key
+    return node
+
+
+def _describe(tp: Any, keyed: bool = False) -> str:
+    """What a value of type `tp` must be, in words."""
+    if keyed:
+        return "a mapping of name to spec"
+    if typing.get_origin(tp) is Annotated:
+        base, *annotations = typing.get_args(tp)
+        bounds: dict[str, Any] = {}
+        for annotation in annotations:
+            if getattr(annotation, "description", None):
+                return str(annotation.description)
+            for constraint in getattr(annotation, "metadata", [annotation]):
+                bounds.update({k: getattr(constraint, k) for k in _BOUNDS if hasattr(constraint, k)})
+        return _bounded(base, bounds)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"a mapping for {tp.__name__}"
     origin = typing.get_origin(tp)
     if origin is Literal:
         return f"one of {list(typing.get_args(tp))}"
     if origin in (Union, types.UnionType):
-        return " or ".join(_describe(o) for o in typing.get_args(tp) if o is not type(None))
+        options = typing.get_args(tp)
+        words = " or ".join(_describe(o) for o in options if o is not type(None))
+        return words + (" or null" if type(None) in options else "")
     if origin is tuple:
         return "a list"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
+
+
+_BOUNDS = ("ge", "gt", "le", "lt", "min_length", "max_length")
+
+
+def _bounded(base: Any, bounds: dict[str, Any]) -> str:
+    if base in (int, float):
+        noun = "an integer" if base is int else "a number"
+        low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+        high = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+        if low and high:
+            return f"{noun} in {low[0]}{low[1]}, {high[1]}{high[0]}"
+        if low:
+            return f"{noun} {'>=' if low[0] == '[' else '>'} {low[1]}"
+        if high:
+            return f"{noun} {'<=' if high[0] == ']' else '<'} {high[1]}"
+    if bounds.get("min_length") == 1:
+        return f"a non-empty {_describe(base).removeprefix('a ')}"
+    return _describe(base)

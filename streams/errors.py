@@ -2,7 +2,7 @@
 
 ```
 DriftloopError
-├── ConfigError          a pipeline config is missing, unreadable or invalid
+├── ConfigError          a pipeline config is missing, unreadable or invalid (every problem of a file)
 ├── DecodeError          a record or event could not be decoded (carries an ErrorKind)
 ├── BrokerError          the Kafka broker could not be started or reached
 ├── HandlerFailed        a consumer's handler kept failing after its retries
@@ -17,21 +17,62 @@ documents intent.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 class DriftloopError(Exception):
     """Base class of every error driftloop raises on purpose."""
 
 
-class ConfigError(DriftloopError):
-    """A config problem, naming the file, the key, what was expected and what was found."""
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong in a config: the file, the key, and the line and column (1-based) when known."""
 
-    def __init__(self, file: str, key: str, expected: str, found: object) -> None:
+    file: str
+    key: str
+    expected: str
+    found: object
+    line: int | None = None
+    column: int | None = None
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}:{self.column}"
+        return f"{where}: {self.key}: expected {self.expected}, found {_show(self.found)}"
+
+
+class ConfigError(DriftloopError):
+    """A config problem, naming the file, the key, what was expected and what was found.
+
+    A config file's errors come all at once: `problems` holds every one, in file order, and the
+    message has a line for each; `file`, `key`, `expected`, `found`, `line` and `column` are the first's.
+    """
+
+    def __init__(
+        self,
+        file: str,
+        key: str,
+        expected: str,
+        found: object,
+        *,
+        line: int | None = None,
+        column: int | None = None,
+        more: Sequence[ConfigProblem] = (),
+    ) -> None:
         self.file = file
         self.key = key
         self.expected = expected
         self.found = found
-        super().__init__(f"{file}: {key}: expected {expected}, found {_show(found)}")
+        self.line = line
+        self.column = column
+        self.problems = (ConfigProblem(file, key, expected, found, line, column), *more)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    @classmethod
+    def of(cls, problems: Sequence[ConfigProblem]) -> ConfigError:
+        """One error for several problems (at least one), the first standing for them all."""
+        first, *more = problems
+        return cls(first.file, first.key, first.expected, first.found, line=first.line, column=first.column, more=more)
 
 
 def _show(found: object) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,8 +92,15 @@ def test_config_errors_exit_2_and_name_the_problem(tmp_path: Path) -> None:
     bad.write_text(DEMO.read_text().replace("partitions: 4", "partitions: many"))
     result = driftloop("consume", "--config", str(bad))
     assert result.returncode == 2
-    assert "bad.yaml: kafka.partitions: expected an integer, found 'many' (str)" in result.stderr
+    message = r"bad\.yaml:\d+:\d+: kafka\.partitions: expected an integer >= 1, found 'many' \(str\)"
+    assert re.search(message, result.stderr)
     assert "Traceback" not in result.stderr
+
+
+def test_config_schema_prints_the_checked_in_json_schema() -> None:
+    result = driftloop("config", "schema")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (ROOT / "configs" / "driftloop.schema.json").read_text()
 
 
 def test_without_a_broker_the_message_says_how_to_get_one() -> None:

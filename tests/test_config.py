@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from streams.config import PipelineConfig, load_config, parse_config
+from streams.config import PipelineConfig, config_schema, load_config, parse_config
 from streams.errors import ConfigError
-from tests.conftest import DEMO
+from tests.conftest import DEMO, ROOT
+
+SCHEMA = ROOT / "configs" / "driftloop.schema.json"
 
 
 def demo_with(**changes: object) -> str:
@@ -79,10 +83,10 @@ def test_missing_file_names_it(tmp_path: Path) -> None:
 
 
 def test_invalid_yaml_names_line_and_column() -> None:
-    err = error_for("name: demo\nschema: [unclosed\n")
+    err = error_for("name: demo\nschema: {label: {name: y}\nkafka: 1\n")
     assert err.file == "pipeline.yaml"
-    assert err.key.startswith("<line ")
-    assert "valid YAML" in str(err)
+    assert (err.key, err.line, err.column) == ("<YAML>", 3, 1)  # where the flow mapping should have closed
+    assert str(err).startswith("pipeline.yaml:3:1: <YAML>: expected valid YAML")
 
 
 @pytest.mark.parametrize(
@@ -139,7 +143,7 @@ def test_every_error_names_file_key_expected_and_found(
     assert err.file == "pipeline.yaml"
     assert err.key == key
     assert expected in err.expected
-    assert str(err).startswith(f"pipeline.yaml: {key}: expected ")
+    assert re.match(rf"pipeline\.yaml:\d+:\d+: {re.escape(key)}: expected ", str(err))
     assert found in str(err)
 
 
@@ -152,3 +156,92 @@ def test_top_level_must_be_a_mapping() -> None:
 def test_bad_security_protocol_from_the_environment() -> None:
     with pytest.raises(ConfigError, match=r"\$KAFKA_SECURITY_PROTOCOL: kafka.security_protocol"):
         parse_config(DEMO.read_text(), env={"KAFKA_SECURITY_PROTOCOL": "CARRIER_PIGEON"})
+
+
+def test_every_error_of_a_file_comes_at_once_with_its_line_and_column() -> None:
+    err = error_for(
+        """\
+name: demo
+kafka:
+  partitions: 0
+  colour: blue
+schema:
+  label: {name: churned, classes: ["no", "yes"]}
+  features:
+    tenure: {type: int, min: 0, max: 120}
+    plan: {type: category, categories: [basic]}
+features:
+  transforms:
+    tenure: [standardize, {clip: {buckets: 3}}]
+model:
+  eta: -1
+  hidden: [64, "32"]
+"""
+    )
+    where = [f"{p.line}:{p.column} {p.key}" for p in err.problems]
+    assert where == [
+        "3:15 kafka.partitions",
+        "4:3 kafka.colour",  # an unknown key: where the key is written
+        "9:40 schema.features.plan.categories",  # a check across fields (type and categories)
+        "12:27 features.transforms.tenure[1].clip",  # a shorthand step: where it is written
+        "12:44 features.transforms.tenure[1].buckets",
+        "14:8 model.eta",
+        "15:16 model.hidden[1]",
+    ]
+    assert str(err).splitlines()[0] == "pipeline.yaml:3:15: kafka.partitions: expected an integer >= 1, found 0 (int)"
+    assert str(err).splitlines()[5] == "pipeline.yaml:14:8: model.eta: expected a number in (0, 1], found -1 (int)"
+    assert len(str(err).splitlines()) == len(err.problems)
+    assert (err.key, err.line, err.column, err.found) == ("kafka.partitions", 3, 15, 0)  # the first stands for all
+
+
+def test_unknown_keys_are_refused_where_they_are_written() -> None:
+    err = error_for(demo_with(kafka__colour="blue", model__depth=3, schema__features__plan__colour="red"))
+    assert {p.key: p.found for p in err.problems} == {
+        "kafka.colour": "<unknown key>",
+        "model.depth": "<unknown key>",
+        "schema.features.plan.colour": "<unknown key>",
+    }
+    assert all(p.line is not None and "one of [" in p.expected for p in err.problems)
+
+
+def test_types_are_strict_and_every_mismatch_is_reported() -> None:
+    err = error_for(
+        """\
+name: demo
+kafka: {partitions: "4", producer: {linger_ms: true}}
+schema:
+  label: {name: churned, classes: [true, false]}
+  features: {x: {type: float, max: .nan}}
+training: {use_gpu: 1, cpus_per_worker: "2"}
+"""
+    )
+    assert [(p.line, p.column, p.key, p.found) for p in err.problems] == [
+        (2, 21, "kafka.partitions", "4"),  # no "4" for 4
+        (2, 48, "kafka.producer.linger_ms", True),  # no true for 1
+        (4, 36, "schema.label.classes[0]", True),
+        (4, 42, "schema.label.classes[1]", False),
+        (5, 36, "schema.features.x.max", pytest.approx(float("nan"), nan_ok=True)),  # floats are finite
+        (6, 21, "training.use_gpu", 1),  # no 1 for true
+        (6, 41, "training.cpus_per_worker", "2"),
+    ]
+
+
+def test_the_checked_in_json_schema_is_the_generated_one() -> None:
+    regenerate = "driftloop config schema > configs/driftloop.schema.json"
+    assert json.loads(SCHEMA.read_text()) == config_schema(), f"the schema changed: {regenerate}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate_against_the_schema_and_name_it(path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+    data = yaml.safe_load(path.read_text())
+    assert [e.message for e in validator.iter_errors(data)] == []
+    assert path.read_text().startswith("# yaml-language-server: $schema=driftloop.schema.json\n")
+    load_config(path, env={})
+    data["model"]["eta"] = -1
+    data["features"]["transforms"]["plan"] = ["sqrt"]
+    assert sorted(tuple(e.path) for e in validator.iter_errors(data)) == [
+        ("features", "transforms", "plan"),
+        ("model", "eta"),
+    ]

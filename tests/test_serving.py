@@ -652,7 +652,10 @@ def test_a_model_goes_shadow_canary_champion_on_live_evidence_a_worse_one_is_rej
     assert registry.promote(first, config.gate).staged is None, "no champion yet: the first is champion at once"
     monitor: Any = ray.remote(MonitorService).options(num_cpus=0, max_restarts=0).remote(config, registry.uri)
     answers: list[tuple[str, str]] = []  # (version, request id) of each answered record
-    generated = iter(StreamGenerator(config, seed=11, id_prefix="live").records(100_000))
+    # the demo's data, as the models were trained on (the generator seeds from the pipeline's name)
+    generated = iter(
+        StreamGenerator(dataclasses.replace(config, name="demo"), seed=11, id_prefix="live").records(100_000)
+    )
 
     def traffic(until: Any, what: str, limit_s: float = 300) -> Any:
         """Requests of 10 records, each record's label right after its answer, until `until()`."""

@@ -46,6 +46,7 @@ COMMANDS = [
     "deploy",
     "rollback",
     "lineage",
+    "report",
     "run",
     "up",
     "down",

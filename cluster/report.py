@@ -559,13 +559,18 @@ def figure(report: Report) -> Any:
                 marker={"color": LANES[lane], "size": 11, "symbol": "diamond", "line": {"width": 1, "color": "#fff"}},
                 text=[f"{m.label}<br>{when(m.at)}<br>{html.escape(m.detail)}" for m in chosen],
                 hovertemplate="%{text}<extra></extra>", showlegend=False), row=4, col=1)  # fmt: skip
+    shapes: list[dict[str, Any]] = []  # set at once: plotly's add_vrect copies the layout each call
     for m in report.marks:
         if m.window is not None:  # a drift window: shaded over the three charts
             start, end = _utc([m.window[0].timestamp(), m.window[1].timestamp()])
-            for row in (1, 2, 3):
-                fig.add_vrect(x0=start, x1=end, row=row, col=1, fillcolor=LANES[m.lane], opacity=0.12, line_width=0)
+            shapes.extend({"type": "rect", "xref": "x", "yref": f"{axis} domain", "x0": start, "x1": end, "y0": 0,
+                           "y1": 1, "fillcolor": LANES[m.lane], "opacity": 0.12, "line": {"width": 0},
+                           "layer": "below"} for axis in ("y", "y2", "y3"))  # fmt: skip
         elif m.lane != "job ended":
-            fig.add_vline(x=_utc([m.at.timestamp()])[0], line={"color": LANES[m.lane], "width": 1, "dash": "dot"})
+            x = _utc([m.at.timestamp()])[0]
+            shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": x, "x1": x, "y0": 0, "y1": 1,
+                           "line": {"color": LANES[m.lane], "width": 1, "dash": "dot"}})  # fmt: skip
+    fig.update_layout(shapes=[*fig.layout.shapes, *shapes])
     fig.update_yaxes(title_text="accuracy", range=[0, 1.02], row=1, col=1)
     fig.update_yaxes(title_text="PSI", rangemode="tozero", row=2, col=1)
     fig.update_yaxes(title_text="adjusted p-value", type="log", exponentformat="power", row=3, col=1)

@@ -50,6 +50,7 @@ bench: install
 	$(PY) benchmarks/serve.py --quick --json runs/bench/serve.json
 	$(PY) benchmarks/drift.py --quick --json runs/bench/drift.json
 	$(PY) benchmarks/models.py --quick --json runs/bench/models.json
+	$(PY) benchmarks/report.py --quick --json runs/bench/report.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,22 @@ def _parser() -> argparse.ArgumentParser:
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the ModelRolledBack event")
     rollback.set_defaults(func=cmd_rollback)
 
+    report = sub.add_parser(
+        "report", help="an HTML report of a pipeline, rebuilt from its topics (and logged to MLflow when reachable)"
+    )
+    _config_arg(report)
+    report.add_argument(
+        "--state-dir", type=Path, default=STACK_DIR, help="a stack from `driftloop up` (default: %(default)s)"
+    )
+    report.add_argument(
+        "--since", type=_iso_time, default=None, help="only from this ISO 8601 time on (no zone: UTC; default: all)"
+    )
+    _tracking_uri_arg(report)
+    report.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    report.add_argument("--scenario", default=None, help="a note for the header: what this stream is")
+    report.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+    report.set_defaults(func=cmd_report)
+
     lineage = sub.add_parser("lineage", help="a model version's whole trail, from Kafka offsets to serving")
     lineage.add_argument("model", help="NAME@ALIAS or NAME@VERSION, e.g. demo@champion or demo@3")
     _config_arg(lineage)
@@ -284,6 +300,14 @@ _non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "a number > 0")
 _fraction = _number(float, lambda v: 0 <= v <= 1, "a number between 0 and 1")
 _port = _number(int, lambda v: 1 <= v <= 65535, "a port number (1-65535)")
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an ISO 8601 time such as 2026-05-01T12:00:00+00:00, not {text!r}") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
 
 
 def _on_signals(callback: Callable[[], None]) -> None:
@@ -727,6 +751,42 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if args.no_wait or result.status == "SUCCEEDED" else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from cluster.report_io import gather, log_report, promoted_run, write
+    from cluster.stack import load_state
+
+    config = load_config(args.config)
+    stack = load_state(args.state_dir)
+    tracking_uri = args.tracking_uri or config.mlflow.tracking_uri
+    if stack is not None:  # a stack from `driftloop up`: its broker and MLflow unless given
+        if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+            config = config.connected_to(stack.kafka)
+        tracking_uri = tracking_uri or stack.mlflow
+        if tracking_uri == stack.mlflow and stack.mlflow_user:
+            os.environ.setdefault("MLFLOW_TRACKING_USERNAME", stack.mlflow_user)
+            os.environ.setdefault(MLFLOW_PASSWORD_FILE_ENV, stack.mlflow_password_file)
+    config = _connected(config)
+    gathered = gather(config, str(args.config), since=args.since, tracking_uri=tracking_uri, scenario=args.scenario)
+    for warning in gathered.warnings:
+        print(f"driftloop: note: {warning}", file=sys.stderr)
+    page = write(args.out, gathered.inputs)
+    served = gathered.inputs.served
+    print(f"wrote {page}: {len(gathered.inputs.events)} events, {len(served):,} predictions "
+          f"({served.labelled:,} labelled)")  # fmt: skip
+    promoted = promoted_run(gathered.inputs.events)
+    if args.no_mlflow or not tracking_uri or promoted is None or gathered.warnings:
+        if promoted is None:
+            print("not logged to MLflow: no promoted version on the models topic", file=sys.stderr)
+        return 0
+    try:
+        where = log_report(tracking_uri, promoted[1], page)
+    except Exception as err:  # the page is written; MLflow is a copy of it
+        print(f"driftloop: note: not logged to MLflow ({type(err).__name__}: {err})", file=sys.stderr)
+        return 0
+    print(f"logged to MLflow run {promoted[1]} (version {promoted[0]}): {where}")
+    return 0
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     from cluster.lineage import model_trail, print_trail
 
@@ -757,6 +817,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         bootstrap_records=args.bootstrap_records or 0, before_drift=args.before_drift,
         after_promotion=args.after_promotion, rate=args.rate, scenario=args.scenario, seed=args.seed,
         max_seconds=args.max_seconds, report=args.report, source=args.source, drift_at=args.drift_at,
+        config_path=str(args.config),
     )  # fmt: skip
     return run_loop(config, run_dir, options)
 

@@ -100,8 +100,9 @@ def _events(config: PipelineConfig, request_id: str | None, drift_id: str | None
     return found
 
 
-def read_events(config: PipelineConfig) -> list[Any]:
-    """Everything on the `drift`, `retrain` and `models` topics, oldest first."""
+def read_events(config: PipelineConfig, idle_timeout_s: float = 2.0) -> list[Any]:
+    """Everything on the `drift`, `retrain` and `models` topics, oldest first (read until none came
+    for `idle_timeout_s`)."""
     from streams.kafka import Batch, StreamConsumer
     from streams.serde import decode_events
     from streams.topics import Topics
@@ -115,7 +116,7 @@ def read_events(config: PipelineConfig) -> list[Any]:
     StreamConsumer(
         config.kafka, [topics.drift, topics.retrain, topics.models], decode_events, keep, group_id=None,
         dlq_topic=None,
-    ).run(idle_timeout_s=2)  # fmt: skip
+    ).run(idle_timeout_s=idle_timeout_s)  # fmt: skip
     return sorted(seen, key=lambda e: e.occurred_at)
 
 

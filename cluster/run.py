@@ -28,14 +28,13 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import requests
 
-from cluster.lineage import read_events
-from cluster.report import write_html
+from cluster.report_io import gather, log_report, promoted_run, write
 from streams.config import API_KEY_ENV, PipelineConfig
 from streams.errors import DriftloopError
 from streams.events import (
@@ -79,6 +78,7 @@ class LoopOptions:
     report: Path | None = None
     source: Path | None = None  # a user's file as the stream (`run --from`): its rows instead of the generator's
     drift_at: int | None = None  # with `source`: the row where the user knows the data changes (for the report)
+    config_path: str = ""  # the config file, for the report's header
 
 
 @dataclass
@@ -147,6 +147,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    begun_at = utcnow()  # the report covers this run's events (a configured broker may hold older ones)
     deadline = started + options.max_seconds
     os.environ.setdefault(API_KEY_ENV, secrets.token_urlsafe(24))
     embedded = config.kafka.embedded
@@ -266,21 +267,23 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
             while len(controller_stats.outcomes) < len(controller_stats.submitted) and time.monotonic() < settle:
                 time.sleep(1.0)
                 controller_stats = ray.get(controller.stats.remote())
-            events = read_events(config)
+            scenario = f"the rows of {options.source}" if options.source else f"{options.scenario} drift (generated)"
+            if options.scenario == "bad-model":
+                scenario = "bad-model: no drift, a model trained on inverted labels forced in by hand"
+            gathered = gather(config, options.config_path or config.name, since=begun_at, tracking_uri=uri,
+                              scenario=scenario)  # fmt: skip
+            events = list(gathered.inputs.events)
             report = _report(
                 config, options, traffic, events, monitor_stats, controller_stats, registry, first, drift_at, outcome
             )
             if options.scenario == "bad-model":
                 report["bad_model"] = _bad_model_report(traffic, events, first, options.bootstrap_records)
-            html = write_html(
-                run_dir / "report.html",
-                report,
-                list(monitor_stats.windows),
-                traffic.correct,
-                traffic.versions,
-                options.bootstrap_records,
-            )
+            html = write(run_dir / "report.html", dataclasses.replace(
+                gathered.inputs, marks=_injected(traffic, drift_at - options.bootstrap_records),
+                numbers={k: report[k] for k in NUMBERS},
+            ))  # fmt: skip
             _print_summary(report, html, started)
+            _log_report(uri, events, html)
             if options.report is not None:
                 options.report.parent.mkdir(parents=True, exist_ok=True)
                 options.report.write_text(json.dumps(report, indent=2, default=str))
@@ -353,6 +356,33 @@ def _bad_model_report(traffic: _Traffic, events: list[Any], first: str, base: in
 
 def _seconds(start: float | None, end: float | None) -> float | None:
     return round(end - start, 1) if start is not None and end is not None else None
+
+
+NUMBERS = (
+    "outcome", "records_sent", "requests_sent", "failed_requests", "drift_injected_at_record",
+    "drift_detected_at_record", "promoted_version", "accuracy_before_drift", "accuracy_after_drift_before_retrain",
+    "accuracy_after_promotion", "loop_latency_s", "loop_stages_s",
+)  # fmt: skip
+
+
+def _injected(traffic: _Traffic, index: int) -> list[tuple[datetime, str]]:
+    """Where the run changed the stream (the served record `index`), when it was answered."""
+    if not 0 <= index < len(traffic.wall):
+        return []
+    return [(datetime.fromtimestamp(traffic.wall[index], timezone.utc), "drift injected")]
+
+
+def _log_report(uri: str, events: list[Any], html: Path) -> None:
+    """The report, as an artifact of the MLflow run that produced the promoted model."""
+    promoted = promoted_run(events)
+    if promoted is None:
+        return
+    try:
+        where = log_report(uri, promoted[1], html)
+    except Exception as err:  # the page is on disk; MLflow holds a copy
+        print(f"[report] not logged to MLflow: {type(err).__name__}: {err}", file=sys.stderr)
+        return
+    print(f"HTML report logged to MLflow run {promoted[1]} (version {promoted[0]}): {where}")
 
 
 def _fail(started: float, message: str) -> int:

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ __all__ = [
     "outcome_event",
     "parse_result",
     "run_controller",
+    "started_at",
     "submit_retrain",
 ]
 
@@ -85,6 +87,7 @@ class JobOutcome:
     status: str
     summary: Mapping[str, Any] | None
     message: str = ""
+    started_at: datetime | None = None  # when the job started running, as the Jobs API says
 
 
 def parse_result(logs: str) -> dict[str, Any] | None:
@@ -113,6 +116,7 @@ def outcome_event(config: PipelineConfig, request_id: str, outcome: JobOutcome) 
             metrics={k: float(v) for k, v in report.items() if isinstance(v, (int, float))},
             trigger_event_id=request_id,
             submission_id=outcome.submission_id,
+            started_at=outcome.started_at,
         )
     reason = outcome.message or f"job {outcome.submission_id} ended {outcome.status} without a registered model"
     return TrainingFailed(
@@ -122,6 +126,7 @@ def outcome_event(config: PipelineConfig, request_id: str, outcome: JobOutcome) 
         reason=reason[:2000],
         trigger_event_id=request_id,
         submission_id=outcome.submission_id,
+        started_at=outcome.started_at,
     )
 
 
@@ -219,11 +224,17 @@ def follow(client: Any, submission_id: str, timeout_s: float, poll_s: float = 1.
         status = job_status(client, submission_id)
     logs = client.get_job_logs(submission_id)
     message = ""
+    info = client.get_job_info(submission_id)
     if status != "SUCCEEDED":
-        info = client.get_job_info(submission_id)
         tail = " | ".join(line for line in logs.splitlines()[-5:] if line.strip())
         message = f"job {submission_id} {status}: {getattr(info, 'message', '') or ''} {tail}".strip()
-    return JobOutcome(submission_id, status, parse_result(logs), message)
+    return JobOutcome(submission_id, status, parse_result(logs), message, started_at(info))
+
+
+def started_at(info: Any) -> datetime | None:
+    """When a job started running, from its `JobDetails` (`start_time`, milliseconds since the epoch). Pure."""
+    ms = getattr(info, "start_time", None)
+    return datetime.fromtimestamp(ms / 1000, timezone.utc) if isinstance(ms, (int, float)) and ms > 0 else None
 
 
 @dataclass(frozen=True)

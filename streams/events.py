@@ -207,6 +207,7 @@ class TrainingCompleted(Event, frozen=True, kw_only=True):
     metrics: dict[str, float] = {}
     trigger_event_id: Id | None = None
     submission_id: Id | None = None
+    started_at: AwareDatetime | None = None  # when the Ray job started running (None: not known)
 
     def key(self) -> str:
         return self.model_name
@@ -220,6 +221,7 @@ class TrainingFailed(Event, frozen=True, kw_only=True):
     reason: str
     trigger_event_id: Id | None = None
     submission_id: Id | None = None
+    started_at: AwareDatetime | None = None  # when the Ray job started running (None: not known)
 
     def key(self) -> str:
         return self.model_name

@@ -47,6 +47,7 @@ COMMANDS = [
     "deploy",
     "rollback",
     "lineage",
+    "report",
     "run",
     "up",
     "down",

@@ -423,9 +423,16 @@ def test_run_from_a_file_retrains_by_itself_after_the_file_changes_and_recovers(
     assert [j["status"] for j in report["jobs"]] == ["SUCCEEDED", "SUCCEEDED"]
     assert "=== driftloop run: promoted" in result.stdout
     page = (run_dir / "report.html").read_text()
-    assert page.count("<svg") == 3 and "drift detected" in page
+    for mark in ("drift detected (", "retrain requested", "job started", "gate passed: version 2 promoted",
+                 "serving version 2", "drift injected", "<h3>Version 2</h3>"):  # fmt: skip
+        assert mark in page, mark
+    assert "HTML report logged to MLflow run" in result.stdout
 
     uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(uri).list_artifacts(report["lineage"]["run_id"], "report")
+    assert [a.path for a in logged] == ["report/report.html"], "the report is an artifact of version 2's run"
     where = ["--config", str(config_path), "--tracking-uri", uri, "--datasets-root", str(run_dir / "datasets")]
     shown = driftloop("lineage", "machines@champion", *where, "--json")
     assert shown.returncode == 0, shown.stderr

@@ -734,7 +734,14 @@ def test_a_model_goes_shadow_canary_champion_on_live_evidence_a_worse_one_is_rej
 
     StreamConsumer(config.kafka, [topics.models, topics.predictions], decode_events, keep, group_id=None,
                    dlq_topic=topics.dlq).run(idle_timeout_s=10)  # fmt: skip
-    told = [(type(e).__name__, getattr(e, "model_version", e.from_version), getattr(e, "step", "")) for e in models]
+    told = [
+        (
+            type(e).__name__,
+            (e.from_version if isinstance(e, ModelRolledBack) else e.model_version),
+            getattr(e, "step", ""),
+        )
+        for e in models
+    ]
     assert told == [("DeliveryStep", wrong, "shadow"), ("ModelRejected", wrong, ""), ("DeliveryStep", right, "shadow"),
                     ("DeliveryStep", right, "canary"), ("ModelPromoted", right, ""), ("ModelPromoted", forced, ""),
                     ("ModelRolledBack", forced, "")], told  # fmt: skip

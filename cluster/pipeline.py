@@ -62,21 +62,24 @@ class Pipeline:
         remote: Any = ray.remote(cls)
         return remote.options(**options)
 
+    @property
+    def controller_name(self) -> str:
+        return f"{self.config.name}-controller"
+
+    @property
+    def monitor_names(self) -> list[str]:
+        return [f"{self.config.name}-monitor-{i}" for i in range(self.config.monitor.actors)]
+
     def start_controller(self) -> Any:
         from jobs.controller import ControllerService, JobTemplate
 
         job = JobTemplate(ROOT, self.jobs_dir, {"MLFLOW_TRACKING_URI": self.tracking_uri}, self.python)
-        return self._actor(ControllerService, f"{self.config.name}-controller").remote(
-            self.config, self.jobs_address, job
-        )
+        return self._actor(ControllerService, self.controller_name).remote(self.config, self.jobs_address, job)
 
     def start_monitors(self) -> list[Any]:
         from jobs.monitor import MonitorService
 
-        return [
-            self._actor(MonitorService, f"{self.config.name}-monitor-{i}").remote(self.config, self.tracking_uri)
-            for i in range(self.config.monitor.actors)
-        ]
+        return [self._actor(MonitorService, name).remote(self.config, self.tracking_uri) for name in self.monitor_names]
 
     def serve(
         self,

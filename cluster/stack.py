@@ -356,12 +356,11 @@ def _start_services(stack: Stack, configs: list[PipelineConfig], api_key: str, s
     started: list[str] = []
     try:
         for pipeline in pipelines:
-            name = pipeline.config.name
             ensure_topics(pipeline.config.kafka, Topics.of(pipeline.config).all())
             actors = [pipeline.start_controller(), *pipeline.start_monitors()]
             for actor in actors:
                 ray.get(actor.stats.remote(), timeout=120)  # constructed and answering
-            started += [f"{name}-controller", *(f"{name}-monitor-{i}" for i in range(len(actors) - 1))]
+            started += [pipeline.controller_name, *pipeline.monitor_names]
         for pipeline in pipelines:  # the apps once every pipeline's services run
             pipeline.serve("127.0.0.1", serve_port, prefix=stack.routes[pipeline.config.name], api_key=api_key)
             started.append(f"serve:{pipeline.config.name}")

@@ -215,7 +215,7 @@ def main() -> int:
         )  # fmt: skip
         topics = Topics.of(config)
         ensure_topics(config.kafka, topics.all())
-        registry = ModelRegistry(config, uri, artifact_root=run_dir / "mlartifacts", lock_dir=run_dir / "jobs")
+        registry = ModelRegistry(config, uri, artifact_root=run_dir / "mlartifacts")
         quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
         context = start_local(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                               dashboard_port=free_port(), **quiet)  # fmt: skip

@@ -10,18 +10,22 @@ artifact folder, verified against those digests. Aliases, not stages: `champion`
 
 `promote` runs the gate under a lock per model, so two racing promotions are serialised:
 each challenger is judged against the champion of the moment, and the alias never rests on
-a version that did not pass against the version it replaced.
+a version that did not pass against the version it replaced. The lock lives in the registry
+(`_lock`), not on a local disk, so promotions on different machines see it too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import json
 import logging
 import math
+import os
+import random
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,6 +55,10 @@ DELIVERY_SINCE_TAG = "driftloop.delivery_since"  # when its step began (wall tim
 ROLLED_BACK_TAG = "driftloop.rolled_back"  # on a version rolled back from: why
 PREVIOUS_SEEN_TAG = "driftloop.previous_on_holdout"  # on a promoted version: the champion it beat, on its holdout
 REPORT_TAG = "driftloop.report"
+LOCK_SUFFIX = ".promotion-lock"  # `<name>.promotion-lock`: the registered model that is the promotion lock
+LOCK_DESCRIPTION = "driftloop's promotion lock for the model of the same name: held while a promotion runs"
+LOCK_LEASE_S = 300.0  # a lock older than this lost its holder (a promotion takes seconds) and is taken over
+LOCK_WAIT_S = 600.0
 # Each artifact file's SHA-256, recorded on the model version when it is registered: the artifact
 # store (a bucket, a folder, MLflow's artifact proxy) can be rewritten without touching the registry,
 # so a digests file beside the weights cannot be the only record.
@@ -100,9 +108,7 @@ class Registered:
 class ModelRegistry:
     """The pipeline's experiment and registered model (see the module docstring)."""
 
-    def __init__(
-        self, config: PipelineConfig, uri: str, artifact_root: Path | None = None, lock_dir: Path | None = None
-    ):
+    def __init__(self, config: PipelineConfig, uri: str, artifact_root: Path | None = None):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -112,7 +118,6 @@ class ModelRegistry:
         self.uri = uri
         self.client = MlflowClient(uri)
         self._config_yaml: str | None = None  # the config as the pyfunc model carries it, written once
-        self.lock_dir = lock_dir or Path("runs") / "locks"
         experiment = self.client.get_experiment_by_name(self.name)
         if experiment is None:
             location = (artifact_root.resolve().as_uri()) if artifact_root is not None else None
@@ -273,13 +278,50 @@ class ModelRegistry:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_dir / f"{self.name}.promotion.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        """The model's promotion lock, held in the registry itself so that it works across
+        machines: a registered model named `<name>.promotion-lock`, which the tracking store's
+        unique name makes a compare-and-set (creating it takes the lock; a second creator is
+        refused). Released by deleting it; one older than `LOCK_LEASE_S` (its holder died) is
+        taken over."""
+        from mlflow.exceptions import MlflowException
+
+        name, holder = f"{self.name}{LOCK_SUFFIX}", f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        deadline, wait = time.monotonic() + LOCK_WAIT_S, 0.05
+        while True:
             try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                self.client.create_registered_model(
+                    name, tags={"driftloop.holder": holder}, description=LOCK_DESCRIPTION
+                )
+                break
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            self._take_over_stale_lock(name)
+            if time.monotonic() > deadline:
+                raise DriftloopError(f"the promotion lock {name!r} was not free within {LOCK_WAIT_S:.0f}s")
+            time.sleep(wait + random.random() * wait)
+            wait = min(wait * 2, 1.0)
+        try:
+            yield
+        finally:
+            try:
+                self.client.delete_registered_model(name)
+            except MlflowException as err:  # taken over after its lease: say so, the promotion is done
+                log.warning("releasing the promotion lock %s: %s", name, err)
+
+    def _take_over_stale_lock(self, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            lock = self.client.get_registered_model(name)
+        except MlflowException:
+            return  # released meanwhile
+        age = time.time() - lock.creation_timestamp / 1000
+        if age > LOCK_LEASE_S:
+            log.warning("taking over the promotion lock %s, held %.0fs by %s", name, age,
+                        lock.tags.get("driftloop.holder"))  # fmt: skip
+            with contextlib.suppress(MlflowException):
+                self.client.delete_registered_model(name)
 
     def promote(
         self,

@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if not window.manifests:
             print(f"no data to train on in {config.datasets.root}/{config.name}", file=sys.stderr)
             return 1
-        registry = ModelRegistry(config, tracking_uri(config, out), artifact_root=out / "mlartifacts",
-                                 lock_dir=out.parent / "locks")  # fmt: skip
+        registry = ModelRegistry(config, tracking_uri(config, out), artifact_root=out / "mlartifacts")
         summary = tune_train_and_gate(config, window, out, store, registry, args.trigger_event_id)
         for key, value in (("drift_event_id", args.drift_event_id), ("retrain_cause", os.environ.get(CAUSE_ENV))):
             if value:

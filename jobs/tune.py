@@ -423,9 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    registry = ModelRegistry(
-        config, tracking_uri(config, out), artifact_root=out / "mlartifacts", lock_dir=out / "locks"
-    )
+    registry = ModelRegistry(config, tracking_uri(config, out), artifact_root=out / "mlartifacts")
     summary = tune_train_and_gate(config, window, out, store, registry, args.trigger_event_id)
     print(json.dumps(summary))
     return 0

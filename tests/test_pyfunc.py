@@ -57,8 +57,7 @@ def artifact(demo_config: PipelineConfig, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture
 def registry(demo_config: PipelineConfig, tmp_path: Path) -> ModelRegistry:
-    return ModelRegistry(demo_config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "artifacts",
-                         lock_dir=tmp_path / "locks")  # fmt: skip
+    return ModelRegistry(demo_config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "artifacts")
 
 
 def champion(registry: ModelRegistry, artifact: Path) -> str:

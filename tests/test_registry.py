@@ -14,6 +14,7 @@ from jobs.models import ModelSpec, build_model, load_artifact, save_artifact
 from jobs.registry import ModelRegistry
 from streams.config import GateSettings, PipelineConfig
 from streams.datasets import DataFile, DatasetStore
+from streams.errors import DriftloopError
 from streams.events import Event, ModelPromoted, ModelRejected, OffsetRange
 
 GATE = GateSettings(primary_metric="f1_macro", min_improvement=0.005, no_regression=("accuracy",), tolerance=0.02)
@@ -30,7 +31,6 @@ def registry(demo_config: PipelineConfig, tmp_path: Path) -> ModelRegistry:
         demo_config,
         f"sqlite:///{tmp_path / 'mlflow.db'}",
         artifact_root=tmp_path / "artifacts",
-        lock_dir=tmp_path / "locks",
     )
 
 
@@ -122,18 +122,24 @@ def test_rollback_returns_to_the_previous_version(registry: ModelRegistry, artif
 
 
 def test_two_racing_promotions_never_leave_the_alias_on_a_version_that_did_not_pass(
-    registry: ModelRegistry, artifact: Path, window: object
+    registry: ModelRegistry, artifact: Path, window: object, demo_config: PipelineConfig
 ) -> None:
+    """Two registries over one tracking store, sharing nothing else, as two jobs on two machines
+    would (the lock that was a file on the local disk let both judge against the same champion)."""
     champion = registry.log_training(artifact, {}, [], report(0.70), window)  # type: ignore[arg-type]
     assert registry.promote(champion.version, GATE).promote
     best = registry.log_training(artifact, {}, [], report(0.75), window)  # type: ignore[arg-type]
     good = registry.log_training(artifact, {}, [], report(0.72), window)  # type: ignore[arg-type]
     results: dict[str, bool] = {}
+    elsewhere = ModelRegistry(demo_config, registry.uri)
 
-    def race(version: str) -> None:
-        results[version] = registry.promote(version, GATE, pause=0.5).promote
+    def race(on: ModelRegistry, version: str, pause: float) -> None:
+        results[version] = on.promote(version, GATE, pause=pause).promote
 
-    threads = [threading.Thread(target=race, args=(v,)) for v in (good.version, best.version)]
+    # Unserialised, the best would be crowned first and the good one (which beat the champion it
+    # saw) last: the alias would rest on a version that did not beat the one it replaced.
+    threads = [threading.Thread(target=race, args=(registry, good.version, 1.0)),
+               threading.Thread(target=race, args=(elsewhere, best.version, 0.2))]  # fmt: skip
     for t in threads:
         t.start()
     for t in threads:
@@ -143,6 +149,22 @@ def test_two_racing_promotions_never_leave_the_alias_on_a_version_that_did_not_p
     assert results[best.version] is True
     client = MlflowClient(registry.uri)
     assert client.get_model_version("demo", best.version).tags["driftloop.gate"] == "passed"
+    assert [m.name for m in client.search_registered_models()] == ["demo"], "the lock was released"
+
+
+def test_a_promotion_lock_whose_holder_died_is_taken_over_after_its_lease(
+    registry: ModelRegistry, artifact: Path, window: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jobs.registry
+
+    version = registry.log_training(artifact, {}, [], report(0.70), window)  # type: ignore[arg-type]
+    registry.client.create_registered_model(f"{registry.name}{jobs.registry.LOCK_SUFFIX}")  # a holder that died
+    monkeypatch.setattr(jobs.registry, "LOCK_WAIT_S", 1.0)
+    with pytest.raises(DriftloopError, match=r"promotion lock 'demo\.promotion-lock' was not free within 1s"):
+        registry.promote(version.version, GATE)
+    assert registry.alias("champion") is None, "nothing moved without the lock"
+    monkeypatch.setattr(jobs.registry, "LOCK_LEASE_S", 0.0)
+    assert registry.promote(version.version, GATE).promote and registry.alias("champion") == version.version
 
 
 def test_a_download_is_checked_against_the_digests_the_registry_recorded(

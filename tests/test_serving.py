@@ -66,7 +66,7 @@ def register_model(registry: ModelRegistry, artifact: Path, f1: float) -> str:
 def empty_registry(config: PipelineConfig, tmp_path: Path) -> ModelRegistry:
     """A registry of its own in tmp_path, with no model yet."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return ModelRegistry(config, uri, artifact_root=tmp_path / "art", lock_dir=tmp_path)
+    return ModelRegistry(config, uri, artifact_root=tmp_path / "art")
 
 
 def champion_registry(config: PipelineConfig, tmp_path: Path, artifacts: list[Path]) -> tuple[ModelRegistry, str]:

@@ -138,8 +138,7 @@ def test_the_gate_judges_a_challenger_of_another_family_against_the_champion_on_
         publish_stream(StreamGenerator(config, seed=5), producer, topics, config.name, 3000)
     assert ingest(config).manifest is not None
     store = DatasetStore(config.datasets.root, config.name)
-    registry = ModelRegistry(config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "art",
-                             lock_dir=tmp_path / "locks")  # fmt: skip
+    registry = ModelRegistry(config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "art")
     model = dataclasses.replace(config.model, epochs=3, rounds=60)
     mlp = dataclasses.replace(
         config, model=model, search=dataclasses.replace(config.search, trials=2, families=("mlp",))

@@ -7,7 +7,9 @@ model). Peer (b): a Ray Serve deployment behind the same ingress that answers at
 client process sends single-record requests (each body encoded once) at fixed concurrency
 for a fixed time to each in turn; then batch requests (1,000 records) to ours for rows/s.
 ratio = ours / no-op Serve requests per second: the median over rounds of each round's ratio (the
-endpoints take turns within a round).
+endpoints take turns within a round). metrics_ratio = ours / the same app with `serving.metrics:
+false` (a second app beside it, taking its turn in each round): what the replica's Prometheus
+series cost on the request path.
 
 Serve's ingress is HAProxy, as on every cluster driftloop starts; with
 `DRIFTLOOP_SERVE_HAPROXY=0` it is Serve's Python proxy (`cluster.ray_runtime.serve_ingress_env`).
@@ -135,7 +137,8 @@ def main() -> int:
     os.environ[API_KEY_ENV] = KEY
     from cluster.ray_runtime import haproxy_ingress, start_local
 
-    start_local(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # logical CPUs: our two apps take one each (as a replica does on a cluster), the no-op a third
+    start_local(num_cpus=(os.cpu_count() or 2) + 2, include_dashboard=False, log_to_driver=False)
     ingress = "haproxy" if haproxy_ingress() else "python-proxy"  # DRIFTLOOP_SERVE_HAPROXY=0: the Python proxy
     from ray import serve
 
@@ -147,7 +150,11 @@ def main() -> int:
             config = dataclasses.replace(
                 base, name="bench", kafka=dataclasses.replace(base.kafka, bootstrap_servers=broker.bootstrap)
             )
-            ensure_topics(config.kafka, Topics.of(config).all())
+            # the same app with `serving.metrics: false`, beside it: what the replica's metrics cost
+            unmetered = dataclasses.replace(
+                config, name="bench-nometrics", serving=dataclasses.replace(config.serving, metrics=False)
+            )
+            ensure_topics(config.kafka, Topics.of(config).all() + Topics.of(unmetered).all())
             rows = [r.record for r in StreamGenerator(config, seed=1).records(4000)]
             features = fit_pipeline(ray.data.from_items(rows), config.schema, config.features)
             x, y = features.transform_records(rows), features.encode_labels([r["churned"] for r in rows])
@@ -158,9 +165,7 @@ def main() -> int:
             )
             artifact = work / "model"
             save_artifact(artifact, spec, model, features.to_json())
-            registry = ModelRegistry(
-                config, f"sqlite:///{work / 'mlflow.db'}", artifact_root=work / "art", lock_dir=work
-            )
+            registry = ModelRegistry(config, f"sqlite:///{work / 'mlflow.db'}", artifact_root=work / "art")
             version = registry.log_training(
                 artifact, {}, [], {"holdout": "h", "f1_macro": 0.8, "baseline_f1_macro": 0.3}, Window(())
             ).version
@@ -172,6 +177,15 @@ def main() -> int:
                 config, kafka=dataclasses.replace(config.kafka, bootstrap_servers="embedded")
             )
             serve.run(build_app(served_config if args.no_log else config, registry.uri), name="bench", route_prefix="/")
+            unmetered = dataclasses.replace(unmetered, kafka=served_config.kafka) if args.no_log else unmetered
+            unmetered_registry = ModelRegistry(
+                unmetered, f"sqlite:///{work / 'mlflow2.db'}", artifact_root=work / "art2"
+            )
+            unmetered_version = unmetered_registry.log_training(
+                artifact, {}, [], {"holdout": "h", "f1_macro": 0.8, "baseline_f1_macro": 0.3}, Window(())
+            ).version
+            unmetered_registry.promote(unmetered_version, unmetered.gate)
+            serve.run(build_app(unmetered, unmetered_registry.uri), name="nometrics", route_prefix="/nometrics")
 
             from fastapi import FastAPI
 
@@ -207,7 +221,11 @@ def main() -> int:
             plain = subprocess.Popen(command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             record = {k: rows[0][k] for k in FEATURES}
             headers = {"x-api-key": KEY}
-            for url in (f"http://127.0.0.1:{serve_port}/v1/predict", f"http://127.0.0.1:{plain_port}/v1/predict"):
+            for url in (
+                f"http://127.0.0.1:{serve_port}/v1/predict",
+                f"http://127.0.0.1:{serve_port}/nometrics/v1/predict",
+                f"http://127.0.0.1:{plain_port}/v1/predict",
+            ):
                 deadline = time.monotonic() + 60
                 while True:
                     try:
@@ -220,6 +238,7 @@ def main() -> int:
                     time.sleep(0.5)
             urls = {
                 "ours": f"http://127.0.0.1:{serve_port}/v1/predict",
+                "ours_without_metrics": f"http://127.0.0.1:{serve_port}/nometrics/v1/predict",
                 "noop_ray_serve": f"http://127.0.0.1:{serve_port}/noop/v1/predict",
                 "noop_ray_serve_reading_body": f"http://127.0.0.1:{serve_port}/noop/v1/read",
                 "plain_fastapi_uvicorn": f"http://127.0.0.1:{plain_port}/v1/predict",
@@ -230,7 +249,9 @@ def main() -> int:
                 for name, url in urls.items():
                     runs[name].append(load(url, record, args.concurrency, seconds, headers))
                 runs["batch"].append(load(urls["ours"], batch, 2, seconds, headers))
-            ours, noop, noop_body, fastapi_plain, batched = (median_run(runs[n]) for n in [*urls, "batch"])
+            ours, unmetered_run, noop, noop_body, fastapi_plain, batched = (
+                median_run(runs[n]) for n in [*urls, "batch"]
+            )
             health = requests.get(f"http://127.0.0.1:{serve_port}/v1/health", timeout=10).json()
     finally:
         if plain is not None:
@@ -246,6 +267,11 @@ def main() -> int:
         for o, n in zip(runs["ours"], runs["noop_ray_serve"], strict=True)
     ]
     ratio = sorted(round_ratios)[len(round_ratios) // 2]
+    # The replica's metrics (serving/metrics.py): ours with them / the same app without, per round
+    metrics_ratios = [
+        round(o["requests_per_s"] / max(n["requests_per_s"], 1e-9), 3)
+        for o, n in zip(runs["ours"], runs["ours_without_metrics"], strict=True)
+    ]
     result = {
         "benchmark": "serve",
         "ours": ours["requests_per_s"],
@@ -253,9 +279,12 @@ def main() -> int:
         "ratio": ratio,
         "round_ratios": round_ratios,
         "unit": "requests/s (single record)",
+        "metrics_ratio": sorted(metrics_ratios)[len(metrics_ratios) // 2],
+        "metrics_round_ratios": metrics_ratios,
         "ratio_vs_noop_reading_body": round(ours["requests_per_s"] / max(noop_body["requests_per_s"], 1e-9), 3),
         "endpoints": {
             "ours": ours,
+            "ours_without_metrics": unmetered_run,
             "noop_ray_serve": noop,
             "noop_ray_serve_reading_body": noop_body,
             "plain_fastapi_uvicorn": fastapi_plain,

@@ -216,6 +216,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--serve-url", default=None, help="the Serve endpoint (default: http://serving.host:serving.port)"
     )
+    status.add_argument(
+        "--metrics-url",
+        default=None,
+        help="Ray's metrics endpoint, Prometheus text, e.g. http://head:8080/metrics (default: the stack's)",
+    )
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=cmd_status)
 
@@ -673,6 +678,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         args.config, configs, args.state_dir, num_cpus=args.num_cpus, serve_port=args.serve_port,
         say=lambda m: print(m, flush=True),
     )  # fmt: skip
+    print(f"[up] Prometheus metrics (driftloop_* and Ray's own) at {stack.metrics}")
     print(f"[up] state and logs in {args.state_dir}; `driftloop down` stops it. To use it:")
     for key, value in stack.env().items():
         print(f"export {key}={value}")
@@ -719,7 +725,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         tracking_uri=tracking_uri,
         jobs_address=ray_address if ray_address.startswith(("http://", "https://")) else None,
         serve_url=serve_url,
-        metrics_url=(stack.metrics or None) if stack is not None else None,
+        metrics_url=args.metrics_url or ((stack.metrics or None) if stack is not None else None),
         expect_services=bool(stack is not None and stack.actors),
     )
     if stack is not None:

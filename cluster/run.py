@@ -126,6 +126,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
     from cluster.pipeline import Pipeline
     from cluster.ray_runtime import bind_to_loopback, is_loopback_address, start_local
     from jobs.registry import ModelRegistry
+    from serving.metrics import metrics_urls
 
     stream: FileStream | None = None
     if options.source is not None:  # read (and refuse) the file before anything starts
@@ -162,9 +163,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
         )
         topics = Topics.of(config)
         ensure_topics(config.kafka, topics.all())
-        registry = ModelRegistry(
-            config, uri, artifact_root=run_dir / "mlartifacts", lock_dir=run_dir / "jobs" / "locks"
-        )
+        registry = ModelRegistry(config, uri, artifact_root=run_dir / "mlartifacts")
         _say(started, "mlflow", f"tracking and registry in {uri}")
 
         address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
@@ -177,7 +176,8 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
             context = start_local(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                                   dashboard_port=free_port(), **quiet)  # fmt: skip
         jobs_address = f"http://{context.dashboard_url}"
-        _say(started, "ray", f"local head with token auth; Jobs API at {jobs_address}")
+        metrics_url = metrics_urls()[0]
+        _say(started, "ray", f"local head with token auth; Jobs API at {jobs_address}; metrics at {metrics_url}")
         pipeline = Pipeline(config, uri, jobs_address, run_dir / "jobs")
         controller = pipeline.start_controller()
         monitors: list[Any] = []
@@ -276,6 +276,7 @@ def run_loop(config: PipelineConfig, run_dir: Path, options: LoopOptions) -> int
             report = _report(
                 config, options, traffic, events, monitor_stats, controller_stats, registry, first, drift_at, outcome
             )
+            report["metrics_url"] = metrics_url  # driftloop_* series (jobs/metrics.py), while the run lasts
             if options.scenario == "bad-model":
                 report["bad_model"] = _bad_model_report(traffic, events, first, options.bootstrap_records)
             html = write(run_dir / "report.html", dataclasses.replace(

@@ -8,7 +8,8 @@ Checks, each on its own (one part down does not hide the others):
 - **ray**: the Jobs API answers; the jobs running now and the last few that ended;
 - **serve**: the endpoint's `/v1/health` (the version it serves, predictions logged/dropped and
   the drop rate); down when its prediction log has stopped;
-- **metrics**: Ray's metrics endpoint (`metrics_url`, for Prometheus): each serving replica's
+- **metrics**: Ray's metrics endpoint (`metrics_url`, also at the top of the result: the URL
+  Prometheus scrapes for every `driftloop_*` series, None when not known): each serving replica's
   answered, logged and dropped predictions and its drop rate (`/v1/health` reaches one replica;
   this reaches them all, and a killed one's last counts);
 - **events**: the newest events on the drift, retrain and models topics.
@@ -285,7 +286,8 @@ def stack_status(
         parts["serve"] = _part(lambda: serve_status(serve_url))
     if metrics_url:
         parts["metrics"] = _part(lambda: metrics_status(config, metrics_url))
-    return {"pipeline": config.name, "healthy": all(p["ok"] for p in parts.values()), "parts": parts}
+    healthy = all(p["ok"] for p in parts.values())
+    return {"pipeline": config.name, "healthy": healthy, "metrics_url": metrics_url, "parts": parts}
 
 
 def render(status: dict[str, Any]) -> list[str]:

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from jobs.controller_metrics import ControllerMetrics, job_samples
 from jobs.gitinfo import git_commit
 from jobs.service import Heartbeat, Service, consume_until
 from streams.config import GIT_COMMIT_ENV, PipelineConfig, dump_config
@@ -292,8 +293,11 @@ def run_controller(
     ensure_topics(config.kafka, [topics.retrain, topics.models, topics.dlq])
     producer = Producer(config.kafka, client_id=f"{config.name}.controller")
     lock = threading.Lock()
+    metrics = ControllerMetrics(config.name)
+    running: set[str] = set()  # jobs followed and not ended
+    group = f"{config.name}.controller"
 
-    def follow_and_publish(request_id: str, submission_id: str) -> None:
+    def follow_and_publish(request_id: str, submission_id: str, request: RetrainRequested | None) -> None:
         try:
             outcome = follow(client, submission_id, config.retrain.job_timeout_s)
         except Exception as err:  # the Jobs API went away: report the job as failed, keep consuming
@@ -304,10 +308,17 @@ def run_controller(
             producer.flush()
             stats.outcomes.append(JobFinished(submission_id, outcome.status, type(event).__name__, outcome.summary,
                                               outcome.message))  # fmt: skip
+            running.discard(submission_id)
+        metrics.record("driftloop_retrain_jobs_running", len(running))
+        asked, drifted = (request.occurred_at, request.data_start) if request else (None, None)
+        metrics.apply(job_samples(outcome.status, outcome.summary, datetime.now(timezone.utc), asked, drifted))
         log.info("job %s %s -> %s", submission_id, outcome.status, type(event).__name__)
 
-    def start_following(request_id: str, submission_id: str) -> None:
-        threading.Thread(target=follow_and_publish, args=(request_id, submission_id), daemon=True).start()
+    def start_following(request_id: str, submission_id: str, request: RetrainRequested | None = None) -> None:
+        with lock:
+            running.add(submission_id)
+        metrics.record("driftloop_retrain_jobs_running", len(running))
+        threading.Thread(target=follow_and_publish, args=(request_id, submission_id, request), daemon=True).start()
 
     for existing in client.list_jobs():  # resume: jobs submitted before a restart that still run
         mine = (existing.metadata or {}).get("driftloop_pipeline") == config.name
@@ -319,6 +330,8 @@ def run_controller(
             for record, event in zip(chunk.records, chunk.values, strict=True):
                 if isinstance(event, RetrainRequested) and event.pipeline == config.name:
                     handle_one(record, event)
+        metrics.record("driftloop_consumer_lag", consumer.stats.lag.get(topics.retrain, 0), group=group,
+                       topic=topics.retrain)  # fmt: skip
 
     def handle_one(record: Any, event: RetrainRequested) -> None:
         """Submit one request. A request that cannot be carried out goes to the DLQ with the reason
@@ -334,17 +347,20 @@ def run_controller(
             with lock:
                 dead_letter(producer, topics.dlq, [(record, DecodeError(ErrorKind.UNPROCESSABLE, reason[:2000]))])
             stats.dead_lettered.append(event.event_id)
+            metrics.record("driftloop_retrain_requests_received_total", 1, result="dead_lettered")
             return
         if submitted:
             stats.submitted.append(event.event_id)
+            metrics.record("driftloop_retrain_requests_received_total", 1, result="submitted")
             log.info("submitted retrain job %s (%s)", event.event_id, event.cause[:200])
-            start_following(event.event_id, event.event_id)
+            start_following(event.event_id, event.event_id, event)
         else:
             stats.duplicates.append(event.event_id)
+            metrics.record("driftloop_retrain_requests_received_total", 1, result="duplicate")
             log.info("retrain %s already has a job: not submitted again", event.event_id)
 
     consumer = StreamConsumer(
-        config.kafka, [topics.retrain], decode_events, handle, group_id=f"{config.name}.controller",
+        config.kafka, [topics.retrain], decode_events, handle, group_id=group,
         dlq_topic=topics.dlq,
     )  # fmt: skip
     beat = Heartbeat(config.kafka, topics.heartbeats, config.name, "controller", lambda: {

@@ -158,6 +158,17 @@ class LabelJoin:
         self.expired = 0
         self.evicted = 0
         self.joined = 0
+        self._lags: list[float] = []  # seconds from prediction to label, per join, until `take_lags`
+
+    def _joined(self, predicted_at: datetime, labelled_at: datetime) -> None:
+        self.joined += 1
+        if len(self._lags) < 10_000:  # drained after each batch; a bound all the same
+            self._lags.append(max(0.0, (labelled_at - predicted_at).total_seconds()))
+
+    def take_lags(self) -> list[float]:
+        """The label lags (seconds, event time) of the joins since the last call."""
+        lags, self._lags = self._lags, []
+        return lags
 
     def add_prediction(
         self, request_id: str, predicted: str, at: datetime, where: Where | None = None, version: str | None = None
@@ -165,7 +176,7 @@ class LabelJoin:
         """A prediction (by model `version`); (predicted, label, version) when its label came first."""
         early = self._labels.pop(request_id, None)
         if early is not None:
-            self.joined += 1
+            self._joined(at, early[0])
             return predicted, early[1], version
         self._predictions[request_id] = (at, predicted, where, version)
         self._trim(at)
@@ -177,7 +188,7 @@ class LabelJoin:
         """A label; (predicted, label, version) when its prediction is waiting."""
         waiting = self._predictions.pop(request_id, None)
         if waiting is not None:
-            self.joined += 1
+            self._joined(waiting[0], at)
             return waiting[1], label, waiting[3]
         self._labels[request_id] = (at, label, where, None)
         self._trim(at)
@@ -857,6 +868,8 @@ def _monitor_loop(
             consumer.commit(commits[-1].commit or {})
 
     trial: LiveComparison | None = None  # the challenger's delivery step, while one runs
+    join_seen: dict[str, int] = {}  # the label join's counts at the last export
+    group = f"{config.name}.monitor"
 
     def follow_delivery() -> None:
         """The challenger's step, from the registry: a new one starts a new live comparison."""
@@ -927,13 +940,15 @@ def _monitor_loop(
                 outcomes += monitor.on_labels(labels)
         publish(outcomes)
         judge_delivery()
+        metrics.join(monitor.join, join_seen)
+        metrics.lag(group, consumer.stats.lag)
 
     consumer = StreamConsumer(
         config.kafka,
         [topics.predictions, topics.labels],
         decoder,
         handle,
-        group_id=f"{config.name}.monitor",
+        group_id=group,
         dlq_topic=topics.dlq,
         commit_each_batch=False,
     )

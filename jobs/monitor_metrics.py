@@ -1,7 +1,6 @@
 """What the monitor decides, in Prometheus form, through Ray's metrics API.
 
-Exported like the serving replicas' series (`serving/metrics.py`): at the node's Ray metrics
-endpoint, prefixed `ray_`, each labelled `pipeline`. Per closed window:
+Exported as `jobs/metrics.py` says, each labelled `pipeline`. Per closed window:
 
 - `driftloop_windows_total{kind, drifted}`: windows closed (data, performance);
 - `driftloop_feature_drift_statistic{feature, test}`, `driftloop_feature_drift_p_value{feature}`,
@@ -13,38 +12,46 @@ endpoint, prefixed `ray_`, each labelled `pipeline`. Per closed window:
 - `driftloop_delivery_steps_total{step, outcome}`: delivery steps ended (the next step, champion, rejected);
 - `driftloop_monitored_total{topic}`: predictions and labels read.
 
+As the labels come: `driftloop_labels_joined_total`, `driftloop_labels_unjoined_total{reason}`
+(expired, evicted) and `driftloop_label_lag_seconds` (a histogram, prediction to label in event
+time); the join rate is joined over `driftloop_monitored_total{topic="predictions"}`. After each
+batch, `driftloop_consumer_lag{group, topic}`: what the monitor's group has yet to read.
+
 Outside Ray (`driftloop monitor` in the foreground) nothing is exported. `samples` is pure.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MonitorMetrics", "samples"]
+from jobs.metrics import Metrics, Sample, Spec
 
-log = logging.getLogger(__name__)
+__all__ = ["SERIES", "MonitorMetrics", "join_samples", "samples"]
 
-GAUGES = {
-    "driftloop_feature_drift_statistic": ("The last data window's drift statistic per feature.", ("feature", "test")),
-    "driftloop_feature_drift_p_value": ("The last data window's adjusted p-value per feature.", ("feature",)),
-    "driftloop_feature_psi": ("The last data window's PSI per feature.", ("feature",)),
-    "driftloop_feature_drifted": ("1 when the last data window found the feature drifted.", ("feature",)),
-    "driftloop_window_accuracy": ("The last performance window's accuracy.", ()),
-    "driftloop_window_f1_macro": ("The last performance window's macro F1.", ()),
-    "driftloop_window_expected_accuracy": ("The champion's validation accuracy it is held to.", ()),
+SERIES: dict[str, Spec] = {
+    "driftloop_feature_drift_statistic": ("gauge", "The last data window's drift statistic.", ("feature", "test")),
+    "driftloop_feature_drift_p_value": ("gauge", "The last data window's adjusted p-value per feature.", ("feature",)),
+    "driftloop_feature_psi": ("gauge", "The last data window's PSI per feature.", ("feature",)),
+    "driftloop_feature_drifted": ("gauge", "1 when the last data window found the feature drifted.", ("feature",)),
+    "driftloop_window_accuracy": ("gauge", "The last performance window's accuracy.", ()),
+    "driftloop_window_f1_macro": ("gauge", "The last performance window's macro F1.", ()),
+    "driftloop_window_expected_accuracy": ("gauge", "The champion's validation accuracy it is held to.", ()),
+    "driftloop_windows_total": ("counter", "Windows closed, by kind and whether they drifted.", ("kind", "drifted")),
+    "driftloop_drift_events_total": ("counter", "DriftDetected events published.", ()),
+    "driftloop_retrain_requests_total": ("counter", "RetrainRequested events published.", ()),
+    "driftloop_rollbacks_total": ("counter", "Champions on probation rolled back.", ()),
+    "driftloop_delivery_steps_total": ("counter", "Delivery steps ended, by step and outcome.", ("step", "outcome")),
+    "driftloop_monitored_total": ("counter", "Predictions and labels the monitor read.", ("topic",)),
+    "driftloop_labels_joined_total": ("counter", "Predictions joined with their label.", ()),
+    "driftloop_labels_unjoined_total": (
+        "counter",
+        "Predictions or labels forgotten unjoined: past the TTL or the bound.",
+        ("reason",),
+    ),
+    "driftloop_label_lag_seconds": ("histogram", "From a prediction to its label, in event time.", ()),
+    "driftloop_consumer_lag": ("gauge", "Records on a topic the consumer group has not read yet.", ("group", "topic")),
 }
-COUNTERS = {
-    "driftloop_windows_total": ("Windows closed, by kind and whether they drifted.", ("kind", "drifted")),
-    "driftloop_drift_events_total": ("DriftDetected events published.", ()),
-    "driftloop_retrain_requests_total": ("RetrainRequested events published.", ()),
-    "driftloop_rollbacks_total": ("Champions on probation rolled back.", ()),
-    "driftloop_delivery_steps_total": ("Delivery steps ended, by step and outcome.", ("step", "outcome")),
-    "driftloop_monitored_total": ("Predictions and labels the monitor read.", ("topic",)),
-}
-
-Sample = tuple[str, dict[str, str], float]
 
 
 def samples(summary: Mapping[str, Any]) -> list[Sample]:
@@ -69,42 +76,38 @@ def samples(summary: Mapping[str, Any]) -> list[Sample]:
     return out
 
 
-class MonitorMetrics:
-    """The monitor's series; a no-op outside Ray. Exporting never stops the monitor."""
+def join_samples(now: Mapping[str, int], seen: dict[str, int], lags: list[float]) -> list[Sample]:
+    """The label join's series since `seen` (its counts at the last call, updated here): joined,
+    expired and evicted (a new champion's join starts again from 0), each join's label lag. Pure
+    but for `seen`."""
+    new = {k: v - seen.get(k, 0) if v >= seen.get(k, 0) else v for k, v in now.items()}
+    seen.update(now)
+    out: list[Sample] = []
+    if new.get("joined"):
+        out.append(("driftloop_labels_joined_total", {}, float(new["joined"])))
+    out += [
+        ("driftloop_labels_unjoined_total", {"reason": r}, float(new[r])) for r in ("expired", "evicted") if new.get(r)
+    ]
+    return out + [("driftloop_label_lag_seconds", {}, lag) for lag in lags]
+
+
+class MonitorMetrics(Metrics):
+    """The monitor's series (see `jobs/metrics.py`)."""
 
     def __init__(self, pipeline: str) -> None:
-        self.tags = {"pipeline": pipeline}
-        self._metrics: dict[str, Any] = {}
-        try:
-            import ray
-            from ray.util.metrics import Counter, Gauge
-
-            if not ray.is_initialized():
-                return
-            for name, (about, keys) in GAUGES.items():
-                self._metrics[name] = Gauge(name, about, tag_keys=("pipeline", *keys))
-            for name, (about, keys) in COUNTERS.items():
-                self._metrics[name] = Counter(name, about, tag_keys=("pipeline", *keys))
-        except Exception as err:
-            log.warning("monitor metrics are not exported: %s", err)
-            self._metrics = {}
-
-    def _apply(self, name: str, tags: dict[str, str], value: float) -> None:
-        metric = self._metrics.get(name)
-        if metric is None:
-            return
-        try:
-            if name in COUNTERS:
-                if value > 0:
-                    metric.inc(value, tags=self.tags | tags)
-            else:
-                metric.set(value, tags=self.tags | tags)
-        except Exception as err:
-            log.warning("monitor metric %s not exported: %s", name, err)
+        super().__init__(pipeline, SERIES)
 
     def window(self, summary: Mapping[str, Any]) -> None:
-        for name, tags, value in samples(summary):
-            self._apply(name, tags, value)
+        self.apply(samples(summary))
 
     def count(self, name: str, n: int = 1, **tags: str) -> None:
-        self._apply(name, tags, float(n))
+        self.record(name, float(n), **tags)
+
+    def join(self, join: Any, seen: dict[str, int]) -> None:
+        """What the label join did since the last call (`seen` keeps its counts)."""
+        self.apply(join_samples({"joined": join.joined, "expired": join.expired, "evicted": join.evicted}, seen,
+                                join.take_lags()))  # fmt: skip
+
+    def lag(self, group: str, lags: Mapping[str, int]) -> None:
+        for topic, behind in lags.items():
+            self.record("driftloop_consumer_lag", float(behind), group=group, topic=topic)

@@ -176,6 +176,7 @@ class ModelServer:
                 "champion": getattr(self.model, "version", None),
                 "challenger": getattr(self.challenger, "version", None),
             },
+            enabled=serving.metrics,
         )
         batcher: Any = self._score  # a serve.batch wrapper
         batcher.set_max_batch_size(min(serving.batch_max_size, serving.max_ongoing_requests))

@@ -25,10 +25,29 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 
-__all__ = ["PREFIX", "ServingMetrics", "counts_by_replica", "parse_prometheus", "replica_counts", "scrape"]
+from jobs.metrics import PREFIX, Metrics, Spec
 
-PREFIX = "ray_"  # what Ray's exporter puts before each name
+__all__ = [
+    "SERIES",
+    "ServingMetrics",
+    "counts_by_replica",
+    "node_texts",
+    "parse_prometheus",
+    "pipeline_samples",
+    "replica_counts",
+    "scrape",
+]
+
 log = logging.getLogger(__name__)
+
+SERIES: dict[str, Spec] = {
+    "driftloop_requests_total": ("counter", "Answers to /v1/predict, by HTTP status.", ("replica", "code")),
+    "driftloop_predictions_total": ("counter", "Predictions answered, by variant.", ("replica", "variant")),
+    "driftloop_predictions_logged_total": ("counter", "Predictions the broker acknowledged.", ("replica",)),
+    "driftloop_predictions_dropped_total": ("counter", "Predictions the log dropped (and counted).", ("replica",)),
+    "driftloop_predictions_buffered": ("gauge", "Predictions not yet acknowledged or dropped.", ("replica",)),
+    "driftloop_model_version": ("gauge", "The model version served, by variant.", ("replica", "variant")),
+}
 
 
 class ServingMetrics:
@@ -39,55 +58,27 @@ class ServingMetrics:
         log_counts: Callable[[], tuple[int, int, int]],
         versions: Callable[[], dict[str, str | None]],
         every_s: float = 1.0,
+        enabled: bool = True,
     ) -> None:
         """`log_counts` gives the prediction log's (logged, dropped, buffered) so far; `versions`
-        the served version per variant."""
-        from ray.util.metrics import Counter as RayCounter
-        from ray.util.metrics import Gauge
-
-        self.tags = {"pipeline": pipeline, "replica": replica}
+        the served version per variant. Not `enabled` (`serving.metrics: false`): nothing is counted."""
+        self.enabled = enabled
+        self.tags = {"replica": replica}
         self._requests: Counter[int] = Counter()
         self._predictions: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._log_counts = log_counts
         self._versions = versions
         self._logged = self._dropped = 0
-        self.requests = RayCounter(
-            "driftloop_requests_total",
-            "Answers to /v1/predict, by HTTP status.",
-            tag_keys=("pipeline", "replica", "code"),
-        )
-        self.predictions = RayCounter(
-            "driftloop_predictions_total",
-            "Predictions answered, by variant.",
-            tag_keys=("pipeline", "replica", "variant"),
-        )
-        self.logged = RayCounter(
-            "driftloop_predictions_logged_total",
-            "Predictions the broker acknowledged.",
-            tag_keys=("pipeline", "replica"),
-        )
-        self.dropped = RayCounter(
-            "driftloop_predictions_dropped_total",
-            "Predictions the log dropped (and counted).",
-            tag_keys=("pipeline", "replica"),
-        )
-        self.buffered = Gauge(
-            "driftloop_predictions_buffered",
-            "Predictions not yet acknowledged or dropped.",
-            tag_keys=("pipeline", "replica"),
-        )
-        self.version = Gauge(
-            "driftloop_model_version",
-            "The model version served, by variant.",
-            tag_keys=("pipeline", "replica", "variant"),
-        )
+        self.metrics = Metrics(pipeline, SERIES if enabled else {})
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every_s,), name="serving-metrics", daemon=True)
-        self._thread.start()
+        if enabled:
+            threading.Thread(target=self._run, args=(every_s,), name="serving-metrics", daemon=True).start()
 
     def answered(self, code: int, predictions: dict[str, int] | None = None) -> None:
         """One answer to /v1/predict, with the predictions it gave per variant (the request path: no I/O)."""
+        if not self.enabled:
+            return
         with self._lock:
             self._requests[code] += 1
             self._predictions.update(predictions or {})
@@ -97,21 +88,22 @@ class ServingMetrics:
         with self._lock:
             requests, self._requests = self._requests, Counter()
             predictions, self._predictions = self._predictions, Counter()
+        record = self.metrics.record
         for code, n in requests.items():
-            self.requests.inc(n, tags=self.tags | {"code": str(code)})
+            record("driftloop_requests_total", n, code=str(code), **self.tags)
         for variant, n in predictions.items():
-            self.predictions.inc(n, tags=self.tags | {"variant": variant})
+            record("driftloop_predictions_total", n, variant=variant, **self.tags)
         logged, dropped, buffered = self._log_counts()
         if logged > self._logged:
-            self.logged.inc(logged - self._logged, tags=self.tags)
+            record("driftloop_predictions_logged_total", logged - self._logged, **self.tags)
             self._logged = logged
         if dropped > self._dropped:
-            self.dropped.inc(dropped - self._dropped, tags=self.tags)
+            record("driftloop_predictions_dropped_total", dropped - self._dropped, **self.tags)
             self._dropped = dropped
-        self.buffered.set(buffered, tags=self.tags)
+        record("driftloop_predictions_buffered", buffered, **self.tags)
         for variant, version in self._versions().items():
             with contextlib.suppress(TypeError, ValueError):  # a version MLflow did not number
-                self.version.set(float(version or 0), tags=self.tags | {"variant": variant})
+                record("driftloop_model_version", float(version or 0), variant=variant, **self.tags)
 
     def _run(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
@@ -122,8 +114,9 @@ class ServingMetrics:
 
     def close(self) -> None:
         self._stop.set()
-        with contextlib.suppress(Exception):
-            self.flush()
+        if self.enabled:
+            with contextlib.suppress(Exception):
+                self.flush()
 
 
 def parse_prometheus(text: str, names: set[str]) -> list[tuple[str, dict[str, str], float]]:
@@ -145,14 +138,36 @@ def replica_counts(pipeline: str, timeout_s: float = 10.0) -> dict[str, dict[str
     """Each replica's counts (by its `host:pid`) from every live node's Ray metrics endpoint, in the
     connected Ray: `predictions_total` (all variants), `predictions_logged_total`,
     `predictions_dropped_total`, `predictions_buffered` and `requests_total:<code>`."""
+    out: dict[str, dict[str, float]] = {}
+    for text in node_texts(timeout_s):
+        out |= counts_by_replica(text, pipeline)
+    return out
+
+
+def metrics_urls() -> list[str]:
+    """Every live node's Ray metrics endpoint (what Prometheus scrapes), in the connected Ray; the
+    head's first."""
     import ray
 
-    out: dict[str, dict[str, float]] = {}
-    for node in ray.nodes():
-        if node["Alive"]:
-            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-            out |= counts_by_replica(scrape(url, timeout_s), pipeline)
-    return out
+    nodes = sorted(
+        (n for n in ray.nodes() if n["Alive"]), key=lambda n: not n.get("Resources", {}).get("node:__internal_head__")
+    )
+    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in nodes]
+
+
+def node_texts(timeout_s: float = 10.0) -> list[str]:
+    """What every live node's Ray metrics endpoint answers, in the connected Ray."""
+    return [scrape(url, timeout_s) for url in metrics_urls()]
+
+
+def pipeline_samples(
+    pipeline: str, names: set[str], timeout_s: float = 10.0
+) -> list[tuple[str, dict[str, str], float]]:
+    """The pipeline's samples of `names` (without Ray's prefix; a histogram's `_bucket`, `_sum`,
+    `_count` by those names) at every live node's endpoint, in the connected Ray."""
+    return [
+        s for text in node_texts(timeout_s) for s in parse_prometheus(text, names) if s[1].get("pipeline") == pipeline
+    ]
 
 
 def scrape(url: str, timeout_s: float = 10.0) -> str:

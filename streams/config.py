@@ -734,6 +734,7 @@ class ServingSettings(_Section):
     log_capacity: PositiveInt = 100_000  # predictions buffered for the predictions topic before dropping
     log_timeout_s: NonNegativeFloat = 30.0  # a prediction not delivered within this is dropped (and counted)
     access_log: bool = False  # Serve's line per request; the predictions topic already has each one
+    metrics: bool = True  # each replica's driftloop_* series (serving/metrics.py); off: no counting at all
     # a redeploy starts new replicas before it stops old ones (0: stop first)
     max_surge_percent: Annotated[int, Field(ge=0, le=100)] = 100
 

@@ -370,6 +370,9 @@ class ConsumerStats:
     batches: int = 0
     retries: int = 0
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Per topic, records past this consumer's position up to the end the broker last reported
+    # with a fetch (updated after each poll; a partition with no fetch yet is left out).
+    lag: dict[str, int] = field(default_factory=dict)
 
 
 class StreamConsumer:
@@ -466,6 +469,7 @@ class StreamConsumer:
                     budget = min(budget, max_records - self.stats.polled)
                 polled = self._consumer.poll(timeout_ms=settings.poll_timeout_ms, max_records=budget)
                 self.last_poll = time.time()
+                self.stats.lag = self._lag()
                 if not polled:
                     if not self._consumer.assignment():
                         last_data = time.monotonic()  # still joining the group: not idle yet
@@ -477,6 +481,18 @@ class StreamConsumer:
         finally:
             self.close()
         return self.stats
+
+    def _lag(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        try:
+            for tp in self._consumer.assignment():
+                end = self._consumer.highwater(tp)
+                at = self._consumer.position(tp, timeout_ms=0) if end is not None else None
+                if end is not None and at is not None:
+                    out[tp.topic] = out.get(tp.topic, 0) + max(0, end - at)
+        except KafkaError as err:  # a rebalance under us: the next poll measures again
+            log.debug("consumer lag not measured: %s", err)
+        return out
 
     def _process(self, polled: dict[TopicPartition, list[Any]]) -> None:
         chunks: list[Chunk] = []

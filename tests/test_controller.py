@@ -95,6 +95,27 @@ def test_a_duplicated_request_starts_one_job_and_the_outcome_is_published(
     assert isinstance(done, TrainingCompleted) and done.model_version == "7"
     assert done.submission_id == request.event_id == done.trigger_event_id
 
+    # The same, for Prometheus, at the Ray metrics endpoint (the controller ran in this driver)
+    from jobs.controller_metrics import SERIES
+    from serving.metrics import pipeline_samples
+
+    wanted = {("submitted", 1.0), ("duplicate", 2.0)}
+    deadline = time.monotonic() + 60
+    while True:
+        series = pipeline_samples(config.name, {*SERIES, "driftloop_retrain_job_seconds_count"})
+        received = {
+            (labels["result"], v) for n, labels, v in series if n == "driftloop_retrain_requests_received_total"
+        }
+        ended = {labels["outcome"]: v for n, labels, v in series if n == "driftloop_retrain_jobs_total"}
+        timed = [v for n, _, v in series if n == "driftloop_retrain_job_seconds_count"]
+        if (received == wanted and ended and timed) or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    # job_echo registers a version but says nothing of the gate: counted as rejected (not promoted)
+    assert received == wanted and ended == {"rejected": 1.0} and timed == [1.0], series
+    running = [v for n, _, v in series if n == "driftloop_retrain_jobs_running"]
+    assert running == [0.0], series
+
 
 def test_the_entrypoint_is_quoted_arguments_and_refuses_ids_that_bypassed_decoding(tmp_path: Path) -> None:
     import shlex

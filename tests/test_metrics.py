@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
 from serving.metrics import counts_by_replica
 
 TEXT = """# HELP ray_driftloop_predictions_total Predictions answered, by variant.
@@ -31,7 +35,7 @@ def test_counts_by_replica_sums_variants_splits_codes_and_keeps_to_the_pipeline(
 
 
 def test_a_closed_windows_summary_gives_its_drift_per_feature_or_its_scores() -> None:
-    from jobs.monitor_metrics import COUNTERS, GAUGES, samples
+    from jobs.monitor_metrics import SERIES, samples
 
     data = {"kind": "data", "drifted": True, "features": {
         "plan": {"test": "chi2", "statistic": 31.5, "p_value": 0.0001, "psi": 0.4, "drifted": True},
@@ -50,4 +54,91 @@ def test_a_closed_windows_summary_gives_its_drift_per_feature_or_its_scores() ->
         ("driftloop_window_f1_macro", {}, 0.7),
         ("driftloop_window_expected_accuracy", {}, 0.82),
     ])  # fmt: skip
-    assert {s[0] for s in got + samples(performance)} <= set(GAUGES) | set(COUNTERS)
+    assert {s[0] for s in got + samples(performance)} <= set(SERIES)
+
+
+def test_the_label_join_counts_joins_and_losses_as_increments_and_each_lag() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from jobs.monitor import LabelJoin
+    from jobs.monitor_metrics import join_samples
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    join = LabelJoin(ttl_s=60, max_pending=10)
+    join.add_prediction("a", "yes", t0)
+    join.add_label("a", "no", t0 + timedelta(seconds=12))  # the label 12 s later
+    join.add_label("b", "no", t0 + timedelta(seconds=13))  # a label before its prediction: lag 0
+    join.add_prediction("b", "no", t0 + timedelta(seconds=14))
+    join.add_prediction("c", "no", t0 + timedelta(seconds=15))
+    join.add_prediction("d", "no", t0 + timedelta(seconds=100))  # c expires (TTL 60 s)
+    seen: dict[str, int] = {}
+    counts = {"joined": join.joined, "expired": join.expired, "evicted": join.evicted}
+    assert sorted(join_samples(counts, seen, join.take_lags())) == sorted([
+        ("driftloop_labels_joined_total", {}, 2.0),
+        ("driftloop_labels_unjoined_total", {"reason": "expired"}, 1.0),
+        ("driftloop_label_lag_seconds", {}, 12.0),
+        ("driftloop_label_lag_seconds", {}, 0.0),
+    ])  # fmt: skip
+    assert join.take_lags() == [] and join_samples(counts, seen, []) == [], "only what is new"
+    # a new champion's monitor: a new join, counting from 0 again
+    assert join_samples({"joined": 1, "expired": 0, "evicted": 0}, seen, [3.0]) == [
+        ("driftloop_labels_joined_total", {}, 1.0), ("driftloop_label_lag_seconds", {}, 3.0)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "summary", "outcome", "decision"),
+    [
+        ("SUCCEEDED", {"version": "3", "promoted": True}, "promoted", "promote"),
+        ("SUCCEEDED", {"version": "3", "promoted": False, "delivery_step": "shadow"}, "staged", "stage"),
+        ("SUCCEEDED", {"version": "3", "promoted": False, "delivery_step": None}, "rejected", "reject"),
+        ("SUCCEEDED", {}, "failed", None),  # ended without registering a model
+        ("FAILED", {"version": "3", "promoted": True}, "failed", None),
+        ("UNKNOWN", None, "failed", None),
+    ],
+)
+def test_a_finished_jobs_outcome_and_gate_decision(
+    status: str, summary: dict[str, object] | None, outcome: str, decision: str | None
+) -> None:
+    from jobs.controller_metrics import job_outcome, job_samples
+
+    assert job_outcome(status, summary) == outcome
+    got = job_samples(status, summary, datetime(2026, 1, 1, 0, 2, tzinfo=timezone.utc))
+    assert ("driftloop_retrain_jobs_total", {"outcome": outcome}, 1) in got
+    assert [s[1] for s in got if s[0] == "driftloop_gate_decisions_total"] == (
+        [{"decision": decision}] if decision else []
+    )
+
+
+def test_a_jobs_durations_stages_and_the_loop_latency_of_a_promotion() -> None:
+    from jobs.controller_metrics import SERIES, job_samples
+
+    ended = datetime(2026, 1, 1, 0, 2, tzinfo=timezone.utc)
+    asked, drifted = ended - timedelta(seconds=40), ended - timedelta(seconds=55)
+    summary = {"version": "4", "promoted": True, "stages_s": {"ingest": 3.5, "tune": 9.0, "odd": "x"}}
+    got = job_samples("SUCCEEDED", summary, ended, asked, drifted)
+    assert ("driftloop_retrain_job_seconds", {}, 40.0) in got
+    assert ("driftloop_loop_latency_seconds", {}, 55.0) in got
+    assert [s for s in got if s[0] == "driftloop_retrain_stage_seconds"] == [
+        ("driftloop_retrain_stage_seconds", {"stage": "ingest"}, 3.5),
+        ("driftloop_retrain_stage_seconds", {"stage": "tune"}, 9.0)]  # fmt: skip
+    rejected = job_samples("SUCCEEDED", {"version": "4", "promoted": False}, ended, asked, drifted)
+    assert not [s for s in rejected if s[0] == "driftloop_loop_latency_seconds"], "no promotion: the loop is open"
+    assert {s[0] for s in got + rejected} <= set(SERIES)
+
+
+def test_every_series_is_declared_once_with_a_kind_and_exported_under_rays_prefix() -> None:
+    from jobs.controller_metrics import SERIES as CONTROLLER
+    from jobs.metrics import Metrics, exported_names
+    from jobs.monitor_metrics import SERIES as MONITOR
+    from serving.metrics import SERIES as SERVING
+
+    shared = set(MONITOR) & set(CONTROLLER)
+    assert shared == {"driftloop_consumer_lag"} and MONITOR["driftloop_consumer_lag"] == CONTROLLER[
+        "driftloop_consumer_lag"], "one meaning per name"  # fmt: skip
+    assert not set(SERVING) & (set(MONITOR) | set(CONTROLLER))
+    for name, (kind, about, _) in (MONITOR | CONTROLLER | SERVING).items():
+        assert name.startswith("driftloop_") and kind in ("gauge", "counter", "histogram") and about
+    assert exported_names({"driftloop_x_seconds": ("histogram", "x", ())}) == {
+        "ray_driftloop_x_seconds_bucket", "ray_driftloop_x_seconds_sum", "ray_driftloop_x_seconds_count"}  # fmt: skip
+    with pytest.raises(KeyError, match="not a declared series"):
+        Metrics("demo", MONITOR).record("driftloop_misspelt_total", 1)

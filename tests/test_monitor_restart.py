@@ -41,8 +41,7 @@ def champion(config: PipelineConfig, tmp_path: Path) -> ModelRegistry:
     report = {"holdout": "h", "accuracy": 0.8, "f1_macro": 0.8, "baseline_f1_macro": 0.3, "log_loss": 0.4}
     extra = {"profile.json": json.dumps({"reference": reference.to_json()}), "report.json": json.dumps(report)}
     save_artifact(tmp_path / "m1", spec, build_model(spec), features.to_json(), extra=extra)
-    registry = ModelRegistry(config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "art",
-                             lock_dir=tmp_path)  # fmt: skip
+    registry = ModelRegistry(config, f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=tmp_path / "art")
     version = registry.log_training(tmp_path / "m1", {}, [], report, Window(())).version
     assert registry.promote(version, config.gate).promote
     return registry
@@ -125,15 +124,11 @@ def test_a_killed_monitor_resumes_from_its_last_window_without_loss_or_double_co
 
 def monitor_series(pipeline: str) -> list[tuple[str, dict[str, str], float]]:
     """The pipeline's monitor series at every node's Ray metrics endpoint."""
-    from jobs.monitor_metrics import COUNTERS, GAUGES
-    from serving.metrics import parse_prometheus, scrape
+    from jobs.monitor_metrics import SERIES
+    from serving.metrics import pipeline_samples
 
-    found = []
-    for node in ray.nodes():
-        if node["Alive"]:
-            text = scrape(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics")
-            found += [s for s in parse_prometheus(text, {*GAUGES, *COUNTERS}) if s[1].get("pipeline") == pipeline]
-    return found
+    names = set(SERIES) | {f"{n}_{end}" for n, s in SERIES.items() if s[0] == "histogram" for end in ("count", "sum")}
+    return pipeline_samples(pipeline, names)
 
 
 def publish_labels(config: PipelineConfig, topics: Topics, start: int, count: int, drift_at: int | None) -> None:
@@ -198,6 +193,19 @@ def test_a_monitor_killed_mid_streak_resumes_its_streak_label_join_and_performan
     assert all(w["accuracy"] == 1.0 for w in perf), "each label joined its own prediction"
     requested = [e for e in decode_events([r.value for r in read_tail(config.kafka, topics.retrain, 100)])]
     assert len(requested) == 1 and isinstance(requested[0], RetrainRequested)
+
+    # The label join and the consumer's lag, for Prometheus (from the second monitor at least)
+    deadline = time.monotonic() + 60
+    while True:
+        series = monitor_series(config.name)
+        joined = sum(v for n, _, v in series if n == "driftloop_labels_joined_total")
+        lags = sum(v for n, _, v in series if n == "driftloop_label_lag_seconds_count")
+        behind = {labels["topic"] for n, labels, _ in series if n == "driftloop_consumer_lag"}
+        if (joined >= 300 and lags >= 300 and len(behind) == 2) or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert joined >= 300 and lags >= 300, series
+    assert behind == {topics.predictions, topics.labels}, series
 
 
 def test_junk_on_the_state_topic_goes_to_the_dlq_and_the_newest_good_state_is_taken(

@@ -47,9 +47,13 @@ def test_status_reports_lag_champion_jobs_events_and_what_is_down(
     client.create_model_version(config.name, source=str(tmp_path), run_id=None)
     client.set_registered_model_alias(config.name, "champion", "1")
 
+    from serving.metrics import metrics_urls
+
+    metrics_url = metrics_urls()[0]  # the session Ray's head: what a user passes for a cluster of theirs
     result = driftloop(
         "status", "--config", str(config_file(tmp_path, config)), "--tracking-uri", uri, "--address", jobs_address,
-        "--serve-url", "http://127.0.0.1:9", "--json", env={"KAFKA_BOOTSTRAP_SERVERS": broker},
+        "--serve-url", "http://127.0.0.1:9", "--metrics-url", metrics_url, "--json",
+        env={"KAFKA_BOOTSTRAP_SERVERS": broker},
     )  # fmt: skip
     assert result.returncode == 1, result.stderr  # the endpoint is down
     status = json.loads(result.stdout)
@@ -62,6 +66,7 @@ def test_status_reports_lag_champion_jobs_events_and_what_is_down(
     assert kafka["groups"][group]["lag"][topics.records] == 300 - consumed, kafka
     assert parts["mlflow"]["champion"] == "1" and parts["mlflow"]["versions"] == 1
     assert parts["ray"]["ok"] and isinstance(parts["ray"]["running"], list)
+    assert status["metrics_url"] == metrics_url and parts["metrics"]["ok"], parts["metrics"]
     assert [e["what"] for e in parts["events"]["events"]] == ["plan moved"]
     text = "\n".join(render(status))
     assert "NOT healthy" in text and "serve   DOWN" in text and f"{group} lag {300 - consumed}" in text
@@ -74,6 +79,11 @@ def test_status_of_an_unreachable_broker_is_down_not_a_traceback(config: Pipelin
     )  # fmt: skip
     assert result.returncode == 1
     assert "kafka   DOWN" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    asked = driftloop(
+        "status", "--config", str(config_file(tmp_path, config)), "--serve-url", "http://127.0.0.1:9", "--json",
+        env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"}, timeout=90,
+    )  # fmt: skip
+    assert json.loads(asked.stdout)["metrics_url"] is None, "always in the JSON, None when not known"
 
 
 def test_status_needs_a_config() -> None:

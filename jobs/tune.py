@@ -295,6 +295,8 @@ def tune_arrays(
             num_samples=search.trials,
             metric=search.metric,
             mode=search.mode,
+            # one trial's actor runs the next: no new worker process (and torch import) per trial
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=f"{config.name}-tune-{int(time.time() * 1000)}",

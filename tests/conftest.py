@@ -115,3 +115,13 @@ def topics(config: PipelineConfig) -> Topics:
     names = Topics(config.name)
     ensure_topics(config.kafka, names.all())
     return names
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real multi-node Ray cluster: a head and a worker node in namespaces of their own, token auth
+    on (a `cluster.netns.NetnsCluster`; how to use it: tests/multinode.py). Root only, else skipped."""
+    from tests.multinode import multinode
+
+    with multinode(tmp_path_factory.mktemp("multinode")) as cluster:
+        yield cluster

@@ -23,9 +23,9 @@ import contextlib
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from jobs.metrics import PREFIX, Metrics, Spec
+from jobs.metrics import PREFIX, Metrics, Spec, exported_names
 
 __all__ = [
     "SERIES",
@@ -161,10 +161,11 @@ def node_texts(timeout_s: float = 10.0) -> list[str]:
 
 
 def pipeline_samples(
-    pipeline: str, names: set[str], timeout_s: float = 10.0
+    pipeline: str, series: Mapping[str, Spec], timeout_s: float = 10.0
 ) -> list[tuple[str, dict[str, str], float]]:
-    """The pipeline's samples of `names` (without Ray's prefix; a histogram's `_bucket`, `_sum`,
-    `_count` by those names) at every live node's endpoint, in the connected Ray."""
+    """The pipeline's samples of `series` (a `SERIES` table; a histogram's `_bucket`, `_sum` and
+    `_count`) at every live node's endpoint, in the connected Ray, named without Ray's prefix."""
+    names = {n.removeprefix(PREFIX) for n in exported_names(series)}
     return [
         s for text in node_texts(timeout_s) for s in parse_prometheus(text, names) if s[1].get("pipeline") == pipeline
     ]

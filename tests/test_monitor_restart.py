@@ -127,8 +127,7 @@ def monitor_series(pipeline: str) -> list[tuple[str, dict[str, str], float]]:
     from jobs.monitor_metrics import SERIES
     from serving.metrics import pipeline_samples
 
-    names = set(SERIES) | {f"{n}_{end}" for n, s in SERIES.items() if s[0] == "histogram" for end in ("count", "sum")}
-    return pipeline_samples(pipeline, names)
+    return pipeline_samples(pipeline, SERIES)
 
 
 def publish_labels(config: PipelineConfig, topics: Topics, start: int, count: int, drift_at: int | None) -> None:

@@ -172,9 +172,12 @@ def pipeline_samples(
 
 
 def scrape(url: str, timeout_s: float = 10.0) -> str:
-    """The text a metrics endpoint answers."""
+    """The text a metrics endpoint answers. Only http(s): `--metrics-url` comes from the command
+    line, and urllib would read a `file://` one (and the parse error would show its first line)."""
     import urllib.request
 
+    if not url.lower().startswith(("http://", "https://")):
+        raise ValueError(f"a metrics URL must be http:// or https://, not {url[:200]!r}")
     with urllib.request.urlopen(url, timeout=timeout_s) as answer:
         return str(answer.read().decode())
 

@@ -142,3 +142,11 @@ def test_every_series_is_declared_once_with_a_kind_and_exported_under_rays_prefi
         "ray_driftloop_x_seconds_bucket", "ray_driftloop_x_seconds_sum", "ray_driftloop_x_seconds_count"}  # fmt: skip
     with pytest.raises(KeyError, match="not a declared series"):
         Metrics("demo", MONITOR).record("driftloop_misspelt_total", 1)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/metrics", "data:text/plain,x 1", "/etc/passwd"])
+def test_a_metrics_url_that_is_not_http_is_refused_before_anything_is_read(url: str) -> None:
+    from serving.metrics import scrape
+
+    with pytest.raises(ValueError, match="must be http:// or https://"):
+        scrape(url)

@@ -244,6 +244,10 @@ def _parser() -> argparse.ArgumentParser:
         "--env", action="append", default=[], metavar="NAME", help="forward this variable's value to the job"
     )
     submit.add_argument("--submission-id", default=None, help="the job's id (default: driftloop-<random>)")
+    submit.add_argument(
+        "--resource", action="append", default=[], metavar="NAME=AMOUNT",
+        help="run on a node with this custom Ray resource, e.g. worker_node=1 (repeatable)",
+    )  # fmt: skip
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     submit.add_argument("--json", action="store_true", help="end with the outcome as one JSON line")
     submit.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command the job runs")
@@ -738,17 +742,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from cluster.stack import load_state
-    from cluster.submit import default_python, jobs_address, submit
+    from cluster.submit import default_python, jobs_address, parse_resources, submit
 
     command = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     address = jobs_address(args.address)
+    resources = parse_resources(args.resource)
     if args.python is None:
         stack = load_state(args.state_dir)
         args.python = default_python(address, stack.ray_jobs if stack else None, stack.python if stack else None)
     print(f"[submit] to {address}: {' '.join(command)}", file=sys.stderr)
     result = submit(
         address, command, python=args.python, forward_env=args.env, submission_id=args.submission_id,
-        wait=not args.no_wait,
+        resources=resources, wait=not args.no_wait,
     )  # fmt: skip
     if args.json:
         print(json.dumps({"submission_id": result.submission_id, "status": result.status, "message": result.message}))

@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,10 @@ from urllib.parse import urlsplit
 
 from jobs.controller import EXCLUDES, TERMINAL, job_status
 from jobs.gitinfo import git_commit
-from streams.config import GIT_COMMIT_ENV
+from streams.config import GIT_COMMIT_ENV, RAY_BUILTIN_RESOURCES, RESOURCE_NAME
 from streams.errors import ConfigError, DriftloopError
 
-__all__ = ["Submission", "default_python", "jobs_address", "submit"]
+__all__ = ["Submission", "default_python", "jobs_address", "parse_resources", "submit"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,6 +75,28 @@ def default_python(address: str, stack_jobs: str | None, stack_python: str | Non
     return None
 
 
+def parse_resources(values: Sequence[str]) -> dict[str, float]:
+    """`--resource NAME=AMOUNT` (repeatable) as Ray's `entrypoint_resources`. Pure.
+
+    >>> parse_resources(["worker_node=1", "ssd=0.5"])
+    {'worker_node': 1.0, 'ssd': 0.5}
+    """
+    resources: dict[str, float] = {}
+    for value in values:
+        name, sep, amount = value.partition("=")
+        try:
+            number = float(amount) if sep else 0.0
+        except ValueError:
+            number = 0.0
+        if not RESOURCE_NAME.match(name) or name in RAY_BUILTIN_RESOURCES or not 0 < number < float("inf"):
+            raise ConfigError(
+                "<command line>", "--resource", "NAME=AMOUNT: a custom Ray resource (not CPU, GPU), a positive amount",
+                value[:80],
+            )  # fmt: skip
+        resources[name] = number
+    return resources
+
+
 def entrypoint_of(command: Sequence[str], python: str | None) -> str:
     """The shell command the job runs; a leading `python` becomes the given interpreter. Pure."""
     words = list(command)
@@ -95,11 +117,16 @@ def submit(
     working_dir: Path = ROOT,
     forward_env: Sequence[str] = (),
     submission_id: str | None = None,
+    resources: Mapping[str, float] | None = None,
     wait: bool = True,
     out: Any = None,
     client_factory: Any = None,
 ) -> Submission:
-    """Submit `command`; when `wait`, stream its logs to `out` and return how it ended."""
+    """Submit `command`; when `wait`, stream its logs to `out` and return how it ended.
+
+    `resources`: custom Ray resources the entrypoint needs, so that it runs on a node that has
+    them (e.g. `{"worker_node": 1}`: a worker node started with `--resources`).
+    """
     entrypoint = entrypoint_of(command, python)
     missing = [name for name in forward_env if name not in os.environ]
     if missing:
@@ -126,6 +153,7 @@ def submit(
             submission_id=submission_id,
             runtime_env=runtime_env,
             metadata={"driftloop": "submit"},
+            entrypoint_resources=dict(resources or {}) or None,  # only on nodes that have them
         )
     except RuntimeError as err:
         raise DriftloopError(f"the Jobs API at {address} refused the job: {err}") from None

@@ -184,6 +184,8 @@ def submit_retrain(
                 submission_id=submission_id,
                 runtime_env=runtime_env,
                 metadata={"driftloop_pipeline": config.name, "driftloop_cause": request.cause[:500]},
+                # on a node with these custom resources (a cluster's worker group); {}: anywhere
+                entrypoint_resources=dict(config.ray.job_resources) or None,
             )
             return True
         except RuntimeError as err:

@@ -93,6 +93,8 @@ class TorchFamily(ModelFamily):
         import ray.train
         from ray.train.torch import TorchTrainer
 
+        if kill_once and "://" in config.ray.train_storage(out):
+            raise ValueError("kill_once reads Ray Train's checkpoint state from a local storage_path")
         run_name = f"{config.name}-train-{int(time.time() * 1000)}"
         loop_config: dict[str, Any] = {
             "spec": spec.to_json(),
@@ -104,7 +106,7 @@ class TorchFamily(ModelFamily):
             "bf16": settings.bf16,
             "x_val": val[0],
             "y_val": val[1],
-            "kill_once": kill_once and {**kill_once, "run_dir": str((out / "ray" / run_name).resolve())},
+            "kill_once": kill_once and {**kill_once, "run_dir": str(Path(config.ray.train_storage(out)) / run_name)},
         }
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -119,7 +121,7 @@ class TorchFamily(ModelFamily):
             ),
             run_config=ray.train.RunConfig(
                 name=run_name,
-                storage_path=str((out / "ray").resolve()),
+                storage_path=config.ray.train_storage(out),
                 failure_config=ray.train.FailureConfig(max_failures=config.training.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),

@@ -179,7 +179,7 @@ class TreeFamily(ModelFamily):
             ),
             run_config=ray.train.RunConfig(
                 name=f"{config.name}-train-{int(time.time() * 1000)}",
-                storage_path=str((out / "ray").resolve()),
+                storage_path=config.ray.train_storage(out),
                 failure_config=ray.train.FailureConfig(max_failures=config.training.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             ),

@@ -300,7 +300,7 @@ def tune_arrays(
         ),
         run_config=tune.RunConfig(
             name=f"{config.name}-tune-{int(time.time() * 1000)}",
-            storage_path=str((out / "ray").resolve()),
+            storage_path=config.ray.train_storage(out),
             callbacks=tune_callbacks(config, out, tracking_uri),
         ),
     )

@@ -97,6 +97,13 @@ Column = Annotated[
         description="a column name: 1-128 printable characters, no leading or trailing space",
     ),
 ]
+# A Ray custom resource's name, as `ray start --resources` and `entrypoint_resources` take it.
+RESOURCE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.:/-]{0,63}$")
+ResourceName = Annotated[
+    str,
+    Field(pattern=RESOURCE_NAME.pattern, description="a Ray resource name: a letter, then up to 63 of A-Za-z0-9_.:/-"),
+]
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 PipelineName = Annotated[
     str,
     Field(pattern=r"^[A-Za-z0-9_-]{1,100}$", description="1-100 letters, digits, '_' or '-' (it prefixes topic names)"),
@@ -765,14 +772,42 @@ class RaySettings(_Section):
     because starting Ray tasks, Ray Tune's trial actors and a DDP worker group costs tens of
     seconds, far more than such work takes. At or above it (and training always with
     `training.use_gpu`), Ray tasks, Ray Data, Ray Tune and Ray Train do it. 0: always Ray.
+
+    On a cluster of many nodes: `job_resources` pins the retrain job's entrypoint to nodes that
+    have these custom resources (`ray start --resources '{"worker_node": 1}'`; Ray's
+    `entrypoint_resources`); `storage_path` is where Ray Train and Tune keep checkpoints, a URI
+    every node reaches (`s3://bucket/ray`): by default each job's own folder, on one node.
     """
 
     address: str | None = None
     distributed_min_rows: NonNegativeInt = 100_000
+    job_resources: Annotated[
+        dict[ResourceName, PositiveFloat],
+        Field(description="a mapping of Ray resource name to a positive amount, e.g. {worker_node: 1}"),
+    ] = field(default_factory=dict)
+    storage_path: Annotated[str, Field(pattern=r"\S", description="a path or URI (s3://bucket/ray)")] | None = None
+
+    def __hash__(self) -> int:  # the config stays hashable with a mapping in it
+        return hash(
+            (self.address, self.distributed_min_rows, tuple(sorted(self.job_resources.items())), self.storage_path)
+        )
 
     def distributed(self, rows: int) -> bool:
         """Whether work of `rows` rows goes to Ray's workers."""
         return rows >= self.distributed_min_rows
+
+    def problems(self) -> Iterator[Problem]:
+        for name in self.job_resources:
+            if name in RAY_BUILTIN_RESOURCES:
+                yield (f"job_resources.{name}", "a custom resource (a job's CPUs and GPUs are not pinned here)", name)
+
+    def train_storage(self, out: Path) -> str:
+        """Where Ray Train and Ray Tune keep checkpoints and experiment state for a job writing to `out`.
+
+        `storage_path` when set (a URI every node reaches, `s3://bucket/prefix`, or a shared
+        mount), else the job's own folder, which only works while the whole job is on one node.
+        """
+        return self.storage_path or str((out / "ray").resolve())
 
 
 @dataclass(frozen=True)

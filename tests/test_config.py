@@ -134,6 +134,11 @@ def test_invalid_yaml_names_line_and_column() -> None:
         ({"name": "has spaces"}, "name", "letters, digits", "'has spaces'"),
         ({"kafka__security_protocol": "SASL_SSL"}, "kafka.sasl_mechanism", "a mechanism", "None"),
         ({"serving__max_surge_percent": 150}, "serving.max_surge_percent", "an integer in [0, 100]", "150 (int)"),
+        ({"ray__job_resources": {"CPU": 1}}, "ray.job_resources.CPU", "a custom resource", "'CPU'"),
+        ({"ray__job_resources": {"worker_node": 0}}, "ray.job_resources", "resource name to a positive", "0 (int)"),
+        ({"ray__job_resources": {"$(id)": 1}}, "ray.job_resources", "resource name to a positive", "'$(id)'"),
+        ({"ray__job_resources": ["worker_node"]}, "ray.job_resources", "resource name to a positive", "['worker_node']"),
+        ({"ray__storage_path": " "}, "ray.storage_path", "a path or URI", "' '"),
     ],
 )
 def test_every_error_names_file_key_expected_and_found(

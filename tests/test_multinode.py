@@ -4,6 +4,7 @@ killed worker node is seen dead and a restarted one rejoins."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,3 +116,20 @@ def test_a_killed_worker_node_is_seen_dead_and_a_restarted_one_rejoins(
         assert (report["ip"], report["node_id"]) == (worker.ip, new)
     finally:
         cluster.ensure_running()  # the next test gets its worker node whatever happened here
+
+
+def test_driftloop_submit_pins_a_job_to_the_node_with_the_resource(multinode_cluster: NetnsCluster) -> None:
+    cluster = multinode_cluster
+    env = cluster.client_env()
+    where: dict[str, str] = {}
+    for resource, node in (("worker_node", "w1"), ("head_node", "head")):
+        done = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "submit", "--address", cluster.jobs_url, "--resource",
+             f"{resource}=1", "--json", "--", "ip", "-4", "-o", "addr", "show", "eth0"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr + done.stdout
+        assert json.loads(done.stdout.splitlines()[-1])["status"] == "SUCCEEDED"
+        where[node] = done.stdout
+    assert f"inet {cluster.nodes['w1'].ip}/" in where["w1"] and cluster.nodes["head"].ip not in where["w1"]
+    assert f"inet {cluster.nodes['head'].ip}/" in where["head"]

@@ -61,6 +61,11 @@ def test_a_job_runs_with_the_repository_and_its_outcome_is_the_exit_code(
         (["--address", "http://127.0.0.1:9"], {}, 2, "ENTRYPOINT: expected a command after `--`"),
         (["--address", "http://127.0.0.1:9", "--env", "NOPE_NOT_SET", "--", "python"], {}, 2, "<unset: NOPE_NOT_SET>"),
         (["--address", "http://127.0.0.1:9", "--", "python", "-V"], {}, 1, "no Ray Jobs API at http://127.0.0.1:9"),
+        (["--address", "http://127.0.0.1:9", "--resource", "CPU=1", "--", "python"], {}, 2, "--resource: expected"),
+        (["--address", "http://127.0.0.1:9", "--resource", "worker_node", "--", "python"], {}, 2, "'worker_node'"),
+        (["--address", "http://127.0.0.1:9", "--resource", "w=-1", "--", "python"], {}, 2, "custom Ray resource"),
+        (["--address", "http://127.0.0.1:9", "--resource", "w=nan", "--", "python"], {}, 2, "custom Ray resource"),
+        (["--address", "http://127.0.0.1:9", "--resource", "$(id)=1", "--", "python"], {}, 2, "custom Ray resource"),
     ],
 )
 def test_bad_submissions_are_clear_errors(args: list[str], env: dict[str, str], code: int, message: str) -> None:

@@ -120,7 +120,9 @@ class EmbeddedBroker:
         storage: str = "memory://tansu/",
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 15.0,
+        host: str = "127.0.0.1",
     ) -> None:
+        self.host = host  # loopback; a private address only where others must reach it (the test cluster's bridge)
         self.port = port or free_port()
         self.log_file = log_file
         self.storage = storage
@@ -130,7 +132,7 @@ class EmbeddedBroker:
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> EmbeddedBroker:
         try:

@@ -137,7 +137,7 @@ def test_invalid_yaml_names_line_and_column() -> None:
         ({"ray__job_resources": {"CPU": 1}}, "ray.job_resources.CPU", "a custom resource", "'CPU'"),
         ({"ray__job_resources": {"worker_node": 0}}, "ray.job_resources", "resource name to a positive", "0 (int)"),
         ({"ray__job_resources": {"$(id)": 1}}, "ray.job_resources", "resource name to a positive", "'$(id)'"),
-        ({"ray__job_resources": ["worker_node"]}, "ray.job_resources", "resource name to a positive", "['worker_node']"),
+        ({"ray__job_resources": ["w"]}, "ray.job_resources", "resource name to a positive", "['w']"),
         ({"ray__storage_path": " "}, "ray.storage_path", "a path or URI", "' '"),
     ],
 )

@@ -1,0 +1,210 @@
+"""The loop's parts on a real multi-node Ray cluster, sharing state only through services.
+
+The cluster is the session's `multinode_cluster` (a head and a worker node in namespaces of their
+own: no shared local path); the services are `shared_services` (moto's S3, PostgreSQL and an
+MLflow server on both) and a Tansu broker, all on the bridge address the nodes reach. A job's
+datasets, checkpoints and artifacts go to S3, its registry to MLflow on PostgreSQL, its events
+to Kafka; nothing else passes between nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cluster.broker import EmbeddedBroker
+from cluster.netns import NODE_WORK_DIR, NetnsCluster
+from jobs.controller import ControllerStats, JobTemplate, run_controller
+from jobs.models import ModelSpec, build_model, save_artifact
+from jobs.registry import LOCK_SUFFIX, ModelRegistry
+from streams.config import PipelineConfig, parse_config
+from streams.datasets import Window
+from streams.events import RetrainRequested, deterministic_id
+from streams.generator import StreamGenerator
+from streams.kafka import Producer, ensure_topics
+from streams.publish import publish_stream
+from streams.topics import Topics
+from tests.job_promote import MARK
+from tests.multinode import run_job
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cluster_broker(multinode_cluster: NetnsCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Tansu broker on the bridge, where the nodes reach it (the session's is on loopback)."""
+    log = tmp_path_factory.mktemp("cluster-broker") / "tansu.log"
+    with EmbeddedBroker(host=multinode_cluster.host_ip, log_file=log) as broker:
+        yield broker.bootstrap
+
+
+def _pipeline(name: str, broker: str, services: Any, **sections: dict[str, Any]) -> PipelineConfig:
+    """The demo pipeline renamed, on the cluster's services, with `sections` merged in (a config
+    file's text, parsed and checked as a user's would be)."""
+    data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    data["name"] = name
+    data["kafka"]["bootstrap_servers"] = broker
+    data["mlflow"]["tracking_uri"] = services.mlflow.url
+    data["datasets"]["root"] = services.datasets_root(f"datasets-{name}")
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return parse_config(yaml.safe_dump(data), source=f"{name}.yaml", env={})
+
+
+def _register(registry: ModelRegistry, tmp_path: Path, f1: float) -> str:
+    """A model version with a report of macro F1 `f1` on holdout h1 (the gate reads only the report)."""
+    spec = ModelSpec("logreg", ("a", "b"), ("no", "yes"))
+    folder = tmp_path / f"model-{f1}"
+    report = {"holdout": "h1", "f1_macro": f1, "accuracy": 0.8, "log_loss": 0.4, "baseline_f1_macro": 0.35,
+              "baseline_accuracy": 0.55, "confusion_matrix": [[1, 2], [3, 4]]}  # fmt: skip
+    save_artifact(folder, spec, build_model(spec), "{}", extra={"report.json": json.dumps(report)})
+    return registry.log_training(folder, {}, [], report, Window(manifests=())).version
+
+
+def test_two_promotions_racing_on_two_nodes_never_crown_a_version_that_did_not_beat_the_champion(
+    multinode_cluster: NetnsCluster, shared_services: Any, tmp_path: Path
+) -> None:
+    """Each promotion runs in a job of its own, one on the worker node and one on the head, sharing
+    only the MLflow server (on PostgreSQL). With the old lock, a file under each job's own folder,
+    both judged against the same champion and the alias ended on the worse version."""
+    cluster, services = multinode_cluster, shared_services
+    name = f"race{int(time.time() * 1000) % 10**9}"
+    config = _pipeline(name, "127.0.0.1:9", services)
+    registry = ModelRegistry(config, services.mlflow.url)
+    champion = _register(registry, tmp_path, 0.70)
+    assert registry.promote(champion, config.gate).promote
+    good, best = _register(registry, tmp_path, 0.72), _register(registry, tmp_path, 0.75)
+
+    results: dict[str, tuple[Any, str]] = {}
+
+    def race(role: str, other: str, version: str, pause: float, node: str) -> None:
+        command = ["python", "-m", "tests.job_promote", name, version, role, other, str(pause)]
+        results[role] = run_job(cluster, shlex.join(command), working_dir=ROOT, resources={node: 1},
+                                env=services.mlflow.client_env(), timeout_s=240)  # fmt: skip
+
+    # Unserialised, `best` (judged second, quickly) is crowned first and `good` (which beat the
+    # champion it saw) last: the alias would rest on a version that did not beat the one it replaced.
+    threads = [threading.Thread(target=race, args=("good", "best", good, 3.0, "worker_node")),
+               threading.Thread(target=race, args=("best", "good", best, 0.5, "head_node"))]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    verdicts = {}
+    for role, (info, logs) in results.items():
+        assert str(info.status.value) == "SUCCEEDED", logs
+        (line,) = [line for line in logs.splitlines() if line.startswith(MARK)]
+        verdicts[role] = json.loads(line.removeprefix(MARK))
+    assert verdicts["good"]["ip"] == cluster.nodes["w1"].ip and verdicts["best"]["ip"] == cluster.nodes["head"].ip
+    assert registry.alias("champion") == best and verdicts["best"]["promote"] is True, verdicts
+    client = MlflowClient(services.mlflow.url)
+    assert client.get_model_version(name, best).tags["driftloop.gate"] == "passed"
+    assert f"{name}{LOCK_SUFFIX}" not in [m.name for m in client.search_registered_models()], "the lock was released"
+
+
+def _first_checkpoint(services: Any, prefix: str, timeout_s: float) -> str:
+    """The first checkpoint Ray Train wrote under `prefix` on S3 (a `-train-` run: not a Tune trial's)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = sorted(k for k in services.s3.keys(prefix) if "-train-" in k and "/checkpoint_" in k)
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    raise TimeoutError(f"no Ray Train checkpoint under s3://{services.s3.bucket}/{prefix} in {timeout_s:.0f}s")
+
+
+def _await(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout_s:.0f}s")
+        time.sleep(0.5)
+
+
+def test_a_retrain_pinned_to_the_worker_trains_over_both_nodes_and_a_killed_worker_fails_it_cleanly(
+    multinode_cluster: NetnsCluster, shared_services: Any, cluster_broker: str
+) -> None:
+    """The controller submits each retrain request to the cluster's Jobs API, pinned to the worker
+    node (`ray.job_resources`). The job ingests from Kafka into a dataset on S3, tunes, trains with
+    Ray Train over both nodes (checkpoints on S3: `ray.storage_path`), registers and promotes in
+    MLflow on PostgreSQL. A second job loses its node mid-training: the controller reports it
+    failed, and the champion, the aliases and the lock are as before."""
+    cluster, services = multinode_cluster, shared_services
+    name = f"loop{int(time.time() * 1000) % 10**9}"
+    config = _pipeline(
+        name, cluster_broker, services,
+        ray={"distributed_min_rows": 0, "job_resources": {"worker_node": 1},
+             "storage_path": services.s3.uri(f"ray/{name}")},
+        model={"kind": "mlp", "epochs": 12, "hidden": [32]},
+        search={"trials": 2, "families": ["mlp"], "space": {"learning_rate": {"low": 0.002, "high": 0.01}}},
+        training={"workers": 2, "cpus_per_worker": 1, "max_failures": 0},
+        retrain={"train_rows": 3000},
+    )  # fmt: skip
+    topics = Topics.of(config)
+    ensure_topics(config.kafka, topics.all())
+    with Producer(config.kafka) as producer:
+        publish_stream(StreamGenerator(config, seed=3), producer, topics, name, 3000)
+
+    stop, stats = threading.Event(), ControllerStats()
+    job = JobTemplate(ROOT, Path(NODE_WORK_DIR) / "jobs", services.client_env(f"datasets-{name}"), "python")
+    controller = threading.Thread(
+        target=run_controller, args=(config, cluster.jobs_url, job, stop, stats),
+        kwargs={"client_factory": lambda _: cluster.jobs_client()}, daemon=True,
+    )  # fmt: skip
+    controller.start()
+    jobs = cluster.jobs_client()
+    worker, head = cluster.nodes["w1"], cluster.nodes["head"]
+    try:
+        first = RetrainRequested(event_id=deterministic_id(name, "first"), pipeline=name, cause="test: first")
+        with Producer(config.kafka) as producer:
+            producer.send_event(topics.retrain, first)
+        _await(lambda: len(stats.outcomes) >= 1, 600, "the first job did not end")
+        (done,) = stats.outcomes
+        logs = jobs.get_job_logs(first.event_id)
+        assert (done.status, done.event) == ("SUCCEEDED", "TrainingCompleted"), f"{done.message}\n{logs[-3000:]}"
+        assert jobs.get_job_info(first.event_id).driver_node_id == worker.node_id, "pinned to the worker node"
+        # Ray Train's two workers, one on each node (each has one CPU), printed their lines to the job's log
+        for ip in (head.ip, worker.ip):
+            assert "(RayTrainWorker pid=" in logs and f"ip={ip})" in logs, f"no Ray Train worker on {ip}"
+        summary = done.summary or {}
+        version = str(summary["version"])
+        registry = ModelRegistry(config, services.mlflow.url)
+        assert summary.get("promoted") is True and registry.alias("champion") == version, summary
+        assert _first_checkpoint(services, f"ray/{name}/", 5).startswith(f"ray/{name}/{name}-train-")
+        assert any(k.endswith("manifest.json") for k in services.s3.keys(f"datasets-{name}/")), "the dataset on S3"
+        artifacts = services.s3.keys("mlartifacts/")
+        assert any(summary["run_id"] in k for k in artifacts), "the model's artifacts went to S3 through MLflow"
+
+        # The second job: its node dies mid-training.
+        second = RetrainRequested(event_id=deterministic_id(name, "second"), pipeline=name, cause="test: second")
+        before = set(services.s3.keys(f"ray/{name}/"))
+        with Producer(config.kafka) as producer:
+            producer.send_event(topics.retrain, second)
+        deadline = time.monotonic() + 600
+        while not [k for k in set(services.s3.keys(f"ray/{name}/")) - before if "-train-" in k and "/checkpoint_" in k]:
+            assert time.monotonic() < deadline and not stats.outcomes[1:], "the second job never reached training"
+            time.sleep(0.5)
+        cluster.kill_node("w1")
+        _await(lambda: len(stats.outcomes) >= 2, cluster.dead_after_s + 180, "the killed job was not reported")
+        failed = stats.outcomes[1]
+        assert (failed.submission_id, failed.status, failed.event) == (second.event_id, "FAILED", "TrainingFailed")
+        assert failed.message, "the controller says why"
+        assert registry.alias("champion") == version, "nothing half-promoted"
+        names = [m.name for m in MlflowClient(services.mlflow.url).search_registered_models()]
+        assert f"{name}{LOCK_SUFFIX}" not in names
+        assert [v.version for v in registry.client.search_model_versions(f"name='{name}'")] == [version]
+    finally:
+        stop.set()
+        controller.join(30)
+        cluster.ensure_running()  # the next test gets its worker node whatever happened here

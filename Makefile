@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt uv
 	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt \
-		$(foreach d,$(FIND_LINKS),--find-links $(d)) -e '.[dev,bench,trackers]'
+		$(foreach d,$(FIND_LINKS),--find-links $(d)) -e '.[dev,bench,trackers,services]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 run: install

@@ -125,3 +125,15 @@ def multinode_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]
 
     with multinode(tmp_path_factory.mktemp("multinode")) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def shared_services(multinode_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """moto's S3 server, PostgreSQL and an MLflow server on both (a `cluster.services.Services`), listening
+    on the multi-node cluster's bridge (`multinode_cluster.host_ip`), so that its nodes reach them: a
+    job gets `services.client_env()` (MLflow's URI, the S3 endpoint and keys, the datasets root).
+    Root only, as the cluster it sits beside; once per session."""
+    from cluster.services import Services
+
+    with Services(tmp_path_factory.mktemp("services"), host=multinode_cluster.host_ip) as services:
+        yield services

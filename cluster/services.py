@@ -45,6 +45,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -76,6 +77,7 @@ __all__ = [
 LOOPBACK = "127.0.0.1"
 POSTGRES_USER = "postgres"  # the system user a root caller runs PostgreSQL as
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")  # a role or database name that needs no quoting in SQL
+_SYSTEM_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}\Z")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 
 
@@ -187,14 +189,16 @@ def hba_conf(superuser: str, user: str, database: str, clients: str) -> str:
 
     >>> print(hba_conf("postgres", "driftloop", "mlflow", "10.213.0.0/24"))
     # TYPE  DATABASE  USER  ADDRESS  METHOD
-    local  all  postgres  peer
+    local  all  "postgres"  peer
     host  mlflow  driftloop  10.213.0.0/24  scram-sha-256
     """
     ipaddress.ip_network(clients)  # raises on anything else
-    superuser, user, database = _name(superuser, "the superuser"), _name(user, "the role"), _name(database, "the db")
+    if not _SYSTEM_USER.match(superuser):  # the system user's own name (peer): quoted, as it may hold . or -
+        raise ValueError(f"the superuser must match {_SYSTEM_USER.pattern}: {superuser!r}")
+    user, database = _name(user, "the role"), _name(database, "the database")
     return (
         "# TYPE  DATABASE  USER  ADDRESS  METHOD\n"
-        f"local  all  {superuser}  peer\n"
+        f'local  all  "{superuser}"  peer\n'
         f"host  {database}  {user}  {clients}  scram-sha-256\n"
     )
 
@@ -248,9 +252,7 @@ def pgpass_line(host: str, port: int, database: str, user: str, password: str) -
     return ":".join(escape(str(field)) for field in (host, port, database, user, password)) + "\n"
 
 
-def mlflow_argv(
-    mlflow: str, host: str, port: int, artifacts_destination: str, workers: int = 2, auth: bool = False
-) -> list[str]:
+def mlflow_argv(mlflow: str, host: str, port: int, artifacts_destination: str, workers: int = 2) -> list[str]:
     """`mlflow server` on `host:port`, proxying artifacts to `artifacts_destination`. The backend URI
     is not here: the server reads `MLFLOW_BACKEND_STORE_URI` from its environment.
 
@@ -260,19 +262,21 @@ def mlflow_argv(
     """
     argv = [mlflow, "server", "--host", host, "--port", str(port), "--workers", str(workers),
             "--artifacts-destination", artifacts_destination]  # fmt: skip
-    return [*argv, "--app-name", "basic-auth"] if auth else argv
+    return argv
 
 
 # --- processes ------------------------------------------------------------------------------------
 
 
-def _die_with_parent(sig: int) -> Callable[[], None]:
+def _die_with_parent(sig: int) -> Callable[[], None] | None:
     """In the child, before exec (after any change of user): get `sig` when the parent dies (Linux),
-    so a killed test session leaves no server behind."""
+    so a killed test session leaves no server behind. Linux sends it when the *thread* that started
+    the child ends, so only a start from the main thread asks for it (None: not asked)."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
 
     def child() -> None:
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
 
     return child
 
@@ -563,51 +567,52 @@ class PostgresServer(_Server):
 class MlflowServer(_Server):
     """`mlflow server` on `backend_uri` (PostgreSQL, SQLite, ...), artifacts proxied to
     `artifacts_destination`; `env` is what the server needs beyond this process's environment (the
-    backend's `PGPASSFILE`, the artifact store's S3 keys and endpoint). With `auth`, MLflow's
-    basic-auth app, as `driftloop up` runs it: clients get the admin's name and password from
-    `client_env()`."""
+    backend's `PGPASSFILE`, the artifact store's S3 keys and endpoint). No login: it listens where
+    only the machine (loopback) or the cluster's own namespaces (their bridge) reach it."""
 
     what = "the MLflow server"
 
     def __init__(
         self, root: Path, backend_uri: str, artifacts_destination: str, env: Mapping[str, str] | None = None,
-        host: str = LOOPBACK, port: int | None = None, workers: int = 2, auth: bool = False,
+        host: str = LOOPBACK, port: int | None = None, workers: int = 2,
     ) -> None:  # fmt: skip
         super().__init__(root / "mlflow.log")
         self.root, self.backend_uri, self.artifacts_destination = root, backend_uri, artifacts_destination
         self.extra_env = dict(env or {})
-        self.host, self.port, self.workers, self.auth = host, port or _free_port(host), workers, auth
-        self.password_file = root / "mlflow_password"
+        self.host, self.port, self.workers = host, port or _free_port(host), workers
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def client_env(self) -> dict[str, str]:
-        """What a client exports: the tracking URI (and, with `auth`, the admin's name and password)."""
-        env = {"MLFLOW_TRACKING_URI": self.url}
-        if self.auth:
-            from cluster.stack import MLFLOW_ADMIN
-
-            env |= {"MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
-                    "MLFLOW_TRACKING_PASSWORD": self.password_file.read_text().strip()}  # fmt: skip
-        return env
+        """What a client exports: the tracking URI (plain HTTP; artifacts go through the server), and no
+        telemetry (MLflow's client would call out to its vendor from every job)."""
+        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_DISABLE_TELEMETRY": "true"}
 
     def start(self, timeout_s: float = 300.0) -> MlflowServer:
-        import requests
+        """`launch()`, then `wait_ready()`."""
+        self.launch()
+        return self.wait_ready(timeout_s)
 
+    def launch(self) -> MlflowServer:
+        """Start the server's process and return at once (`wait_ready` waits for it): a caller may
+        start several servers and wait for them together, each importing its app meanwhile."""
         mlflow = _binary("mlflow", "pip install mlflow")
         self.root.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "PG"))}
-        env |= self.extra_env | {"MLFLOW_BACKEND_STORE_URI": self.backend_uri}
+        # No job runner: its huey consumers (seven processes) serve GenAI features that driftloop does not use.
+        env |= {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"} | self.extra_env
+        env["MLFLOW_BACKEND_STORE_URI"] = self.backend_uri
         if "AWS_ENDPOINT_URL" in env:
             env["MLFLOW_S3_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]
-        if self.auth:
-            from cluster.stack import _mlflow_auth
+        self._launch(mlflow_argv(mlflow, self.host, self.port, self.artifacts_destination, self.workers), env)
+        return self
 
-            env |= _mlflow_auth(self.root, self.password_file)
-        self._launch(mlflow_argv(mlflow, self.host, self.port, self.artifacts_destination, self.workers, self.auth),
-                     env)  # fmt: skip
+    def wait_ready(self, timeout_s: float = 300.0) -> MlflowServer:
+        """Until `/health` answers (stopping the server if it never does)."""
+        import requests
+
         try:  # slow to import its app on a loaded machine: `driftloop up` saw over 2 minutes beside two Ray jobs
             self._wait(lambda: requests.get(f"{self.url}/health", timeout=2).status_code == 200, timeout_s)
         except BaseException:
@@ -638,14 +643,14 @@ class Services:
 
     def __init__(
         self, root: Path, host: str = LOOPBACK, bucket: str = "driftloop", durable: bool = False,
-        mlflow_workers: int = 2, auth: bool = False,
+        mlflow_workers: int = 2,
     ) -> None:  # fmt: skip
         self.root, self.host = root, host
         self.s3 = S3Server(root / "moto.log", host=host, bucket=bucket)
         self.postgres = PostgresServer(host=host, durable=durable)
         self.mlflow = MlflowServer(
             root / "mlflow", self.postgres.uri, self.s3.uri("mlartifacts"), env=self.s3.env() | self.postgres.env(),
-            host=host, workers=mlflow_workers, auth=auth,
+            host=host, workers=mlflow_workers,
         )  # fmt: skip
 
     def datasets_root(self, prefix: str = "datasets") -> str:

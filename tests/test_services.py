@@ -91,8 +91,11 @@ def test_names_and_values_that_would_need_quoting_are_refused() -> None:
 
 def test_only_the_role_may_log_in_over_tcp_and_only_from_the_clients_network() -> None:
     lines = [line.split() for line in hba_conf("postgres", "driftloop", "mlflow", "10.213.5.0/24").splitlines()[1:]]
-    assert lines == [["local", "all", "postgres", "peer"], ["host", "mlflow", "driftloop", "10.213.5.0/24",
-                                                            "scram-sha-256"]]  # fmt: skip
+    assert lines == [["local", "all", '"postgres"', "peer"], ["host", "mlflow", "driftloop", "10.213.5.0/24",
+                                                              "scram-sha-256"]]  # fmt: skip
+    assert '"jane.doe"' in hba_conf("jane.doe", "driftloop", "mlflow", "127.0.0.1/32")  # a developer's own name
+    with pytest.raises(ValueError):
+        hba_conf('x" all trust', "driftloop", "mlflow", "127.0.0.1/32")
     assert clients_network("10.213.5.1") == "10.213.5.0/24"
     assert clients_network("127.0.0.1") == "127.0.0.1/32"
 

@@ -45,8 +45,10 @@ bench: install
 	$(PY) benchmarks/stream_throughput.py --quick --json runs/bench/stream_throughput.json
 	$(PY) benchmarks/produce_file.py --quick --json runs/bench/produce_file.json
 	$(PY) benchmarks/ingest.py --quick --json runs/bench/ingest.json
+	$(PY) benchmarks/ingest_s3.py --quick --json runs/bench/ingest_s3.json
 	$(PY) benchmarks/train.py --quick --json runs/bench/train.json
 	$(PY) benchmarks/tune.py --quick --json runs/bench/tune.json
+	$(PY) benchmarks/mlflow_backend.py --quick --json runs/bench/mlflow_backend.json
 	$(PY) benchmarks/serve.py --quick --json runs/bench/serve.json
 	$(PY) benchmarks/drift.py --quick --json runs/bench/drift.json
 	$(PY) benchmarks/models.py --quick --json runs/bench/models.json

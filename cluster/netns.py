@@ -447,6 +447,10 @@ class NetnsCluster:
             "TMPDIR": "/tmp",
             "LANG": "C.UTF-8",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # torch's Gloo (Ray Train's DDP on CPUs) takes the address the hostname resolves to, and
+            # every node shares this machine's hostname (127.0.1.1 in /etc/hosts): its peers then
+            # dial loopback ("connectFullMesh failed ... remote=[127.0.0.1]"). The node's own interface.
+            "GLOO_SOCKET_IFNAME": "eth0",
             **{f"RAY_health_check_{key}": str(value) for key, value in self.health_check.items()},
             **self.env,
         }

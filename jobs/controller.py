@@ -225,11 +225,16 @@ def follow(client: Any, submission_id: str, timeout_s: float, poll_s: float = 1.
             return JobOutcome(submission_id, "STOPPED", None, f"stopped after the {timeout_s:.0f}s job timeout")
         time.sleep(poll_s)
         status = job_status(client, submission_id)
-    logs = client.get_job_logs(submission_id)
-    message = ""
     info = client.get_job_info(submission_id)
+    try:
+        logs = client.get_job_logs(submission_id)
+    except RuntimeError as err:  # the driver's node is gone, and its logs with it: the status still says
+        logs, lost = "", f"(its logs are unreadable: {str(err).splitlines()[0][:300]})"
+    else:
+        lost = ""
+    message = ""
     if status != "SUCCEEDED":
-        tail = " | ".join(line for line in logs.splitlines()[-5:] if line.strip())
+        tail = " | ".join(line for line in logs.splitlines()[-5:] if line.strip()) or lost
         message = f"job {submission_id} {status}: {getattr(info, 'message', '') or ''} {tail}".strip()
     return JobOutcome(submission_id, status, parse_result(logs), message, started_at(info))
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from jobs.artifacts import ArtifactError, artifact_digests, verify_artifact
 from jobs.dataset_inputs import log_dataset_version
@@ -120,7 +121,11 @@ class ModelRegistry:
         self._config_yaml: str | None = None  # the config as the pyfunc model carries it, written once
         experiment = self.client.get_experiment_by_name(self.name)
         if experiment is None:
-            location = (artifact_root.resolve().as_uri()) if artifact_root is not None else None
+            # A tracking server keeps artifacts where it says (its artifact store, which every node
+            # reaches through it); a folder of this machine would be out of reach of the others: a
+            # job on a worker node wrote the model where Serve on the head could not read it.
+            served = urlsplit(uri).scheme in ("http", "https")
+            location = artifact_root.resolve().as_uri() if artifact_root is not None and not served else None
             self.experiment_id = self.client.create_experiment(self.name, artifact_location=location)
         else:
             self.experiment_id = experiment.experiment_id

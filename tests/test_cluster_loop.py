@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -113,6 +114,17 @@ def test_two_promotions_racing_on_two_nodes_never_crown_a_version_that_did_not_b
     assert f"{name}{LOCK_SUFFIX}" not in [m.name for m in client.search_registered_models()], "the lock was released"
 
 
+def test_a_registry_on_a_tracking_server_leaves_artifacts_to_the_servers_store(
+    shared_services: Any, tmp_path: Path
+) -> None:
+    """A job passes its own folder as the artifact root (for a local store); with a tracking server, a
+    folder of the job's node would be out of reach of the others (Serve on the head)."""
+    config = _pipeline(f"art{int(time.time() * 1000) % 10**9}", "127.0.0.1:9", shared_services)
+    registry = ModelRegistry(config, shared_services.mlflow.url, artifact_root=tmp_path / "mlartifacts")
+    location = registry.client.get_experiment(registry.experiment_id).artifact_location
+    assert location.startswith("mlflow-artifacts:"), location
+
+
 def _first_checkpoint(services: Any, prefix: str, timeout_s: float) -> str:
     """The first checkpoint Ray Train wrote under `prefix` on S3 (a `-train-` run: not a Tune trial's)."""
     deadline = time.monotonic() + timeout_s
@@ -133,7 +145,7 @@ def _await(condition: Any, timeout_s: float, what: str) -> None:
 
 
 def test_a_retrain_pinned_to_the_worker_trains_over_both_nodes_and_a_killed_worker_fails_it_cleanly(
-    multinode_cluster: NetnsCluster, shared_services: Any, cluster_broker: str
+    multinode_cluster: NetnsCluster, shared_services: Any, cluster_broker: str, tmp_path: Path
 ) -> None:
     """The controller submits each retrain request to the cluster's Jobs API, pinned to the worker
     node (`ray.job_resources`). The job ingests from Kafka into a dataset on S3, tunes, trains with
@@ -174,9 +186,13 @@ def test_a_retrain_pinned_to_the_worker_trains_over_both_nodes_and_a_killed_work
         logs = jobs.get_job_logs(first.event_id)
         assert (done.status, done.event) == ("SUCCEEDED", "TrainingCompleted"), f"{done.message}\n{logs[-3000:]}"
         assert jobs.get_job_info(first.event_id).driver_node_id == worker.node_id, "pinned to the worker node"
-        # Ray Train's two workers, one on each node (each has one CPU), printed their lines to the job's log
-        for ip in (head.ip, worker.ip):
-            assert "(RayTrainWorker pid=" in logs and f"ip={ip})" in logs, f"no Ray Train worker on {ip}"
+        # Ray Train's two workers, one on each node (each has one CPU), as the cluster's state API says
+        job_id = jobs.get_job_info(first.event_id).job_id
+        state = requests.get(f"{cluster.jobs_url}/api/v0/actors", params={"detail": "1", "limit": "10000"},
+                             headers=cluster.auth_headers(), timeout=30)  # fmt: skip
+        actors = state.json()["data"]["result"]["result"]
+        trainers = [a for a in actors if a["class_name"].endswith("RayTrainWorker") and a["job_id"] == job_id]
+        assert {a["node_id"] for a in trainers} == {head.node_id, worker.node_id}, trainers
         summary = done.summary or {}
         version = str(summary["version"])
         registry = ModelRegistry(config, services.mlflow.url)
@@ -184,7 +200,10 @@ def test_a_retrain_pinned_to_the_worker_trains_over_both_nodes_and_a_killed_work
         assert _first_checkpoint(services, f"ray/{name}/", 5).startswith(f"ray/{name}/{name}-train-")
         assert any(k.endswith("manifest.json") for k in services.s3.keys(f"datasets-{name}/")), "the dataset on S3"
         artifacts = services.s3.keys("mlartifacts/")
-        assert any(summary["run_id"] in k for k in artifacts), "the model's artifacts went to S3 through MLflow"
+        # The model was logged on the worker node: it is in S3, through the server, and so readable here
+        assert registry.client.get_experiment(registry.experiment_id).artifact_location.startswith("mlflow-artifacts:")
+        assert any(k.startswith(f"mlartifacts/{registry.experiment_id}/models/") for k in artifacts), artifacts[:5]
+        assert (registry.download(version, tmp_path / "champion") / "spec.json").is_file()
 
         # The second job: its node dies mid-training.
         second = RetrainRequested(event_id=deterministic_id(name, "second"), pipeline=name, cause="test: second")
@@ -193,12 +212,14 @@ def test_a_retrain_pinned_to_the_worker_trains_over_both_nodes_and_a_killed_work
             producer.send_event(topics.retrain, second)
         deadline = time.monotonic() + 600
         while not [k for k in set(services.s3.keys(f"ray/{name}/")) - before if "-train-" in k and "/checkpoint_" in k]:
-            assert time.monotonic() < deadline and not stats.outcomes[1:], "the second job never reached training"
+            assert time.monotonic() < deadline and not stats.outcomes[1:], f"no training: {stats.outcomes[1:]}"
             time.sleep(0.5)
         cluster.kill_node("w1")
         _await(lambda: len(stats.outcomes) >= 2, cluster.dead_after_s + 180, "the killed job was not reported")
         failed = stats.outcomes[1]
-        assert (failed.submission_id, failed.status, failed.event) == (second.event_id, "FAILED", "TrainingFailed")
+        assert (failed.submission_id, failed.status, failed.event) == (second.event_id, "FAILED", "TrainingFailed"), (
+            failed.message
+        )
         assert failed.message, "the controller says why"
         assert registry.alias("champion") == version, "nothing half-promoted"
         names = [m.name for m in MlflowClient(services.mlflow.url).search_registered_models()]

@@ -78,6 +78,25 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(ray.shutdown)
 
 
+MULTINODE_FILES = ("tests/test_multinode.py", "tests/test_cluster_loop.py", "tests/test_services.py")
+"""The tests of the session's multi-node cluster and its services: one pytest-xdist worker runs them
+all, so that the cluster (a head and a worker node) and the services start once, not on each worker."""
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile`, with the `MULTINODE_FILES` one unit of work."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "multinode" if path in MULTINODE_FILES else path
+
+    return Scheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked `heavy` first: under pytest-xdist they then run beside the rest, not after it."""
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)

@@ -37,7 +37,7 @@ from streams.topics import Topics
 from tests.job_promote import MARK
 from tests.multinode import run_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ import requests
 from cluster.netns import NODE_WORK_DIR, NetnsCluster, plan
 from tests.multinode import probe
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 def test_the_plan_keeps_every_address_in_its_slot() -> None:

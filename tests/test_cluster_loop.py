@@ -215,8 +215,11 @@ def test_a_retrain_pinned_to_the_worker_trains_over_both_nodes_and_a_killed_work
             assert time.monotonic() < deadline and not stats.outcomes[1:], f"no training: {stats.outcomes[1:]}"
             time.sleep(0.5)
         cluster.kill_node("w1")
+        killed = time.monotonic()
         _await(lambda: len(stats.outcomes) >= 2, cluster.dead_after_s + 180, "the killed job was not reported")
         failed = stats.outcomes[1]
+        print(f"first job {summary.get('seconds')}s, stages {summary.get('stages_s')}; killed job reported "
+              f"{failed.status} {time.monotonic() - killed:.1f}s after the kill: {failed.message[:300]}")  # fmt: skip
         assert (failed.submission_id, failed.status, failed.event) == (second.event_id, "FAILED", "TrainingFailed"), (
             failed.message
         )

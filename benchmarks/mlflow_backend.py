@@ -5,9 +5,11 @@ local folder, so that only the backend differs). N writer threads, as N concurre
 would, each create runs in one experiment: a run logs its params in one batch, then `steps`
 metric steps (three metrics per step, one batch each, as Tune's MLflow callback does per
 report), then ends. Per round, each side runs the same work; the sides alternate which goes
-first. Reported per side: runs per minute (median of rounds), runs that failed at the client
-(after MLflow's own HTTP retries), and errors the server logged meanwhile ("database is locked"
-and other backend errors, which a client sees only as retries and latency).
+first. Reported per side: runs per minute (median of rounds), each run's seconds (p50, p95,
+max: SQLite serialises writers, and MLflow sets its busy_timeout to 20 s, so contention shows
+as waiting rather than as errors), runs that failed at the client (after MLflow's own HTTP
+retries), and errors the server logged meanwhile ("database is locked" and other backend
+errors, which a client sees only as retries and latency).
 ratio = PostgreSQL runs per minute / SQLite runs per minute.
 
     python benchmarks/mlflow_backend.py --quick --json runs/bench/mlflow_backend.json
@@ -16,6 +18,7 @@ ratio = PostgreSQL runs per minute / SQLite runs per minute.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import re
 import shutil
@@ -52,22 +55,28 @@ def one_run(client: Any, experiment: str, writer: int, index: int, steps: int) -
     client.set_terminated(run_id)
 
 
-def round_of(url: str, writers: int, runs_each: int, steps: int, tag: str) -> tuple[int, int, float, list[str]]:
-    """`writers` threads each logging `runs_each` runs: (runs done, runs failed, seconds, failures)."""
+def round_of(
+    url: str, writers: int, runs_each: int, steps: int, tag: str
+) -> tuple[int, int, float, list[str], list[float]]:
+    """`writers` threads each logging `runs_each` runs: (runs done, runs failed, seconds, failures,
+    each completed run's seconds)."""
     from mlflow import MlflowClient
 
     experiment = MlflowClient(tracking_uri=url).create_experiment(f"bench-{tag}-{time.time_ns()}")
     failures: list[str] = []
     lock = threading.Lock()
     done = [0]
+    latencies: list[float] = []
 
     def writer(w: int) -> None:
         client = MlflowClient(tracking_uri=url)
         for i in range(runs_each):
             try:
+                began = time.perf_counter()
                 one_run(client, experiment, w, i, steps)
                 with lock:
                     done[0] += 1
+                    latencies.append(time.perf_counter() - began)
             except Exception as err:  # counted, not fatal: the figure is how many runs a backend completes
                 with lock:
                     failures.append(f"{type(err).__name__}: {str(err)[:200]}")
@@ -75,7 +84,12 @@ def round_of(url: str, writers: int, runs_each: int, steps: int, tag: str) -> tu
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(writers) as pool:
         list(pool.map(writer, range(writers)))
-    return done[0], len(failures), time.perf_counter() - started, failures[:3]
+    return done[0], len(failures), time.perf_counter() - started, failures[:3], latencies
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
 def server_errors(log: Path, since: int) -> tuple[int, int]:
@@ -98,6 +112,8 @@ def main() -> int:
     workers = args.workers or (2 if args.quick else 4)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # no "View run" lines, and no GET per run for them
     for name in [n for n in os.environ if n.startswith("MLFLOW_TRACKING_")]:
         os.environ.pop(name)
 
@@ -120,11 +136,15 @@ def main() -> int:
         failed = {side: 0 for side in servers}
         logged = {side: 0 for side in servers}
         examples: dict[str, list[str]] = {side: [] for side in servers}
+        latency: dict[str, list[float]] = {side: [] for side in servers}
         offsets = {side: server.log.stat().st_size for side, server in servers.items()}
         for r in range(rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for side in order:
-                done, fails, seconds, why = round_of(servers[side].url, writers, runs_each, args.steps, f"{side}{r}")
+                done, fails, seconds, why, took = round_of(
+                    servers[side].url, writers, runs_each, args.steps, f"{side}{r}"
+                )
+                latency[side] += took
                 errors, offsets[side] = server_errors(servers[side].log, offsets[side])
                 rates[side].append(done / seconds * 60)
                 failed[side] += fails
@@ -147,6 +167,11 @@ def main() -> int:
         "peer": round(lite, 1),
         "ratio": round(pg / lite, 3) if lite else None,
         "unit": "runs/min",
+        "run_seconds": {
+            side: {"p50": round(statistics.median(v), 2), "p95": round(_p95(v), 2), "max": round(max(v), 2)}
+            for side, v in latency.items()
+            if v
+        },
         "failed_runs": failed,
         "server_errors": logged,
         "failure_examples": {side: sorted(set(e))[:3] for side, e in examples.items()},

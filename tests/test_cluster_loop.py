@@ -158,7 +158,7 @@ def test_a_retrain_pinned_to_the_worker_trains_over_both_nodes_and_a_killed_work
         name, cluster_broker, services,
         ray={"distributed_min_rows": 0, "job_resources": {"worker_node": 1},
              "storage_path": services.s3.uri(f"ray/{name}")},
-        model={"kind": "mlp", "epochs": 12, "hidden": [32]},
+        model={"kind": "mlp", "epochs": 4, "hidden": [32]},
         search={"trials": 2, "families": ["mlp"], "space": {"learning_rate": {"low": 0.002, "high": 0.01}}},
         training={"workers": 2, "cpus_per_worker": 1, "max_failures": 0},
         retrain={"train_rows": 3000},

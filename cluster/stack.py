@@ -187,6 +187,10 @@ def _mlflow_auth(state_dir: Path, password_file: Path) -> dict[str, str]:
 
     import mlflow.server.auth as auth
 
+    # MLflow adds the admin to its users' store only when missing: one left by an earlier `up` in this
+    # state dir keeps that run's password, and every client of this run would get 401. It holds no
+    # one else (the stack has the admin only), so each `up` starts it afresh.
+    (state_dir / "mlflow-auth.db").unlink(missing_ok=True)
     shipped = configparser.ConfigParser()
     shipped.read(Path(auth.__file__).parent / "basic_auth.ini")
     shipped["mlflow"].update({"default_permission": "READ", "admin_username": MLFLOW_ADMIN,

@@ -285,3 +285,14 @@ def test_down_stops_what_outlives_the_ray_heads_process_group(tmp_path: Path) ->
         for process in (stray, bystander):
             process.kill()
             process.wait()
+
+
+@pytest.mark.filterwarnings("ignore:starlette.middleware.wsgi is deprecated")  # MLflow's auth app imports it
+def test_up_starts_mlflows_users_afresh(tmp_path: Path) -> None:
+    """A users' store left by an earlier `up` in the state dir kept that run's admin password (401 for this one)."""
+    from cluster.stack import _mlflow_auth
+
+    stale = tmp_path / "mlflow-auth.db"
+    stale.write_bytes(b"an earlier up's admin")
+    env = _mlflow_auth(tmp_path, tmp_path / "mlflow_password")
+    assert not stale.exists() and env["MLFLOW_AUTH_ADMIN_PASSWORD"] == (tmp_path / "mlflow_password").read_text()

@@ -196,10 +196,20 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--state-dir", type=Path, default=STACK_DIR, help="its state and logs (default: %(default)s)")
     up.add_argument(
         "--num-cpus", type=_positive_int, default=None,
-        help="logical CPUs the Ray head offers (default: the machine's, and at least what Serve and a retraining "
-        "job hold at once)",
+        help="logical CPUs the Ray cluster offers (default: the machine's, and at least what Serve and a retraining "
+        "job hold at once); with --workers, split evenly between the head and the worker nodes, the head keeping "
+        "the rest, so that together they offer no more than that",
     )  # fmt: skip
     up.add_argument("--serve-port", type=_port, default=None, help="Serve's port (default: the config's serving.port)")
+    from cluster.stack import MAX_WORKERS
+
+    up.add_argument(
+        "--workers", type=_number(int, lambda v: 0 <= v <= MAX_WORKERS, f"an integer from 0 to {MAX_WORKERS}"),
+        default=0, metavar="N",
+        help="also start N Ray worker nodes on this machine, with the custom resource worker_node (the head has "
+        "head_node): a multi-node cluster to try, e.g. `driftloop submit --resource worker_node=1 -- ...` "
+        "(default: %(default)s)",
+    )  # fmt: skip
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop what `driftloop up` started (by process id), and nothing else")
@@ -680,7 +690,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     configs = [load_config(path) for path in args.config]
     stack = up(
         args.config, configs, args.state_dir, num_cpus=args.num_cpus, serve_port=args.serve_port,
-        say=lambda m: print(m, flush=True),
+        workers=args.workers, say=lambda m: print(m, flush=True),
     )  # fmt: skip
     print(f"[up] Prometheus metrics (driftloop_* and Ray's own) at {stack.metrics}")
     print(f"[up] state and logs in {args.state_dir}; `driftloop down` stops it. To use it:")

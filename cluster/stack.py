@@ -9,6 +9,10 @@
   cluster; the head's logs stay there, under `ray_temp_dir` in the state, until `down` removes it),
 - an MLflow server (SQLite backend and local artifacts under the state dir, its UI on a
   printed port),
+- with `workers=N`, N Ray worker nodes on this machine (`ray start --address`, custom resource
+  `worker_node`; the head has `head_node`), as `cluster.netns` lays out a multi-node cluster:
+  the head's token auth and loopback, ports of their own, the machine's CPUs split between the
+  nodes (`split_cpus`); see `worker_node_argv`,
 then, for each pipeline (`--config`, once or more), its controller and monitors as detached Ray
 actors on that head and its Serve application on 127.0.0.1 (`--serve-port`, default the first
 config's `serving.port`), all built by `cluster.pipeline`. The first pipeline is served at
@@ -38,13 +42,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cluster.ray_runtime import LOOPBACK_IP
 from streams.config import API_KEY_ENV, DATASETS_ROOT_ENV, MLFLOW_PASSWORD_FILE_ENV, PipelineConfig
 from streams.errors import DriftloopError
 
-__all__ = ["Stack", "down", "load_state", "up"]
+__all__ = ["MAX_WORKERS", "Stack", "down", "load_state", "split_cpus", "up", "worker_node_argv"]
 
 STATE = "state.json"
 NAMESPACE = "driftloop"
+MAX_WORKERS = 8  # worker nodes on one machine: each is a raylet, agents and an object store of its own
+HEAD_RESOURCE = "head_node"  # the custom resources `cluster.netns` gives its nodes: pin work with them
+WORKER_RESOURCE = "worker_node"
+WORKER_PID_PREFIX = "ray-worker-"  # Stack.pids: ray-worker-1, ray-worker-2, ...
 
 
 @dataclass
@@ -213,6 +222,129 @@ def _private_ray_token() -> None:
         path.chmod(0o600)
 
 
+def split_cpus(total: int, workers: int) -> tuple[int, int]:
+    """The logical CPUs of the head and of each worker node when one machine's `total` are shared
+    out over the head and `workers` worker nodes: evenly, the head keeping what is left. Pure.
+
+    So that the nodes together offer what the machine has, not that many times over (each node
+    would otherwise offer every core, and Ray would run that many tasks at once).
+
+    >>> split_cpus(8, 0), split_cpus(8, 3), split_cpus(7, 2)
+    ((8, 0), (2, 2), (3, 2))
+    """
+    if not 0 <= workers <= MAX_WORKERS:
+        raise DriftloopError(f"--workers: expected 0 to {MAX_WORKERS} worker nodes, found {workers}")
+    if total < workers + 1:
+        raise DriftloopError(
+            f"--num-cpus {total} cannot be split over the head and {workers} worker node(s): each needs at least 1"
+        )
+    each = total // (workers + 1) if workers else 0
+    return total - workers * each, each
+
+
+def worker_node_argv(python: str, gcs_address: str, temp_dir: str, num_cpus: int, agent_port: int) -> list[str]:
+    """The command line of a worker node that joins the head at `gcs_address` on this machine. Pure.
+
+    `ray start --address ...` run by `_ray_worker_node` (see there for why not `ray` itself), with
+    the custom resource `worker_node` to pin work to it, on 127.0.0.1 as the head. No secret: the
+    token reaches it in the environment, as it reaches the head. Its temp dir is its own (sockets,
+    the runtime env agent's folder), but for its logs (`_share_logs`); the head's log monitor
+    reads them there, so the node runs none (each line would come twice).
+
+    Its ports: Ray picks free ones for the node manager, object manager, agents' gRPC, runtime
+    env agent, metrics export and workers; the dashboard agent's HTTP port alone has a fixed
+    default (52365), on which two nodes would collide, so it is given.
+
+    >>> argv = worker_node_argv("/v/bin/python", "127.0.0.1:6379", "/tmp/dl-ray-x/w1", 2, 40001)
+    >>> argv[:5]
+    ['/v/bin/python', '-m', 'cluster.stack', 'start', '--block']
+    >>> argv[5:]  # doctest: +NORMALIZE_WHITESPACE
+    ['--address=127.0.0.1:6379', '--node-ip-address=127.0.0.1', '--num-cpus=2', '--resources={"worker_node": 1}',
+     '--temp-dir=/tmp/dl-ray-x/w1', '--include-log-monitor=false', '--dashboard-agent-listen-port=40001',
+     '--disable-usage-stats']
+    """
+    return [
+        python,
+        "-m",
+        "cluster.stack",
+        "start",
+        "--block",
+        f"--address={gcs_address}",
+        f"--node-ip-address={LOOPBACK_IP}",
+        f"--num-cpus={num_cpus}",
+        f"--resources={json.dumps({WORKER_RESOURCE: 1})}",
+        f"--temp-dir={temp_dir}",
+        "--include-log-monitor=false",
+        f"--dashboard-agent-listen-port={agent_port}",
+        "--disable-usage-stats",
+    ]
+
+
+def _share_logs(head_temp_dir: str, worker_temp_dir: str) -> None:
+    """Make a worker node's log folder the head's, before the node starts (it keeps what exists).
+
+    On one machine every process that joins the cluster does so through the head's raylet (Ray
+    prefers the head among the nodes of one host), the worker's dashboard agent too: asked for the
+    logs of a job whose entrypoint ran on the worker, it reads the head's log folder, and a worker
+    with a log folder of its own gave empty job logs (and `driftloop submit` printed nothing). Ray
+    numbers the files of several nodes in one folder (raylet.1.out, ...). The rest of the temp dir
+    stays the node's: with all of it shared, the nodes' sockets collided, and the head's runtime
+    env agent deleted a job's `working_dir` under its entrypoint on the worker, when the head no
+    longer used it ("FileNotFoundError" from the job's first `Path.resolve()`).
+    """
+    session = Path(head_temp_dir, "session_latest").resolve()  # the cluster's session: the worker joins it
+    (Path(worker_temp_dir) / session.name).mkdir(parents=True, exist_ok=True)
+    (Path(worker_temp_dir) / session.name / "logs").symlink_to(session / "logs", target_is_directory=True)
+
+
+def _ray_worker_node(argv: list[str]) -> None:
+    """`ray ARGV` (`start --address 127.0.0.1:PORT ...`): a worker node of a head on loopback.
+
+    `ray start --address` itself cannot add one (Ray 2.60, both checked): with `LOOPBACK_ENV` set,
+    Ray's switch for single-node clusters, it refuses to add a node; without it, it turns
+    127.0.0.1, in the head's address and in the node's own, into the machine's IP, where the
+    head does not listen, and waits for the GCS for ever. Here the switch is on for this process
+    only, and the machine's IP it would look up is 127.0.0.1. The node's processes (raylet,
+    agents, workers) inherit `LOOPBACK_ENV` from the environment and listen on 127.0.0.1 only,
+    as the head's do.
+    """
+    import ray._private.ray_constants as constants
+    import ray._private.services as services
+    from ray.scripts.scripts import main
+
+    constants.ENABLE_RAY_CLUSTER = True
+    services.node_ip_address_from_perspective = lambda address=None: LOOPBACK_IP
+    sys.argv = ["ray", *argv]
+    main()
+
+
+def _worker_nodes_alive(jobs_url: str) -> int:
+    """How many nodes with the `worker_node` resource the head sees alive (its state API, with the token)."""
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(address=jobs_url, limit=1000, raise_on_missing_output=False)
+    return sum(1 for n in nodes if n.state == "ALIVE" and WORKER_RESOURCE in (n.resources_total or {}))
+
+
+def _wait_workers(processes: dict[str, tuple[subprocess.Popen[bytes], Path]], jobs_url: str, timeout_s: float) -> None:
+    """Until the head sees as many worker nodes alive as `processes` holds; an error naming the log of
+    one of them that exits first."""
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while time.monotonic() < deadline:
+        for name, (process, log) in processes.items():
+            if process.poll() is not None:
+                raise DriftloopError(f"Ray worker node {name} exited while starting (status {process.returncode}); "
+                                     f"see {log}")  # fmt: skip
+        with contextlib.suppress(Exception):  # the state API not answering for a moment
+            seen = _worker_nodes_alive(jobs_url)
+        if seen >= len(processes):
+            return
+        time.sleep(0.5)
+    raise DriftloopError(f"{len(processes) - seen} of {len(processes)} Ray worker node(s) not alive within "
+                         f"{timeout_s:.0f}s; see {', '.join(str(log) for _, log in processes.values())}")  # fmt: skip
+
+
 def up(
     config_paths: list[Path],
     configs: list[PipelineConfig],
@@ -220,14 +352,18 @@ def up(
     *,
     num_cpus: int | None = None,
     serve_port: int | None = None,
+    workers: int = 0,
     say: Callable[[str], None] = print,
 ) -> Stack:
-    """Start the stack (see the module docstring); on any failure, stop what was started."""
+    """Start the stack (see the module docstring); on any failure, stop what was started.
+
+    `num_cpus` (default: the machine's, and at least what Serve and a retraining job hold at once)
+    are the whole cluster's: with `workers`, split between the head and them (`split_cpus`).
+    """
     from cluster.broker import free_port
     from cluster.pipeline import route_prefix
     from cluster.ray_runtime import (
         LOOPBACK_ENV,
-        LOOPBACK_IP,
         cpus_needed,
         haproxy_ingress,
         private_temp_dir,
@@ -243,6 +379,13 @@ def up(
     existing = load_state(state_dir)
     if existing is not None and any(alive(p) for p in existing.pids.values()):
         raise DriftloopError(f"a stack is already up from {state_dir} (pids {existing.pids}): `driftloop down` first")
+    needed = cpus_needed(*configs)
+    if num_cpus is None:  # logical CPUs: a laptop may offer more than it has
+        num_cpus = max(os.cpu_count() or 1, needed, workers + 1)
+    elif num_cpus < needed:
+        say(f"[up] warning: {num_cpus} CPUs < the {needed} that Serve and a retraining job hold at once; "
+            "retraining will wait for CPUs")  # fmt: skip
+    head_cpus, worker_cpus = split_cpus(num_cpus, workers)
     serve_port = config.serving.port if serve_port is None else serve_port
     if not port_free(serve_port):
         raise DriftloopError(f"port {serve_port} (for Serve) is in use: pass --serve-port with a free one")
@@ -305,21 +448,17 @@ def up(
             f"--metrics-export-port={metrics_port}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
+            f"--num-cpus={head_cpus}",
+            f"--resources={json.dumps({HEAD_RESOURCE: 1})}",
         ]
-        needed = cpus_needed(*configs)
-        if num_cpus is None:
-            num_cpus = max(os.cpu_count() or 1, needed)  # logical CPUs: a laptop may offer more than it has
-        elif num_cpus < needed:
-            say(f"[up] warning: {num_cpus} CPUs < the {needed} that Serve and a retraining job hold at once; "
-                "retraining will wait for CPUs")  # fmt: skip
-        command.append(f"--num-cpus={num_cpus}")
         head = _spawn(command, log, ray_env)
         stack.pids["ray"] = head.pid
         stack.ray_gcs = f"127.0.0.1:{gcs_port}"
         stack.ray_jobs = f"http://127.0.0.1:{dashboard_port}"
         stack.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         _wait("the Ray head", lambda: _jobs_api_answers(stack.ray_jobs), head, log, 180)
-        say(f"[up] ray         {stack.ray_jobs} (Jobs API and dashboard; GCS {stack.ray_gcs})")
+        say(f"[up] ray         {stack.ray_jobs} (Jobs API and dashboard; GCS {stack.ray_gcs}; {head_cpus} CPUs, "
+            f"resource {HEAD_RESOURCE})")  # fmt: skip
 
         _write(state_dir, stack)
         key, stack.api_key_file = _api_key(state_dir)
@@ -327,6 +466,28 @@ def up(
         stack.actors = _start_services(stack, configs, key, serve_port)
         _write(state_dir, stack)
         say(f"[up] services    {', '.join(stack.actors)} (detached Ray actors)")
+
+        # Worker nodes, once the services run: started while the head was the only node, Serve (its
+        # replicas and HAProxy) and the services are on the head, and the workers' CPUs are left to
+        # the jobs pinned to them. (Started first, Serve once put its replica on a worker: it took the
+        # worker's one CPU, a pinned job's tasks waited for ever, and Serve started a second HAProxy
+        # manager there.) Each with the head's environment (token, loopback) and log folder, ports of its own.
+        # One after the other: a node names its log files in the shared log folder by the first free
+        # number, and two nodes starting at once can take the same one.
+        nodes: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+        for i in range(1, workers + 1):
+            name, log = f"{WORKER_PID_PREFIX}{i}", state_dir / f"{WORKER_PID_PREFIX}{i}.log"
+            node_temp_dir = os.path.join(os.path.dirname(temp_dir), f"w{i}")  # beside the head's, in the 0700 folder
+            _share_logs(temp_dir, node_temp_dir)
+            argv = worker_node_argv(sys.executable, stack.ray_gcs, node_temp_dir, worker_cpus, free_port())
+            nodes[name] = (_spawn(argv, log, ray_env), log)
+            stack.pids[name] = nodes[name][0].pid
+            _write(state_dir, stack)
+            _wait_workers(nodes, stack.ray_jobs, 180)
+        if nodes:
+            say(f"[up] ray workers {workers} node(s) of {worker_cpus} CPUs, resource {WORKER_RESOURCE} "
+                f"(`driftloop submit --resource {WORKER_RESOURCE}=1 -- ...` runs there)")  # fmt: skip
+
         for name, route in routes.items():
             say(f"[up] serve       {stack.serve}{route.rstrip('/')}/v1/predict ({name}; 503 no_model until a model "
                 "is promoted)")  # fmt: skip
@@ -383,7 +544,10 @@ def _write(state_dir: Path, stack: Stack) -> None:
 def _stop(stack: Stack, say: Callable[[str], None], timeout_s: float = 30.0) -> list[str]:
     """SIGTERM each recorded process group, then SIGKILL what is left; returns what stopped."""
     stopped = []
-    for name in ("ray", "mlflow", "broker"):  # the head first: its actors consume from the broker
+    workers = sorted((n for n in stack.pids if n.startswith(WORKER_PID_PREFIX)), key=lambda n: int(n.rsplit("-", 1)[1]))
+    # The worker nodes first: on SIGTERM a node drains through the head, and with the head gone it
+    # waits for it. The broker last: the head's actors consume from it.
+    for name in (*workers, "ray", "mlflow", "broker"):
         pid = stack.pids.get(name)
         if pid is None or not alive(pid):
             continue
@@ -399,14 +563,21 @@ def _stop(stack: Stack, say: Callable[[str], None], timeout_s: float = 30.0) -> 
         stopped.append(name)
         say(f"[down] {name} (process group {pid}) stopped")
         if name == "ray" and stack.ray_temp_dir:
-            strays = _stop_strays(stack.ray_temp_dir, timeout_s=5.0)
+            strays = _stop_strays(_ray_dirs(stack.ray_temp_dir), timeout_s=5.0)
             if strays:
                 say(f"[down] ray: {strays} process(es) outside its group stopped (Serve's HAProxy)")
     return stopped
 
 
+def _ray_dirs(temp_dir: str) -> str:
+    """What holds every Ray node's temp dir of a stack: the private `dl-ray-*` folder around the head's
+    (its worker nodes' are beside it), or the head's temp dir alone for a stack from before it had one."""
+    parent = os.path.dirname(temp_dir.rstrip("/"))
+    return parent if os.path.basename(parent).startswith("dl-ray-") else temp_dir
+
+
 def _stop_strays(temp_dir: str, timeout_s: float) -> int:
-    """Stop what still runs from the Ray head's temp dir once its process group is gone.
+    """Stop what still runs from the Ray nodes' temp dirs (under `temp_dir`) once their process groups are gone.
 
     Ray workers run in process groups of their own, and Serve's HAProxy in its manager worker's:
     when the head stops, the workers exit, but HAProxy lives on, holding Serve's port. Its command
@@ -442,3 +613,7 @@ def down(state_dir: Path, say: Callable[[str], None] = print) -> list[str]:
             shutil.rmtree(made, ignore_errors=True)
     (state_dir / STATE).unlink(missing_ok=True)
     return stopped
+
+
+if __name__ == "__main__":  # a worker node of `up` (`worker_node_argv`)
+    _ray_worker_node(sys.argv[1:])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -86,6 +87,25 @@ def haproxy_open_ports(ray_pid: int) -> set[int]:
     return {int(env[k]) for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT") if k in env}
 
 
+def raylet_node_id(pid: int) -> str:
+    """Ray's id of the node whose `ray start` is `pid`: its raylet's `--node_id`."""
+    import psutil
+
+    raylets = [p for p in psutil.Process(pid).children(recursive=True) if p.name() == "raylet"]
+    assert len(raylets) == 1, raylets
+    return next(a.split("=", 1)[1] for a in raylets[0].cmdline() if a.startswith("--node_id="))
+
+
+# Prints the node its own process runs on: the raylet above it. (`get_node_id()` in the entrypoint
+# would name the head: on one machine Ray joins a job's driver to the head's raylet, wherever it runs.)
+WHERE = """import psutil
+p = psutil.Process()
+while p.name() != "raylet":
+    p = p.parent()
+print("ran on node", next(a.split("=", 1)[1] for a in p.cmdline() if a.startswith("--node_id=")))
+"""
+
+
 def test_up_status_submit_down_leaves_no_process_behind(
     demo_config: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,16 +122,17 @@ def test_up_status_submit_down_leaves_no_process_behind(
     where = ["--config", str(config), "--state-dir", str(state)]
     serve_port = free_port()
     upped = driftloop("up", *where, "--config", str(other), "--num-cpus", "3", "--serve-port", str(serve_port),
-                      timeout=400)  # fmt: skip
+                      "--workers", "1", timeout=400)  # fmt: skip
     recorded: dict[str, int] = {}
     ray_dir = "<none>"
     try:
         assert upped.returncode == 0, upped.stdout[-3000:] + upped.stderr[-3000:]
         saved = json.loads((state / "state.json").read_text())
         recorded, ray_dir = saved["pids"], saved["ray_temp_dir"]
-        assert set(recorded) == {"broker", "mlflow", "ray"} and all(alive(p) for p in recorded.values())
+        assert set(recorded) == {"broker", "mlflow", "ray", "ray-worker-1"} and all(alive(p) for p in recorded.values())
+        assert "[up] ray workers 1 node(s) of 1 CPUs" in upped.stdout, upped.stdout  # 3 CPUs: the head keeps 2
         # Every port the stack's processes, their descendants and Serve's HAProxy listen on is on
-        # loopback: the broker, MLflow, the Jobs API, Serve, and Ray's own (GCS, raylet, object
+        # loopback: the broker, MLflow, the Jobs API, Serve, and Ray's own, the worker node's too (GCS, raylet, object
         # manager, workers' and actors' gRPC, dashboard agent, runtime env agent, metrics export,
         # Ray client server), which Ray 2.60 puts on every interface unless LOOPBACK_ENV is set.
         # Except what Ray hard-codes to every interface (README: ports to keep private): HAProxy's
@@ -194,6 +215,7 @@ def test_up_status_submit_down_leaves_no_process_behind(
         parts = before["parts"]
         down_parts = {p: parts[p] for p in ("kafka", "mlflow", "ray", "processes") if not parts[p]["ok"]}
         assert not down_parts, down_parts
+        assert parts["processes"]["alive"]["ray-worker-1"], parts["processes"]
         assert parts["mlflow"]["champion"] is None
         assert parts["serve"]["ok"] and parts["serve"]["status"] == "no_model", parts["serve"]
         theirs = json.loads(driftloop("status", "--config", str(other), "--state-dir", str(state), "--json").stdout)
@@ -215,6 +237,12 @@ def test_up_status_submit_down_leaves_no_process_behind(
             "stack-1", env={"RAY_ADDRESS": exports["RAY_ADDRESS"], "PATH": bare_path}, timeout=300,
         )  # fmt: skip
         assert submitted.returncode == 0, submitted.stderr[-3000:]
+        # A job pinned to the worker node (its custom resource) runs there, not on the head.
+        head_node, worker_node = raylet_node_id(recorded["ray"]), raylet_node_id(recorded["ray-worker-1"])
+        pinned = driftloop("submit", "--state-dir", str(state), "--resource", "worker_node=1", "--", "python", "-c",
+                           WHERE, env={"RAY_ADDRESS": exports["RAY_ADDRESS"]}, timeout=300)  # fmt: skip
+        assert pinned.returncode == 0, pinned.stderr[-3000:]
+        assert f"ran on node {worker_node}" in pinned.stdout and worker_node != head_node, pinned.stdout[-3000:]
         after = json.loads(driftloop("status", *where, "--json").stdout)
         jobs = after["parts"]["ray"]["recent"] + after["parts"]["ray"]["running"]
         assert any("tests.job_echo" in j["entrypoint"] and j["status"] == "SUCCEEDED" for j in jobs), jobs
@@ -223,10 +251,18 @@ def test_up_status_submit_down_leaves_no_process_behind(
         assert metrics["ok"] and metrics["metrics_url"] == saved["metrics"], metrics
         codes = {k for r in metrics["replicas"].values() for k in r if k.startswith("requests_total:")}
         assert {"requests_total:401", "requests_total:503"} <= codes, metrics
-        text = driftloop("status", *where).stdout
-        assert "ray     up" in text and "stack   up" in text and "no model promoted yet" in text
-        # The key reached no log: Ray writes each replica's runtime_env (which once held it) there.
-        leaks = [str(p) for base in (Path(ray_dir), state) for p in base.rglob("*") if p.is_file()
+        # A worker node that dies is no silent failure: status names it and says the stack is not healthy.
+        os.killpg(recorded["ray-worker-1"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while alive(recorded["ray-worker-1"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        lost = driftloop("status", *where)
+        text = lost.stdout
+        assert "ray     up" in text and "no model promoted yet" in text, text
+        assert lost.returncode == 1 and "processes DOWN  ray-worker-1 exited" in text, text
+        # The key reached no log (the worker node's neither): Ray writes each replica's runtime_env
+        # (which once held it) there.
+        leaks = [str(p) for base in (Path(ray_dir).parent, state) for p in base.rglob("*") if p.is_file()
                  and p.name not in ("api_key", "mlflow_password")
                  and (key.encode() in p.read_bytes() or password.encode() in p.read_bytes())]  # fmt: skip
         assert not leaks, leaks
@@ -234,11 +270,12 @@ def test_up_status_submit_down_leaves_no_process_behind(
         downed = driftloop("down", "--state-dir", str(state), timeout=120)
     assert downed.returncode == 0, downed.stderr
     assert not [p for p in recorded.values() if alive(p)], "every recorded process is gone"
-    assert not processes_mentioning(str(state)) and not processes_mentioning(ray_dir), "nothing of it runs on"
+    ray_dirs = str(Path(ray_dir).parent)  # the head's temp dir and the worker node's beside it
+    assert not processes_mentioning(str(state)) and not processes_mentioning(ray_dirs), "nothing of it runs on"
     gone = driftloop("down", "--state-dir", str(state))
     assert gone.returncode == 1 and "nothing was started" in gone.stderr
     assert os.path.exists(state / "ray.log"), "the logs stay for a post-mortem"
-    assert not os.path.exists(ray_dir), "down removed Ray's temp dir"
+    assert not os.path.exists(ray_dirs), "down removed Ray's temp dirs"
 
 
 def test_up_refuses_bad_input_and_starts_nothing(demo_config: PipelineConfig, tmp_path: Path) -> None:
@@ -246,7 +283,8 @@ def test_up_refuses_bad_input_and_starts_nothing(demo_config: PipelineConfig, tm
     state = tmp_path / "stack"
     missing = driftloop("up", "--config", str(tmp_path / "nope.yaml"), "--state-dir", str(state))
     assert missing.returncode == 2 and "nope.yaml" in missing.stderr and "Traceback" not in missing.stderr
-    for flag, value in (("--num-cpus", "0"), ("--serve-port", "70000"), ("--serve-port", "http")):
+    for flag, value in (("--num-cpus", "0"), ("--serve-port", "70000"), ("--serve-port", "http"), ("--workers", "-1"),
+                        ("--workers", "9"), ("--workers", "two")):  # fmt: skip
         bad = driftloop("up", "--config", str(config), "--state-dir", str(state), flag, value)
         assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     with socket.socket() as taken:
@@ -255,6 +293,8 @@ def test_up_refuses_bad_input_and_starts_nothing(demo_config: PipelineConfig, tm
         port = taken.getsockname()[1]
         busy = driftloop("up", "--config", str(config), "--state-dir", str(state), "--serve-port", str(port))
     assert busy.returncode == 1 and f"port {port}" in busy.stderr and "Traceback" not in busy.stderr
+    crowded = driftloop("up", "--config", str(config), "--state-dir", str(state), "--num-cpus", "2", "--workers", "2")
+    assert crowded.returncode == 1 and "--num-cpus 2 cannot be split over the head and 2 worker" in crowded.stderr
     switch = driftloop("up", "--config", str(config), "--state-dir", str(state), env={"DRIFTLOOP_SERVE_HAPROXY": "on"})
     assert switch.returncode == 1 and "DRIFTLOOP_SERVE_HAPROXY: expected 0" in switch.stderr, switch.stderr
     assert "Traceback" not in switch.stderr
@@ -285,6 +325,33 @@ def test_down_stops_what_outlives_the_ray_heads_process_group(tmp_path: Path) ->
         for process in (stray, bystander):
             process.kill()
             process.wait()
+
+
+def test_split_cpus_and_worker_node_argv() -> None:
+    from cluster.stack import MAX_WORKERS, split_cpus, worker_node_argv
+    from streams.errors import DriftloopError
+
+    assert [split_cpus(total, 2) for total in (3, 4, 5, 6)] == [(1, 1), (2, 1), (3, 1), (2, 2)]
+    for total, workers in ((2, 2), (8, MAX_WORKERS + 1), (8, -1)):
+        with pytest.raises(DriftloopError):
+            split_cpus(total, workers)
+    argv = worker_node_argv("/v/bin/python", "127.0.0.1:6379", "/tmp/dl-ray-x/w1", 1, 40001)
+    assert argv[:3] == ["/v/bin/python", "-m", "cluster.stack"] and "--head" not in argv
+    assert {"--address=127.0.0.1:6379", "--node-ip-address=127.0.0.1", "--temp-dir=/tmp/dl-ray-x/w1",
+            '--resources={"worker_node": 1}', "--dashboard-agent-listen-port=40001"} <= set(argv)  # fmt: skip
+    assert not [a for a in argv if "token" in a.lower()], "the token travels in the environment only"
+
+
+def test_a_worker_node_writes_its_logs_where_the_head_reads_them(tmp_path: Path) -> None:
+    from cluster.stack import _ray_dirs, _share_logs
+
+    head, worker = tmp_path / "dl-ray-x" / "r", tmp_path / "dl-ray-x" / "w1"
+    (head / "session_1" / "logs").mkdir(parents=True)
+    (head / "session_latest").symlink_to(head / "session_1")
+    _share_logs(str(head), str(worker))
+    assert (worker / "session_1" / "logs").resolve() == (head / "session_1" / "logs").resolve()
+    assert not (worker / "session_1" / "sockets").exists(), "only the logs are shared"
+    assert _ray_dirs(str(head)) == str(tmp_path / "dl-ray-x") and _ray_dirs("/tmp/ray-old") == "/tmp/ray-old"
 
 
 @pytest.mark.filterwarnings("ignore:starlette.middleware.wsgi is deprecated")  # MLflow's auth app imports it

@@ -44,8 +44,8 @@ def _pick_range() -> tuple[int, int]:
     return PICK_PORTS_FROM
 
 
-def free_port() -> int:
-    """A loopback port free now, for a server that binds it later (seconds or minutes later).
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` (loopback by default) now, for a server that binds it later (seconds or minutes later).
 
     Picked at random below the ephemeral range: the kernel hands ports of that range to every
     outgoing connection and `bind(0)`, so a port chosen there was often taken by the time Serve's
@@ -62,12 +62,12 @@ def free_port() -> int:
         _HANDED_OUT.add(port)
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind((host, port))
             except OSError:
                 continue
             return port
     with socket.socket() as sock:  # that range is full: let the kernel choose
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -123,7 +123,7 @@ class EmbeddedBroker:
         host: str = "127.0.0.1",
     ) -> None:
         self.host = host  # loopback; a private address only where others must reach it (the test cluster's bridge)
-        self.port = port or free_port()
+        self.port = port or free_port(host)
         self.log_file = log_file
         self.storage = storage
         self.env = env

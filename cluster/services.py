@@ -41,7 +41,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,8 +50,9 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
+from cluster.broker import free_port
 from streams.errors import DriftloopError
 
 __all__ = [
@@ -74,6 +74,7 @@ __all__ = [
     "scram_verifier",
 ]
 
+_S = TypeVar("_S", bound="_Started")
 LOOPBACK = "127.0.0.1"
 POSTGRES_USER = "postgres"  # the system user a root caller runs PostgreSQL as
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")  # a role or database name that needs no quoting in SQL
@@ -281,21 +282,6 @@ def _die_with_parent(sig: int) -> Callable[[], None] | None:
     return child
 
 
-def _free_port(host: str) -> int:
-    """A port free on `host` (and on loopback: the picks of `cluster.broker.free_port`)."""
-    from cluster.broker import free_port
-
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise DriftloopError(f"no free port on {host}")
-
-
 def _tail(log: Path, chars: int = 3000) -> str:
     try:
         return log.read_text(errors="replace")[-chars:]
@@ -332,7 +318,25 @@ def postgres_bin_dir(debian: Path = Path("/usr/lib/postgresql")) -> Path:
     raise DriftloopError("PostgreSQL's server is not installed (Debian: apt-get install postgresql): no initdb found")
 
 
-class _Server:
+class _Started:
+    """`start()` on entering, `stop()` on leaving, whatever happened (the servers and `Services`)."""
+
+    def start(self: _S) -> _S:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _S) -> _S:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class _Server(_Started):
     """A server process in a process group of its own, its output in a log file."""
 
     what = "server"
@@ -401,7 +405,7 @@ class S3Server(_Server):
     ) -> None:  # fmt: skip
         super().__init__(log)
         s3_uri(bucket)  # checks the name
-        self.host, self.port, self.bucket, self.region = host, port or _free_port(host), bucket, region
+        self.host, self.port, self.bucket, self.region = host, port or free_port(host), bucket, region
         self.access_key = "DL" + secrets.token_hex(9).upper()
         self.secret_key = secrets.token_urlsafe(30)
 
@@ -452,14 +456,6 @@ class S3Server(_Server):
     def stop(self) -> None:
         self._terminate()
 
-    def __enter__(self) -> S3Server:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
 
 class PostgresServer(_Server):
     """A PostgreSQL cluster made for the run (see the module docstring).
@@ -481,7 +477,7 @@ class PostgresServer(_Server):
         self._made_root = root is None
         self.root = Path(tempfile.gettempdir()) / f"dl-pg-{secrets.token_hex(6)}" if root is None else root
         super().__init__(self.root / "postgres.log")
-        self.host, self.port = str(ipaddress.ip_address(host)), port or _free_port(host)
+        self.host, self.port = str(ipaddress.ip_address(host)), port or free_port(host)
         self.user, self.database, self.durable = _name(user, "the role"), _name(database, "the database"), durable
         self.password = secrets.token_urlsafe(24)
         self.passfile = self.root / "pgpass"
@@ -555,14 +551,6 @@ class PostgresServer(_Server):
         if self._made_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
 
 class MlflowServer(_Server):
     """`mlflow server` on `backend_uri` (PostgreSQL, SQLite, ...), artifacts proxied to
@@ -579,7 +567,7 @@ class MlflowServer(_Server):
         super().__init__(root / "mlflow.log")
         self.root, self.backend_uri, self.artifacts_destination = root, backend_uri, artifacts_destination
         self.extra_env = dict(env or {})
-        self.host, self.port, self.workers = host, port or _free_port(host), workers
+        self.host, self.port, self.workers = host, port or free_port(host), workers
 
     @property
     def url(self) -> str:
@@ -623,16 +611,8 @@ class MlflowServer(_Server):
     def stop(self) -> None:
         self._terminate()
 
-    def __enter__(self) -> MlflowServer:
-        return self.start()
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class Services:
+class Services(_Started):
     """An S3 server, PostgreSQL and MLflow on both, all listening on `host` (loopback, or the bridge
     a multi-node cluster's nodes reach: `NetnsCluster.host_ip`). `root` holds the logs and MLflow's
     files; PostgreSQL keeps its data in a private temp folder of its own (see `PostgresServer`).
@@ -678,11 +658,3 @@ class Services:
         for server in (self.mlflow, self.postgres, self.s3):
             with contextlib.suppress(Exception):
                 server.stop()
-
-    def __enter__(self) -> Services:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

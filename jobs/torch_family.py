@@ -93,7 +93,8 @@ class TorchFamily(ModelFamily):
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        if kill_once and "://" in config.ray.train_storage(out):
+        storage = config.ray.train_storage(out)
+        if kill_once and "://" in storage:
             raise ValueError("kill_once reads Ray Train's checkpoint state from a local storage_path")
         run_name = f"{config.name}-train-{int(time.time() * 1000)}"
         loop_config: dict[str, Any] = {
@@ -106,7 +107,7 @@ class TorchFamily(ModelFamily):
             "bf16": settings.bf16,
             "x_val": val[0],
             "y_val": val[1],
-            "kill_once": kill_once and {**kill_once, "run_dir": str(Path(config.ray.train_storage(out)) / run_name)},
+            "kill_once": kill_once and {**kill_once, "run_dir": str(Path(storage) / run_name)},
         }
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -121,7 +122,7 @@ class TorchFamily(ModelFamily):
             ),
             run_config=ray.train.RunConfig(
                 name=run_name,
-                storage_path=config.ray.train_storage(out),
+                storage_path=storage,
                 failure_config=ray.train.FailureConfig(max_failures=config.training.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),

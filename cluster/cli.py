@@ -18,7 +18,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from streams.config import API_KEY_ENV, MLFLOW_PASSWORD_FILE_ENV, PipelineConfig, load_config
+from jobs.controller import CONFIG_ENV
+from streams.config import (
+    API_KEY_ENV,
+    API_KEY_HASH_ENV,
+    MLFLOW_PASSWORD_FILE_ENV,
+    PipelineConfig,
+    load_config,
+    parse_config,
+)
 from streams.errors import ConfigError, DriftloopError
 from streams.generator import SCENARIOS, StreamGenerator
 from streams.kafka import Batch, Producer, StreamConsumer, ensure_topics
@@ -148,6 +156,37 @@ def _parser() -> argparse.ArgumentParser:
     _tracking_uri_arg(deploy)
     deploy.add_argument("--challenger", default=None, help="the version that shadows or canaries (serving.policy)")
     deploy.set_defaults(func=cmd_deploy)
+
+    launch = sub.add_parser(
+        "launch",
+        help="on a Ray cluster, start a pipeline's controller and monitors (detached actors) and its Serve app; "
+        "run it as a job: driftloop submit -- python -m cluster launch ...",
+    )
+    launch.add_argument(
+        "--config", type=Path, default=None, help=f"pipeline config (default: the YAML text in ${CONFIG_ENV})"
+    )
+    _tracking_uri_arg(launch)
+    launch.add_argument(
+        "--jobs-address", default=None, help="the Jobs API the controller submits retrains to (default: this cluster's)"
+    )
+    launch.add_argument(
+        "--jobs-dir", type=Path, default=None, help="where each retrain job writes, on its node (default: temp)"
+    )
+    launch.add_argument(
+        "--job-env", action="append", default=[], metavar="NAME",
+        help="pass this variable's value from this environment on to each retrain job (repeatable)",
+    )  # fmt: skip
+    action = launch.add_mutually_exclusive_group()
+    action.add_argument("--stop", action="store_true", help="stop the pipeline's controller, monitors and app instead")
+    action.add_argument(
+        "--status", action="store_true", help="print what each of its actors says, as JSON (exit 1: one is not running)"
+    )
+    launch.set_defaults(func=cmd_launch)
+
+    key_hash = sub.add_parser(
+        "key-hash", help=f"print the salted hash of ${API_KEY_ENV} for ${API_KEY_HASH_ENV} (the key stays here)"
+    )
+    key_hash.set_defaults(func=cmd_key_hash)
 
     rollback = sub.add_parser("rollback", help="point the champion back at the previous version (serving follows)")
     _config_arg(rollback)
@@ -571,7 +610,7 @@ def _tracking_uri(args: argparse.Namespace, config: PipelineConfig) -> str:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from cluster.pipeline import Pipeline, route_prefix
+    from cluster.pipeline import Pipeline, app_route_prefix
     from cluster.ray_runtime import cluster_address, connect
 
     config = load_config(args.config)  # what can be refused is, before Ray, torch and MLflow load
@@ -588,9 +627,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if version is not None and not registry.has_version(version):
             raise DriftloopError(f"{flag} {version}: model {config.name!r} has no such version in {uri}")
     connect(config, quiet=not args.verbose)
-    prefixes = _route_prefixes()  # a running app keeps its prefix; a new one takes `/` while no other app has it
-    others = {p for n, p in prefixes.items() if n != config.name}
-    prefix = prefixes.get(config.name) or route_prefix(config.name, root_free="/" not in others)
+    prefix = app_route_prefix(config.name)  # a running app keeps its prefix
     pipeline = Pipeline(config, uri, jobs_address="", jobs_dir=Path())  # only its app: no controller here
     url = pipeline.serve(config.serving.host, config.serving.port, prefix=prefix, version=args.version,
                          challenger=args.challenger)  # fmt: skip
@@ -608,15 +645,66 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _route_prefixes() -> dict[str, str]:
-    """The route prefix of each Serve application on the connected cluster (none when Serve is not up)."""
-    from ray.serve.context import _get_global_client
+def cmd_launch(args: argparse.Namespace) -> int:
+    import tempfile
 
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
-        return {}
-    apps = client.get_serve_details().get("applications") or {}
-    return {name: str(app.get("route_prefix") or "") for name, app in apps.items()}
+    from cluster.pipeline import NAMESPACE, Pipeline, app_route_prefix
+    from cluster.ray_runtime import cluster_address, connect
+
+    if args.config is not None:
+        config = load_config(args.config)
+    elif os.environ.get(CONFIG_ENV):
+        config = parse_config(os.environ[CONFIG_ENV], source=f"${CONFIG_ENV}")
+    else:
+        raise ConfigError("<command line>", "--config", f"a pipeline config file (or its YAML text in ${CONFIG_ENV})",
+                          "<missing>")  # fmt: skip
+    config = _connected(config)
+    uri = _tracking_uri(args, config)
+    starting = not (args.stop or args.status)
+    if starting and not (os.environ.get(API_KEY_ENV) or os.environ.get(API_KEY_HASH_ENV)):
+        raise DriftloopError(f"set {API_KEY_HASH_ENV} (`driftloop key-hash`) or {API_KEY_ENV}: the app checks keys")
+    if starting and not os.environ.get(API_KEY_ENV):
+        from serving.app import key_check
+
+        try:
+            key_check({API_KEY_HASH_ENV: os.environ[API_KEY_HASH_ENV]})
+        except RuntimeError as err:
+            raise DriftloopError(str(err)) from None
+    missing = [name for name in args.job_env if name not in os.environ]
+    if missing:
+        raise ConfigError("<command line>", "--job-env", "names of variables set in this environment",
+                          f"<unset: {', '.join(missing)}>")  # fmt: skip
+    cluster_address(config)
+    context = connect(config, quiet=not args.verbose, namespace=NAMESPACE)  # the actors' names are found there
+    jobs_address = args.jobs_address or (f"http://{context.dashboard_url}" if context and context.dashboard_url else "")
+    if starting and not jobs_address.startswith(("http://", "https://")):
+        raise DriftloopError("this cluster's Jobs API is not known here: give --jobs-address http://head:8265")
+    jobs_dir = args.jobs_dir or Path(tempfile.gettempdir()) / "driftloop-jobs"
+    pipeline = Pipeline(config, uri, jobs_address, jobs_dir, detached=True, python=sys.executable,
+                        job_env={name: os.environ[name] for name in args.job_env})  # fmt: skip
+    if args.stop:
+        stopped = pipeline.stop_services()
+        print(f"[launch] {config.name}: stopped {', '.join(stopped) or 'nothing (none was running)'}", flush=True)
+        return 0
+    if args.status:
+        reports = pipeline.service_reports()
+        print(json.dumps(reports, default=str), flush=True)
+        return 0 if all(r["running"] and not r["error"] for r in reports.values()) else 1
+    started = pipeline.start_services()
+    print(f"[launch] {config.name}: {', '.join(started)} (detached actors; retrains go to {jobs_address})", flush=True)
+    url = pipeline.serve(config.serving.host, config.serving.port, prefix=app_route_prefix(config.name))
+    print(f"[launch] {config.name}: serving the champion at {url}/v1/predict", flush=True)
+    return 0
+
+
+def cmd_key_hash(args: argparse.Namespace) -> int:
+    from serving.app import key_hash
+
+    key = os.environ.get(API_KEY_ENV)
+    if not key:
+        raise DriftloopError(f"set {API_KEY_ENV} to the API key clients will send")
+    print(key_hash(key))
+    return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

@@ -20,16 +20,19 @@ store and registered model. The first pipeline's app has the route prefix `/`, e
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from streams.config import PipelineConfig
 from streams.errors import DriftloopError
 
-__all__ = ["ROOT", "Pipeline", "route_prefix"]
+__all__ = ["NAMESPACE", "ROOT", "Pipeline", "app_route_prefix", "route_prefix"]
 
+NAMESPACE = "driftloop"  # the Ray namespace of every pipeline's named actors (`up`, `launch`)
 ROOT = Path(__file__).resolve().parent.parent  # the code a retrain job ships as its working_dir
 RESERVED_ROUTES = ("v1", "docs", "redoc", "openapi.json", "-")  # an app's own paths: never a prefix
 
@@ -52,15 +55,23 @@ class Pipeline:
     jobs_dir: Path  # where each retrain job writes
     detached: bool = False
     python: str = sys.executable  # the interpreter the cluster runs a job's entrypoint with
+    job_env: Mapping[str, str] = field(default_factory=dict)  # beside the tracking URI, in each retrain job's env
+
+    def actor_options(self, name: str) -> dict[str, Any]:
+        """Ray's options for the service actor `name`: no CPU, restarted for ever, on the nodes with
+        `ray.service_resources`, and outliving its driver when `detached`. Pure."""
+        options: dict[str, Any] = {"name": name, "num_cpus": 0, "max_restarts": -1}
+        if self.config.ray.service_resources:
+            options["resources"] = dict(self.config.ray.service_resources)
+        if self.detached:
+            options["lifetime"] = "detached"
+        return options
 
     def _actor(self, cls: type, name: str) -> Any:
         import ray
 
-        options: dict[str, Any] = {"name": name, "num_cpus": 0, "max_restarts": -1}
-        if self.detached:
-            options["lifetime"] = "detached"
         remote: Any = ray.remote(cls)
-        return remote.options(**options)
+        return remote.options(**self.actor_options(name))
 
     @property
     def controller_name(self) -> str:
@@ -73,13 +84,68 @@ class Pipeline:
     def start_controller(self) -> Any:
         from jobs.controller import ControllerService, JobTemplate
 
-        job = JobTemplate(ROOT, self.jobs_dir, {"MLFLOW_TRACKING_URI": self.tracking_uri}, self.python)
+        env = {**self.job_env, "MLFLOW_TRACKING_URI": self.tracking_uri}
+        job = JobTemplate(ROOT, self.jobs_dir, env, self.python)
         return self._actor(ControllerService, self.controller_name).remote(self.config, self.jobs_address, job)
 
     def start_monitors(self) -> list[Any]:
         from jobs.monitor import MonitorService
 
         return [self._actor(MonitorService, name).remote(self.config, self.tracking_uri) for name in self.monitor_names]
+
+    def start_services(self, timeout_s: float = 120.0) -> list[str]:
+        """The controller and the monitors, each once constructed and answering; their actor names.
+        The pipeline's topics are made first (the actors consume them)."""
+        import ray
+
+        from streams.kafka import ensure_topics
+        from streams.topics import Topics
+
+        ensure_topics(self.config.kafka, Topics.of(self.config).all())
+        for actor in [self.start_controller(), *self.start_monitors()]:
+            ray.get(actor.stats.remote(), timeout=timeout_s)
+        return [self.controller_name, *self.monitor_names]
+
+    def service_reports(self, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+        """Each of this pipeline's actors, as it says (its `stats()`): running or not, its error, and
+        what it has done. An actor that is gone or does not answer is reported as not running."""
+        import ray
+
+        reports: dict[str, dict[str, Any]] = {}
+        for name in [self.controller_name, *self.monitor_names]:
+            try:
+                report: Any = ray.get(ray.get_actor(name).stats.remote(), timeout=timeout_s)
+            except ValueError:  # no such actor
+                reports[name] = {"running": False, "error": "not started (or stopped)"}
+                continue
+            except Exception as err:  # dead, or not answering
+                reports[name] = {"running": False, "error": f"{type(err).__name__}: {err}"[:500]}
+                continue
+            counts = {k: len(v) if isinstance(v, tuple) else v for k, v in vars(report).items()
+                      if k not in ("windows", "deliveries", "error", "running", "resumed")}  # fmt: skip
+            reports[name] = {"running": report.running, "error": report.error, **counts}
+        return reports
+
+    def stop_services(self) -> list[str]:
+        """Stop this pipeline's controller and monitors (by name, from any driver of the cluster) and
+        delete its Serve app; the names of what was running. A part that is not running is skipped."""
+        import ray
+        from ray import serve
+
+        stopped = []
+        for name in [self.controller_name, *self.monitor_names]:
+            try:
+                actor = ray.get_actor(name)
+            except ValueError:  # no such actor
+                continue
+            with contextlib.suppress(Exception):  # stopping anyway: the kill below ends it
+                ray.get(actor.stop.remote(), timeout=40)
+            ray.kill(actor, no_restart=True)
+            stopped.append(name)
+        if self.config.name in _serve_apps():
+            serve.delete(self.config.name)
+            stopped.append(f"serve:{self.config.name}")
+        return stopped
 
     def serve(
         self,
@@ -101,3 +167,21 @@ class Pipeline:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=self.config.name, route_prefix=prefix)
         return f"http://{host}:{port}{prefix.rstrip('/')}"
+
+
+def _serve_apps() -> dict[str, Any]:
+    """The Serve applications on the connected cluster, by name (none when Serve is not up)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return {}
+    return dict(client.get_serve_details().get("applications") or {})
+
+
+def app_route_prefix(name: str) -> str:
+    """The route prefix of pipeline `name`'s app on the connected cluster: the one it has if it is
+    running, else `/` while no other app has it, else `/<name>` (`route_prefix`)."""
+    prefixes = {app: str(details.get("route_prefix") or "") for app, details in _serve_apps().items()}
+    others = {prefix for app, prefix in prefixes.items() if app != name}
+    return prefixes.get(name) or route_prefix(name, root_free="/" not in others)

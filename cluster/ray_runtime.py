@@ -115,8 +115,8 @@ def is_loopback_address(address: str | None) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
-def connect(config: PipelineConfig, quiet: bool = True) -> None:
-    """Initialise Ray once for this process (a no-op if it already is).
+def connect(config: PipelineConfig, quiet: bool = True, namespace: str | None = None) -> Any:
+    """Initialise Ray once for this process (a no-op if it already is: None); Ray's context.
 
     A local instance it starts, or one it joins by a loopback address, stays on loopback
     (`bind_to_loopback`); a cluster on this machine's own IP (a plain `ray start --head`) is
@@ -126,7 +126,7 @@ def connect(config: PipelineConfig, quiet: bool = True) -> None:
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     if is_loopback_address(address):
         bind_to_loopback()
     if quiet:
@@ -137,8 +137,9 @@ def connect(config: PipelineConfig, quiet: bool = True) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = enabled()  # at a terminal only
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    ray.init(
+    return ray.init(
         address=address,
+        namespace=namespace,
         include_dashboard=False,
         log_to_driver=not quiet,
         logging_level=logging.WARNING if quiet else logging.INFO,

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cluster.pipeline import NAMESPACE
 from cluster.ray_runtime import LOOPBACK_IP
 from streams.config import API_KEY_ENV, DATASETS_ROOT_ENV, MLFLOW_PASSWORD_FILE_ENV, PipelineConfig
 from streams.errors import DriftloopError
@@ -49,7 +50,6 @@ from streams.errors import DriftloopError
 __all__ = ["MAX_WORKERS", "Stack", "down", "load_state", "split_cpus", "up", "worker_node_argv"]
 
 STATE = "state.json"
-NAMESPACE = "driftloop"
 MAX_WORKERS = 8  # worker nodes on one machine: each is a raylet, agents and an object store of its own
 HEAD_RESOURCE = "head_node"  # the custom resources `cluster.netns` gives its nodes: pin work with them
 WORKER_RESOURCE = "worker_node"
@@ -506,8 +506,6 @@ def _start_services(stack: Stack, configs: list[PipelineConfig], api_key: str, s
 
     from cluster.pipeline import Pipeline
     from cluster.ray_runtime import bind_to_loopback
-    from streams.kafka import ensure_topics
-    from streams.topics import Topics
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # `up` prints its own lines
     bind_to_loopback()  # without it this process joins 127.0.0.1:PORT at the machine's IP, and hangs
@@ -521,11 +519,7 @@ def _start_services(stack: Stack, configs: list[PipelineConfig], api_key: str, s
     started: list[str] = []
     try:
         for pipeline in pipelines:
-            ensure_topics(pipeline.config.kafka, Topics.of(pipeline.config).all())
-            actors = [pipeline.start_controller(), *pipeline.start_monitors()]
-            for actor in actors:
-                ray.get(actor.stats.remote(), timeout=120)  # constructed and answering
-            started += [pipeline.controller_name, *pipeline.monitor_names]
+            started += pipeline.start_services()
         for pipeline in pipelines:  # the apps once every pipeline's services run
             pipeline.serve("127.0.0.1", serve_port, prefix=stack.routes[pipeline.config.name], api_key=api_key)
             started.append(f"serve:{pipeline.config.name}")

@@ -49,7 +49,7 @@ from serving.metrics import ServingMetrics
 from serving.model import ServedModel, load_served_model
 from serving.predlog import PredictionLog
 from serving.routing import route
-from streams.config import API_KEY_ENV, KafkaSettings, PipelineConfig, field_key
+from streams.config import API_KEY_ENV, API_KEY_HASH_ENV, KafkaSettings, PipelineConfig, field_key
 from streams.errors import DecodeError, ErrorKind
 from streams.events import DeliveryStep, ModelPromoted, ModelRejected, ModelRolledBack, new_event_id
 from streams.kafka import Batch
@@ -58,7 +58,6 @@ from streams.topics import Topics
 
 __all__ = ["API_KEY_ENV", "API_KEY_HASH_ENV", "ModelServer", "app_builder", "build_app", "key_hash"]
 
-API_KEY_HASH_ENV = "DRIFTLOOP_API_KEY_SHA256"  # what replicas get instead of the key
 
 WATCH_ENV = "DRIFTLOOP_WATCH_MODELS"  # "0" turns the models-topic watch off
 SMALL_REQUEST = 32  # requests with fewer records are batched with concurrent ones (@serve.batch)
@@ -115,7 +114,7 @@ def key_hash(key: str, salt: bytes | None = None) -> str:
     return f"{salt.hex()}${hashlib.sha256(salt + key.encode()).hexdigest()}"
 
 
-def _key_check(env: Mapping[str, str]) -> tuple[bytes, bytes]:
+def key_check(env: Mapping[str, str]) -> tuple[bytes, bytes]:
     """The salt and digest a replica checks keys against: from the hash, else from the key itself."""
     hashed = env.get(API_KEY_HASH_ENV)
     if hashed:
@@ -139,7 +138,7 @@ class ModelServer:
     """One replica: a served model, the request codec and the prediction log."""
 
     def __init__(self, config: PipelineConfig, tracking_uri: str, alias: str = "champion") -> None:
-        self._salt, self._digest = _key_check(os.environ)
+        self._salt, self._digest = key_check(os.environ)
         self.replica = replica_name()
         self.config = config
         self.alias = alias
@@ -430,10 +429,13 @@ def build_app(
 ) -> Any:
     """The Serve application. The API key (`api_key`, else `DRIFTLOOP_API_KEY`) never travels: the
     replicas get a salted SHA-256 of it (`DRIFTLOOP_API_KEY_SHA256`) in their runtime environment,
-    which Ray writes to its logs and shows in the dashboard."""
+    which Ray writes to its logs and shows in the dashboard. Without a key, that hash from this
+    environment serves (`driftloop launch` run as a job: only the hash travels to the cluster)."""
     key = api_key or os.environ.get(API_KEY_ENV)
-    if not key:
-        raise RuntimeError(f"set {API_KEY_ENV} to the API key clients must send")
+    hashed = key_hash(key) if key else os.environ.get(API_KEY_HASH_ENV)
+    if not hashed:
+        raise RuntimeError(f"set {API_KEY_ENV} to the API key clients must send (or {API_KEY_HASH_ENV} to its hash)")
+    key_check({API_KEY_HASH_ENV: hashed})  # a malformed hash is refused here, not in every replica
     s = config.serving
     scaling: dict[str, Any] = {"num_replicas": s.num_replicas}
     if s.max_replicas is not None:
@@ -441,7 +443,8 @@ def build_app(
                                           "target_ongoing_requests": s.target_ongoing_requests}}  # fmt: skip
     deployment: Any = ModelServer  # a serve.Deployment once decorated
     return deployment.options(
-        ray_actor_options={"runtime_env": {"env_vars": {API_KEY_HASH_ENV: key_hash(key)}}},
+        ray_actor_options={"runtime_env": {"env_vars": {API_KEY_HASH_ENV: hashed}}, "num_cpus": s.num_cpus}
+        | ({"resources": dict(s.resources)} if s.resources else {}),
         user_config=({"version": version} if version else {"alias": alias})
         | ({"challenger": challenger} if challenger else {}),
         max_ongoing_requests=s.max_ongoing_requests,

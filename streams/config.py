@@ -20,7 +20,7 @@ import re
 import types
 import typing
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast
 
@@ -77,6 +77,7 @@ DATASETS_ROOT_ENV = "DRIFTLOOP_DATASETS_ROOT"  # overrides datasets.root (the lo
 MLFLOW_PASSWORD_FILE_ENV = "DRIFTLOOP_MLFLOW_PASSWORD_FILE"  # a 0600 file holding the tracking password
 GIT_COMMIT_ENV = "DRIFTLOOP_GIT_COMMIT"  # a job's code commit, set by its submitter (`.git` does not travel)
 API_KEY_ENV = "DRIFTLOOP_API_KEY"  # the key Serve's clients send: from the environment only
+API_KEY_HASH_ENV = "DRIFTLOOP_API_KEY_SHA256"  # what replicas get instead of the key: salt$sha256
 RESERVED_COLUMNS = ("topic", "partition", "offset", "timestamp")  # Kafka metadata in every dataset
 KAFKA_TIME = "timestamp"  # the Kafka record timestamp: the event time when a schema names none
 INLINE = "\x00inline"  # marks the field a shorthand value stands for (see FeatureTransform.normalize)
@@ -721,6 +722,13 @@ class RetrainSettings(_Section):
             yield "triggers", "a non-empty list of distinct drift kinds", list(self.triggers)
 
 
+def _custom_resources(key: str, resources: Mapping[str, float]) -> Iterator[Problem]:
+    """A problem for each of Ray's own resources among `resources` (CPUs and GPUs are asked for elsewhere)."""
+    for name in resources:
+        if name in RAY_BUILTIN_RESOURCES:
+            yield f"{key}.{name}", "a custom resource (CPUs and GPUs are not pinned here)", name
+
+
 @dataclass(frozen=True)
 class ServingSettings(_Section):
     """The Serve deployment: where it listens and how much it takes on before answering 503."""
@@ -744,10 +752,20 @@ class ServingSettings(_Section):
     metrics: bool = True  # each replica's driftloop_* series (serving/metrics.py); off: no counting at all
     # a redeploy starts new replicas before it stops old ones (0: stop first)
     max_surge_percent: Annotated[int, Field(ge=0, le=100)] = 100
+    num_cpus: NonNegativeFloat = 1.0  # each replica's CPUs (Ray's reservation, not a limit)
+    resources: Annotated[
+        dict[ResourceName, PositiveFloat],
+        Field(description="custom Ray resources each replica needs, e.g. {head_node: 0.01}"),
+    ] = field(default_factory=dict)
+
+    def __hash__(self) -> int:  # the config stays hashable with a mapping in it
+        values = [getattr(self, f.name) for f in fields(self)]
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in values))
 
     def problems(self) -> Iterator[Problem]:
         if self.max_replicas is not None and self.max_replicas < self.num_replicas:
             yield "max_replicas", f"an integer >= num_replicas ({self.num_replicas})", self.max_replicas
+        yield from _custom_resources("resources", self.resources)
 
 
 @dataclass(frozen=True)
@@ -786,20 +804,22 @@ class RaySettings(_Section):
         Field(description="a mapping of Ray resource name to a positive amount, e.g. {worker_node: 1}"),
     ] = field(default_factory=dict)
     storage_path: Annotated[str, Field(pattern=r"\S", description="a path or URI (s3://bucket/ray)")] | None = None
+    service_resources: Annotated[
+        dict[ResourceName, PositiveFloat],
+        Field(description="custom Ray resources the controller and monitor actors need, e.g. {head_node: 0.01}"),
+    ] = field(default_factory=dict)
 
-    def __hash__(self) -> int:  # the config stays hashable with a mapping in it
-        return hash(
-            (self.address, self.distributed_min_rows, tuple(sorted(self.job_resources.items())), self.storage_path)
-        )
+    def __hash__(self) -> int:  # the config stays hashable with mappings in it
+        return hash((self.address, self.distributed_min_rows, tuple(sorted(self.job_resources.items())),
+                     self.storage_path, tuple(sorted(self.service_resources.items()))))  # fmt: skip
 
     def distributed(self, rows: int) -> bool:
         """Whether work of `rows` rows goes to Ray's workers."""
         return rows >= self.distributed_min_rows
 
     def problems(self) -> Iterator[Problem]:
-        for name in self.job_resources:
-            if name in RAY_BUILTIN_RESOURCES:
-                yield (f"job_resources.{name}", "a custom resource (a job's CPUs and GPUs are not pinned here)", name)
+        yield from _custom_resources("job_resources", self.job_resources)
+        yield from _custom_resources("service_resources", self.service_resources)
 
     def train_storage(self, out: Path) -> str:
         """Where Ray Train and Ray Tune keep checkpoints and experiment state for a job writing to `out`.

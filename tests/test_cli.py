@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -54,6 +55,8 @@ COMMANDS = [
     "status",
     "submit",
     "monitor",
+    "launch",
+    "key-hash",
 ]
 
 
@@ -219,6 +222,41 @@ def test_deploy_and_rollback_need_a_tracking_uri(tmp_path: Path) -> None:
     jobs_url = {"DRIFTLOOP_API_KEY": "k", "RAY_ADDRESS": "http://127.0.0.1:9"}  # what `up` exports, for submit
     deploy = driftloop("deploy", "--config", "configs/demo.yaml", "--tracking-uri", uri, env=jobs_url)
     assert deploy.returncode == 1 and "is a Jobs API URL" in deploy.stderr and "Traceback" not in deploy.stderr
+
+
+def test_launch_refuses_what_it_cannot_start_before_it_joins_a_cluster() -> None:
+    """Each refusal is a clear message before Ray is joined (RAY_ADDRESS points at nothing)."""
+    base = {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+            "RAY_ADDRESS": "127.0.0.1:9", "DRIFTLOOP_API_KEY": "", "DRIFTLOOP_CONFIG_YAML": ""}  # fmt: skip
+    noconfig = driftloop("launch", env=base)
+    assert noconfig.returncode == 2 and "--config: expected a pipeline config file" in noconfig.stderr
+    hostile = driftloop("launch", env=base | {"DRIFTLOOP_CONFIG_YAML": "name: [unclosed"})
+    assert hostile.returncode == 2 and "$DRIFTLOOP_CONFIG_YAML" in hostile.stderr
+    nokey = driftloop("launch", env=base | {"DRIFTLOOP_CONFIG_YAML": DEMO.read_text()})
+    assert nokey.returncode == 1 and "set DRIFTLOOP_API_KEY_SHA256" in nokey.stderr
+    unset = driftloop("launch", "--config", "configs/demo.yaml", "--job-env", "DRIFTLOOP_NOT_SET",
+                      env=base | {"DRIFTLOOP_API_KEY": "k"})  # fmt: skip
+    assert unset.returncode == 2 and "--job-env" in unset.stderr and "DRIFTLOOP_NOT_SET" in unset.stderr
+    url = driftloop("launch", "--config", "configs/demo.yaml", env=base | {"DRIFTLOOP_API_KEY": "k",
+                    "RAY_ADDRESS": "http://127.0.0.1:9"})  # fmt: skip
+    assert url.returncode == 1 and "is a Jobs API URL" in url.stderr
+    bad_hash = driftloop("launch", "--config", "configs/demo.yaml",
+                         env=base | {"DRIFTLOOP_API_KEY_SHA256": "not-a-hash"})  # fmt: skip
+    assert bad_hash.returncode == 1 and "not a salt$sha256 pair" in bad_hash.stderr
+    for result in (noconfig, hostile, nokey, unset, url, bad_hash):
+        assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_key_hash_prints_what_a_replica_checks_the_key_against_and_never_the_key() -> None:
+    from serving.app import key_check
+
+    key = "a-random-key-0123456789"
+    result = driftloop("key-hash", env={"DRIFTLOOP_API_KEY": key})
+    assert result.returncode == 0, result.stderr
+    salt, digest = key_check({"DRIFTLOOP_API_KEY_SHA256": result.stdout.strip()})
+    assert hashlib.sha256(salt + key.encode()).digest() == digest and key not in result.stdout
+    missing = driftloop("key-hash", env={"DRIFTLOOP_API_KEY": ""})
+    assert missing.returncode == 1 and "set DRIFTLOOP_API_KEY" in missing.stderr
 
 
 def test_ingest_bad_input() -> None:

@@ -10,7 +10,10 @@ to Kafka; nothing else passes between nodes.
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,12 +27,14 @@ from mlflow.tracking import MlflowClient
 
 from cluster.broker import EmbeddedBroker
 from cluster.netns import NODE_WORK_DIR, NetnsCluster
-from jobs.controller import ControllerStats, JobTemplate, run_controller
+from cluster.report_io import read_events
+from jobs.controller import CONFIG_ENV
 from jobs.models import ModelSpec, build_model, save_artifact
 from jobs.registry import LOCK_SUFFIX, ModelRegistry
-from streams.config import PipelineConfig, parse_config
+from serving.app import key_hash
+from streams.config import API_KEY_HASH_ENV, PipelineConfig, dump_config, parse_config
 from streams.datasets import Window
-from streams.events import RetrainRequested, deterministic_id
+from streams.events import RetrainRequested, TrainingCompleted, TrainingFailed, deterministic_id
 from streams.generator import StreamGenerator
 from streams.kafka import Producer, ensure_topics
 from streams.publish import publish_stream
@@ -144,20 +149,51 @@ def _await(condition: Any, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def test_a_retrain_pinned_to_the_worker_trains_over_both_nodes_and_a_killed_worker_fails_it_cleanly(
+def _outcome(config: PipelineConfig, request_id: str) -> Any:
+    """The controller's outcome event for retrain request `request_id` on the models topic, or None."""
+    found = [e for e in read_events(config, idle_timeout_s=1.0)
+             if isinstance(e, TrainingCompleted | TrainingFailed) and e.trigger_event_id == request_id]  # fmt: skip
+    return found[-1] if found else None
+
+
+def _launch(cluster: NetnsCluster, env: dict[str, str], *flags: str) -> str:
+    """`driftloop submit ... -- python -m cluster launch` as a user runs it; its output (it must succeed).
+    The job runs on the head (it holds half its `head_node`: the actors it starts need a little)."""
+    forwarded = [n for n in env if n.startswith(("AWS_", "MLFLOW_", "DRIFTLOOP_"))]
+    command = [sys.executable, "-m", "cluster.cli", "submit", "--address", cluster.jobs_url,
+               "--resource", "head_node=0.5", *[f"--env={n}" for n in forwarded],
+               "--", "python", "-m", "cluster", "launch", *flags]  # fmt: skip
+    done = subprocess.run(command, env=cluster.client_env(env), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def _status(cluster: NetnsCluster, env: dict[str, str]) -> dict[str, Any]:
+    """What `driftloop launch --status` (a job on the cluster) says of the pipeline's actors."""
+    (line,) = [line for line in _launch(cluster, env, "--status").splitlines() if line.startswith('{"')]
+    return dict(json.loads(line))
+
+
+def test_the_loop_as_actors_on_the_cluster_retrains_on_the_worker_swaps_serve_on_the_head_and_survives_a_killed_node(
     multinode_cluster: NetnsCluster, shared_services: Any, cluster_broker: str, tmp_path: Path
 ) -> None:
-    """The controller submits each retrain request to the cluster's Jobs API, pinned to the worker
-    node (`ray.job_resources`). The job ingests from Kafka into a dataset on S3, tunes, trains with
-    Ray Train over both nodes (checkpoints on S3: `ray.storage_path`), registers and promotes in
-    MLflow on PostgreSQL. A second job loses its node mid-training: the controller reports it
-    failed, and the champion, the aliases and the lock are as before."""
+    """`driftloop launch`, submitted to the cluster as a job, starts the pipeline's controller and
+    monitors as detached actors and its Serve app, all on the head (`ray.service_resources`,
+    `serving.resources`). A retrain request on Kafka: the controller actor submits a job pinned to
+    the worker node (`ray.job_resources`), which ingests from Kafka into a dataset on S3, tunes,
+    trains with Ray Train over both nodes (checkpoints on S3: `ray.storage_path`), registers and
+    promotes in MLflow on PostgreSQL; Serve on the head swaps to it and the monitor actor reads its
+    predictions. A second job loses its node mid-training: the controller reports it failed, nothing
+    is half-promoted, and the head kept serving."""
     cluster, services = multinode_cluster, shared_services
     name = f"loop{int(time.time() * 1000) % 10**9}"
+    port = 8000 + int(time.time()) % 1000
+    pin = {"head_node": 0.001}
     config = _pipeline(
         name, cluster_broker, services,
-        ray={"distributed_min_rows": 0, "job_resources": {"worker_node": 1},
+        ray={"distributed_min_rows": 0, "job_resources": {"worker_node": 1}, "service_resources": pin,
              "storage_path": services.s3.uri(f"ray/{name}")},
+        serving={"host": "0.0.0.0", "port": port, "num_cpus": 0, "resources": pin},
         model={"kind": "mlp", "epochs": 4, "hidden": [32]},
         search={"trials": 2, "families": ["mlp"], "space": {"learning_rate": {"low": 0.002, "high": 0.01}}},
         training={"workers": 2, "cpus_per_worker": 1, "max_failures": 0},
@@ -168,35 +204,39 @@ def test_a_retrain_pinned_to_the_worker_trains_over_both_nodes_and_a_killed_work
     with Producer(config.kafka) as producer:
         publish_stream(StreamGenerator(config, seed=3), producer, topics, name, 3000)
 
-    stop, stats = threading.Event(), ControllerStats()
-    job = JobTemplate(ROOT, Path(NODE_WORK_DIR) / "jobs", services.client_env(f"datasets-{name}"), "python")
-    controller = threading.Thread(
-        target=run_controller, args=(config, cluster.jobs_url, job, stop, stats),
-        kwargs={"client_factory": lambda _: cluster.jobs_client()}, daemon=True,
-    )  # fmt: skip
-    controller.start()
-    jobs = cluster.jobs_client()
+    key = secrets.token_urlsafe(24)
+    env = services.client_env(f"datasets-{name}") | {CONFIG_ENV: dump_config(config), API_KEY_HASH_ENV: key_hash(key)}
+    s3_env = [f"--job-env={n}" for n in env if n.startswith("AWS_")]  # the retrain jobs' S3 keys
+    jobs, serve = cluster.jobs_client(), f"http://{cluster.head_ip}:{port}"
     worker, head = cluster.nodes["w1"], cluster.nodes["head"]
     try:
+        launched = _launch(cluster, env, *s3_env, "--jobs-dir", f"{NODE_WORK_DIR}/jobs")
+        assert f"{name}-controller" in launched and f"{name}-monitor-0" in launched, launched
+        state = requests.get(f"{cluster.jobs_url}/api/v0/actors", params={"detail": "1", "limit": "10000"},
+                             headers=cluster.auth_headers(), timeout=30)  # fmt: skip
+        services_on = {a["name"]: a["node_id"] for a in state.json()["data"]["result"]["result"]
+                       if a["name"].startswith(f"{name}-") and a["state"] == "ALIVE"}  # fmt: skip
+        assert services_on == {f"{name}-controller": head.node_id, f"{name}-monitor-0": head.node_id}, services_on
+        assert requests.get(f"{serve}/v1/health", timeout=30).json()["status"] == "no_model", "up before any model"
+
         first = RetrainRequested(event_id=deterministic_id(name, "first"), pipeline=name, cause="test: first")
         with Producer(config.kafka) as producer:
             producer.send_event(topics.retrain, first)
-        _await(lambda: len(stats.outcomes) >= 1, 600, "the first job did not end")
-        (done,) = stats.outcomes
-        logs = jobs.get_job_logs(first.event_id)
-        assert (done.status, done.event) == ("SUCCEEDED", "TrainingCompleted"), f"{done.message}\n{logs[-3000:]}"
-        assert jobs.get_job_info(first.event_id).driver_node_id == worker.node_id, "pinned to the worker node"
+        _await(lambda: _outcome(config, first.event_id) is not None, 600, "the first job did not end")
+        done = _outcome(config, first.event_id)
+        logs = jobs.get_job_logs(done.submission_id or first.event_id)
+        assert isinstance(done, TrainingCompleted), f"{done}\n{logs[-3000:]}"
+        assert jobs.get_job_info(done.submission_id).driver_node_id == worker.node_id, "pinned to the worker node"
         # Ray Train's two workers, one on each node (each has one CPU), as the cluster's state API says
-        job_id = jobs.get_job_info(first.event_id).job_id
+        job_id = jobs.get_job_info(done.submission_id).job_id
         state = requests.get(f"{cluster.jobs_url}/api/v0/actors", params={"detail": "1", "limit": "10000"},
                              headers=cluster.auth_headers(), timeout=30)  # fmt: skip
         actors = state.json()["data"]["result"]["result"]
         trainers = [a for a in actors if a["class_name"].endswith("RayTrainWorker") and a["job_id"] == job_id]
         assert {a["node_id"] for a in trainers} == {head.node_id, worker.node_id}, trainers
-        summary = done.summary or {}
-        version = str(summary["version"])
+        version = done.model_version
         registry = ModelRegistry(config, services.mlflow.url)
-        assert summary.get("promoted") is True and registry.alias("champion") == version, summary
+        assert registry.alias("champion") == version
         assert _first_checkpoint(services, f"ray/{name}/", 5).startswith(f"ray/{name}/{name}-train-")
         assert any(k.endswith("manifest.json") for k in services.s3.keys(f"datasets-{name}/")), "the dataset on S3"
         artifacts = services.s3.keys("mlartifacts/")
@@ -205,30 +245,43 @@ def test_a_retrain_pinned_to_the_worker_trains_over_both_nodes_and_a_killed_work
         assert any(k.startswith(f"mlartifacts/{registry.experiment_id}/models/") for k in artifacts), artifacts[:5]
         assert (registry.download(version, tmp_path / "champion") / "spec.json").is_file()
 
-        # The second job: its node dies mid-training.
+        # Serve on the head swaps to the promoted version; the monitor actor reads what it predicts.
+        _await(lambda: requests.get(f"{serve}/v1/model", headers={"x-api-key": key}, timeout=30).json()
+               .get("version") == version, 120, f"Serve did not swap to version {version}")  # fmt: skip
+        features = config.schema.feature_names
+        records = [{f: r.record[f] for f in features} for r in StreamGenerator(config, seed=9).records(20)]
+        for record in records:
+            answer = requests.post(f"{serve}/v1/predict", json=record, headers={"x-api-key": key}, timeout=30)
+            assert answer.status_code == 200 and answer.json()["model"]["version"] == version, answer.text
+        _await(lambda: _status(cluster, env)[f"{name}-monitor-0"]["predictions"] >= len(records), 120,
+               "the monitor actor did not read the predictions")  # fmt: skip
+
+        # The second job: its node dies mid-training; the head goes on serving.
         second = RetrainRequested(event_id=deterministic_id(name, "second"), pipeline=name, cause="test: second")
         before = set(services.s3.keys(f"ray/{name}/"))
         with Producer(config.kafka) as producer:
             producer.send_event(topics.retrain, second)
         deadline = time.monotonic() + 600
         while not [k for k in set(services.s3.keys(f"ray/{name}/")) - before if "-train-" in k and "/checkpoint_" in k]:
-            assert time.monotonic() < deadline and not stats.outcomes[1:], f"no training: {stats.outcomes[1:]}"
+            assert time.monotonic() < deadline and _outcome(config, second.event_id) is None, "no training"
             time.sleep(0.5)
         cluster.kill_node("w1")
         killed = time.monotonic()
-        _await(lambda: len(stats.outcomes) >= 2, cluster.dead_after_s + 180, "the killed job was not reported")
-        failed = stats.outcomes[1]
-        print(f"first job {summary.get('seconds')}s, stages {summary.get('stages_s')}; killed job reported "
-              f"{failed.status} {time.monotonic() - killed:.1f}s after the kill: {failed.message[:300]}")  # fmt: skip
-        assert (failed.submission_id, failed.status, failed.event) == (second.event_id, "FAILED", "TrainingFailed"), (
-            failed.message
-        )
-        assert failed.message, "the controller says why"
+        _await(lambda: _outcome(config, second.event_id) is not None, cluster.dead_after_s + 180,
+               "the killed job was not reported")  # fmt: skip
+        failed = _outcome(config, second.event_id)
+        print(f"first job: version {version}; killed job reported {type(failed).__name__} "
+              f"{time.monotonic() - killed:.1f}s after the kill: {getattr(failed, 'reason', '')[:300]}")  # fmt: skip
+        assert isinstance(failed, TrainingFailed) and failed.reason, failed
         assert registry.alias("champion") == version, "nothing half-promoted"
         names = [m.name for m in MlflowClient(services.mlflow.url).search_registered_models()]
         assert f"{name}{LOCK_SUFFIX}" not in names
         assert [v.version for v in registry.client.search_model_versions(f"name='{name}'")] == [version]
+        answer = requests.post(f"{serve}/v1/predict", json=records[0], headers={"x-api-key": key}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == version, answer.text
+        reports = _status(cluster, env)
+        assert reports[f"{name}-controller"]["outcomes"] == 2 and all(r["running"] for r in reports.values()), reports
     finally:
-        stop.set()
-        controller.join(30)
         cluster.ensure_running()  # the next test gets its worker node whatever happened here
+        stopped = _launch(cluster, env, "--stop")
+        print(stopped.strip().splitlines()[-1:])

@@ -189,3 +189,28 @@ def test_the_first_pipeline_on_a_cluster_keeps_the_root_route_and_each_other_get
         with pytest.raises(DriftloopError, match="cannot share a cluster"):
             route_prefix(name, root_free=False)
     assert route_prefix("v1", root_free=True) == "/", "alone, its own paths are its"
+
+
+def test_service_actors_and_replicas_go_where_the_config_pins_them(demo_config: PipelineConfig) -> None:
+    """`ray.service_resources` pins the controller and monitors, `serving.resources` and `num_cpus`
+    the Serve replicas: what a cluster of many nodes is told (see test_cluster_loop for the nodes)."""
+    from pathlib import Path
+
+    from cluster.pipeline import Pipeline
+    from serving.app import build_app
+
+    pin = {"head_node": 0.001}
+    config = dataclasses.replace(
+        demo_config,
+        ray=dataclasses.replace(demo_config.ray, service_resources=pin),
+        serving=dataclasses.replace(demo_config.serving, resources=pin, num_cpus=0.25),
+    )
+    pipeline = Pipeline(config, "http://127.0.0.1:9", "http://127.0.0.1:9", Path("jobs"), detached=True)
+    options = pipeline.actor_options(pipeline.controller_name)
+    assert options == {"name": "demo-controller", "num_cpus": 0, "max_restarts": -1, "resources": pin,
+                       "lifetime": "detached"}  # fmt: skip
+    assert "resources" not in Pipeline(demo_config, "u", "j", Path("jobs")).actor_options("x")
+    deployment = build_app(config, "http://127.0.0.1:9", api_key="k")._bound_deployment
+    assert deployment.ray_actor_options["resources"] == pin and deployment.ray_actor_options["num_cpus"] == 0.25
+    plain = build_app(demo_config, "http://127.0.0.1:9", api_key="k")._bound_deployment
+    assert plain.ray_actor_options["num_cpus"] == 1.0 and "resources" not in plain.ray_actor_options

@@ -595,19 +595,19 @@ def test_serving_refuses_to_start_without_an_api_key(config: PipelineConfig, mon
 
 
 def test_replicas_get_a_salted_hash_of_the_key_never_the_key() -> None:
-    from serving.app import API_KEY_HASH_ENV, _key_check, key_hash
+    from serving.app import API_KEY_HASH_ENV, key_check, key_hash
 
     hashed = key_hash(KEY)
     assert KEY not in hashed and key_hash(KEY) != hashed  # salted: two hashes of one key differ
-    salt, digest = _key_check({API_KEY_HASH_ENV: hashed})
+    salt, digest = key_check({API_KEY_HASH_ENV: hashed})
     import hashlib
 
     assert hashlib.sha256(salt + KEY.encode()).digest() == digest
     assert hashlib.sha256(salt + b"wrong").digest() != digest
     with pytest.raises(RuntimeError, match=API_KEY_HASH_ENV):
-        _key_check({API_KEY_HASH_ENV: "not-a-hash"})
+        key_check({API_KEY_HASH_ENV: "not-a-hash"})
     with pytest.raises(RuntimeError, match=API_KEY_ENV):
-        _key_check({})
+        key_check({})
 
 
 def delivery_artifact(config: PipelineConfig, folder: Path, seed: int, flip: bool = False) -> Path:

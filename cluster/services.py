@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import hashlib
 import hmac
 import ipaddress
@@ -44,8 +43,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -53,6 +50,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from cluster.broker import free_port
+from cluster.processes import spawn, wait_ready
 from streams.errors import DriftloopError
 
 __all__ = [
@@ -269,26 +267,6 @@ def mlflow_argv(mlflow: str, host: str, port: int, artifacts_destination: str, w
 # --- processes ------------------------------------------------------------------------------------
 
 
-def _die_with_parent(sig: int) -> Callable[[], None] | None:
-    """In the child, before exec (after any change of user): get `sig` when the parent dies (Linux),
-    so a killed test session leaves no server behind. Linux sends it when the *thread* that started
-    the child ends, so only a start from the main thread asks for it (None: not asked)."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-
-    def child() -> None:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
-
-    return child
-
-
-def _tail(log: Path, chars: int = 3000) -> str:
-    try:
-        return log.read_text(errors="replace")[-chars:]
-    except OSError as err:
-        return f"(cannot read {log}: {err})"
-
-
 def _binary(name: str, hint: str) -> str:
     """`name` beside this interpreter (the venv's scripts), else on PATH; else a clear error."""
     beside = Path(sys.executable).parent / name
@@ -347,31 +325,13 @@ class _Server(_Started):
         self.process: subprocess.Popen[bytes] | None = None
 
     def _launch(self, argv: Sequence[str], env: Mapping[str, str], **popen: Any) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(env),
-                start_new_session=True, preexec_fn=_die_with_parent(self.stop_signal), **popen,
-            )  # fmt: skip
+        self.process = spawn(argv, self.log, env, die_with=self.stop_signal, **popen)
 
     def _wait(self, ready: Callable[[], bool], timeout_s: float) -> None:
         """Until `ready()` answers True; a clear error, with the log's tail, if the process exits or
         time runs out."""
         assert self.process is not None
-        deadline = time.monotonic() + timeout_s
-        last: BaseException | None = None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise DriftloopError(f"{self.what} exited while starting (status {self.process.returncode}); "
-                                     f"the end of {self.log}:\n{_tail(self.log)}")  # fmt: skip
-            try:
-                if ready():
-                    return
-            except Exception as err:  # not answering yet
-                last = err
-            time.sleep(0.2)
-        raise DriftloopError(f"{self.what} did not answer within {timeout_s:.0f}s (last error: {last}); "
-                             f"the end of {self.log}:\n{_tail(self.log)}")  # fmt: skip
+        wait_ready(self.what, ready, self.process, self.log, timeout_s)
 
     def _terminate(self, timeout_s: float = 15.0) -> None:
         process, self.process = self.process, None

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cluster.pipeline import NAMESPACE
+from cluster.processes import spawn, wait_ready
 from cluster.ray_runtime import LOOPBACK_IP
 from streams.config import API_KEY_ENV, DATASETS_ROOT_ENV, MLFLOW_PASSWORD_FILE_ENV, PipelineConfig
 from streams.errors import DriftloopError
@@ -110,28 +111,6 @@ def alive(pid: int, group: bool = False) -> bool:
     except PermissionError:  # it runs, as someone else
         return True
     return True
-
-
-def _spawn(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`command` in a process group of its own, output to `log` (the child keeps its own copy of the file)."""
-    with log.open("ab") as handle:
-        return subprocess.Popen(
-            command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-        )
-
-
-def _wait(what: str, ready: Callable[[], bool], process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DriftloopError(f"{what} exited while starting (status {process.returncode}); see {log}")
-        try:
-            if ready():
-                return
-        except Exception:  # not answering yet
-            pass
-        time.sleep(0.5)
-    raise DriftloopError(f"{what} did not answer within {timeout_s:.0f}s; see {log}")
 
 
 def _kafka_answers(bootstrap: str) -> bool:
@@ -398,18 +377,18 @@ def up(
         # The broker.
         port = free_port()
         log = state_dir / "broker.log"
-        broker = _spawn([sys.executable, "-m", "cluster", "broker", "--port", str(port), "--log-file",
+        broker = spawn([sys.executable, "-m", "cluster", "broker", "--port", str(port), "--log-file",
                                    str(state_dir / "tansu.log")], log, env)  # fmt: skip
         stack.pids["broker"] = broker.pid
         stack.kafka = f"127.0.0.1:{port}"
-        _wait("the broker", lambda: _kafka_answers(stack.kafka), broker, log, 60)
+        wait_ready("the broker", lambda: _kafka_answers(stack.kafka), broker, log, 60)
         say(f"[up] broker      {stack.kafka}")
 
         # MLflow: SQLite backend, local artifacts, the UI on its port, every request authenticated.
         port = free_port()
         log = state_dir / "mlflow.log"
         password_file = state_dir / "mlflow_password"
-        mlflow = _spawn([str(bin_dir / "mlflow"), "server", "--backend-store-uri",
+        mlflow = spawn([str(bin_dir / "mlflow"), "server", "--backend-store-uri",
                                    f"sqlite:///{(state_dir / 'mlflow.db').resolve()}", "--artifacts-destination",
                                    str((state_dir / "mlartifacts").resolve()), "--host", "127.0.0.1", "--port",
                                    str(port), "--workers", "1", "--app-name", "basic-auth"], log,
@@ -422,7 +401,7 @@ def up(
         stack.pids["mlflow"] = mlflow.pid
         stack.mlflow = f"http://127.0.0.1:{port}"
         # 300 s: beside two Ray jobs on 2 cores, importing its app took the server over 2 minutes
-        _wait("the MLflow server", lambda: _http_ok(f"{stack.mlflow}/health"), mlflow, log, 300)
+        wait_ready("the MLflow server", lambda: _http_ok(f"{stack.mlflow}/health"), mlflow, log, 300)
         say(f"[up] mlflow      {stack.mlflow} (the UI too)")
 
         # The Ray head: token auth, its own temp dir, every port on loopback (its own and its workers').
@@ -451,12 +430,12 @@ def up(
             f"--num-cpus={head_cpus}",
             f"--resources={json.dumps({HEAD_RESOURCE: 1})}",
         ]
-        head = _spawn(command, log, ray_env)
+        head = spawn(command, log, ray_env)
         stack.pids["ray"] = head.pid
         stack.ray_gcs = f"127.0.0.1:{gcs_port}"
         stack.ray_jobs = f"http://127.0.0.1:{dashboard_port}"
         stack.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-        _wait("the Ray head", lambda: _jobs_api_answers(stack.ray_jobs), head, log, 180)
+        wait_ready("the Ray head", lambda: _jobs_api_answers(stack.ray_jobs), head, log, 180)
         say(f"[up] ray         {stack.ray_jobs} (Jobs API and dashboard; GCS {stack.ray_gcs}; {head_cpus} CPUs, "
             f"resource {HEAD_RESOURCE})")  # fmt: skip
 
@@ -480,7 +459,7 @@ def up(
             node_temp_dir = os.path.join(os.path.dirname(temp_dir), f"w{i}")  # beside the head's, in the 0700 folder
             _share_logs(temp_dir, node_temp_dir)
             argv = worker_node_argv(sys.executable, stack.ray_gcs, node_temp_dir, worker_cpus, free_port())
-            nodes[name] = (_spawn(argv, log, ray_env), log)
+            nodes[name] = (spawn(argv, log, ray_env), log)
             stack.pids[name] = nodes[name][0].pid
             _write(state_dir, stack)
             _wait_workers(nodes, stack.ray_jobs, 180)

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cluster.pipeline import NAMESPACE
@@ -199,6 +199,23 @@ def _private_ray_token() -> None:
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
     if path.exists():
         path.chmod(0o600)
+
+
+HEAD_PIN = 0.001  # of the head's one `head_node`: any number of services and replicas fit
+
+
+def on_the_head(config: PipelineConfig) -> PipelineConfig:
+    """`config` with its service actors and Serve replicas pinned to the stack's head (its custom
+    resource `head_node`) where the config names no resources of its own: started before the worker
+    nodes they land there, and this keeps them there when Ray restarts one, so the workers' CPUs stay
+    the pinned jobs'. Pure."""
+    pin = {HEAD_RESOURCE: HEAD_PIN}
+    ray, serving = config.ray, config.serving
+    return replace(
+        config,
+        ray=ray if ray.service_resources else replace(ray, service_resources=pin),
+        serving=serving if serving.resources else replace(serving, resources=pin),
+    )
 
 
 def split_cpus(total: int, workers: int) -> tuple[int, int]:
@@ -479,8 +496,6 @@ def up(
 def _start_services(stack: Stack, configs: list[PipelineConfig], api_key: str, serve_port: int) -> list[str]:
     """Each pipeline's controller and monitors as detached actors on the stack's head, then its Serve app
     (`cluster.pipeline`); the names of what started."""
-    import dataclasses
-
     import ray
 
     from cluster.pipeline import Pipeline
@@ -491,7 +506,7 @@ def _start_services(stack: Stack, configs: list[PipelineConfig], api_key: str, s
     ray.init(address=stack.ray_gcs, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     root = stack.env()[DATASETS_ROOT_ENV]
     pipelines = [
-        Pipeline(dataclasses.replace(c.connected_to(stack.kafka, stack.mlflow), datasets=dataclasses.replace(
+        Pipeline(replace(on_the_head(c).connected_to(stack.kafka, stack.mlflow), datasets=replace(
             c.datasets, root=root)), stack.mlflow, stack.ray_jobs, Path(stack.state_dir) / "jobs", detached=True)
         for c in configs
     ]  # fmt: skip

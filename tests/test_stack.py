@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -363,3 +364,15 @@ def test_up_starts_mlflows_users_afresh(tmp_path: Path) -> None:
     stale.write_bytes(b"an earlier up's admin")
     env = _mlflow_auth(tmp_path, tmp_path / "mlflow_password")
     assert not stale.exists() and env["MLFLOW_AUTH_ADMIN_PASSWORD"] == (tmp_path / "mlflow_password").read_text()
+
+
+def test_up_pins_the_services_and_replicas_to_the_head_unless_a_config_says_where(demo_config: PipelineConfig) -> None:
+    from cluster.stack import HEAD_RESOURCE, on_the_head
+
+    pinned = on_the_head(demo_config)
+    assert pinned.ray.service_resources == {HEAD_RESOURCE: 0.001} and pinned.serving.resources == {HEAD_RESOURCE: 0.001}
+    assert pinned.kafka == demo_config.kafka and pinned.training == demo_config.training  # nothing else
+    theirs = replace(demo_config, ray=replace(demo_config.ray, service_resources={"gpu_node": 1}),
+                     serving=replace(demo_config.serving, resources={"edge": 0.5}))  # fmt: skip
+    kept = on_the_head(theirs)
+    assert kept.ray.service_resources == {"gpu_node": 1} and kept.serving.resources == {"edge": 0.5}

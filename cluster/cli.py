@@ -270,6 +270,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="Ray's metrics endpoint, Prometheus text, e.g. http://head:8080/metrics (default: the stack's)",
     )
+    status.add_argument(
+        "--expect-services",
+        action="store_true",
+        help="the controller and monitor should run (a pipeline from `launch`): none heard from is a finding "
+        "(a stack from `up` expects them already)",
+    )
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=cmd_status)
 
@@ -828,7 +834,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         jobs_address=ray_address if ray_address.startswith(("http://", "https://")) else None,
         serve_url=serve_url,
         metrics_url=args.metrics_url or ((stack.metrics or None) if stack is not None else None),
-        expect_services=bool(stack is not None and stack.actors),
+        expect_services=args.expect_services or bool(stack is not None and stack.actors),
     )
     if stack is not None:
         processes = {name: alive(pid) for name, pid in stack.pids.items()}

@@ -52,7 +52,7 @@ def test_status_reports_lag_champion_jobs_events_and_what_is_down(
     metrics_url = metrics_urls()[0]  # the session Ray's head: what a user passes for a cluster of theirs
     result = driftloop(
         "status", "--config", str(config_file(tmp_path, config)), "--tracking-uri", uri, "--address", jobs_address,
-        "--serve-url", "http://127.0.0.1:9", "--metrics-url", metrics_url, "--json",
+        "--serve-url", "http://127.0.0.1:9", "--metrics-url", metrics_url, "--expect-services", "--json",
         env={"KAFKA_BOOTSTRAP_SERVERS": broker},
     )  # fmt: skip
     assert result.returncode == 1, result.stderr  # the endpoint is down
@@ -66,6 +66,8 @@ def test_status_reports_lag_champion_jobs_events_and_what_is_down(
     assert kafka["groups"][group]["lag"][topics.records] == 300 - consumed, kafka
     assert parts["mlflow"]["champion"] == "1" and parts["mlflow"]["versions"] == 1
     assert parts["ray"]["ok"] and isinstance(parts["ray"]["running"], list)
+    services = parts["services"]  # expected (a launched pipeline's), and none has sent a heartbeat
+    assert not services["ok"] and "the monitor has sent no heartbeat" in services["error"], services
     assert status["metrics_url"] == metrics_url and parts["metrics"]["ok"], parts["metrics"]
     assert [e["what"] for e in parts["events"]["events"]] == ["plan moved"]
     text = "\n".join(render(status))
